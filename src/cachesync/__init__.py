@@ -1,0 +1,28 @@
+"""cachesync: keep Redis (and an in-process L1) consistent with a SQL database.
+
+Start with :class:`Cache` (sync) or :class:`AsyncCache` (asyncio).
+"""
+
+from .aio import AsyncCache
+from .errors import (
+    CacheUnavailableError,
+    CachesyncError,
+    ConfigError,
+    InvalidationError,
+    InvalidKeyError,
+    SerializationError,
+    UnknownStrategyError,
+    UsageError,
+    ValueTooLargeError,
+)
+from .options import CacheOptions
+from .protocol import NOT_FOUND, STRATEGIES, Entry, Strategy, Versioned
+from .sync import Cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NOT_FOUND", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",
+    "ConfigError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
+    "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
+]

@@ -1,0 +1,69 @@
+"""Shared pieces of the sync and async drivers (no protocol logic here)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import string
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import UsageError
+
+log = logging.getLogger("cachesync")
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced by ``***`` (safe for logs and error messages)."""
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if p.password is None:
+        return url
+    user = p.username or ""
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urlunsplit((p.scheme, f"{user}:***@{host}", p.path, p.query, p.fragment))
+
+
+def check_redis_url(url: object) -> str:
+    if not isinstance(url, str) or not url:
+        raise UsageError(f"redis_url must be a non-empty string, got {url!r}")
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+        raise UsageError(f"redis_url {redact_url(url)!r} must start with redis://, rediss:// or unix://")
+    if scheme.startswith("valkey"):
+        url = "redis" + url[len("valkey"):]
+    return url
+
+
+class KeyTemplate:
+    """``"user:{user_id}"`` formatted from a function's bound arguments."""
+
+    def __init__(self, template: str, fn: Callable[..., Any]) -> None:
+        if not isinstance(template, str) or not template:
+            raise UsageError(f"cached() needs a key template string, got {template!r}")
+        self.template = template
+        self.sig = inspect.signature(fn)
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        names = set(self.sig.parameters)
+        for f in fields:
+            root = f.split(".")[0].split("[")[0]
+            if root not in names:
+                raise UsageError(f"key template {template!r} names {{{f}}}, which is not a parameter of "
+                                 f"{getattr(fn, '__qualname__', fn)!r} (parameters: {', '.join(names)})")
+
+    def format(self, *args: Any, **kwargs: Any) -> str:
+        bound = self.sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return self.template.format(**bound.arguments)
+
+
+def wraps(fn: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return functools.wraps(fn)

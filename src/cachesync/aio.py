@@ -1,0 +1,260 @@
+"""The asyncio driver: executes :mod:`cachesync.protocol` flows with redis.asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import protocol as P
+from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, log, redact_url, wraps
+from .errors import CacheUnavailableError, InvalidationError, UsageError
+from .options import CacheOptions
+from .scripts import SCRIPTS
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+AsyncScheduler = Callable[[float, Callable[[], Awaitable[None]]], Any]
+
+
+async def _call(loader: Callable[..., Any], *args: Any) -> Any:
+    r = loader(*args)
+    if inspect.isawaitable(r):
+        r = await r
+    return r
+
+
+class AsyncCache:
+    """The asyncio twin of :class:`cachesync.Cache`: same options, same methods, awaited.
+
+    Loaders may be coroutine functions or plain functions. ``scheduler=`` replaces the event-loop timer that
+    runs delayed steps (``scheduler(delay_seconds, coroutine_function)``), for tests.
+    """
+
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
+                 scheduler: AsyncScheduler | None = None, **options: Any) -> None:
+        self.options = CacheOptions.build(**options)
+        if client is None:
+            url = check_redis_url(redis_url)
+            self.url = redact_url(url)
+            pool = aredis.BlockingConnectionPool.from_url(
+                url, max_connections=self.options.max_connections, timeout=self.options.socket_timeout,
+                socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
+            client = aredis.Redis(connection_pool=pool)
+            self._owns_client = True
+        else:
+            self.url = "redis (client given)"
+            self._owns_client = False
+        self.redis = client
+        self.ctx = P.Context(self.options, cluster=type(client).__name__ == "RedisCluster")
+        self._flights: dict[str, asyncio.Future[P.Entry]] = {}
+        self._fallback: asyncio.Semaphore | None = None
+        self._scheduler = scheduler
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ driver
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        s = SCRIPTS[name]
+        try:
+            return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.redis.execute_command("SCRIPT", "LOAD", s.source)
+            return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
+
+    async def _wait(self, eff: P.Wait) -> float:
+        t0 = time.monotonic()
+        timeout = min(eff.timeout, max(0.01, self.options.socket_timeout * 0.8))
+        await self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
+        return time.monotonic() - t0
+
+    async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+        send: Any = None
+        throw: BaseException | None = None
+        while True:
+            try:
+                eff = flow.send(send) if throw is None else flow.throw(throw)
+            except StopIteration as stop:
+                return stop.value
+            except _REDIS_DOWN as e:
+                raise CacheUnavailableError(self.url, e) from e
+            send, throw = None, None
+            t = type(eff)
+            if t is P.Eval:
+                try:
+                    send = await self._eval(eff.script, eff.keys, eff.args)
+                except _REDIS_DOWN as e:
+                    throw = P.RedisDown(e)
+            elif t is P.Load:
+                assert loader is not None
+                args = () if eff.keys is None else (eff.keys,)
+                try:
+                    if eff.fallback:
+                        if self._fallback is None:
+                            self._fallback = asyncio.Semaphore(self.options.fallback_concurrency)
+                        async with self._fallback:
+                            send = await _call(loader, *args)
+                    else:
+                        send = await _call(loader, *args)
+                except Exception as e:
+                    throw = e
+            elif t is P.Wait:
+                try:
+                    send = await self._wait(eff)
+                except _REDIS_DOWN as e:
+                    throw = P.RedisDown(e)
+            elif t is P.Schedule:
+                self._schedule(eff)
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown effect {eff!r}")
+
+    def _schedule(self, eff: P.Schedule) -> None:
+        async def run() -> None:
+            attempt = 0
+            while True:
+                try:
+                    await self._drive(eff.flow_factory())
+                    return
+                except InvalidationError as e:
+                    backoff = min(30.0, 0.1 * 2 ** attempt)
+                    log.error("cachesync: delayed invalidation failed (attempt %d), retrying in %.1fs: %s",
+                              attempt + 1, backoff, e)
+                    attempt += 1
+                    await asyncio.sleep(backoff)
+
+        if self._scheduler is not None:
+            self._scheduler(eff.delay, run)
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(eff.delay)
+            await run()
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry]]) -> P.Entry:
+        if not self.options.singleflight:
+            return await fn()
+        fut = self._flights.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            res = await fn()
+            fut.set_result(res)
+            return res
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: followers re-raise it, nobody may be waiting
+            raise
+        finally:
+            del self._flights[key]
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+        """See :meth:`cachesync.Cache.get`; ``loader`` may be a coroutine function."""
+        return (await self.get_entry(key, loader, ttl)).value
+
+    async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry:
+        """See :meth:`cachesync.Cache.get_entry`."""
+        return await self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))
+
+    async def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
+                       ttl: float | None = None) -> dict[str, Any]:
+        """See :meth:`cachesync.Cache.get_many`; ``loader_many`` may be a coroutine function."""
+        entries = await self.get_many_entries(keys, loader_many, ttl)
+        return {k: e.value for k, e in entries.items()}
+
+    async def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
+                               ttl: float | None = None) -> dict[str, P.Entry]:
+        """See :meth:`cachesync.Cache.get_many_entries`."""
+        return await self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore
+
+    async def peek(self, key: str) -> dict[str, Any] | None:
+        """See :meth:`cachesync.Cache.peek`."""
+        return await self._drive(P.peek_flow(self.ctx, key))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ writes
+
+    async def invalidate(self, *keys: str, version: Any = None) -> int:
+        """See :meth:`cachesync.Cache.invalidate`."""
+        if not keys:
+            return 0
+        return await self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+
+    async def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
+        """See :meth:`cachesync.Cache.set`."""
+        return await self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+
+    @asynccontextmanager
+    async def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
+                    ttl: float | None = None, delay: float | None = None) -> AsyncIterator[P.WritePlan]:
+        """See :meth:`cachesync.Cache.write` (``async with cache.write(...) as w:``)."""
+        plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
+        await self._drive(plan.before())
+        try:
+            yield plan
+        except BaseException:
+            await self._drive(plan.after(failed=True))
+            raise
+        await self._drive(plan.after(failed=False))
+
+    def cached(self, template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Any]:
+        """See :meth:`cachesync.Cache.cached`; decorates a coroutine function."""
+        def deco(fn: Callable[..., Any]) -> Any:
+            if not inspect.iscoroutinefunction(fn):
+                raise UsageError(f"AsyncCache.cached decorates coroutine functions; {fn!r} is not one")
+            kt = KeyTemplate(template, fn)
+
+            @wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+
+            async def invalidate(*a: Any, **kw: Any) -> int:
+                return await self.invalidate(kt.format(*a, **kw))
+
+            wrapper.key = kt.format  # type: ignore[attr-defined]
+            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
+            return wrapper
+
+        return deco
+
+    # ------------------------------------------------------------------ misc
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """See :attr:`cachesync.Cache.stats`."""
+        return dict(self.ctx.stats)
+
+    async def ping(self) -> None:
+        """Raise :class:`CacheUnavailableError` unless Redis answers."""
+        try:
+            await self.redis.ping()
+        except _REDIS_DOWN as e:
+            raise CacheUnavailableError(self.url, e) from e
+
+    async def aclose(self) -> None:
+        """Wait for scheduled delayed steps, then close the pool (if this cache created it)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._owns_client:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncCache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+

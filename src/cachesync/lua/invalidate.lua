@@ -1,0 +1,45 @@
+-- cachesync invalidate: after a committed write, remove (or stale-mark) the
+-- cached values of one or more keys, void every outstanding lease, and leave
+-- a short-lived tombstone recording the invalidated version and time.
+--
+-- KEYS: for each key i, KEYS[2i-1] = entry hash, KEYS[2i] = wake list
+-- ARGV[1] = tombstone TTL in ms
+-- ARGV[2] = version the write committed ("" = unknown); raises the version floor
+-- ARGV[3] = mode: "d" delete the value, "s" keep it but mark it stale
+-- ARGV[4] = wake list TTL in ms
+-- ARGV[5] = pub/sub channel to announce the invalidated entry keys on ("" = none)
+--
+-- Reply: the number of keys that held a value (fresh or stale).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tomb_ms, ver, mode, wake_ms, chan = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local had = 0
+local names = {}
+for i = 1, #KEYS, 2 do
+  local k = KEYS[i]
+  local f = redis.call('HMGET', k, 'v', 'ver', 'fl', 'w')
+  local v, vver, fl, w = f[1], f[2], f[3], f[4]
+  if v then had = had + 1 end
+  local newfl = fl
+  for _, c in ipairs({vver, ver}) do
+    if c and c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
+  end
+  if mode == 's' and v then
+    redis.call('HDEL', k, 'lt', 'ld', 'w')
+    redis.call('HSET', k, 's', '1', 'ti', now)
+    if newfl then redis.call('HSET', k, 'fl', newfl) end
+    if redis.call('PTTL', k) < tomb_ms then redis.call('PEXPIRE', k, tomb_ms) end
+  else
+    redis.call('DEL', k)
+    redis.call('HSET', k, 'ti', now)
+    if newfl then redis.call('HSET', k, 'fl', newfl) end
+    redis.call('PEXPIRE', k, tomb_ms)
+  end
+  if w and tonumber(w) > 0 then
+    for _ = 1, tonumber(w) do redis.call('RPUSH', KEYS[i + 1], '1') end
+    redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
+  end
+  names[#names + 1] = k
+end
+if chan ~= '' then redis.call('PUBLISH', chan, table.concat(names, '\n')) end
+return had

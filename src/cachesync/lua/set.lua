@@ -1,0 +1,37 @@
+-- cachesync set: a writer puts the new value after (or before) its commit.
+-- Voids every outstanding lease (a reader that loaded before this write can
+-- no longer fill) and, when a version is given, refuses to replace a newer
+-- version with an older one.
+--
+-- KEYS[1] = entry hash, KEYS[2] = wake list
+-- ARGV[1] = payload, ARGV[2] = version ("" = none: unconditional),
+-- ARGV[3] = TTL in ms, ARGV[4] = negative flag ("1" | "0"), ARGV[5] = wake list TTL in ms,
+-- ARGV[6] = pub/sub channel to announce the changed entry key on ("" = none), so L1 copies drop it
+--
+-- Reply: 1 stored, -1 refused (older than the version floor)
+local k = KEYS[1]
+local payload, ver, ttl, neg, wake_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local f = redis.call('HMGET', k, 'fl', 'w')
+local fl, w = f[1], f[2]
+local res = 1
+if ver ~= '' and fl and tonumber(ver) < tonumber(fl) then
+  res = -1
+  redis.call('HDEL', k, 'lt', 'ld', 'w')
+else
+  redis.call('DEL', k)
+  local newfl = fl
+  if ver ~= '' and (not fl or tonumber(ver) > tonumber(fl)) then newfl = ver end
+  if ver ~= '' then
+    redis.call('HSET', k, 'v', payload, 'n', neg, 'ver', ver)
+  else
+    redis.call('HSET', k, 'v', payload, 'n', neg)
+  end
+  if newfl then redis.call('HSET', k, 'fl', newfl) end
+  redis.call('PEXPIRE', k, ttl)
+end
+if w and tonumber(w) > 0 then
+  for _ = 1, tonumber(w) do redis.call('RPUSH', KEYS[2], '1') end
+  redis.call('PEXPIRE', KEYS[2], wake_ms)
+end
+if res == 1 and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], k) end
+return res

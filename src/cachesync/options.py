@@ -1,0 +1,114 @@
+"""One options object for a cache, every field documented with its default and validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .serializers import Serializer, resolve_serializer
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+
+@dataclass
+class CacheOptions:
+    """Options of :class:`cachesync.Cache` and :class:`cachesync.AsyncCache` (all keyword arguments).
+
+    Durations are in seconds (floats allowed).
+    """
+
+    namespace: str = "default"
+    """Prefix that isolates this cache's keys and channels (``cs:{namespace}:...``); 1-64 chars of ``[A-Za-z0-9_.:-]``."""
+    default_ttl: float = 300.0
+    """TTL of a cached value when ``get``/``set`` is given none."""
+    negative_ttl: float = 30.0
+    """TTL of a negative entry (the loader returned ``NOT_FOUND``): penetration protection."""
+    ttl_jitter: float = 0.1
+    """Avalanche protection: each TTL is stretched by a random factor in ``[0, ttl_jitter]`` (0 turns it off)."""
+    lease_ttl: float = 5.0
+    """How long a miss's lease keeps other readers waiting instead of loading (should exceed the loader's time)."""
+    max_wait: float = 5.0
+    """How long a reader waits for another reader's lease before it loads by itself (and does not fill)."""
+    tombstone_ttl: float = 10.0
+    """How long an invalidated entry keeps its tombstone (version floor and invalidation time)."""
+    strategy: str = "db_then_invalidate"
+    """Default write strategy (see :mod:`cachesync.protocol` ``STRATEGIES``)."""
+    double_delete_delay: float = 0.5
+    """Delay of the second delete for the ``delayed_double_delete`` strategy."""
+    serializer: str | Serializer = "json"
+    """``"json"`` (default, safe), ``"msgpack"``, ``"pickle"`` (only for a trusted Redis), or an object with dumps/loads."""
+    max_key_bytes: int = 1024
+    """Longest accepted key, in UTF-8 bytes."""
+    max_value_bytes: int = 4 * 1024 * 1024
+    """Largest accepted serialized value, in bytes."""
+    on_redis_error: str = "load"
+    """When Redis is unreachable during a read: ``"load"`` calls the loader (at most ``fallback_concurrency`` at once
+    per process) and returns its value uncached; ``"fail"`` raises :class:`CacheUnavailableError`."""
+    fallback_concurrency: int = 8
+    """With ``on_redis_error="load"``: how many loaders may run at once in this process while Redis is down."""
+    serve_stale: bool = False
+    """Invalidations mark values stale instead of deleting them; while one reader reloads, others get the stale
+    value (``Entry.stale`` is true). Reads that must see the newest commit should keep this off."""
+    leases: bool = True
+    """Take a lease on a miss and refuse fills whose lease was voided. ``False`` is plain cache-aside (unsafe;
+    for comparison in the lab)."""
+    singleflight: bool = True
+    """Collapse concurrent misses for one key inside this process to one Redis round trip and one load."""
+    broadcast_invalidations: bool = True
+    """Publish every invalidation on ``cs:{namespace}:inv`` (for in-process L1 caches of other processes)."""
+    socket_timeout: float = 5.0
+    """Redis socket timeout."""
+    connect_timeout: float = 1.0
+    """Redis connect timeout."""
+    max_connections: int = 64
+    """Connections in this cache's (blocking) pool; a caller waits for a free one instead of failing."""
+    wake_ttl: float = 10.0
+    """TTL of the list that wakes waiters after a fill (internal housekeeping)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Reserved."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or not NAMESPACE_RE.match(self.namespace):
+            raise ConfigError("namespace", f"{self.namespace!r} must be 1-64 chars of [A-Za-z0-9_.:-]")
+        for name in ("default_ttl", "negative_ttl", "lease_ttl", "tombstone_ttl", "wake_ttl", "socket_timeout",
+                     "connect_timeout"):
+            check_positive(name, getattr(self, name))
+        for name in ("max_wait", "double_delete_delay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(name, f"must be a number >= 0, got {v!r}")
+        if isinstance(self.ttl_jitter, bool) or not isinstance(self.ttl_jitter, (int, float)) \
+                or not 0 <= self.ttl_jitter <= 1:
+            raise ConfigError("ttl_jitter", f"must be a fraction between 0 and 1, got {self.ttl_jitter!r}")
+        for name in ("max_key_bytes", "max_value_bytes", "fallback_concurrency", "max_connections"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if self.on_redis_error not in ("load", "fail"):
+            raise ConfigError("on_redis_error", f"must be 'load' or 'fail', got {self.on_redis_error!r}")
+        for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
+        from .protocol import resolve_strategy
+
+        resolve_strategy(self.strategy)
+        self.serializer_obj: Serializer = resolve_serializer(self.serializer)
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> CacheOptions:
+        """Build from keyword arguments, naming any unknown option."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in kwargs:
+            if k not in known:
+                raise ConfigError(k, f"unknown option; known options: {', '.join(sorted(known - {'extra'}))}")
+        return cls(**kwargs)
+
+
+def check_positive(name: str, v: object) -> float:
+    """Validate a duration/TTL: a number > 0. Returns it as float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
+        raise ConfigError(name, f"must be a number > 0 (seconds), got {v!r}")
+    return float(v)

@@ -1,0 +1,682 @@
+"""The cachesync consistency protocol, with no I/O.
+
+Theory of operation
+===================
+
+Every cache key is one Redis hash (see :mod:`cachesync.keys`) holding the
+value, its version, a *lease* (token + deadline from the Redis clock), a
+*version floor* and, after an invalidation, a *tombstone*. All state changes
+are atomic Lua scripts (``cachesync/lua/*.lua``). The rules:
+
+1. **Read (cache-aside with leases).** ``get.lua`` returns a hit, or, on a miss,
+   grants the caller a lease (a random token stored in the hash). Only the lease
+   holder loads from the database; other readers register as waiters and block
+   on the key's wake list (``BLPOP``) until the holder fills, an invalidation
+   arrives, or the lease deadline passes. A reader that has waited
+   ``max_wait`` loads by itself and does not fill.
+2. **Fill.** ``fill.lua`` stores the loaded value only if the caller *still*
+   holds its lease and the value's version is not below the floor. An
+   invalidation or a writer's ``set`` deletes the lease, so a reader that loaded
+   a row before a write can never write it back after the write's invalidation:
+   the stale write-back is refused, not merely unlikely.
+3. **Invalidate.** ``invalidate.lua`` deletes (or, with ``serve_stale``,
+   stale-marks) the value, voids the lease, raises the version floor to the
+   committed version, leaves a tombstone for ``tombstone_ttl``, wakes waiters
+   and announces the key on the namespace channel (for L1 caches).
+4. **Set (writer).** ``set.lua`` stores a writer's new value, voids leases and,
+   when a version is given, refuses to go backwards.
+5. **Write strategies** are data (:data:`STRATEGIES`): which steps run before
+   the database commit, after it, after a delay, and when the write fails.
+
+The read paths are generators (like httpx's ``auth_flow``): they *yield*
+effects (:class:`Eval`, :class:`Load`, :class:`Wait`, :class:`Schedule`) and
+receive their results. :mod:`cachesync.sync` drives them with redis-py and
+:mod:`cachesync.aio` with redis.asyncio; neither holds protocol logic.
+A driver reports an unreachable Redis by throwing :class:`RedisDown` into the
+generator, and a loader's exception by throwing it as is.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import itertools
+import os
+import random
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import CacheUnavailableError, InvalidationError, SerializationError, UnknownStrategyError, UsageError
+from .errors import ValueTooLargeError
+from .keys import channel, check_key, entry_key, group_by_slot, wake_key
+from .options import CacheOptions, check_positive
+
+
+class _NotFound:
+    """The loader's answer for "the row does not exist" (cached as a negative entry)."""
+
+    _inst: _NotFound | None = None
+
+    def __new__(cls) -> _NotFound:
+        if cls._inst is None:
+            cls._inst = super().__new__(cls)
+        return cls._inst
+
+    def __repr__(self) -> str:
+        return "NOT_FOUND"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "NOT_FOUND"
+
+
+NOT_FOUND: Any = _NotFound()
+"""Return this from a loader when the row does not exist; ``get`` returns it for a negative entry."""
+
+MISSING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A loader's (or writer's) value with its version: ``return Versioned(row, row.version)``.
+
+    ``version`` is an int, float, Decimal, datetime or a numeric string
+    (compared numerically in Redis, exact up to 2**53).
+    """
+
+    value: Any
+    version: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a read returns in full (``get_entry``)."""
+
+    value: Any
+    """The value, or ``NOT_FOUND``."""
+    version: int | float | None = None
+    stale: bool = False
+    """True when a stale-marked value was served (``serve_stale``)."""
+    source: str = "cache"
+    """``"cache"``, ``"loader"`` (this call loaded it) or ``"fallback"`` (Redis was down)."""
+    filled: bool = False
+    """For ``source="loader"``: whether Redis accepted the write-back."""
+
+    @property
+    def found(self) -> bool:
+        return self.value is not NOT_FOUND
+
+
+# --------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    """Run Lua script ``script`` with ``keys`` and ``args``; send back its reply."""
+
+    script: str
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Call the loader; send back its value (``keys is None``) or a mapping key -> value (batch).
+
+    ``fallback`` loads are throttled to ``fallback_concurrency`` by the driver.
+    """
+
+    keys: list[str] | None = None
+    fallback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Block on the wake lists for at most ``timeout`` seconds; send back the seconds waited."""
+
+    wake_keys: list[str]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Run ``flow_factory()``'s flow after ``delay`` seconds, in the background; retry it until it succeeds."""
+
+    delay: float
+    flow_factory: Any
+    keys: list[str] = field(default_factory=list)
+
+
+class RedisDown(Exception):
+    """Thrown into a flow by a driver when Redis is unreachable."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(str(cause))
+
+
+Flow = Generator[Any, Any, Any]
+
+HIT, LEASED, WAIT, MISS = 1, 2, 3, 0
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+class Step(Enum):
+    INVALIDATE = "invalidate"
+    SET_VERSIONED = "set_versioned"
+    SET_PLAIN = "set_plain"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A write strategy as data: the cache steps around the database write."""
+
+    name: str
+    before: tuple[Step, ...]
+    """Steps run before the database write (when the ``write`` block is entered)."""
+    after: tuple[Step, ...]
+    """Steps run after the block exits normally (the commit happened inside it)."""
+    delayed: tuple[Step, ...]
+    """Steps run ``double_delete_delay`` seconds after the block exits."""
+    on_error: tuple[Step, ...]
+    """Steps run when the block raises (the write may or may not have committed)."""
+    safe: bool
+    summary: str
+
+
+I, SV, SP = Step.INVALIDATE, Step.SET_VERSIONED, Step.SET_PLAIN
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("db_then_invalidate", (), (I,), (), (I,), True,
+                 "Update the database, then invalidate (default). With leases no reader can write back a value "
+                 "it loaded before the commit. Safe for every key."),
+        Strategy("db_then_set_versioned", (), (SV,), (), (I,), True,
+                 "Update the database, then store the new value guarded by its version (a write-heavy key stays "
+                 "warm). Safe when every write supplies a monotonically increasing version."),
+        Strategy("delayed_double_delete", (I,), (), (I,), (I,), False,
+                 "Delete, update the database, delete again after double_delete_delay. Narrows the "
+                 "delete-then-update window; correct only if the delay exceeds every reader's load time."),
+        Strategy("delete_then_db", (I,), (), (), (), False,
+                 "UNSAFE: delete, then update the database. A reader between the two re-caches the old row "
+                 "until the TTL."),
+        Strategy("cache_then_db", (SP,), (), (), (), False,
+                 "UNSAFE: update the cache, then the database. Two writers can interleave; a failed database "
+                 "write leaves a value that was never committed."),
+        Strategy("db_then_cache", (), (SP,), (), (), False,
+                 "UNSAFE: update the database, then the cache, without a version. Two writers' cache updates "
+                 "can land in the opposite order to their commits."),
+    )
+}
+
+
+def resolve_strategy(name: object) -> Strategy:
+    """The :class:`Strategy` of a name, or :class:`UnknownStrategyError`."""
+    if isinstance(name, Strategy):
+        return name
+    try:
+        return STRATEGIES[name]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise UnknownStrategyError(name, STRATEGIES) from None
+
+
+# --------------------------------------------------------------------------- context
+
+
+_TOKENS = itertools.count(1)
+_PREFIX = os.urandom(6).hex()
+
+
+def new_token() -> str:
+    """A lease token unique across processes (random per-process prefix + counter)."""
+    return f"{_PREFIX}{next(_TOKENS):x}"
+
+
+def encode_version(v: Any) -> str:
+    """A version as the decimal string the Lua scripts compare numerically ("" for None)."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        raise UsageError(f"version must be a number or datetime, not bool ({v!r})")
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise UsageError(f"version must be finite, got {v!r}")
+        return repr(v)
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, _dt.datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=_dt.timezone.utc)
+        return str(int(v.timestamp() * 1_000_000))
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            raise UsageError(f"version string must be numeric, got {v!r}") from None
+        return v
+    raise UsageError(f"version must be int, float, Decimal, datetime or a numeric string, not {type(v).__name__}")
+
+
+def decode_version(b: bytes | str | None) -> int | float | None:
+    if b is None:
+        return None
+    s = b.decode() if isinstance(b, bytes) else b
+    try:
+        return int(s)
+    except ValueError:
+        return float(s)
+
+
+class Context:
+    """Everything a flow needs that is not I/O: options, key layout, serialization, randomness."""
+
+    def __init__(self, options: CacheOptions, *, cluster: bool = False, rng: random.Random | None = None) -> None:
+        self.o = options
+        self.ns = options.namespace
+        self.ser = options.serializer_obj
+        self.cluster = cluster
+        self.rng = rng or random.Random()
+        self.lease_ms = int(options.lease_ttl * 1000)
+        self.tomb_ms = int(options.tombstone_ttl * 1000)
+        self.wake_ms = int(options.wake_ttl * 1000)
+        self.mode = "L" if options.leases else "P"
+        self.channel = channel(self.ns) if options.broadcast_invalidations else ""
+        self._ekeys: dict[str, str] = {}
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("hits", "misses", "negative_hits", "stale_served", "loads", "fills", "fills_refused", "waits",
+             "fallback_loads", "invalidations", "redis_errors", "sets", "sets_refused"), 0)
+
+    # keys
+    def ekey(self, key: str) -> str:
+        ek = self._ekeys.get(key)
+        if ek is None:
+            check_key(key, self.o.max_key_bytes)
+            ek = entry_key(self.ns, key)
+            if len(self._ekeys) > 100_000:
+                self._ekeys.clear()
+            self._ekeys[key] = ek
+        return ek
+
+    def ttl_ms(self, ttl: float | None, negative: bool = False) -> int:
+        if ttl is None:
+            base = self.o.negative_ttl if negative else self.o.default_ttl
+        else:
+            base = check_positive("ttl", ttl)
+            if negative:
+                base = min(base, self.o.negative_ttl)
+        j = self.o.ttl_jitter
+        if j:
+            base *= 1.0 + self.rng.random() * j
+        return max(1, int(base * 1000))
+
+    # values
+    def encode(self, key: str, value: Any) -> tuple[bytes, str, str]:
+        """(payload, version, negative flag) for a loaded or written value."""
+        version: Any = None
+        if isinstance(value, Versioned):
+            value, version = value.value, value.version
+        if value is NOT_FOUND:
+            return b"", encode_version(version), "1"
+        try:
+            payload = self.ser.dumps(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SerializationError(key, f"{type(value).__name__} value: {e}") from e
+        except Exception as e:  # a third-party serializer's own error type
+            raise SerializationError(key, f"{type(value).__name__} value: {type(e).__name__}: {e}") from e
+        if len(payload) > self.o.max_value_bytes:
+            raise ValueTooLargeError(key, len(payload), self.o.max_value_bytes)
+        return payload, encode_version(version), "0"
+
+    def decode(self, key: str, payload: bytes, negative: bool) -> Any:
+        if negative:
+            return NOT_FOUND
+        try:
+            return self.ser.loads(payload)
+        except Exception as e:
+            raise SerializationError(key, f"stored payload cannot be decoded with {self.ser.name}: {e}") from e
+
+    @staticmethod
+    def unwrap(value: Any) -> Any:
+        return value.value if isinstance(value, Versioned) else value
+
+
+@dataclass(slots=True)
+class GetReply:
+    code: int
+    payload: bytes | None
+    version: int | float | None
+    flags: str
+    wait_s: float = 0.0
+
+
+def parse_get(reply: Sequence[Any]) -> list[GetReply]:
+    """Parse ``get.lua``'s flat reply (4 items per key)."""
+    out = []
+    for i in range(0, len(reply), 4):
+        code = int(reply[i])
+        if code == HIT:
+            f = reply[i + 3]
+            out.append(GetReply(HIT, reply[i + 1], decode_version(reply[i + 2]),
+                                f.decode() if isinstance(f, bytes) else (f or "")))
+        elif code == WAIT:
+            out.append(GetReply(WAIT, reply[i + 2], decode_version(reply[i + 3]), "", int(reply[i + 1]) / 1000.0))
+        else:
+            out.append(GetReply(code, reply[i + 2] if code == LEASED else None,
+                                decode_version(reply[i + 3]) if code == LEASED else None, ""))
+    return out
+
+
+def _interleave(ekeys: Sequence[str]) -> list[str]:
+    ks: list[str] = []
+    for ek in ekeys:
+        ks.append(ek)
+        ks.append(wake_key(ek))
+    return ks
+
+
+# --------------------------------------------------------------------------- read flows
+
+
+def _hit(ctx: Context, key: str, r: GetReply) -> Entry:
+    neg = r.flags == "n"
+    st = ctx.stats
+    if neg:
+        st["negative_hits"] += 1
+    else:
+        st["hits"] += 1
+    assert r.payload is not None
+    return Entry(ctx.decode(key, r.payload, neg), r.version, r.flags == "s")
+
+
+def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
+    """Read one key: hit, or lease + load + fill, or wait for the lease holder."""
+    ek = ctx.ekey(key)
+    if ttl is not None:
+        check_positive("ttl", ttl)
+    keys = [ek, wake_key(ek)]
+    token = new_token()
+    args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
+    waited = 0.0
+    o = ctx.o
+    while True:
+        try:
+            reply = yield Eval("get", keys, args)
+        except RedisDown as e:
+            return (yield from _fallback_one(ctx, e))
+        r = parse_get(reply)[0]
+        if r.code == HIT:
+            if r.flags == "s":  # plain mode: a stale-marked value counts as a hit
+                ctx.stats["stale_served"] += 1
+            return _hit(ctx, key, r)
+        if r.code == WAIT:
+            if o.serve_stale and r.payload is not None:
+                ctx.stats["stale_served"] += 1
+                return Entry(ctx.decode(key, r.payload, False), r.version, True)
+            remaining = o.max_wait - waited
+            if remaining <= 0:
+                ctx.stats["loads"] += 1
+                value = yield Load()
+                return Entry(ctx.unwrap(value), source="loader")
+            ctx.stats["waits"] += 1
+            waited += yield Wait([keys[1]], min(r.wait_s, remaining) + 0.001)
+            continue
+        # LEASED (we hold the lease) or MISS (plain mode)
+        ctx.stats["misses"] += 1
+        ctx.stats["loads"] += 1
+        try:
+            value = yield Load()
+            payload, ver, neg = ctx.encode(key, value)
+        except BaseException:
+            if r.code == LEASED:
+                try:
+                    yield Eval("release", keys, [token, ctx.wake_ms])
+                except RedisDown:
+                    pass
+            raise
+        try:
+            codes = yield Eval("fill", keys, [token if r.code == LEASED else "", ctx.wake_ms, payload, ver,
+                                              ctx.ttl_ms(ttl, neg == "1"), neg])
+        except RedisDown:
+            ctx.stats["redis_errors"] += 1
+            return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader")
+        ok = int(codes[0]) == 1
+        ctx.stats["fills" if ok else "fills_refused"] += 1
+        return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader", filled=ok)
+
+
+def _fallback_one(ctx: Context, e: RedisDown) -> Flow:
+    ctx.stats["redis_errors"] += 1
+    if ctx.o.on_redis_error == "fail":
+        raise e.cause
+    ctx.stats["fallback_loads"] += 1
+    value = yield Load(fallback=True)
+    return Entry(ctx.unwrap(value), source="fallback")
+
+
+def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
+    """Read a batch: one ``get.lua`` per slot group, one ``loader_many`` call for all leased keys, one fill."""
+    ukeys = list(dict.fromkeys(keys))
+    if ttl is not None:
+        check_positive("ttl", ttl)
+    eks = [ctx.ekey(k) for k in ukeys]
+    token = new_token()
+    args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
+    result: dict[str, Entry] = {}
+    pending = list(range(len(ukeys)))
+    waited = 0.0
+    o = ctx.o
+    while pending:
+        leased: list[int] = []
+        plain: list[int] = []
+        waiting: list[tuple[int, float]] = []
+        try:
+            for group in _groups(ctx, [eks[i] for i in pending]):
+                idxs = [pending[j] for j in group]
+                reply = yield Eval("get", _interleave([eks[i] for i in idxs]), args)
+                for i, r in zip(idxs, parse_get(reply)):
+                    k = ukeys[i]
+                    if r.code == HIT:
+                        result[k] = _hit(ctx, k, r)
+                    elif r.code == WAIT:
+                        if o.serve_stale and r.payload is not None:
+                            ctx.stats["stale_served"] += 1
+                            result[k] = Entry(ctx.decode(k, r.payload, False), r.version, True)
+                        else:
+                            waiting.append((i, r.wait_s))
+                    elif r.code == LEASED:
+                        leased.append(i)
+                    else:
+                        plain.append(i)
+        except RedisDown as e:
+            ctx.stats["redis_errors"] += 1
+            if o.on_redis_error == "fail":
+                raise e.cause from None
+            missing = [ukeys[i] for i in pending if ukeys[i] not in result]
+            ctx.stats["fallback_loads"] += 1
+            values = yield Load(missing, fallback=True)
+            for k in missing:
+                result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="fallback")
+            break
+        mine = leased + plain
+        if mine:
+            ctx.stats["misses"] += len(mine)
+            ctx.stats["loads"] += 1
+            try:
+                values = yield Load([ukeys[i] for i in mine])
+                if not isinstance(values, Mapping):
+                    raise UsageError(f"loader_many must return a mapping of key -> value, got {type(values).__name__}")
+                enc = {i: ctx.encode(ukeys[i], values.get(ukeys[i], NOT_FOUND)) for i in mine}
+            except BaseException:
+                if leased:
+                    try:
+                        for group in _groups(ctx, [eks[i] for i in leased]):
+                            yield Eval("release", _interleave([eks[leased[j]] for j in group]), [token, ctx.wake_ms])
+                    except RedisDown:
+                        pass
+                raise
+            for sub, tok in ((leased, token), (plain, "")):
+                if not sub:
+                    continue
+                for group in _groups(ctx, [eks[i] for i in sub]):
+                    idxs = [sub[j] for j in group]
+                    fargs: list[Any] = [tok, ctx.wake_ms]
+                    for i in idxs:
+                        payload, ver, neg = enc[i]
+                        fargs += [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg]
+                    try:
+                        codes = yield Eval("fill", _interleave([eks[i] for i in idxs]), fargs)
+                    except RedisDown:
+                        ctx.stats["redis_errors"] += 1
+                        codes = [0] * len(idxs)
+                    for i, c in zip(idxs, codes):
+                        ok = int(c) == 1
+                        ctx.stats["fills" if ok else "fills_refused"] += 1
+                        k = ukeys[i]
+                        result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), decode_version(enc[i][1] or None),
+                                          source="loader", filled=ok)
+        if not waiting:
+            break
+        remaining = o.max_wait - waited
+        if remaining <= 0:
+            rest = [ukeys[i] for i, _ in waiting]
+            ctx.stats["loads"] += 1
+            values = yield Load(rest)
+            for k in rest:
+                result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="loader")
+            break
+        ctx.stats["waits"] += 1
+        first = _groups(ctx, [eks[i] for i, _ in waiting])[0]
+        wks = [wake_key(eks[waiting[j][0]]) for j in first]
+        waited += yield Wait(wks, min(min(w for _, w in waiting), remaining) + 0.001)
+        pending = [i for i, _ in waiting]
+    return {k: result[k] for k in ukeys}
+
+
+def _groups(ctx: Context, ekeys: list[str]) -> list[list[int]]:
+    if ctx.cluster:
+        return group_by_slot(ekeys)
+    return [list(range(len(ekeys)))]
+
+
+# --------------------------------------------------------------------------- write flows
+
+
+def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> Flow:
+    """Invalidate keys (one script per slot group). Raises :class:`InvalidationError` naming what is left."""
+    ukeys = list(dict.fromkeys(keys))
+    eks = [ctx.ekey(k) for k in ukeys]
+    ver = encode_version(version)
+    mode = "s" if ctx.o.serve_stale else "d"
+    done: set[int] = set()
+    had = 0
+    for group in _groups(ctx, eks):
+        try:
+            had += int((yield Eval("invalidate", _interleave([eks[i] for i in group]),
+                                   [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel])))
+        except RedisDown as e:
+            ctx.stats["redis_errors"] += 1
+            raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
+        done.update(group)
+    ctx.stats["invalidations"] += len(ukeys)
+    return had
+
+
+def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any, guarded: bool) -> Flow:
+    """A writer stores a value (voids leases; refuses an older version when ``guarded``)."""
+    ek = ctx.ekey(key)
+    if version is not None:
+        value = Versioned(value, version)
+    payload, ver, neg = ctx.encode(key, value)
+    if not guarded:
+        ver = ""
+    try:
+        r = yield Eval("set", [ek, wake_key(ek)], [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg, ctx.wake_ms,
+                                                       ctx.channel])
+    except RedisDown as e:
+        ctx.stats["redis_errors"] += 1
+        raise InvalidationError([key], e.cause) from e.cause
+    ok = int(r) == 1
+    ctx.stats["sets" if ok else "sets_refused"] += 1
+    return ok
+
+
+def steps_flow(ctx: Context, steps: Sequence[Step], keys: Sequence[str], value: Any, version: Any,
+               ttl: float | None) -> Flow:
+    """Run a strategy's steps for ``keys``."""
+    for step in steps:
+        if step is Step.INVALIDATE:
+            yield from invalidate_flow(ctx, keys, version)
+        else:
+            if value is MISSING:
+                raise UsageError(f"write strategy step {step.value} needs the new value: pass value= to write() or "
+                                 "call set_value() inside the block")
+            if step is Step.SET_VERSIONED and version is None:
+                raise UsageError("strategy db_then_set_versioned needs version= (the row's new version)")
+            for k in keys:
+                yield from set_flow(ctx, k, value, ttl, version, step is Step.SET_VERSIONED)
+
+
+class WritePlan:
+    """The state of one ``cache.write(...)`` block, shared by the sync and async drivers."""
+
+    def __init__(self, ctx: Context, keys: Sequence[str], strategy: str | None, value: Any, version: Any,
+                 ttl: float | None, delay: float | None) -> None:
+        if not keys:
+            raise UsageError("write() needs at least one cache key")
+        self.ctx = ctx
+        self.keys = [k for k in dict.fromkeys(keys)]
+        for k in self.keys:
+            ctx.ekey(k)
+        self.strategy = resolve_strategy(strategy if strategy is not None else ctx.o.strategy)
+        self.value = value
+        self.version = version
+        self.ttl = ttl
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0):
+            raise UsageError(f"delay must be a number of seconds >= 0, got {delay!r}")
+        self.delay = ctx.o.double_delete_delay if delay is None else float(delay)
+        if SP in self.strategy.before and value is MISSING:
+            raise UsageError(f"strategy {self.strategy.name} updates the cache before the database: pass value=")
+
+    def set_value(self, value: Any, version: Any = None) -> None:
+        """Give the new value (and version) for a strategy that stores it after the commit."""
+        self.value = value
+        if version is not None:
+            self.version = version
+
+    def before(self) -> Flow:
+        return steps_flow(self.ctx, self.strategy.before, self.keys, self.value, self.version, self.ttl)
+
+    def after(self, failed: bool) -> Flow:
+        s = self.strategy
+        steps = s.on_error if failed else s.after
+        yield from steps_flow(self.ctx, steps, self.keys, self.value, self.version, self.ttl)
+        if s.delayed and not failed:
+            keys, version, ctx = self.keys, self.version, self.ctx
+            yield Schedule(self.delay, lambda: steps_flow(ctx, s.delayed, keys, MISSING, version, None), keys)
+
+
+def peek_flow(ctx: Context, key: str) -> Flow:
+    """Read an entry's raw state without taking a lease (for audits and the lab)."""
+    ek = ctx.ekey(key)
+    reply = yield Eval("peek", [ek], [])
+    fields = dict(zip(reply[::2], reply[1::2]))
+    if not fields:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        name = k.decode() if isinstance(k, bytes) else k
+        out[name] = v
+    if "v" in out:
+        out["value"] = ctx.decode(key, out["v"], out.get("n") in (b"1", "1"))
+    return out
+
+

@@ -1,0 +1,162 @@
+"""Rules that derive cache keys from row changes, shared by the outbox, the workers and CDC.
+
+A rule maps a table to key templates over its columns::
+
+    [tables.users]
+    keys = ["user:{id}", "user_by_email:{email}", "users:count"]
+    version = "version"            # optional: the column holding the row version
+
+For a change with an old row image and/or a new row image, every template is
+formatted with each image: when a key column changes (``email``), both the old
+and the new key are invalidated. A template with no fields (``users:count``)
+is a list/aggregate key invalidated on every change of the table.
+
+Rules load from a TOML file, from a Python file defining ``RULES`` (a dict of
+table -> list of templates or :class:`TableRule`), or from a dict.
+"""
+
+from __future__ import annotations
+
+import string
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+class RuleError(UsageError):
+    """A rule that cannot be applied (unknown column, bad template, bad file); the message names it."""
+
+
+def _fields(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise RuleError(f"bad key template {template!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class TableRule:
+    """Key templates of one table (``keys``) and, optionally, the row's version column."""
+
+    table: str
+    keys: tuple[str, ...]
+    version: str | None = None
+    columns: frozenset[str] = field(default_factory=frozenset)
+
+    @staticmethod
+    def build(table: str, keys: Iterable[str], version: str | None = None) -> TableRule:
+        if not isinstance(table, str) or not table:
+            raise RuleError(f"table name must be a non-empty string, got {table!r}")
+        ks = tuple(keys)
+        if not ks:
+            raise RuleError(f"table {table!r}: no key templates")
+        cols: set[str] = set()
+        for t in ks:
+            if not isinstance(t, str) or not t:
+                raise RuleError(f"table {table!r}: key template must be a non-empty string, got {t!r}")
+            for f in _fields(t):
+                if not f.isidentifier():
+                    raise RuleError(f"table {table!r}: template {t!r} has field {{{f}}}; use plain column names")
+                cols.add(f)
+        if version is not None and not isinstance(version, str):
+            raise RuleError(f"table {table!r}: version must be a column name, got {version!r}")
+        return TableRule(table, ks, version, frozenset(cols))
+
+    def keys_for_row(self, row: Mapping[str, Any]) -> list[str]:
+        missing = [c for c in self.columns if c not in row]
+        if missing:
+            raise RuleError(f"table {self.table!r}: row has no column(s) {sorted(missing)} needed by key templates "
+                            f"{list(self.keys)} (row columns: {sorted(row)})")
+        return [t.format(**{c: row[c] for c in self.columns}) for t in self.keys]
+
+    def prefixes(self) -> list[str]:
+        """The literal part of each template before its first field (for "invalidate everything")."""
+        out = []
+        for t in self.keys:
+            lit = ""
+            for literal, f, _, _ in string.Formatter().parse(t):
+                lit += literal
+                if f is not None:
+                    break
+            out.append(lit)
+        return out
+
+
+class Rules:
+    """A set of :class:`TableRule` by table name."""
+
+    def __init__(self, tables: Mapping[str, Any]) -> None:
+        self.tables: dict[str, TableRule] = {}
+        for name, spec in tables.items():
+            if isinstance(spec, TableRule):
+                self.tables[name] = spec
+            elif isinstance(spec, Mapping):
+                unknown = set(spec) - {"keys", "version"}
+                if unknown:
+                    raise RuleError(f"table {name!r}: unknown rule field(s) {sorted(unknown)}; known: keys, version")
+                if "keys" not in spec:
+                    raise RuleError(f"table {name!r}: missing 'keys'")
+                self.tables[name] = TableRule.build(name, spec["keys"], spec.get("version"))
+            elif isinstance(spec, (list, tuple)):
+                self.tables[name] = TableRule.build(name, spec)
+            else:
+                raise RuleError(f"table {name!r}: expected a list of key templates or a table, got {spec!r}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Rules:
+        """Load rules from a ``.toml`` file (``[tables.NAME] keys=[...]``) or a ``.py`` file defining ``RULES``."""
+        p = Path(path)
+        if not p.exists():
+            raise RuleError(f"rules file {str(p)!r} does not exist")
+        if p.suffix == ".toml":
+            try:
+                data = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise RuleError(f"rules file {str(p)!r}: {e}") from None
+            if "tables" not in data or not isinstance(data["tables"], dict):
+                raise RuleError(f"rules file {str(p)!r}: needs a [tables.NAME] section per table")
+            return cls(data["tables"])
+        if p.suffix == ".py":
+            ns: dict[str, Any] = {}
+            exec(compile(p.read_text(), str(p), "exec"), ns)  # noqa: S102 - the operator's own rules file
+            if "RULES" not in ns:
+                raise RuleError(f"rules file {str(p)!r} must define RULES")
+            r = ns["RULES"]
+            return r if isinstance(r, Rules) else cls(r)
+        raise RuleError(f"rules file {str(p)!r}: expected .toml or .py")
+
+    def covers(self, table: str) -> bool:
+        return table in self.tables
+
+    def keys_for(self, table: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
+        """Every key a change of ``table`` affects: the templates formatted with the old and the new image.
+
+        A table without a rule affects no key. A row image lacking a key column raises :class:`RuleError`
+        unless the other image has it (e.g. PostgreSQL sends only the key columns of the old row).
+        """
+        rule = self.tables.get(table)
+        if rule is None:
+            return []
+        keys: list[str] = []
+        images = [r for r in (old, new) if r is not None]
+        if not images:
+            raise RuleError(f"table {table!r}: a change needs an old or a new row image")
+        errors = []
+        for row in images:
+            try:
+                keys.extend(rule.keys_for_row(row))
+            except RuleError as e:
+                errors.append(e)
+        if errors and len(errors) == len(images):
+            raise errors[0]
+        return list(dict.fromkeys(keys))
+
+    def version_for(self, table: str, row: Mapping[str, Any] | None) -> Any:
+        rule = self.tables.get(table)
+        if rule is None or rule.version is None or row is None:
+            return None
+        return row.get(rule.version)

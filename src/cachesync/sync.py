@@ -1,0 +1,281 @@
+"""The synchronous driver: executes :mod:`cachesync.protocol` flows with redis-py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import protocol as P
+from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, log, redact_url, wraps
+from .errors import CacheUnavailableError, InvalidationError
+from .options import CacheOptions
+from .scripts import SCRIPTS
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+Scheduler = Callable[[float, Callable[[], None]], Any]
+
+
+class _Flight:
+    __slots__ = ("event", "result", "exc")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: Any = None
+        self.exc: BaseException | None = None
+
+
+def _thread_scheduler(delay: float, fn: Callable[[], None]) -> threading.Timer:
+    t = threading.Timer(delay, fn)
+    t.daemon = True
+    t.start()
+    return t
+
+
+class Cache:
+    """A consistent cache-aside cache on Redis (synchronous; thread-safe).
+
+    ``Cache(redis_url="redis://127.0.0.1:6379/0", namespace="default", **options)``; every option is a field
+    of :class:`cachesync.CacheOptions`. ``client=`` passes a ready redis-py client (``Redis`` or
+    ``RedisCluster``) instead of a URL; ``scheduler=`` replaces the timer thread that runs delayed steps
+    (``scheduler(delay_seconds, fn)``), for tests.
+    """
+
+    def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
+                 scheduler: Scheduler | None = None, **options: Any) -> None:
+        self.options = CacheOptions.build(**options)
+        if client is None:
+            url = check_redis_url(redis_url)
+            self.url = redact_url(url)
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=self.options.max_connections, timeout=self.options.socket_timeout,
+                socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
+            client = redis.Redis(connection_pool=pool)
+            self._owns_client = True
+        else:
+            self.url = redact_url(str(getattr(client, "connection_pool", None) and
+                                      client.connection_pool.connection_kwargs.get("host", "redis") or "redis"))
+            self._owns_client = False
+        self.redis = client
+        cluster = type(client).__name__ == "RedisCluster"
+        self.ctx = P.Context(self.options, cluster=cluster)
+        self._flights: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+        self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
+        self._scheduler = scheduler or _thread_scheduler
+        self._timers: list[Any] = []
+        self._loaded: set[str] = set()
+
+    # ------------------------------------------------------------------ driver
+
+    def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        s = SCRIPTS[name]
+        try:
+            return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes="all") \
+                if self.ctx.cluster else self.redis.execute_command("SCRIPT", "LOAD", s.source)
+            return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
+
+    def _wait(self, eff: P.Wait) -> float:
+        t0 = time.monotonic()
+        timeout = min(eff.timeout, max(0.01, self.options.socket_timeout * 0.8))
+        self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
+        return time.monotonic() - t0
+
+    def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+        send: Any = None
+        throw: BaseException | None = None
+        while True:
+            try:
+                eff = flow.send(send) if throw is None else flow.throw(throw)
+            except StopIteration as stop:
+                return stop.value
+            except _REDIS_DOWN as e:
+                raise CacheUnavailableError(self.url, e) from e
+            send, throw = None, None
+            t = type(eff)
+            if t is P.Eval:
+                try:
+                    send = self._eval(eff.script, eff.keys, eff.args)
+                except _REDIS_DOWN as e:
+                    throw = P.RedisDown(e)
+            elif t is P.Load:
+                assert loader is not None
+                try:
+                    if eff.fallback:
+                        with self._fallback:
+                            send = loader() if eff.keys is None else loader(eff.keys)
+                    else:
+                        send = loader() if eff.keys is None else loader(eff.keys)
+                except Exception as e:
+                    throw = e
+            elif t is P.Wait:
+                try:
+                    send = self._wait(eff)
+                except _REDIS_DOWN as e:
+                    throw = P.RedisDown(e)
+            elif t is P.Schedule:
+                self._schedule(eff)
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown effect {eff!r}")
+
+    def _schedule(self, eff: P.Schedule, attempt: int = 0, delay: float | None = None) -> None:
+        def run() -> None:
+            try:
+                self._drive(eff.flow_factory())
+            except InvalidationError as e:
+                backoff = min(30.0, 0.1 * 2 ** attempt)
+                log.error("cachesync: delayed invalidation failed (attempt %d), retrying in %.1fs: %s",
+                          attempt + 1, backoff, e)
+                self._schedule(eff, attempt + 1, backoff)
+
+        self._timers = [t for t in self._timers if getattr(t, "is_alive", lambda: False)()]
+        self._timers.append(self._scheduler(eff.delay if delay is None else delay, run))
+
+    def _single(self, key: str, fn: Callable[[], P.Entry]) -> P.Entry:
+        if not self.options.singleflight:
+            return fn()
+        with self._lock:
+            f = self._flights.get(key)
+            leader = f is None
+            if leader:
+                f = self._flights[key] = _Flight()
+        assert f is not None
+        if not leader:
+            f.event.wait()
+            if f.exc is not None:
+                raise f.exc
+            return f.result  # type: ignore[no-any-return]
+        try:
+            f.result = fn()
+            return f.result  # type: ignore[no-any-return]
+        except BaseException as e:
+            f.exc = e
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+            f.event.set()
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
+        """The cached value of ``key``, loading it with ``loader()`` on a miss (leased, single-flight).
+
+        ``loader`` returns the value, ``Versioned(value, version)``, or ``NOT_FOUND`` (cached as a negative
+        entry for ``negative_ttl``). ``ttl`` defaults to ``default_ttl``. Returns the value or ``NOT_FOUND``.
+        """
+        return self.get_entry(key, loader, ttl).value
+
+    def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry:
+        """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
+        return self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))  # type: ignore
+
+    def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
+                 ttl: float | None = None) -> dict[str, Any]:
+        """Values of many keys: one round trip to read, one ``loader_many(missing_keys)`` call, one to fill.
+
+        ``loader_many`` returns a mapping key -> value (or ``Versioned``); a key it leaves out is ``NOT_FOUND``.
+        """
+        entries = self.get_many_entries(keys, loader_many, ttl)
+        return {k: e.value for k, e in entries.items()}
+
+    def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
+                         ttl: float | None = None) -> dict[str, P.Entry]:
+        """Like :meth:`get_many`, returning :class:`Entry` objects."""
+        return self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore[no-any-return]
+
+    def peek(self, key: str) -> dict[str, Any] | None:
+        """The raw entry of ``key`` (fields ``value``, ``ver``, ``lt``, ``fl``, ``ti`` ...) without side effects."""
+        return self._drive(P.peek_flow(self.ctx, key))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ writes
+
+    def invalidate(self, *keys: str, version: Any = None) -> int:
+        """Invalidate ``keys`` after a committed write; voids outstanding leases.
+
+        ``version`` (the committed row version) raises the keys' version floor so that no older value can be
+        filled. Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys when
+        Redis cannot be reached.
+        """
+        if not keys:
+            return 0
+        return self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+
+    def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
+        """Store a writer's new value; voids leases. With ``version``, refuses (returns False) to go backwards."""
+        return self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+
+    @contextmanager
+    def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
+              ttl: float | None = None, delay: float | None = None) -> Iterator[P.WritePlan]:
+        """Wrap a database write: the strategy's cache steps run before the block, after it, after a delay.
+
+        ``with cache.write("user:1") as w: <update and commit>``. For ``db_then_set_versioned`` (and the unsafe
+        ``db_then_cache``) call ``w.set_value(new, version=...)`` inside the block or pass ``value=``;
+        ``cache_then_db`` needs ``value=`` up front. If the block raises, the strategy's ``on_error`` steps run
+        (the safe strategies invalidate, in case the commit happened) and the exception propagates.
+        """
+        plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
+        self._drive(plan.before())
+        try:
+            yield plan
+        except BaseException:
+            self._drive(plan.after(failed=True))
+            raise
+        self._drive(plan.after(failed=False))
+
+    def cached(self, template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Any]:
+        """Decorator: ``@cache.cached("user:{user_id}")`` caches the function's result under the formatted key.
+
+        The wrapper has ``.key(*args, **kwargs)`` and ``.invalidate(*args, **kwargs)``.
+        """
+        def deco(fn: Callable[..., Any]) -> Any:
+            kt = KeyTemplate(template, fn)
+
+            @wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+
+            wrapper.key = kt.format  # type: ignore[attr-defined]
+            wrapper.invalidate = lambda *a, **kw: self.invalidate(kt.format(*a, **kw))  # type: ignore
+            return wrapper
+
+        return deco
+
+    # ------------------------------------------------------------------ misc
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: hits, misses, negative_hits, stale_served, loads, fills, fills_refused, waits, ..."""
+        return dict(self.ctx.stats)
+
+    def ping(self) -> None:
+        """Raise :class:`CacheUnavailableError` unless Redis answers."""
+        try:
+            self.redis.ping()
+        except _REDIS_DOWN as e:
+            raise CacheUnavailableError(self.url, e) from e
+
+    def close(self) -> None:
+        """Wait for scheduled delayed steps, then close the connection pool (if this cache created it)."""
+        for t in list(self._timers):
+            if isinstance(t, threading.Timer):
+                t.join()
+        if self._owns_client:
+            self.redis.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
