@@ -48,7 +48,7 @@ class AsyncCache:
             pool = aredis.BlockingConnectionPool.from_url(
                 url, max_connections=self.options.max_connections, timeout=self.options.socket_timeout,
                 socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
-            client = aredis.Redis(connection_pool=pool)
+            client = aredis.Redis.from_pool(pool)
             self._owns_client = True
         else:
             self.url = "redis (client given)"

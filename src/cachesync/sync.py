@@ -58,7 +58,7 @@ class Cache:
             pool = redis.BlockingConnectionPool.from_url(
                 url, max_connections=self.options.max_connections, timeout=self.options.socket_timeout,
                 socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
-            client = redis.Redis(connection_pool=pool)
+            client = redis.Redis.from_pool(pool)
             self._owns_client = True
         else:
             self.url = redact_url(str(getattr(client, "connection_pool", None) and

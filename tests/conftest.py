@@ -1,0 +1,42 @@
+"""Shared fixtures. Servers: see conftest_services (skip locally, fail loudly under CI when one is down)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+pytest_plugins = ["conftest_services"]
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses (tests never FLUSHDB the shared Redis)."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cache(redis_url: str, namespace: str) -> Iterator["cachesync.Cache"]:  # noqa: F821
+    import cachesync
+
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+async def acache(redis_url: str, namespace: str) -> AsyncIterator["cachesync.AsyncCache"]:  # noqa: F821
+    import cachesync
+
+    c = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    yield c
+    await c.aclose()

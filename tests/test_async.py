@@ -1,0 +1,161 @@
+"""The asyncio driver runs the same protocol flows: the same behaviour, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+import cachesync
+from cachesync import NOT_FOUND, Versioned
+
+
+async def test_reader_write_back_after_writer_delete_is_refused(acache):
+    db = {"k": Versioned("100", 1)}
+    loaded, go = asyncio.Event(), asyncio.Event()
+
+    async def loader():
+        v = db["k"]
+        loaded.set()
+        await go.wait()
+        return v
+
+    task = asyncio.create_task(acache.get_entry("k", loader))
+    await loaded.wait()
+    db["k"] = Versioned("99", 2)
+    await acache.invalidate("k")
+    go.set()
+    e = await task
+    assert e.value == "100" and e.filled is False
+    assert (await acache.peek("k")).get("v") is None
+    assert await acache.get("k", lambda: db["k"]) == "99"
+
+
+async def test_stampede_singleflight(acache):
+    calls = []
+    release = asyncio.Event()
+
+    async def loader():
+        calls.append(1)
+        await release.wait()
+        return "v"
+
+    tasks = [asyncio.create_task(acache.get("k", loader)) for _ in range(100)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*tasks) == ["v"] * 100
+    assert calls == [1]
+
+
+async def test_stampede_across_clients(redis_url, namespace):
+    a = cachesync.AsyncCache(redis_url, namespace=namespace)
+    b = cachesync.AsyncCache(redis_url, namespace=namespace)
+    loaded, go = asyncio.Event(), asyncio.Event()
+
+    async def slow():
+        loaded.set()
+        await go.wait()
+        return "v"
+
+    ta = asyncio.create_task(a.get_entry("k", slow))
+    await loaded.wait()
+    tb = asyncio.create_task(b.get_entry("k", lambda: pytest.fail("b must wait, not load")))
+    for _ in range(1000):
+        p = await a.peek("k")
+        if p and p.get("w") == b"1":
+            break
+        await asyncio.sleep(0.005)
+    go.set()
+    ea, eb = await ta, await tb
+    assert ea.filled and eb.value == "v" and eb.source == "cache"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_write_strategies(acache):
+    async with acache.write("k", strategy="db_then_set_versioned", value="B", version=2):
+        pass
+    async with acache.write("k", strategy="db_then_set_versioned", value="A", version=1):
+        pass
+    assert (await acache.peek("k"))["value"] == "B"
+    async with acache.write("k"):
+        pass
+    assert "v" not in (await acache.peek("k"))
+
+
+async def test_delayed_double_delete_with_scheduler(redis_url, namespace):
+    pending = []
+    c = cachesync.AsyncCache(redis_url, namespace=namespace, scheduler=lambda d, fn: pending.append((d, fn)))
+    await c.set("k", "old")
+    async with c.write("k", strategy="delayed_double_delete", delay=0.3):
+        await c.get("k", lambda: "stale")
+    assert (await c.peek("k"))["value"] == "stale" and pending[0][0] == 0.3
+    await pending[0][1]()
+    assert "v" not in (await c.peek("k"))
+    await c.aclose()
+
+
+async def test_get_many_and_negative(acache):
+    async def loader_many(keys):
+        return {k: k.upper() for k in keys if k != "c"}
+
+    assert await acache.get_many(["a", "b", "c"], loader_many) == {"a": "A", "b": "B", "c": NOT_FOUND}
+    assert await acache.get_many(["a", "c"], lambda ks: pytest.fail("hit")) == {"a": "A", "c": NOT_FOUND}
+
+
+async def test_cached_decorator(acache):
+    calls = []
+
+    @acache.cached("user:{uid}")
+    async def user(uid: int):
+        calls.append(uid)
+        return {"id": uid}
+
+    assert await user(1) == {"id": 1} and await user(1) == {"id": 1} and calls == [1]
+    await user.invalidate(1)
+    await user(1)
+    assert calls == [1, 1]
+    with pytest.raises(cachesync.UsageError, match="coroutine"):
+        acache.cached("x")(lambda: 1)
+
+
+def _dead_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"redis://:pw@127.0.0.1:{port}/0"
+
+
+async def test_redis_down_policies():
+    url = _dead_url()
+    c = cachesync.AsyncCache(url, connect_timeout=0.2)
+    e = await c.get_entry("k", lambda: "db")
+    assert e.source == "fallback" and e.value == "db"
+    with pytest.raises(cachesync.InvalidationError, match="user:1"):
+        await c.invalidate("user:1")
+    f = cachesync.AsyncCache(url, on_redis_error="fail", connect_timeout=0.2)
+    with pytest.raises(cachesync.CacheUnavailableError) as ei:
+        await f.get("k", lambda: 1)
+    assert "pw" not in str(ei.value)
+    await c.aclose()
+    await f.aclose()
+
+
+async def test_bad_input(acache):
+    with pytest.raises(cachesync.InvalidKeyError):
+        await acache.get("", lambda: 1)
+    with pytest.raises(cachesync.SerializationError):
+        await acache.get("k", lambda: object())
+    with pytest.raises(cachesync.ConfigError):
+        await acache.get("k", lambda: 1, ttl=0)
+
+
+async def test_sync_and_async_share_state(acache, redis_url, namespace):
+    s = cachesync.Cache(redis_url, namespace=namespace)
+    assert await acache.get("k", lambda: {"a": 1}) == {"a": 1}
+    assert s.get("k", lambda: pytest.fail("must hit")) == {"a": 1}
+    s.invalidate("k")
+    assert await acache.get("k", lambda: 2) == 2
+    s.close()

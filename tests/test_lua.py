@@ -1,0 +1,160 @@
+"""Each Lua script tested directly against the real Redis (no Python protocol in between)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from cachesync.scripts import SCRIPTS
+
+
+@pytest.fixture
+def run(r: redis.Redis):
+    def call(name: str, keys: list[str], *args: object):
+        s = SCRIPTS[name]
+        return r.eval(s.source, len(keys), *keys, *args)
+
+    return call
+
+
+@pytest.fixture
+def k() -> list[str]:
+    ek = f"cs:luatest:{{{uuid.uuid4().hex}}}"
+    return [ek, ek + ":w"]
+
+
+def test_get_miss_grants_lease_with_server_clock(run, r, k):
+    out = run("get", k, "tok1", 5000, "L", 1000)
+    assert out[:2] == [2, b"tok1"]
+    h = r.hgetall(k[0])
+    assert h[b"lt"] == b"tok1"
+    sec, usec = r.time()
+    now_ms = sec * 1000 + usec // 1000
+    assert now_ms < int(h[b"ld"]) <= now_ms + 5000
+    assert 0 < r.pttl(k[0]) <= 5000
+
+
+def test_get_second_reader_waits_and_registers(run, r, k):
+    run("get", k, "tok1", 5000, "L", 1000)
+    out = run("get", k, "tok2", 5000, "L", 1000)
+    assert out[0] == 3 and 0 < out[1] <= 5000 and out[2] is None
+    assert r.hget(k[0], "w") == b"1"
+
+
+def test_fill_with_lease_is_a_hit_and_wakes_waiters(run, r, k):
+    run("get", k, "tok1", 5000, "L", 1000)
+    run("get", k, "tok2", 5000, "L", 1000)
+    run("get", k, "tok3", 5000, "L", 1000)
+    assert run("fill", k, "tok1", 1000, b'"v"', "7", 60000, "0") == [1]
+    assert r.llen(k[1]) == 2  # two waiters woken
+    assert run("get", k, "tok9", 5000, "L", 1000) == [1, b'"v"', b"7", b""]
+    assert r.hget(k[0], "lt") is None
+
+
+def test_fill_after_invalidation_is_refused(run, r, k):
+    run("get", k, "tok1", 5000, "L", 1000)
+    assert run("invalidate", k, 10000, "", "d", 1000, "") == 0
+    assert run("fill", k, "tok1", 1000, b'"old"', "", 60000, "0") == [0]
+    assert r.hget(k[0], "v") is None
+    assert r.hget(k[0], "ti") is not None  # tombstone
+
+
+def test_fill_with_wrong_token_is_refused(run, k):
+    run("get", k, "tok1", 5000, "L", 1000)
+    assert run("fill", k, "other", 1000, b"1", "", 60000, "0") == [0]
+
+
+def test_version_floor_refuses_older_fill_and_releases_lease(run, r, k):
+    run("invalidate", k, 10000, "10", "d", 1000, "")
+    assert r.hget(k[0], "fl") == b"10"
+    run("get", k, "tok1", 5000, "L", 1000)
+    assert run("fill", k, "tok1", 1000, b"9", "9", 60000, "0") == [-1]
+    assert r.hget(k[0], "lt") is None
+    out = run("get", k, "tok2", 5000, "L", 1000)
+    assert out[0] == 2
+    assert run("fill", k, "tok2", 1000, b"10", "10", 60000, "0") == [1]
+
+
+def test_invalidate_raises_floor_from_cached_version(run, r, k):
+    run("get", k, "t", 5000, "L", 1000)
+    run("fill", k, "t", 1000, b"1", "5", 60000, "0")
+    assert run("invalidate", k, 10000, "", "d", 1000, "") == 1
+    assert r.hget(k[0], "fl") == b"5"
+    assert 0 < r.pttl(k[0]) <= 10000
+
+
+def test_invalidate_publishes_entry_keys(run, r, k):
+    p = r.pubsub()
+    p.subscribe("cs:luatest:inv")
+    assert p.get_message(timeout=1)["type"] == "subscribe"
+    k2 = [k[0] + "x", k[0] + "x:w"]
+    run("invalidate", k + k2, 10000, "", "d", 1000, "cs:luatest:inv")
+    msg = p.get_message(timeout=1)
+    assert msg["data"] == f"{k[0]}\n{k2[0]}".encode()
+    p.close()
+
+
+def test_mark_stale_keeps_value_and_serves_it_to_waiters(run, r, k):
+    run("get", k, "t", 5000, "L", 1000)
+    run("fill", k, "t", 1000, b'"old"', "1", 60000, "0")
+    run("invalidate", k, 10000, "2", "s", 1000, "")
+    out = run("get", k, "t2", 5000, "L", 1000)  # lease + stale value for the reloader
+    assert out == [2, b"t2", b'"old"', b"1"]
+    out = run("get", k, "t3", 5000, "L", 1000)  # others: wait, with the stale value offered
+    assert out[0] == 3 and out[2] == b'"old"'
+    assert run("get", k, "t4", 5000, "P", 1000) == [1, b'"old"', b"1", b"s"]
+
+
+def test_plain_mode_never_leases(run, r, k):
+    assert run("get", k, "t", 5000, "P", 1000) == [0, None, None, None]
+    assert r.exists(k[0]) == 0
+    assert run("fill", k, "", 1000, b"1", "", 60000, "0") == [1]
+
+
+def test_set_voids_lease_and_guards_version(run, r, k):
+    run("get", k, "t", 5000, "L", 1000)
+    assert run("set", k, b"2", "2", 60000, "0", 1000, "") == 1
+    assert run("fill", k, "t", 1000, b"1", "1", 60000, "0") == [0]
+    assert run("set", k, b"1", "1", 60000, "0", 1000, "") == -1
+    assert r.hget(k[0], "v") == b"2"
+    assert run("set", k, b"x", "", 60000, "0", 1000, "") == 1  # unversioned: unconditional
+
+
+def test_negative_entry_flag(run, k):
+    run("get", k, "t", 5000, "L", 1000)
+    run("fill", k, "t", 1000, b"", "", 30000, "1")
+    assert run("get", k, "t2", 5000, "L", 1000) == [1, b"", None, b"n"]
+
+
+def test_release_wakes_waiters_and_frees_lease(run, r, k):
+    run("get", k, "t", 5000, "L", 1000)
+    run("get", k, "t2", 5000, "L", 1000)
+    assert run("release", k, "wrong", 1000) == 0
+    assert run("release", k, "t", 1000) == 1
+    assert r.llen(k[1]) == 1
+    assert run("get", k, "t3", 5000, "L", 1000)[0] == 2
+
+
+def test_expired_lease_is_taken_over(run, r, k):
+    run("get", k, "t", 5000, "L", 1000)
+    r.hset(k[0], "ld", 1)  # deadline in the past (server clock)
+    assert run("get", k, "t2", 5000, "L", 1000)[:2] == [2, b"t2"]
+    assert run("fill", k, "t", 1000, b"1", "", 60000, "0") == [0]
+
+
+def test_batch_get_and_fill(run, r, k):
+    k2 = [k[0] + "b", k[0] + "b:w"]
+    out = run("get", k + k2, "t", 5000, "L", 1000)
+    assert out[0] == 2 and out[4] == 2
+    assert run("fill", k + k2, "t", 1000, b"1", "", 60000, "0", b"", "", 30000, "1") == [1, 1]
+    out = run("get", k + k2, "t", 5000, "L", 1000)
+    assert out == [1, b"1", None, b"", 1, b"", None, b"n"]
+
+
+def test_scripts_have_headers():
+    for s in SCRIPTS.values():
+        head = s.source.split("\n", 12)
+        text = "\n".join(head)
+        assert "KEYS" in text and "Reply" in text, s.name
