@@ -15,7 +15,10 @@ from .errors import (
     UsageError,
     ValueTooLargeError,
 )
+from .bloom import AsyncBloomFilter, BloomFilter
+from .l1 import L1Options
 from .options import CacheOptions
+from .refresh import AsyncRefreshAhead, RefreshAhead, RefreshOptions
 from .protocol import NOT_FOUND, STRATEGIES, Entry, Strategy, Versioned
 from .sync import Cache
 
@@ -25,4 +28,5 @@ __all__ = [
     "NOT_FOUND", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",
     "ConfigError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
+    "AsyncBloomFilter", "AsyncRefreshAhead", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,6 +17,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import protocol as P
 from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, log, redact_url, wraps
 from .errors import CacheUnavailableError, InvalidationError, UsageError
+from .l1 import L1Options
+from .l1_async import L1Async
 from .options import CacheOptions
 from .scripts import SCRIPTS
 
@@ -40,14 +42,19 @@ class AsyncCache:
     """
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
-                 scheduler: AsyncScheduler | None = None, **options: Any) -> None:
+                 scheduler: AsyncScheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
         self.options = CacheOptions.build(**options)
+        l1_options = L1Options.build(l1)
         if client is None:
             url = check_redis_url(redis_url)
             self.url = redact_url(url)
-            pool = aredis.BlockingConnectionPool.from_url(
-                url, max_connections=self.options.max_connections, timeout=self.options.socket_timeout,
-                socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
+            kw = dict(socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
+            if self.options.max_connections is None:
+                pool = aredis.ConnectionPool.from_url(url, max_connections=2**31, **kw)
+            else:  # bounded: a caller waits for a free connection instead of failing
+                pool = aredis.BlockingConnectionPool.from_url(url, max_connections=self.options.max_connections,
+                                                              timeout=self.options.socket_timeout, **kw)
             client = aredis.Redis.from_pool(pool)
             self._owns_client = True
         else:
@@ -59,6 +66,9 @@ class AsyncCache:
         self._fallback: asyncio.Semaphore | None = None
         self._scheduler = scheduler
         self._tasks: set[asyncio.Task[None]] = set()
+        self.l1: L1Async | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
+        if l1_options is not None:
+            self.l1 = L1Async(self, l1_options, url if self._owns_client else None)
 
     # ------------------------------------------------------------------ driver
 
@@ -91,6 +101,11 @@ class AsyncCache:
             if t is P.Eval:
                 try:
                     send = await self._eval(eff.script, eff.keys, eff.args)
+                except _REDIS_DOWN as e:
+                    throw = P.RedisDown(e)
+            elif t is P.Cmd:
+                try:
+                    send = await self.redis.execute_command(*eff.args)
                 except _REDIS_DOWN as e:
                     throw = P.RedisDown(e)
             elif t is P.Load:
@@ -168,6 +183,13 @@ class AsyncCache:
 
     async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry:
         """See :meth:`cachesync.Cache.get_entry`."""
+        l1 = self.l1
+        if l1 is not None:
+            e = l1.core.lookup(key)
+            if e is not None:
+                return e  # type: ignore[no-any-return]
+            return await self._single(key, lambda: l1.load(  # type: ignore[no-any-return]
+                key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
         return await self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))
 
     async def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
@@ -191,11 +213,19 @@ class AsyncCache:
         """See :meth:`cachesync.Cache.invalidate`."""
         if not keys:
             return 0
-        return await self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+        try:
+            return await self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local(keys)
 
     async def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """See :meth:`cachesync.Cache.set`."""
-        return await self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+        try:
+            return await self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local((key,))
 
     @asynccontextmanager
     async def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
@@ -206,9 +236,17 @@ class AsyncCache:
         try:
             yield plan
         except BaseException:
-            await self._drive(plan.after(failed=True))
+            try:
+                await self._drive(plan.after(failed=True))
+            finally:
+                if self.l1 is not None:
+                    self.l1.invalidate_local(plan.keys)
             raise
-        await self._drive(plan.after(failed=False))
+        try:
+            await self._drive(plan.after(failed=False))
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local(plan.keys)
 
     def cached(self, template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Any]:
         """See :meth:`cachesync.Cache.cached`; decorates a coroutine function."""
@@ -246,6 +284,8 @@ class AsyncCache:
 
     async def aclose(self) -> None:
         """Wait for scheduled delayed steps, then close the pool (if this cache created it)."""
+        if self.l1 is not None:
+            await self.l1.aclose()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._owns_client:

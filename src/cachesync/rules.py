@@ -73,6 +73,22 @@ class TableRule:
                             f"{list(self.keys)} (row columns: {sorted(row)})")
         return [t.format(**{c: row[c] for c in self.columns}) for t in self.keys]
 
+    def keys_for_images(self, old: Mapping[str, Any] | None,
+                        new: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+        """Keys formatted from each image that has a template's columns, and the templates the OLD image
+        could not form (it lacks a column: e.g. PostgreSQL without ``REPLICA IDENTITY FULL``). Pass ``old={}``
+        when an old image is expected but was not sent. For CDC."""
+        keys: list[str] = []
+        missing: list[str] = []
+        for t in self.keys:
+            fs = _fields(t)
+            for row in (old, new):
+                if row is not None and all(f in row for f in fs):
+                    keys.append(t.format(**{f: row[f] for f in fs}))
+            if old is not None and not all(f in old for f in fs):
+                missing.append(t)
+        return list(dict.fromkeys(keys)), missing
+
     def prefixes(self) -> list[str]:
         """The literal part of each template before its first field (for "invalidate everything")."""
         out = []

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
-NAMES = ("get", "fill", "set", "invalidate", "release", "peek")
+NAMES = ("get", "fill", "set", "invalidate", "release", "peek", "bloom_add", "bloom_check", "bloom_rebuild")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import protocol as P
 from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, log, redact_url, wraps
 from .errors import CacheUnavailableError, InvalidationError
+from .l1 import L1Options
+from .l1_sync import L1Sync
 from .options import CacheOptions
 from .scripts import SCRIPTS
 
@@ -25,10 +27,13 @@ Scheduler = Callable[[float, Callable[[], None]], Any]
 
 
 class _Flight:
-    __slots__ = ("event", "result", "exc")
+    """One in-process load in flight: followers block on ``lock`` (held by the leader until it is done)."""
+
+    __slots__ = ("lock", "result", "exc")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.lock = threading.Lock()
+        self.lock.acquire()
         self.result: Any = None
         self.exc: BaseException | None = None
 
@@ -50,14 +55,19 @@ class Cache:
     """
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
-                 scheduler: Scheduler | None = None, **options: Any) -> None:
+                 scheduler: Scheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
         self.options = CacheOptions.build(**options)
+        l1_options = L1Options.build(l1)
         if client is None:
             url = check_redis_url(redis_url)
             self.url = redact_url(url)
-            pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=self.options.max_connections, timeout=self.options.socket_timeout,
-                socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
+            kw = dict(socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
+            if self.options.max_connections is None:
+                pool = redis.ConnectionPool.from_url(url, max_connections=2**31, **kw)
+            else:  # bounded: a caller waits for a free connection instead of failing
+                pool = redis.BlockingConnectionPool.from_url(url, max_connections=self.options.max_connections,
+                                                             timeout=self.options.socket_timeout, **kw)
             client = redis.Redis.from_pool(pool)
             self._owns_client = True
         else:
@@ -68,11 +78,13 @@ class Cache:
         cluster = type(client).__name__ == "RedisCluster"
         self.ctx = P.Context(self.options, cluster=cluster)
         self._flights: dict[str, _Flight] = {}
-        self._lock = threading.Lock()
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
         self._timers: list[Any] = []
         self._loaded: set[str] = set()
+        self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
+        if l1_options is not None:
+            self.l1 = L1Sync(self, l1_options, url if self._owns_client else None)
 
     # ------------------------------------------------------------------ driver
 
@@ -106,6 +118,11 @@ class Cache:
             if t is P.Eval:
                 try:
                     send = self._eval(eff.script, eff.keys, eff.args)
+                except _REDIS_DOWN as e:
+                    throw = P.RedisDown(e)
+            elif t is P.Cmd:
+                try:
+                    send = self.redis.execute_command(*eff.args)
                 except _REDIS_DOWN as e:
                     throw = P.RedisDown(e)
             elif t is P.Load:
@@ -144,27 +161,23 @@ class Cache:
     def _single(self, key: str, fn: Callable[[], P.Entry]) -> P.Entry:
         if not self.options.singleflight:
             return fn()
-        with self._lock:
-            f = self._flights.get(key)
-            leader = f is None
-            if leader:
-                f = self._flights[key] = _Flight()
-        assert f is not None
-        if not leader:
-            f.event.wait()
+        mine = _Flight()
+        f = self._flights.setdefault(key, mine)  # atomic: exactly one caller becomes the leader
+        if f is not mine:
+            with f.lock:  # wait for the leader
+                pass
             if f.exc is not None:
                 raise f.exc
             return f.result  # type: ignore[no-any-return]
         try:
-            f.result = fn()
-            return f.result  # type: ignore[no-any-return]
+            mine.result = fn()
+            return mine.result  # type: ignore[no-any-return]
         except BaseException as e:
-            f.exc = e
+            mine.exc = e
             raise
         finally:
-            with self._lock:
-                del self._flights[key]
-            f.event.set()
+            del self._flights[key]
+            mine.lock.release()
 
     # ------------------------------------------------------------------ reads
 
@@ -178,6 +191,13 @@ class Cache:
 
     def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry:
         """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
+        l1 = self.l1
+        if l1 is not None:
+            e = l1.core.lookup(key)
+            if e is not None:
+                return e  # type: ignore[no-any-return]
+            return self._single(key, lambda: l1.load(  # type: ignore[no-any-return]
+                key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
         return self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))  # type: ignore
 
     def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
@@ -209,11 +229,19 @@ class Cache:
         """
         if not keys:
             return 0
-        return self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+        try:
+            return self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local(keys)
 
     def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """Store a writer's new value; voids leases. With ``version``, refuses (returns False) to go backwards."""
-        return self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+        try:
+            return self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local((key,))
 
     @contextmanager
     def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
@@ -230,9 +258,17 @@ class Cache:
         try:
             yield plan
         except BaseException:
-            self._drive(plan.after(failed=True))
+            try:
+                self._drive(plan.after(failed=True))
+            finally:
+                if self.l1 is not None:
+                    self.l1.invalidate_local(plan.keys)
             raise
-        self._drive(plan.after(failed=False))
+        try:
+            self._drive(plan.after(failed=False))
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local(plan.keys)
 
     def cached(self, template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Any]:
         """Decorator: ``@cache.cached("user:{user_id}")`` caches the function's result under the formatted key.
@@ -268,6 +304,8 @@ class Cache:
 
     def close(self) -> None:
         """Wait for scheduled delayed steps, then close the connection pool (if this cache created it)."""
+        if self.l1 is not None:
+            self.l1.close()
         for t in list(self._timers):
             if isinstance(t, threading.Timer):
                 t.join()

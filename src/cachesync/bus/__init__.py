@@ -29,11 +29,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import CachesyncError, UsageError
 
 
 class BusError(UsageError):
     """A bus that cannot be opened or configured (bad URL, bad option); the message names it."""
+
+
+class BusUnavailableError(CachesyncError, ConnectionError):
+    """The bus server could not be reached or refused an operation; nothing was acknowledged."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,13 @@ class Invalidation:
 
 @dataclass
 class Delivery:
-    """A consumed message: ``id`` (bus specific), the :class:`Invalidation`, and ``attempts`` (1 = first)."""
+    """A consumed message: ``id`` (bus specific), the :class:`Invalidation`, ``attempts`` (1 = first) and the
+    consumer ``group`` it was delivered to."""
 
     id: str
     message: Invalidation
     attempts: int = 1
+    group: str = ""
     raw: Any = field(default=None, repr=False)
 
 
@@ -171,4 +177,4 @@ def open_bus(url: str, name: str = "cachesync", claim_idle: float = 30.0) -> Bus
     raise BusError(f"bus URL {redact_url(url)!r}: unknown scheme {scheme!r}; use redis:// or nats://")
 
 
-__all__ = ["Bus", "BusError", "DeadLetter", "Delivery", "Invalidation", "open_bus"]
+__all__ = ["Bus", "BusError", "BusUnavailableError", "DeadLetter", "Delivery", "Invalidation", "open_bus"]

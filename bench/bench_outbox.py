@@ -1,0 +1,194 @@
+"""Outbox benchmarks (not run by the tests).
+
+    .venv/bin/python bench/bench_outbox.py [--db-url postgresql://root@127.0.0.1:5432/test]
+        [--redis-url redis://127.0.0.1:6379/15] [--n 500] [--rows 50000]
+
+1. commit -> key invalidated in Redis, p50/p99, through the relay woken by LISTEN/NOTIFY, through the relay
+   polling every 10 ms, and through relay -> Redis Streams -> worker. The relay and the worker run as
+   subprocesses; arrival is observed on the namespace's invalidation channel (pub/sub).
+2. relay throughput (invalidations/s) draining a backlog with batches of 500.
+Commits are spaced by a random 0-20 ms think time.
+3. the cost the outbox insert adds to the writer's commit: UPDATE+COMMIT vs UPDATE+outbox INSERT+COMMIT,
+   interleaved in the same run, printed as a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import redis
+
+import cachesync
+from cachesync.db import connect
+from cachesync.keys import channel, entry_key
+from cachesync.outbox import Outbox
+from cachesync.outbox.relay import Relay
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cachesync", *args], stderr=subprocess.DEVNULL)
+
+
+def latency(db_url: str, redis_url: str, n: int, mode: str) -> tuple[float, float]:
+    ns = "bench" + uuid.uuid4().hex[:8]
+    table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
+    ob = Outbox(table)
+    conn = connect(db_url)
+    ob.init(conn)
+    stream = "csbench-" + uuid.uuid4().hex[:8]
+    procs = []
+    common = ["--db-url", db_url, "--table", table]
+    if mode == "notify":
+        procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns))
+    elif mode == "poll10ms":
+        procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns, "--no-listen",
+                           "--poll-interval", "0.01"))
+    else:
+        procs.append(spawn("relay", *common, "--bus", redis_url, "--bus-name", stream))
+        procs.append(spawn("worker", "--bus", redis_url, "--bus-name", stream, "--redis-url", redis_url,
+                           "--namespace", ns))
+    r = redis.Redis.from_url(redis_url)
+    ps = r.pubsub()
+    ps.subscribe(channel(ns))
+    arrived: dict[str, float] = {}
+    got = threading.Event()
+    want = [""]
+
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            m = ps.get_message(timeout=0.05)
+            if m is None or m["type"] != "message":
+                continue
+            now = time.perf_counter()
+            for k in m["data"].decode().split("\n"):
+                arrived.setdefault(k, now)
+                if k == want[0]:
+                    got.set()
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    # warm up until the pipeline delivers
+    lat: list[float] = []
+    rng = random.Random(1)
+    for i in range(n + 20):
+        key = f"k{i}"
+        want[0] = entry_key(ns, key)
+        got.clear()
+        ob.record(conn, key)
+        time.sleep(rng.uniform(0, 0.02))  # think time: commits must not phase-lock with the relay's poll cycle
+        t0 = time.perf_counter()
+        conn.commit()
+        if not got.wait(30):
+            raise SystemExit(f"{mode}: invalidation of {key} never arrived")
+        if i >= 20:
+            lat.append(arrived[want[0]] - t0)
+    for p in procs:
+        p.terminate()
+        p.wait()
+    stop.set()
+    t.join()
+    ps.close()
+    r.delete(stream, stream + ":retry", stream + ":dead")
+    keys = [entry_key(ns, f"k{i}") for i in range(n + 20)]
+    for i in range(0, len(keys), 500):
+        r.delete(*keys[i:i + 500])
+    r.close()
+    ob.drop(conn)
+    conn.close()
+    return statistics.median(lat) * 1000, pct(lat, 99) * 1000
+
+
+def throughput(db_url: str, redis_url: str, rows: int) -> float:
+    ns = "bench" + uuid.uuid4().hex[:8]
+    table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
+    ob = Outbox(table)
+    conn = connect(db_url)
+    ob.init(conn)
+    cur = conn.cursor()
+    d = ob._dialect(conn)
+    for i in range(0, rows, 1000):
+        batch = [(f'["t{j}"]', None) for j in range(i, min(rows, i + 1000))]
+        cur.executemany(d.sql(f"INSERT INTO {table} (cache_keys, key_version) VALUES (?, ?)"), batch)
+    conn.commit()
+    cache = cachesync.Cache(redis_url, namespace=ns)
+    relay = Relay(db_url, cache, table=table, batch_size=500)
+    t0 = time.perf_counter()
+    done = relay.drain()
+    dt = time.perf_counter() - t0
+    assert done == rows, done
+    relay.close()
+    r = cache.redis
+    keys = [entry_key(ns, f"t{j}") for j in range(rows)]
+    for i in range(0, rows, 1000):
+        r.delete(*keys[i:i + 1000])
+    cache.close()
+    ob.drop(conn)
+    conn.close()
+    return rows / dt
+
+
+def commit_cost(db_url: str, n: int) -> tuple[float, float, float]:
+    table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
+    app = "bench_users_" + uuid.uuid4().hex[:8]
+    ob = Outbox(table)
+    conn = connect(db_url)
+    ob.init(conn)
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {app} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
+    cur.execute(f"INSERT INTO {app} VALUES (1, 'a', 1)")
+    conn.commit()
+    d = ob._dialect(conn)
+    upd = d.sql(f"UPDATE {app} SET version = version + 1 WHERE id = ?")
+    base, with_ob = [], []
+    for i in range(n):
+        for kind in ((0, 1) if i % 2 else (1, 0)):
+            t0 = time.perf_counter()
+            cur.execute(upd, (1,))
+            if kind:
+                ob.record(conn, "user:1", version=i)
+            conn.commit()
+            (with_ob if kind else base).append(time.perf_counter() - t0)
+    cur.execute(f"DROP TABLE {app}")
+    conn.commit()
+    ob.drop(conn)
+    conn.close()
+    return statistics.median(base) * 1000, statistics.median(with_ob) * 1000, \
+        statistics.median(with_ob) / statistics.median(base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db-url", default=os.environ.get("CACHESYNC_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/test"))
+    ap.add_argument("--redis-url", default=os.environ.get("CACHESYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    ap.add_argument("--n", type=int, default=500, help="commits per latency measurement (default 500)")
+    ap.add_argument("--rows", type=int, default=50_000, help="backlog rows for the throughput run (default 50000)")
+    a = ap.parse_args()
+    print(f"database: {a.db_url.split('://')[0]}")
+    for mode in ("notify", "poll10ms", "bus+worker"):
+        if mode == "notify" and not a.db_url.startswith("postgres"):
+            continue
+        p50, p99 = latency(a.db_url, a.redis_url, a.n, mode)
+        print(f"commit -> invalidated, {mode:10s}: p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+    print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
+    b, w, ratio = commit_cost(a.db_url, 1000)
+    print(f"writer commit: baseline {b:.3f} ms, with outbox insert {w:.3f} ms, ratio x{ratio:.3f} "
+          f"(+{(ratio - 1) * 100:.1f} %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Stampede (cache breakdown): N concurrent requests for one missing key from P processes, loader sleeping 50 ms.
+
+    .venv/bin/python bench/bench_stampede.py [--requests 1000] [--processes 4] [--loader-ms 50] [--redis-url URL]
+
+Each process runs requests/processes asyncio tasks that all ask for the same missing key at once. Reported for
+cachesync (AsyncCache) and for plain cache-aside (GET; on a miss load and SET) in the same run: loader calls in
+total, Redis commands per request (INFO commandstats of a private redis-server), and request latency (from the
+common start) against the loader time. Targets: 1 loader call, <= 3 commands per request, max <= loader + 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import time
+import uuid
+
+import redis.asyncio as aredis
+
+import cachesync
+
+from _util import command_count, env_line, pct, private_redis
+
+
+def worker(kind: str, url: str, key: str, n: int, loader_ms: int, ready, go, out) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        calls = 0
+
+        async def loader() -> dict[str, object]:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(loader_ms / 1000)
+            return {"id": 1, "plan": "pro"}
+
+        if kind == "cachesync":
+            c = cachesync.AsyncCache(url, namespace="stampede")
+            await asyncio.gather(*[c.ping() for _ in range(n)])
+            await c.redis.execute_command("SCRIPT", "LOAD", cachesync.scripts.SCRIPTS["get"].source)
+
+            async def one() -> float:
+                await c.get(key, loader)
+                return time.perf_counter()
+        else:
+            c = aredis.Redis.from_url(url, max_connections=10_000)
+            await asyncio.gather(*[c.ping() for _ in range(n)])  # open n connections first, as the cache has
+
+            async def one() -> float:
+                v = await c.get(key)
+                if v is None:
+                    val = await loader()
+                    await c.set(key, repr(val), ex=300)
+                return time.perf_counter()
+
+        ready.release()
+        while not go.is_set():
+            await asyncio.sleep(0.0005)
+        t0 = time.perf_counter()
+        ends = await asyncio.gather(*[one() for _ in range(n)])
+        out.put((calls, [e - t0 for e in ends]))
+        if kind == "cachesync":
+            await c.aclose()
+        else:
+            await c.aclose()
+
+    asyncio.run(main())
+
+
+def run(kind: str, url: str, requests: int, procs: int, loader_ms: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    key = f"stampede:{uuid.uuid4().hex[:8]}"
+    ps = [ctx.Process(target=worker, args=(kind, url, key, requests // procs, loader_ms, ready, go, out))
+          for _ in range(procs)]
+    for p in ps:
+        p.start()
+    for _ in ps:
+        ready.acquire()
+    before = command_count(url)
+    go.set()
+    results = [out.get(timeout=60) for _ in ps]
+    for p in ps:
+        p.join()
+    cmds = command_count(url) - before - 1  # the second INFO itself
+    lat = [x for _, ls in results for x in ls]
+    return {"loader_calls": sum(c for c, _ in results), "commands": cmds, "per_request": cmds / len(lat),
+            "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "max_ms": max(lat) * 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--loader-ms", type=int, default=50)
+    ap.add_argument("--redis-url")
+    a = ap.parse_args()
+    print(f"bench_stampede: {env_line()}; {a.requests} requests from {a.processes} processes, "
+          f"loader {a.loader_ms} ms")
+
+    def go(url: str) -> None:
+        rows = {k: run(k, url, a.requests, a.processes, a.loader_ms) for k in ("plain cache-aside", "cachesync")}
+        print(f"{'':<18} {'loader calls':>12} {'commands':>9} {'cmd/req':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+        for k, r in rows.items():
+            print(f"{k:<18} {r['loader_calls']:>12.0f} {r['commands']:>9.0f} {r['per_request']:>8.3f} "
+                  f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}")
+        c, b = rows["cachesync"], rows["plain cache-aside"]
+        print(f"=> loader calls x{c['loader_calls'] / b['loader_calls']:.4f} of plain; commands "
+              f"x{c['commands'] / b['commands']:.4f} of plain; max latency {c['max_ms']:.1f} ms vs loader "
+              f"{a.loader_ms} ms + 10 ms budget: {'OK' if c['max_ms'] <= a.loader_ms + 10 else 'OVER'}")
+
+    if a.redis_url:
+        go(a.redis_url)
+    else:
+        with private_redis() as url:
+            go(url)
+
+
+if __name__ == "__main__":
+    main()

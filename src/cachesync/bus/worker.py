@@ -1,0 +1,128 @@
+"""The worker: consumes invalidations from a bus, fans table changes out to keys through the rules, applies
+them to Redis in one pipelined batch, and acks only after applying.
+
+A failed batch (Redis unreachable) is retried per message with exponential backoff (``backoff * 2**(n-1)``
+seconds, capped at ``max_backoff``); after ``max_attempts`` attempts a message goes to the dead-letter stream
+with the reason. A message that can never be applied (a table change the rules cannot turn into keys) is
+dead-lettered at once. Messages of a dead worker are taken over after the bus's ``claim_idle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from ..errors import InvalidationError, UsageError
+from ..rules import Rules
+from ..sync import Cache
+from ..outbox._fault import point
+from . import Bus, BusError, BusUnavailableError, Delivery
+from .apply import apply_invalidations
+
+log = logging.getLogger("cachesync.worker")
+
+
+class Worker:
+    """``Worker(bus, cache, rules=None, *, group="cachesync", consumer=None, batch_size=100, max_attempts=5,
+    backoff=0.1, max_backoff=30.0, on_retry=None, on_dead=None)``.
+
+    ``consumer`` defaults to ``host:pid``. ``on_retry(delivery, delay, error)`` and ``on_dead(delivery,
+    reason)`` are hooks (tests, metrics).
+    """
+
+    def __init__(self, bus: Bus, cache: Cache, rules: Rules | None = None, *, group: str = "cachesync",
+                 consumer: str | None = None, batch_size: int = 100, max_attempts: int = 5, backoff: float = 0.1,
+                 max_backoff: float = 30.0, on_retry: Callable[[Delivery, float, BaseException], None] | None = None,
+                 on_dead: Callable[[Delivery, str], None] | None = None) -> None:
+        for name, v in (("batch_size", batch_size), ("max_attempts", max_attempts), ("backoff", backoff),
+                        ("max_backoff", max_backoff)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise BusError(f"worker option {name} must be > 0, got {v!r}")
+        self.bus, self.cache, self.rules = bus, cache, rules
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()[:40]}-{os.getpid()}"
+        self.batch_size, self.max_attempts = int(batch_size), int(max_attempts)
+        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
+        self.on_retry, self.on_dead = on_retry, on_dead
+        self.stats = {"messages": 0, "keys": 0, "retries": 0, "dead": 0}
+
+    def keys_of(self, d: Delivery) -> list[str]:
+        """Every key of a message: its explicit keys plus the rules' keys of its table change."""
+        m = d.message
+        keys = list(m.keys)
+        if m.table is not None:
+            if self.rules is None:
+                if not keys:
+                    raise BusError(f"message for table {m.table!r} has no keys and the worker has no rules "
+                                   "(--rules)")
+            else:
+                keys += self.rules.keys_for(m.table, m.old, m.new)
+        return list(dict.fromkeys(keys))
+
+    def delay_for(self, attempts: int) -> float:
+        """Backoff before attempt ``attempts + 1``: ``backoff * 2**(attempts-1)`` capped at ``max_backoff``."""
+        return float(min(self.max_backoff, self.backoff * 2 ** max(0, attempts - 1)))
+
+    def _dead(self, d: Delivery, reason: str) -> None:
+        log.error("cachesync worker: dead-lettering message %s after %d attempt(s): %s", d.id, d.attempts, reason)
+        self.bus.dead_letter(d, reason)
+        self.stats["dead"] += 1
+        if self.on_dead is not None:
+            self.on_dead(d, reason)
+
+    def run_once(self, timeout: float = 1.0) -> int:
+        """Consume one batch (waiting up to ``timeout`` s) and process it; returns how many messages were acked."""
+        ds = self.bus.consume(self.group, self.consumer, self.batch_size, timeout)
+        if not ds:
+            return 0
+        point("consumed")
+        good: list[tuple[Delivery, list[str]]] = []
+        for d in ds:
+            try:
+                ks = self.keys_of(d)
+            except UsageError as e:  # RuleError, BusError: can never succeed
+                self._dead(d, f"{type(e).__name__}: {e}")
+                continue
+            good.append((d, ks))
+        if not good:
+            return 0
+        rules = self.rules
+        try:
+            apply_invalidations(self.cache, [(ks, d.message.version or (
+                rules.version_for(d.message.table, d.message.new or d.message.old)
+                if rules is not None and d.message.table else None)) for d, ks in good])
+        except InvalidationError as e:
+            for d, _ in good:
+                if d.attempts >= self.max_attempts:
+                    self._dead(d, f"InvalidationError after {d.attempts} attempts: {e}")
+                else:
+                    delay = self.delay_for(d.attempts)
+                    self.stats["retries"] += 1
+                    if self.on_retry is not None:
+                        self.on_retry(d, delay, e)
+                    self.bus.nack(d, delay)
+            return 0
+        point("applied")
+        self.bus.ack([d for d, _ in good])
+        point("acked")
+        self.stats["messages"] += len(good)
+        self.stats["keys"] += sum(len(ks) for _, ks in good)
+        return len(good)
+
+    def run(self, stop: threading.Event | None = None, timeout: float = 1.0) -> None:
+        """Work until ``stop`` is set; bus outages are logged and retried with backoff."""
+        stop = stop or threading.Event()
+        backoff = 0.0
+        while not stop.is_set():
+            try:
+                self.run_once(timeout)
+                backoff = 0.0
+            except BusUnavailableError as e:
+                backoff = min(self.max_backoff, backoff * 2 if backoff else 0.05)
+                log.warning("cachesync worker: bus unavailable, retrying in %.2fs: %s", backoff, e)
+                stop.wait(backoff)
+
+

@@ -1,0 +1,522 @@
+"""The CDC source interface and the runner that turns committed transactions into invalidations.
+
+Theory of operation
+-------------------
+A :class:`Source` (MariaDB binlog, PostgreSQL logical decoding) yields only *committed* transactions,
+each with the position to resume *after* it. The runner:
+
+1. loads the checkpoint (or, on first start, takes the source's current position and saves it);
+2. starts one reader thread that runs ``source.stream(position)`` and puts each transaction into a
+   bounded queue (``queue_size``): when Redis is slow the queue fills, the reader blocks, the socket
+   stops being read and the database buffers -- the reader never reads ahead unboundedly;
+3. in the main thread takes one transaction (waiting), then whatever else is already queued, up to
+   ``batch_max_keys`` keys: a lone commit is applied at once (latency), a backlog in batches
+   (throughput). The keys of a batch go to Redis in as few atomic script calls as possible
+   (:meth:`cachesync.Cache.invalidate`); only after Redis accepted them is the checkpoint saved (file,
+   fsync) and the source told (``ack``) so it can release WAL. A crash anywhere re-applies at most the
+   unsaved batches: at-least-once, and invalidation is idempotent;
+4. on a transient error of the source (:class:`Disconnected`: the database restarted, the connection was
+   killed) it applies what it has, waits (exponential backoff, ``reconnect_delay`` .. ``reconnect_max_delay``)
+   and starts a new reader from the last checkpoint;
+5. on :class:`PositionLost` (the binlog/WAL the checkpoint points into is gone) every key the rules cover
+   in the namespace is invalidated (SCAN by the rules' prefixes), then it restarts from the source's
+   current position;
+6. on stop (SIGTERM in the CLI) it applies what has been received, saves a final checkpoint and returns.
+
+Lag: ``stats["lag_ms"]`` is wall clock at apply minus the transaction's commit time (PostgreSQL: µs
+precision; MariaDB: the binlog stores whole seconds, so ±1 s). ``stats["apply_ms"]`` is receipt → applied.
+Every ``stats_interval`` seconds a log line is written and the stats are stored in the Redis hash
+``cs:{namespace}:cdc:{source ident}`` for monitoring.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import queue
+import string
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CacheUnavailableError, CachesyncError, InvalidationError, UsageError
+from ..keys import entry_key, user_key
+from ..rules import Rules, TableRule
+from ..sync import Cache
+from .checkpoint import FileCheckpoint
+
+log = logging.getLogger("cachesync.cdc")
+
+
+class CdcError(CachesyncError):
+    """Base class of CDC errors."""
+
+
+class CdcConfigError(CdcError, UsageError):
+    """The database is not set up for CDC (binlog format, wal_level, privileges...); the message says what
+    to change."""
+
+
+class Disconnected(CdcError):
+    """The source lost its connection; the runner reconnects from the last checkpoint."""
+
+
+class PositionLost(CdcError):
+    """The position to resume from no longer exists (binlog purged); everything covered must be invalidated."""
+
+
+@dataclass
+class Change:
+    """One row change. ``old`` is ``{}`` when an old image was expected but not sent (see REPLICA IDENTITY)."""
+
+    schema: str | None
+    table: str
+    old: Mapping[str, Any] | None
+    new: Mapping[str, Any] | None
+    truncate: bool = False
+
+
+@dataclass
+class Transaction:
+    """A committed transaction: its changes, commit time (Unix seconds) and the position to resume after it."""
+
+    position: dict[str, Any]
+    commit_time: float | None
+    changes: list[Change] = field(default_factory=list)
+    received: float = field(default_factory=time.monotonic)
+
+
+class Source(abc.ABC):
+    """A stream of committed transactions. ``stream`` runs in the reader thread; the rest in the main one."""
+
+    kind: str = "source"
+
+    @property
+    @abc.abstractmethod
+    def ident(self) -> str:
+        """Identity of this reader (checkpoint owner), e.g. ``mysql:host:3306/db#server_id=7``."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Preflight: raise :class:`CdcConfigError` naming any setting that prevents CDC."""
+
+    @abc.abstractmethod
+    def current_position(self) -> dict[str, Any]:
+        """The position of the newest committed change (where a fresh reader starts)."""
+
+    @abc.abstractmethod
+    def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
+        """Committed transactions after ``position``, blocking; raises :class:`Disconnected` /
+        :class:`PositionLost`; returns when :meth:`close` was called."""
+
+    def ack(self, position: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Everything up to ``position`` is applied and checkpointed (thread-safe; default: nothing)."""
+
+    def reopen(self) -> None:  # noqa: B027 - optional hook
+        """Allow :meth:`stream` again after :meth:`close` (the runner calls it before each new reader)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop :meth:`stream` (called from another thread) and release connections."""
+
+
+_END = object()
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+def _fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+class CdcRunner:
+    """Applies a :class:`Source`'s transactions to a :class:`Cache` and checkpoints them.
+
+    Options (defaults): ``batch_max_keys=500`` keys per applied batch; ``queue_size=1000`` transactions
+    read ahead at most; ``stats_interval=10.0`` seconds between stats log lines / Redis stats writes
+    (0 = never); ``reconnect_delay=0.2`` .. ``reconnect_max_delay=5.0`` seconds of backoff after a
+    disconnection or a failed Redis write; ``on_missing_old_image="warn"`` (or ``"flush"``: invalidate every
+    key of the templates the missing old image could not form -- safe but costly);
+    ``checkpoint_in_background=True``: the checkpoint file is written and fsynced by a helper thread (newest
+    position wins) so the fsync is off the commit -> invalidated path; a crash then re-applies what was applied
+    during the last fsync (milliseconds of changes). False saves after every batch in the main loop (a crash
+    re-applies at most one batch) at the cost of an fsync per batch in the latency.
+    """
+
+    def __init__(self, source: Source, cache: Cache, rules: Rules, checkpoint: FileCheckpoint, *,
+                 batch_max_keys: int = 500, queue_size: int = 1000, stats_interval: float = 10.0,
+                 reconnect_delay: float = 0.2, reconnect_max_delay: float = 5.0,
+                 on_missing_old_image: str = "warn", checkpoint_in_background: bool = True) -> None:
+        if batch_max_keys < 1:
+            raise CdcConfigError("batch_max_keys must be >= 1")
+        if queue_size < 1:
+            raise CdcConfigError("queue_size must be >= 1")
+        if on_missing_old_image not in ("warn", "flush"):
+            raise CdcConfigError(f"on_missing_old_image must be 'warn' or 'flush', not {on_missing_old_image!r}")
+        self.source, self.cache, self.rules, self.checkpoint = source, cache, rules, checkpoint
+        self.batch_max_keys, self.queue_size = batch_max_keys, queue_size
+        self.stats_interval = stats_interval
+        self.reconnect_delay, self.reconnect_max_delay = reconnect_delay, reconnect_max_delay
+        self.on_missing_old_image = on_missing_old_image
+        self.checkpoint_in_background = checkpoint_in_background
+        self._cp_cond = threading.Condition()
+        self._cp_pending: dict[str, Any] | None = None
+        self._cp_quit = False
+        self._cp_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._warned: set[str] = set()
+        self.position: dict[str, Any] | None = None
+        self.stats: dict[str, Any] = {
+            "transactions": 0, "changes": 0, "keys": 0, "batches": 0, "checkpoints": 0, "reconnects": 0,
+            "position_lost": 0, "redis_retries": 0, "missing_old_image": 0, "flushed_keys": 0,
+            "lag_ms": None, "lag_ms_max": None, "apply_ms": None, "queued": 0, "position": None,
+        }
+        self._last_stats = time.monotonic()
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to apply what it has received, save a final checkpoint and return (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ keys
+
+    def _rule(self, ch: Change) -> TableRule | None:
+        if ch.schema:
+            r = self.rules.tables.get(f"{ch.schema}.{ch.table}")
+            if r is not None:
+                return r
+        return self.rules.tables.get(ch.table)
+
+    def keys_of(self, txn: Transaction) -> tuple[dict[str, Any], list[str]]:
+        """(key -> version or None, prefixes to flush) for one transaction."""
+        keys: dict[str, Any] = {}
+        prefixes: list[str] = []
+        for ch in txn.changes:
+            rule = self._rule(ch)
+            if rule is None:
+                continue
+            if ch.truncate:
+                prefixes.extend(rule.prefixes())
+                continue
+            ks, missing = rule.keys_for_images(ch.old, ch.new)
+            if missing:
+                self.stats["missing_old_image"] += 1
+                self._warn_missing(rule, ch, missing)
+                if self.on_missing_old_image == "flush":
+                    prefixes.extend(TableRule.build(rule.table, missing).prefixes())
+            ver = None
+            if rule.version is not None:
+                ver = (ch.new or ch.old or {}).get(rule.version)
+            for k in ks:
+                old = keys.get(k)
+                if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
+                    keys[k] = ver
+        return keys, prefixes
+
+    def _warn_missing(self, rule: TableRule, ch: Change, missing: list[str]) -> None:
+        if rule.table in self._warned:
+            return
+        self._warned.add(rule.table)
+        log.error(
+            "CDC: a change of table %r came without the old values of the column(s) used by key template(s) %s, "
+            "so the OLD key of a row whose key column changed cannot be invalidated. On PostgreSQL run "
+            "`ALTER TABLE %s REPLICA IDENTITY FULL` (the old row image then carries every column); on MariaDB/"
+            "MySQL set binlog_row_image=FULL. Until then: on_missing_old_image=%r (counted in "
+            "stats['missing_old_image']; 'flush' invalidates every key of those templates).",
+            rule.table, missing, ".".join(p for p in (ch.schema, ch.table) if p), self.on_missing_old_image)
+
+    # ------------------------------------------------------------------ Redis
+
+    def _retry(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Run ``fn`` until Redis accepts it (backoff); while it fails nothing more is read (backpressure)."""
+        delay = self.reconnect_delay
+        while True:
+            try:
+                return fn(*args, **kw)
+            except (InvalidationError, CacheUnavailableError) as e:
+                self.stats["redis_retries"] += 1
+                if self._stop.is_set() and self.stats["redis_retries"] > 3:
+                    raise
+                log.warning("CDC: %s failed, retrying in %.1fs (nothing is checkpointed until it succeeds): %s",
+                            what, delay, str(e)[:300])
+                time.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max_delay)
+
+    def flush_prefixes(self, prefixes: list[str]) -> int:
+        """Invalidate every key in the namespace that starts with one of ``prefixes`` (SCAN); returns how many."""
+        ns = self.cache.ctx.ns
+        seen: set[str] = set()
+        pats = set()
+        for p in dict.fromkeys(prefixes):
+            pats.add(f"cs:{ns}:{{{_glob_escape(p)}*")
+            pats.add(f"cs:{ns}:{{#*}}{_glob_escape(p)}*")
+        r = self.cache.redis
+        for pat in sorted(pats):
+            batch: list[str] = []
+            for raw in self._retry("SCAN", lambda pat=pat: list(r.scan_iter(match=pat, count=1000))):
+                rk = raw.decode() if isinstance(raw, bytes) else str(raw)
+                k = user_key(ns, rk)
+                if entry_key(ns, k) != rk or k in seen:
+                    continue  # a wake list or another structure
+                seen.add(k)
+                batch.append(k)
+                if len(batch) >= self.batch_max_keys:
+                    self._retry("invalidate", self.cache.invalidate, *batch)
+                    batch = []
+            if batch:
+                self._retry("invalidate", self.cache.invalidate, *batch)
+        self.stats["flushed_keys"] += len(seen)
+        return len(seen)
+
+    def apply(self, txns: list[Transaction]) -> None:
+        """Invalidate the keys of ``txns`` (few script calls), then save the checkpoint and ack the source."""
+        if self._cp_error is not None:
+            raise self._cp_error
+        if not txns:
+            return
+        keys: dict[str, Any] = {}
+        prefixes: list[str] = []
+        for t in txns:
+            ks, ps = self.keys_of(t)
+            for k, v in ks.items():
+                if k not in keys or (v is not None and (keys[k] is None or _gt(v, keys[k]))):
+                    keys[k] = v
+            prefixes.extend(ps)
+            self.stats["changes"] += len(t.changes)
+        if prefixes:
+            self.flush_prefixes(prefixes)
+        by_ver: dict[Any, list[str]] = {}
+        for k, v in keys.items():
+            by_ver.setdefault(v, []).append(k)
+        for v, group in by_ver.items():
+            for i in range(0, len(group), self.batch_max_keys):
+                chunk = group[i:i + self.batch_max_keys]
+                self._retry("invalidate", self.cache.invalidate, *chunk, version=v)
+        now_wall, now = time.time(), time.monotonic()
+        pos = txns[-1].position
+        if self.checkpoint_in_background:
+            with self._cp_cond:
+                self._cp_pending = pos
+                self._cp_cond.notify()
+        else:
+            self._save(pos)
+        st = self.stats
+        st["transactions"] += len(txns)
+        st["keys"] += len(keys)
+        st["batches"] += 1
+        ct = txns[-1].commit_time
+        if ct is not None:
+            lag = max(0.0, (now_wall - ct) * 1000)
+            st["lag_ms"] = round(lag, 3)
+            st["lag_ms_max"] = lag if st["lag_ms_max"] is None else max(st["lag_ms_max"], round(lag, 3))
+        st["apply_ms"] = round((now - txns[0].received) * 1000, 3)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, pos: dict[str, Any]) -> None:
+        self.checkpoint.save(self.source.kind, self.source.ident, pos)
+        self.position = pos
+        self.source.ack(pos)
+        self.stats["checkpoints"] += 1
+        self.stats["position"] = pos
+
+    def _saver(self) -> None:
+        """Background thread: saves the newest applied position (fsync off the apply path); latest wins."""
+        while True:
+            with self._cp_cond:
+                while self._cp_pending is None and not self._cp_quit:
+                    self._cp_cond.wait()
+                pos, self._cp_pending = self._cp_pending, None
+                quit_ = self._cp_quit
+            if pos is not None:
+                try:
+                    self._save(pos)
+                except BaseException as e:  # reported by the main loop
+                    self._cp_error = e
+                    return
+            if quit_ and pos is None:
+                return
+
+    def _flush_checkpoint(self) -> None:
+        """Wait until every applied position is saved (before reconnecting, after stopping)."""
+        if not self.checkpoint_in_background:
+            return
+        with self._cp_cond:
+            pos, self._cp_pending = self._cp_pending, None
+        if pos is not None:
+            self._save(pos)
+        if self._cp_error is not None:
+            raise self._cp_error
+
+    # ------------------------------------------------------------------ loop
+
+    def _reader(self, position: dict[str, Any], q: queue.Queue[Any], quit_: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            while not quit_.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+        try:
+            for txn in self.source.stream(position):
+                if not put(txn):
+                    return
+            put(_END)
+        except BaseException as e:  # handed to the main thread
+            put(e)
+
+    def _maybe_stats(self, force: bool = False) -> None:
+        if not self.stats_interval and not force:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_stats < self.stats_interval:
+            return
+        self._last_stats = now
+        st = self.stats
+        log.info("CDC %s: %d txns, %d changes, %d keys applied, lag %s ms (max %s), reconnects %d, position %s",
+                 self.source.ident, st["transactions"], st["changes"], st["keys"], st["lag_ms"], st["lag_ms_max"],
+                 st["reconnects"], st["position"])
+        try:
+            self.cache.redis.hset(f"cs:{self.cache.ctx.ns}:cdc:{self.source.ident}",
+                                  mapping={k: str(v) for k, v in st.items()} | {"updated_at": str(time.time())})
+        except Exception as e:  # monitoring must not stop the stream
+            log.debug("CDC: cannot store stats in Redis: %s", e)
+
+    def run(self) -> None:
+        """Run until :meth:`stop`; raises :class:`CdcConfigError` and unexpected errors of the source."""
+        self.source.check()
+        pos = self.checkpoint.load(self.source.kind, self.source.ident)
+        if pos is None:
+            pos = self.source.current_position()
+            log.info("CDC %s: no checkpoint in %s, starting at the current position %s",
+                     self.source.ident, self.checkpoint.path, pos)
+            self.checkpoint.save(self.source.kind, self.source.ident, pos)
+        else:
+            log.info("CDC %s: resuming from checkpoint %s", self.source.ident, pos)
+        self.position = pos
+        self.stats["position"] = pos
+        delay = self.reconnect_delay
+        saver = None
+        if self.checkpoint_in_background:
+            saver = threading.Thread(target=self._saver, daemon=True, name="cachesync-cdc-checkpoint")
+            saver.start()
+        try:
+            while not self._stop.is_set():
+                q: queue.Queue[Any] = queue.Queue(self.queue_size)
+                quit_ = threading.Event()
+                self.source.reopen()
+                th = threading.Thread(target=self._reader, args=(self.position, q, quit_), daemon=True,
+                                      name="cachesync-cdc-reader")
+                th.start()
+                err = self._consume(q)
+                quit_.set()
+                self.source.close()
+                th.join(timeout=5.0)
+                if saver is not None:
+                    with self._cp_cond:
+                        self._cp_quit = True
+                        self._cp_cond.notify()
+                    saver.join()
+                    saver = None
+                    self._flush_checkpoint()
+                    if err is not None and not self._stop.is_set():
+                        self._cp_quit = False
+                        saver = threading.Thread(target=self._saver, daemon=True, name="cachesync-cdc-checkpoint")
+                        saver.start()
+                if err is None:
+                    break
+                if isinstance(err, PositionLost):
+                    self.stats["position_lost"] += 1
+                    covered = [p for r in self.rules.tables.values() for p in r.prefixes()]
+                    log.error("CDC %s: %s. Invalidating every key the rules cover in namespace %r (prefixes %s) "
+                              "and restarting from the current position.", self.source.ident, err,
+                              self.cache.ctx.ns, sorted(set(covered)))
+                    pos = self.source.current_position()
+                    n = self.flush_prefixes(covered)
+                    log.error("CDC %s: invalidated %d key(s); now at %s", self.source.ident, n, pos)
+                    self.checkpoint.save(self.source.kind, self.source.ident, pos)
+                    self.position = pos
+                    continue
+                if isinstance(err, Disconnected):
+                    self.stats["reconnects"] += 1
+                    log.warning("CDC %s: %s; reconnecting in %.1fs from %s", self.source.ident, err, delay,
+                                self.position)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self.reconnect_max_delay)
+                    continue
+                raise err
+        finally:
+            if saver is not None:
+                with self._cp_cond:
+                    self._cp_quit = True
+                    self._cp_cond.notify()
+                saver.join(timeout=10)
+            self.source.close()
+            self._maybe_stats(force=True)
+
+    def _consume(self, q: queue.Queue[Any]) -> BaseException | None:
+        """Apply transactions from ``q`` until stop (None) or a source error (returned)."""
+        while True:
+            try:
+                item = q.get(timeout=0.2)
+            except queue.Empty:
+                self._maybe_stats()
+                if self._stop.is_set():
+                    return None
+                continue
+            batch: list[Transaction] = []
+            nkeys = 0
+            err: BaseException | None = None
+            while True:
+                if item is _END:
+                    err = Disconnected("the source stream ended")
+                    break
+                if isinstance(item, BaseException):
+                    err = item
+                    break
+                batch.append(item)
+                nkeys += len(item.changes) or 1
+                if nkeys >= self.batch_max_keys:
+                    break
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+            self.stats["queued"] = q.qsize()
+            self.apply(batch)
+            self._maybe_stats()
+            if err is not None:
+                return err
+            if self._stop.is_set():
+                # apply what has already arrived, then stop with a final checkpoint
+                rest = []
+                while True:
+                    try:
+                        it = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(it, Transaction):
+                        rest.append(it)
+                self.apply(rest)
+                return None
+
+
+def _gt(a: Any, b: Any) -> bool:
+    try:
+        return bool(a > b)
+    except TypeError:
+        try:
+            return float(a) > float(b)
+        except (TypeError, ValueError):
+            return False

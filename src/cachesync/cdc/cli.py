@@ -1,0 +1,118 @@
+"""``cachesync cdc`` (run a CDC reader) and ``cachesync cdc drop-slot`` (retire a PostgreSQL slot)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import zlib
+from typing import Any
+
+from .._driver import DEFAULT_REDIS_URL
+from ..db import MYSQL, POSTGRESQL, dialect_of
+from ..rules import Rules
+from .base import CdcConfigError, CdcRunner, Source
+from .checkpoint import FileCheckpoint
+
+log = logging.getLogger("cachesync.cdc")
+
+
+def default_server_id(namespace: str) -> int:
+    """Default ``--server-id``: 1000 + crc32(namespace) mod 2**31 (set it explicitly when several readers share
+    a namespace: two readers with one server_id kick each other off)."""
+    return 1000 + zlib.crc32(namespace.encode()) % (2**31)
+
+
+def default_name(namespace: str) -> str:
+    """Default ``--slot`` / ``--publication``: ``cachesync_<namespace>`` reduced to [a-z0-9_]."""
+    return ("cachesync_" + re.sub(r"[^a-z0-9_]", "_", namespace.lower()))[:63]
+
+
+def build_source(args: argparse.Namespace, rules: Rules) -> Source:
+    d = dialect_of(args.db_url)
+    if d is MYSQL:
+        from .mysql import MySQLSource
+
+        sid = args.server_id if args.server_id is not None else default_server_id(args.namespace)
+        return MySQLSource(args.db_url, sid, list(rules.tables))
+    if d is POSTGRESQL:
+        from .postgres import PostgresSource
+
+        return PostgresSource(args.db_url, rules, slot=args.slot or default_name(args.namespace),
+                              publication=args.publication or default_name(args.namespace))
+    raise CdcConfigError(f"CDC needs a mysql://, mariadb:// or postgresql:// database URL, not {d.name}")
+
+
+def cmd_cdc(args: argparse.Namespace) -> int:
+    if not args.db_url or not args.rules:
+        raise CdcConfigError("cachesync cdc needs --db-url and --rules")
+    from ..sync import Cache
+
+    rules = Rules.load(args.rules)
+    source = build_source(args, rules)
+    path = args.checkpoint or f"cachesync-cdc.{args.namespace}.{source.kind}.json"
+    cache = Cache(args.redis_url, namespace=args.namespace)
+    runner = CdcRunner(source, cache, rules, FileCheckpoint(path), batch_max_keys=args.batch_max_keys,
+                       queue_size=args.queue_size, stats_interval=args.stats_interval,
+                       on_missing_old_image=args.on_missing_old_image)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.warning("CDC: signal %d, applying what was received and saving a final checkpoint", signum)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.warning("CDC %s -> Redis %s namespace %r, checkpoint %s", source.ident, cache.url, args.namespace, path)
+    try:
+        runner.run()
+    finally:
+        cache.close()
+    log.warning("CDC %s stopped at %s", source.ident, runner.position)
+    return 0
+
+
+def cmd_drop_slot(args: argparse.Namespace) -> int:
+    from .postgres import PostgresSource
+
+    if dialect_of(args.db_url) is not POSTGRESQL:
+        raise CdcConfigError("cachesync cdc drop-slot needs a postgresql:// --db-url")
+    src = PostgresSource(args.db_url, Rules({}), slot=args.slot or default_name(args.namespace),
+                         publication=args.publication or default_name(args.namespace), create=False)
+    existed = src.drop_slot(drop_publication=args.drop_publication)
+    print(f"slot {src.slot} {'dropped' if existed else 'did not exist'}"
+          + (f"; publication {src.publication} dropped" if args.drop_publication else ""))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``cdc`` (and its ``drop-slot`` subcommand) to the ``cachesync`` command line."""
+    p = subparsers.add_parser(
+        "cdc", help="invalidate cache keys from the MariaDB binlog or PostgreSQL logical decoding",
+        description="Follow committed changes of the rule tables and invalidate their keys in Redis.")
+    p.add_argument("--db-url", help="mysql://user:pass@host:3306/db or postgresql://user@host:5432/db (required)")
+    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help=f"Redis URL (default {DEFAULT_REDIS_URL})")
+    p.add_argument("--rules", help="rules file, .toml or .py (required)")
+    p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
+    p.add_argument("--server-id", type=int, default=None,
+                   help="MariaDB/MySQL: replica server_id, unique per reader (default: 1000 + crc32(namespace))")
+    p.add_argument("--slot", default=None, help="PostgreSQL: logical slot (default: cachesync_<namespace>)")
+    p.add_argument("--publication", default=None, help="PostgreSQL: publication (default: cachesync_<namespace>)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (default: ./cachesync-cdc.<namespace>.<mysql|postgresql>.json)")
+    p.add_argument("--batch-max-keys", type=int, default=500, help="keys per applied batch (default 500)")
+    p.add_argument("--queue-size", type=int, default=1000,
+                   help="transactions read ahead of Redis at most (default 1000)")
+    p.add_argument("--stats-interval", type=float, default=10.0,
+                   help="seconds between stats log lines / Redis stats hash writes, 0 = off (default 10)")
+    p.add_argument("--on-missing-old-image", choices=("warn", "flush"), default="warn",
+                   help="a change without the old values of key columns: warn (default) or flush the templates")
+    p.set_defaults(func=cmd_cdc)
+    sub = p.add_subparsers(dest="cdc_command", metavar="SUBCOMMAND")
+    d = sub.add_parser("drop-slot", help="PostgreSQL: drop the reader's replication slot (releases its WAL)")
+    d.add_argument("--db-url", required=True, help="postgresql://user@host:5432/db")
+    d.add_argument("--namespace", default="default", help="namespace, for the default names (default: default)")
+    d.add_argument("--slot", default=None, help="slot to drop (default: cachesync_<namespace>)")
+    d.add_argument("--publication", default=None, help="publication (default: cachesync_<namespace>)")
+    d.add_argument("--drop-publication", action="store_true", help="also drop the publication (default: keep)")
+    d.set_defaults(func=cmd_drop_slot)

@@ -1,0 +1,343 @@
+"""PostgreSQL logical decoding source: pgoutput over a psycopg2 ``LogicalReplicationConnection``.
+
+* The publication (default ``cachesync``) and the logical slot (default ``cachesync``) are created when
+  missing and reused otherwise; tables the rules name are added to an existing publication.
+* Position: ``{"lsn": end_lsn_of_last_applied_commit}``. PostgreSQL 15 rewinds a slot's confirmed position
+  on a clean server restart, so this checkpoint (not the slot) is authoritative; it is passed as
+  ``start_lsn`` and transactions ending at or before it are skipped.
+* Feedback: the LSN the runner acknowledged (applied + checkpointed) is sent as the flush position at least
+  every ``feedback_interval`` seconds so the server can recycle WAL. When idle with nothing in flight the
+  server's current WAL end is acknowledged (otherwise writes to other tables would pile up WAL behind the slot).
+* Old row images: UPDATE/DELETE carry the old row only with ``REPLICA IDENTITY FULL``; otherwise only the
+  primary key columns (when they changed) -- a rule template on a non-key column then cannot form its OLD key.
+  :meth:`check` warns about such tables and the runner counts/warns per change (see docs/cdc.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .._driver import redact_url
+from ..db import POSTGRESQL, dialect_of
+from ..rules import Rules
+from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
+from .pgoutput import Decoder, DecodedTransaction, RowChange
+
+log = logging.getLogger("cachesync.cdc.postgres")
+
+
+def lsn_str(lsn: int) -> str:
+    """``0/16B3748`` form of an LSN."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(s: str) -> int:
+    hi, lo = s.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def check_wal_level(wal_level: str) -> list[str]:
+    """Problems with the server's ``wal_level`` for logical decoding (empty list when it is ``logical``)."""
+    if wal_level != "logical":
+        return [f"wal_level is {wal_level!r}, must be 'logical': ALTER SYSTEM SET wal_level = logical; then restart "
+                "PostgreSQL (also set max_replication_slots, max_wal_senders, max_slot_wal_keep_size)"]
+    return []
+
+
+def _dsn(url: str) -> str:
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def _ident_ok(name: str, what: str) -> str:
+    if not name or not all(c.isalnum() or c == "_" for c in name) or len(name) > 63 or name[0].isdigit():
+        raise CdcConfigError(f"{what} {name!r} must be 1-63 characters of [a-z0-9_] not starting with a digit")
+    return name
+
+
+class PostgresSource(Source):
+    """Reads committed changes of the rule tables through logical slot ``slot`` and publication ``publication``.
+
+    ``db_url``: ``postgresql://user@host:port/db``; ``rules``: the tables to publish and the key templates (for
+    the replica identity check); ``feedback_interval`` (default 1.0 s); ``create`` (default True): create the
+    publication/slot when missing.
+    """
+
+    kind = "postgresql"
+
+    def __init__(self, db_url: str, rules: Rules, *, slot: str = "cachesync", publication: str = "cachesync",
+                 feedback_interval: float = 1.0, create: bool = True, connect_timeout: float = 5.0) -> None:
+        if dialect_of(db_url) is not POSTGRESQL:
+            raise CdcConfigError(f"database URL {redact_url(db_url)!r} is not a postgresql:// URL")
+        self.dsn = _dsn(db_url)
+        self.url = redact_url(db_url)
+        p = urlsplit(db_url)
+        self.host, self.port, self.db = p.hostname or "localhost", p.port or 5432, p.path.lstrip("/") or "?"
+        self.user = unquote(p.username or "")
+        self.rules = rules
+        self.slot = _ident_ok(slot, "slot name")
+        self.publication = _ident_ok(publication, "publication name")
+        self.feedback_interval = feedback_interval
+        self.create = create
+        self.connect_timeout = connect_timeout
+        self._closed = threading.Event()
+        self._acked = 0
+        self._delivered = 0
+        self._tables: list[str] = []
+
+    @property
+    def ident(self) -> str:
+        return f"postgresql:{self.host}:{self.port}/{self.db}#slot={self.slot}"
+
+    def _connect(self, **kw: Any) -> Any:
+        import psycopg2
+
+        try:
+            conn = psycopg2.connect(self.dsn, connect_timeout=max(1, int(self.connect_timeout)), **kw)
+        except psycopg2.OperationalError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "authentication" in msg or "permission" in msg or "no pg_hba.conf entry" in msg:
+                raise CdcConfigError(f"cannot log in to {self.url}: {msg}") from None
+            raise Disconnected(f"cannot connect to {self.url}: {msg}") from None
+        return conn
+
+    # ------------------------------------------------------------------ preflight
+
+    def check(self) -> None:
+        """wal_level, the replication privilege, the tables, REPLICA IDENTITY, then create/reuse publication + slot."""
+        import psycopg2
+
+        conn = self._connect()
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW wal_level")
+                problems = check_wal_level(cur.fetchone()[0])
+                if problems:
+                    raise CdcConfigError(f"PostgreSQL at {self.url} is not set up for CDC: " + "; ".join(problems))
+                cur.execute("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
+                if not cur.fetchone()[0]:
+                    raise CdcConfigError(f"role {self.user or '(current user)'!r} at {self.url} lacks the REPLICATION "
+                                         "attribute needed for logical decoding: ALTER ROLE ... WITH REPLICATION")
+                tables = []
+                for name in self.rules.tables:
+                    cur.execute("SELECT to_regclass(%s)::oid, to_regclass(%s)::text", (name, name))
+                    oid, qual = cur.fetchone()
+                    if oid is None:
+                        raise CdcConfigError(f"table {name!r} of the rules does not exist in {self.url}")
+                    tables.append((name, oid, qual))
+                    self._check_identity(cur, name, oid, qual)
+                self._tables = [q for _, _, q in tables]
+                self._ensure_publication(cur, tables)
+                self._ensure_slot(cur)
+        except psycopg2.Error as e:
+            raise CdcConfigError(f"PostgreSQL at {self.url}: {str(e).strip()}") from None
+        finally:
+            conn.close()
+
+    def _check_identity(self, cur: Any, name: str, oid: int, qual: str) -> None:
+        cur.execute("SELECT relreplident FROM pg_class WHERE oid = %s", (oid,))
+        ident = cur.fetchone()[0]
+        if ident == "f":
+            return
+        cur.execute("""SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+                       AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s AND
+                       (CASE WHEN %s = 'i' THEN i.indisreplident ELSE i.indisprimary END)""", (oid, ident))
+        keycols = {r[0] for r in cur.fetchall()}
+        need = set(self.rules.tables[name].columns)
+        if not need <= keycols:
+            log.warning(
+                "table %s has REPLICA IDENTITY %s: UPDATE/DELETE events carry only the key column(s) %s of the old "
+                "row, but the key templates %s also use %s. When one of those columns changes, the OLD key cannot "
+                "be invalidated. Fix: ALTER TABLE %s REPLICA IDENTITY FULL;", qual,
+                {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX"}.get(ident, ident), sorted(keycols),
+                list(self.rules.tables[name].keys), sorted(need - keycols), qual)
+
+    def _ensure_publication(self, cur: Any, tables: list[tuple[str, int, str]]) -> None:
+        from psycopg2 import sql
+
+        cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,))
+        if cur.fetchone() is None:
+            if not self.create:
+                raise CdcConfigError(f"publication {self.publication!r} does not exist in {self.url}")
+            stmt = sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(self.publication), sql.SQL(", ").join(sql.SQL(q) for _, _, q in tables))
+            cur.execute(stmt)
+            log.info("created publication %s for %s", self.publication, [q for _, _, q in tables])
+            return
+        cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (self.publication,))
+        if cur.fetchone()[0]:
+            return
+        cur.execute("SELECT c.oid FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid "
+                    "JOIN pg_class c ON c.oid = pr.prrelid WHERE p.pubname = %s", (self.publication,))
+        have = {r[0] for r in cur.fetchall()}
+        for _, oid, q in tables:
+            if oid not in have:
+                cur.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(self.publication),
+                                                                               sql.SQL(q)))
+                log.warning("added table %s to the existing publication %s", q, self.publication)
+
+    def _ensure_slot(self, cur: Any) -> None:
+        cur.execute("SELECT plugin, database FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
+        row = cur.fetchone()
+        if row is None:
+            if not self.create:
+                raise CdcConfigError(f"replication slot {self.slot!r} does not exist in {self.url}")
+            cur.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,))
+            log.info("created logical replication slot %s (drop it with `cachesync cdc drop-slot` when retiring "
+                     "this reader: an abandoned slot keeps WAL forever)", self.slot)
+            return
+        plugin, database = row
+        if plugin != "pgoutput":
+            raise CdcConfigError(f"replication slot {self.slot!r} uses plugin {plugin!r}, not pgoutput; "
+                                 "choose another --slot")
+        cur.execute("SELECT current_database()")
+        if cur.fetchone()[0] != database:
+            raise CdcConfigError(f"replication slot {self.slot!r} belongs to database {database!r}; "
+                                 "choose another --slot")
+
+    def current_position(self) -> dict[str, Any]:
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                            (self.slot,))
+                row = cur.fetchone()
+                if row is None or row[0] is None:
+                    cur.execute("SELECT pg_current_wal_lsn()::text")
+                    row = cur.fetchone()
+                return {"lsn": parse_lsn(row[0]), "lsn_text": row[0]}
+        finally:
+            conn.close()
+
+    def drop_slot(self, drop_publication: bool = False) -> bool:
+        """Drop the slot (and with ``drop_publication`` the publication); False if the slot did not exist."""
+        import psycopg2
+        from psycopg2 import sql
+
+        conn = self._connect()
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
+                row = cur.fetchone()
+                if row is not None and row[0] is not None:
+                    raise CdcConfigError(f"replication slot {self.slot!r} is in use by server process {row[0]}; "
+                                         "stop the reader first")
+                if row is not None:
+                    cur.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                if drop_publication:
+                    cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.publication)))
+                return row is not None
+        except psycopg2.Error as e:
+            raise CdcConfigError(f"PostgreSQL at {self.url}: {str(e).strip()}") from None
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ stream
+
+    def ack(self, position: dict[str, Any]) -> None:
+        self._acked = max(self._acked, int(position["lsn"]))
+
+    def reopen(self) -> None:
+        self._closed.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _change(self, rc: RowChange) -> Change:
+        rel = rc.relation
+        old = rc.old
+        if rc.kind in ("update", "delete") and rc.old_kind != "O":
+            # no full old image: only the key columns are known (from 'K', or unchanged = the new image's)
+            src = rc.old if rc.old_kind == "K" else rc.new
+            old = {c: src[c] for c in rel.key_columns if src is not None and c in src}
+        return Change(rel.namespace, rel.name, old, rc.new, truncate=rc.kind == "truncate")
+
+    def _txn(self, t: DecodedTransaction) -> Transaction:
+        return Transaction({"lsn": t.end_lsn, "lsn_text": lsn_str(t.end_lsn)}, t.commit_time,
+                           [self._change(c) for c in t.changes])
+
+    def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
+        import psycopg2
+        from psycopg2.extras import LogicalReplicationConnection
+
+        start = int(position.get("lsn", 0))
+        self._acked = max(self._acked, start)
+        self._delivered = start
+        try:
+            conn = psycopg2.connect(self.dsn, connection_factory=LogicalReplicationConnection,
+                                    connect_timeout=max(1, int(self.connect_timeout)))
+        except psycopg2.OperationalError as e:
+            raise Disconnected(f"cannot open a replication connection to {self.url}: {str(e).strip()}") from None
+        decoder = Decoder()
+        try:
+            cur: Any = conn.cursor()
+            try:
+                cur.start_replication(slot_name=self.slot, decode=False, start_lsn=start,
+                                      options={"proto_version": "1", "publication_names": self.publication})
+            except psycopg2.Error as e:
+                self._raise(e, position)
+            last_fb = 0.0
+            sent = -1
+            while not self._closed.is_set():
+                try:
+                    msg = cur.read_message()
+                except psycopg2.Error as e:
+                    if self._closed.is_set():
+                        return
+                    self._raise(e, position)
+                now = time.monotonic()
+                if msg is None:
+                    ack = self._acked
+                    if not decoder.in_transaction and self._delivered <= ack and cur.wal_end > ack:
+                        ack = cur.wal_end  # idle and everything applied: let the server release WAL
+                    if ack != sent or now - last_fb >= self.feedback_interval:
+                        try:
+                            cur.send_feedback(write_lsn=ack, flush_lsn=ack, apply_lsn=ack)
+                        except psycopg2.Error as e:
+                            if self._closed.is_set():
+                                return
+                            self._raise(e, position)
+                        sent, last_fb = ack, now
+                    try:
+                        select.select([conn], [], [], 0.2)
+                    except (OSError, ValueError) as e:
+                        if self._closed.is_set():
+                            return
+                        raise Disconnected(f"replication connection to {self.url} lost: {e}") from None
+                    continue
+                t = decoder.feed(msg.payload)
+                if t is None:
+                    continue
+                if t.end_lsn <= start:
+                    continue  # applied before the checkpoint
+                self._delivered = t.end_lsn
+                yield self._txn(t)
+                if now - last_fb >= self.feedback_interval:
+                    try:
+                        cur.send_feedback(write_lsn=self._acked, flush_lsn=self._acked, apply_lsn=self._acked)
+                    except psycopg2.Error as e:
+                        self._raise(e, position)
+                    sent, last_fb = self._acked, now
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _raise(self, e: Exception, position: dict[str, Any]) -> Any:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        code = getattr(e, "pgcode", None)
+        if "has already been removed" in msg or "requested WAL segment" in msg:
+            raise PositionLost(f"the WAL for position {position} is gone at {self.url}: {msg}") from None
+        if code == "42704" or ("replication slot" in msg and "does not exist" in msg):
+            raise CdcConfigError(f"replication slot {self.slot!r} does not exist at {self.url}: {msg}") from None
+        if code == "42501":
+            raise CdcConfigError(f"not allowed to read slot {self.slot!r} at {self.url}: {msg}") from None
+        raise Disconnected(f"replication connection to {self.url} lost: {msg}") from None

@@ -1,0 +1,128 @@
+"""The L1's asyncio driver: a task runs :func:`cachesync.l1.subscription_flow` with redis.asyncio.
+
+Only the I/O differs from :mod:`cachesync.l1_sync`; the store, its rules and the subscription flow are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import RedisError
+
+from .l1 import Close, Connect, L1Options, Read, Send, Sleep, SubscriptionLost, subscription_flow
+from .l1_sync import make_core, subscription_pool
+
+
+class L1Async:
+    """The L1 of a :class:`cachesync.AsyncCache` (``acache.l1``). The subscriber task starts with the first
+    read (or :meth:`start`); until it is subscribed the L1 is bypassed."""
+
+    def __init__(self, cache: Any, options: L1Options, url: str | None, *,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.core = make_core(cache, options, clock)
+        self._pool = subscription_pool(aredis.ConnectionPool, url, None if url else cache.redis,
+                                       cache.options.connect_timeout, cache.options.namespace)
+        self._conn: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self.core.add_state_listener(self._on_state)
+
+    def _on_state(self, up: bool) -> None:
+        if self._ready is not None:
+            if up:
+                self._ready.set()
+            else:
+                self._ready.clear()
+
+    def start(self) -> None:
+        """Start the subscriber task on the running loop (idempotent)."""
+        if self._task is None and not self.core.closed:
+            self._ready = asyncio.Event()
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"cachesync-l1-{self.core.ns}")
+
+    async def load(self, key: str, ttl: float | None, fetch: Callable[[], Awaitable[Any]]) -> Any:
+        """Read ``key`` with ``await fetch()`` and fill the L1 unless an invalidation raced with the read."""
+        if self._task is None:
+            self.start()
+        core = self.core
+        token = core.begin(key)
+        entry = None
+        try:
+            entry = await fetch()
+            return entry
+        finally:
+            core.finish(key, token, entry, ttl)
+
+    def invalidate_local(self, keys: Any) -> None:
+        """Drop this process's copies at once (read-your-writes); peers hear it on the channel."""
+        self.core.invalidate(keys)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """See :attr:`cachesync.l1.L1.stats`."""
+        return self.core.stats
+
+    async def wait_ready(self, timeout: float = 5.0) -> bool:
+        """Wait until the subscription is up; False on timeout."""
+        self.start()
+        assert self._ready is not None
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def clear(self) -> None:
+        """Flush this process's L1."""
+        self.core.clear()
+
+    async def aclose(self) -> None:
+        """Stop the subscriber task and flush the L1."""
+        self.core.close()
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.disconnect()
+        await self._pool.disconnect()
+
+    async def _run(self) -> None:
+        flow = subscription_flow(self.core)
+        send: Any = None
+        throw: BaseException | None = None
+        while True:
+            try:
+                eff = flow.send(send) if throw is None else flow.throw(throw)
+            except StopIteration:
+                return
+            send, throw = None, None
+            t = type(eff)
+            try:
+                if t is Read:
+                    send = await self._conn.read_response(timeout=eff.timeout, disconnect_on_error=False)
+                elif t is Send:
+                    await self._conn.send_command(*eff.args)
+                elif t is Connect:
+                    self._conn = self._pool.make_connection()
+                    await self._conn.connect()
+                elif t is Close:
+                    if self._conn is not None:
+                        conn, self._conn = self._conn, None
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                elif t is Sleep:
+                    assert self._wake is not None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), eff.seconds)
+            except (RedisError, OSError) as e:
+                throw = SubscriptionLost(f"{type(e).__name__}: {e}")

@@ -1,0 +1,143 @@
+"""The L1's synchronous driver: a daemon thread runs :func:`cachesync.l1.subscription_flow` with redis-py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from .errors import ConfigError
+from .protocol import NOT_FOUND
+from .l1 import L1, Close, Connect, L1Options, Read, Send, Sleep, SubscriptionLost, subscription_flow
+
+_POLL = 0.05  # how often a blocked read looks at the closed flag
+
+
+def subscription_pool(pool_cls: Any, url: str | None, client: Any, connect_timeout: float, ns: str) -> Any:
+    """A pool for the subscription connection: same server as the cache, RESP2, no health-check PINGs,
+    named ``cachesync-l1:<namespace>`` in ``CLIENT LIST``."""
+    name = f"cachesync-l1:{ns}"
+    if url is not None:
+        return pool_cls.from_url(url, protocol=2, decode_responses=False, health_check_interval=0,
+                                 socket_connect_timeout=connect_timeout, socket_keepalive=True, client_name=name)
+    cp = getattr(client, "connection_pool", None)
+    if cp is None:
+        raise ConfigError("l1", "the L1 needs a Redis client with a connection_pool (Redis Cluster is not supported yet)")
+    kw = {k: v for k, v in cp.connection_kwargs.items() if not k.startswith("maint")}
+    kw.update(protocol=2, decode_responses=False, health_check_interval=0, client_name=name)
+    return pool_cls(connection_class=cp.connection_class, **kw)
+
+
+def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:
+    """The :class:`L1` of a cache, sized with the cache's serializer."""
+    o = cache.options
+    if not o.broadcast_invalidations:
+        raise ConfigError("l1", "needs broadcast_invalidations=True (other processes learn of writes from it)")
+    ser = o.serializer_obj
+
+    def size_of(key: str, value: Any) -> int:
+        return len(key) + 64 + (0 if value is NOT_FOUND else len(ser.dumps(value)))
+
+    return L1(options, o.namespace, size_of=size_of, negative_ttl=o.negative_ttl,
+              **({"clock": clock} if clock is not None else {}))
+
+
+class L1Sync:
+    """The L1 of a :class:`cachesync.Cache` (``cache.l1``): the store (``core``) plus its subscriber thread."""
+
+    def __init__(self, cache: Any, options: L1Options, url: str | None, *,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.core = make_core(cache, options, clock)
+        self._pool = subscription_pool(redis.ConnectionPool, url, None if url else cache.redis,
+                                       cache.options.connect_timeout, cache.options.namespace)
+        self._conn: Any = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.core.add_state_listener(lambda up: self._ready.set() if up else self._ready.clear())
+        self._thread = threading.Thread(target=self._run, name=f"cachesync-l1-{self.core.ns}", daemon=True)
+        self._thread.start()
+
+    # the hot path is Cache.get_entry -> core.lookup; misses come here
+    def load(self, key: str, ttl: float | None, fetch: Callable[[], Any]) -> Any:
+        """Read ``key`` with ``fetch()`` and fill the L1 unless an invalidation raced with the read."""
+        core = self.core
+        token = core.begin(key)
+        entry = None
+        try:
+            entry = fetch()
+            return entry
+        finally:
+            core.finish(key, token, entry, ttl)
+
+    def invalidate_local(self, keys: Any) -> None:
+        """Drop this process's copies at once (read-your-writes); peers hear it on the channel."""
+        self.core.invalidate(keys)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """See :attr:`cachesync.l1.L1.stats`."""
+        return self.core.stats
+
+    def wait_ready(self, timeout: float = 5.0) -> bool:
+        """Block until the subscription is up (the L1 serves hits); False on timeout."""
+        return self._ready.wait(timeout)
+
+    def clear(self) -> None:
+        """Flush this process's L1."""
+        self.core.clear()
+
+    def close(self) -> None:
+        """Stop the subscriber thread and flush the L1."""
+        self.core.close()
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        self._pool.disconnect()
+
+    # ---------------------------------------------------------------- the subscriber thread
+
+    def _read(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        conn = self._conn
+        while not self.core.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if conn.can_read(timeout=min(left, _POLL)):
+                return conn.read_response()
+        return None
+
+    def _run(self) -> None:
+        flow = subscription_flow(self.core)
+        send: Any = None
+        throw: BaseException | None = None
+        while True:
+            try:
+                eff = flow.send(send) if throw is None else flow.throw(throw)
+            except StopIteration:
+                break
+            send, throw = None, None
+            t = type(eff)
+            try:
+                if t is Read:
+                    send = self._read(eff.timeout)
+                elif t is Send:
+                    self._conn.send_command(*eff.args)
+                elif t is Connect:
+                    self._conn = self._pool.make_connection()
+                    self._conn.connect()
+                elif t is Close:
+                    if self._conn is not None:
+                        conn, self._conn = self._conn, None
+                        try:
+                            conn.disconnect()
+                        except Exception:  # noqa: S110
+                            pass
+                elif t is Sleep:
+                    self._stop.wait(eff.seconds)
+            except (RedisError, OSError) as e:
+                throw = SubscriptionLost(f"{type(e).__name__}: {e}")

@@ -1,0 +1,234 @@
+"""``cachesync lab stress``: concurrent readers and writers against one set of keys, per strategy.
+
+Every write stores a fresh value (a global counter) and bumps the row's version inside
+its transaction, so the version order is the commit order. After each commit the writer
+records (value -> version, commit time). A read is *stale* when it returns a value whose
+version is older than the newest version recorded before the read began; its stale window
+is the time from the commit of the first newer version to the end of the read. After the
+writers and readers stop and the delayed invalidations drain (``Cache.close`` joins them),
+every key whose cache value differs from the database's is *inconsistent*.
+
+``--delay-ms`` injects a seeded random pause (workload, not test synchronisation) inside the
+loaders (between the SELECT and the fill) and the writers (between the first cache step and
+the DB write, and between the commit and the cache step after it): it widens the races the
+unsafe strategies lose.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import protocol as P
+from ..sync import Cache
+from .embedded import LabError
+from .labdb import LabDB
+
+
+@dataclass(frozen=True)
+class StressConfig:
+    readers: int = 8
+    writers: int = 4
+    duration: float = 2.0
+    """Seconds of load per strategy."""
+    keys: int = 8
+    seed: int = 0
+    delay_ms: float = 2.0
+    """Upper bound of the seeded random pause injected in loaders and writers (0 = none)."""
+    double_delete_delay: float = 0.02
+    strategies: tuple[str, ...] = ()
+    """Strategy names; ``NAME:plain`` runs it without leases. Empty = every strategy + db_then_invalidate:plain."""
+
+    def plan(self) -> list[tuple[str, str, bool]]:
+        names = self.strategies or (*P.STRATEGIES, "db_then_invalidate:plain")
+        out = []
+        for n in names:
+            base, _, mode = n.partition(":")
+            if base not in P.STRATEGIES or mode not in ("", "plain"):
+                raise LabError(f"unknown strategy {n!r}; choose from {', '.join(P.STRATEGIES)} (suffix :plain for no "
+                               "leases)")
+            out.append((n, base, mode != "plain"))
+        return out
+
+
+@dataclass
+class StressResult:
+    strategy: str
+    leases: bool
+    reads: int = 0
+    writes: int = 0
+    stale_reads: int = 0
+    longest_stale_ms: float = 0.0
+    inconsistent_keys: int = 0
+    db_loads: int = 0
+    errors: int = 0
+    inconsistent: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Track:
+    def __init__(self, keys: list[str]) -> None:
+        self.lock = threading.Lock()
+        self.latest = dict.fromkeys(keys, 1)
+        self.version_of: dict[str, dict[str, int]] = {k: {"init": 1} for k in keys}
+        self.commit_time: dict[str, dict[int, float]] = {k: {1: time.monotonic()} for k in keys}
+
+    def committed(self, key: str, value: str, version: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.version_of[key][value] = version
+            self.commit_time[key][version] = now
+            if version > self.latest[key]:
+                self.latest[key] = version
+
+
+def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy: str, leases: bool,
+             progress: Callable[[str, float], None] | None) -> StressResult:
+    ns = "labstress" + uuid.uuid4().hex[:8]
+    keys = [f"{strategy[:12]}-{i}-{uuid.uuid4().hex[:4]}" for i in range(cfg.keys)]
+    setup = db.session("setup")
+    for k in keys:
+        setup.insert(k, "init")
+    track = _Track(keys)
+    res = StressResult(label, leases)
+    counter = itertools.count(1)
+    stop = threading.Event()
+    lock = threading.Lock()
+    caches: list[Cache] = []
+    strat = P.STRATEGIES[strategy]
+    dmax = cfg.delay_ms / 1000.0
+
+    def new_cache() -> Cache:
+        c = Cache(redis_url, namespace=ns, ttl_jitter=0.0, leases=leases, max_wait=1.0, lease_ttl=2.0,
+                  broadcast_invalidations=False, double_delete_delay=cfg.double_delete_delay)
+        with lock:
+            caches.append(c)
+        return c
+
+    def pause(rng: random.Random) -> None:
+        if dmax > 0:
+            time.sleep(rng.random() * dmax)
+
+    def writer(i: int) -> None:
+        rng = random.Random(cfg.seed * 7919 + i)
+        cache = new_cache()
+        sess = db.session(f"w{i}-{label}")
+        while not stop.is_set():
+            key = rng.choice(keys)
+            with lock:
+                val = str(next(counter))
+            try:
+                kw: dict[str, Any] = {"value": val} if P.Step.SET_PLAIN in strat.before else {}
+                with cache.write(key, strategy=strategy, **kw) as w:
+                    pause(rng)
+                    ver = sess.update(key, val)
+                    track.committed(key, val, ver)
+                    w.set_value(val, version=ver)
+                    pause(rng)
+                with lock:
+                    res.writes += 1
+            except Exception:
+                with lock:
+                    res.errors += 1
+
+    def reader(i: int) -> None:
+        rng = random.Random(cfg.seed * 104729 + i)
+        cache = new_cache()
+        sess = db.session(f"r{i}-{label}")
+        while not stop.is_set():
+            key = rng.choice(keys)
+
+            def loader(key: str = key) -> Any:
+                v, ver = sess.select(key)
+                with lock:
+                    res.db_loads += 1
+                pause(rng)
+                return P.Versioned(v, ver) if leases else v
+
+            with track.lock:
+                floor = track.latest[key]
+            try:
+                e = cache.get_entry(key, loader)
+            except Exception:
+                with lock:
+                    res.errors += 1
+                continue
+            end = time.monotonic()
+            with track.lock:
+                ver = track.version_of[key].get(str(e.value))
+                newer = [t for v, t in track.commit_time[key].items() if ver is not None and v > ver]
+            with lock:
+                res.reads += 1
+                if ver is not None and ver < floor:
+                    res.stale_reads += 1
+                    if newer:
+                        res.longest_stale_ms = max(res.longest_stale_ms, (end - min(newer)) * 1000.0)
+
+    threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(cfg.writers)]
+    threads += [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(cfg.readers)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    while True:
+        elapsed = time.monotonic() - t0
+        if progress:
+            progress(label, min(1.0, elapsed / cfg.duration))
+        if elapsed >= cfg.duration:
+            break
+        time.sleep(min(0.1, cfg.duration - elapsed))  # the run's wall-clock budget (workload, not sync)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    for c in caches:  # joins pending delayed deletes: invalidations drain
+        c.close()
+    observer = Cache(redis_url, namespace=ns, ttl_jitter=0.0)
+    obs_db = db.session("observer")
+    try:
+        for k in keys:
+            d = observer.peek(k)
+            dbv, _ = obs_db.select(k)
+            if d and "value" in d and str(d["value"]) != dbv:
+                res.inconsistent.append(k)
+        res.inconsistent_keys = len(res.inconsistent)
+        found = list(observer.redis.scan_iter(match=f"cs:{ns}:*", count=500))
+        if found:
+            observer.redis.delete(*found)
+    finally:
+        observer.close()
+    res.longest_stale_ms = round(res.longest_stale_ms, 2)
+    return res
+
+
+def run_stress(redis_url: str, db_url: str, cfg: StressConfig,
+               progress: Callable[[str, float], None] | None = None) -> list[StressResult]:
+    """Run every strategy of ``cfg`` in turn; returns one :class:`StressResult` each."""
+    plan = cfg.plan()
+    for name in ("readers", "writers", "keys"):
+        if getattr(cfg, name) < 1:
+            raise LabError(f"--{name} must be at least 1")
+    if cfg.duration <= 0:
+        raise LabError("--duration must be > 0")
+    import redis
+
+    try:
+        r = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+        r.ping()
+        r.close()
+    except redis.RedisError as e:
+        from .._driver import redact_url
+
+        raise LabError(f"cannot reach Redis at {redact_url(redis_url)}: {e}") from e
+    db = LabDB(db_url)
+    db.create()
+    try:
+        return [_run_one(redis_url, db, cfg, label, strategy, leases, progress) for label, strategy, leases in plan]
+    finally:
+        db.drop()

@@ -1,0 +1,254 @@
+"""The transactional outbox: record invalidations in the caller's own database transaction.
+
+An application that changes rows also inserts one outbox row (the cache keys to invalidate, the committed
+version, a not-before time) **in the same transaction**. If the transaction rolls back, nothing is recorded;
+if it commits, the relay (:mod:`cachesync.outbox.relay`, ``cachesync relay``) applies the invalidation to Redis
+and/or publishes it on a bus, at least once, surviving crashes of the application, the relay and Redis.
+
+::
+
+    ob = Outbox()                          # table "cachesync_outbox"; Outbox(rules=Rules.load("rules.toml"))
+    ob.init(conn)                          # once (or: cachesync outbox init --db-url ...); commits
+    with conn:                             # the application's transaction
+        conn.execute("UPDATE users SET email=? WHERE id=?", ...)
+        ob.record(conn, "user:1", "user_by_email:a@x", version=7, again_after=0.5)
+        ob.record_change(conn, "users", old_row, new_row)   # keys from the rules (old AND new keys)
+
+Table columns: ``id`` (order), ``cache_keys`` (JSON list), ``key_version`` (NULL = unknown), ``run_at``
+(not-before time in ms since the epoch by the *database* clock; 0 = now), ``attempts`` (failed deliveries),
+``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``. On PostgreSQL a statement trigger
+sends ``NOTIFY <table>`` so that relays wake at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .. import protocol as P
+from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect, dialect_of
+from ..errors import UsageError
+from ..keys import check_key
+from ..options import CacheOptions
+from ..rules import Rules
+
+DEFAULT_TABLE = "cachesync_outbox"
+"""Default outbox table name."""
+
+PARKED = 1 << 62
+"""``run_at`` of a row the relay could not use (bad keys); kept with ``last_error`` for an operator."""
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,54}")
+_MAX_KEY_BYTES = CacheOptions().max_key_bytes
+
+
+class OutboxError(UsageError):
+    """Bad outbox input (table name, keys, delay, connection); the message names the problem."""
+
+
+def check_table(table: object) -> str:
+    """Validate an outbox table name (a plain SQL identifier of at most 55 characters)."""
+    if not isinstance(table, str) or not _IDENT.fullmatch(table):
+        raise OutboxError(f"outbox table name {table!r} must be a plain identifier (letters, digits, '_', "
+                          "not starting with a digit, at most 55 characters)")
+    return table
+
+
+def now_ms_sql(d: Dialect) -> str:
+    """SQL for "now" in ms since the epoch by the database clock (all outbox times use the database clock)."""
+    if d is POSTGRESQL:
+        return "(extract(epoch from statement_timestamp()) * 1000)::bigint"
+    if d is MYSQL:
+        return "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+    return "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+
+
+def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
+    """The statements that create the outbox ``table`` (idempotent) for dialect ``d``."""
+    t = check_table(table)
+    if d is POSTGRESQL:
+        return [
+            f"CREATE TABLE IF NOT EXISTS {t} (id BIGSERIAL PRIMARY KEY, cache_keys TEXT NOT NULL, "
+            "key_version TEXT NULL, run_at BIGINT NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
+            "claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL)",
+            f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at)",
+            f"CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_notify('{t}', ''); RETURN NULL; END $$",
+            f"DROP TRIGGER IF EXISTS {t}_notify ON {t}",
+            f"CREATE TRIGGER {t}_notify AFTER INSERT ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify()",
+        ]
+    if d is MYSQL:
+        return [
+            f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, "
+            "cache_keys LONGTEXT NOT NULL, key_version VARCHAR(64) NULL, run_at BIGINT NOT NULL DEFAULT 0, "
+            "attempts INT NOT NULL DEFAULT 0, claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by VARCHAR(64) NULL, "
+            f"last_error TEXT NULL, KEY {t}_run_at (run_at)) ENGINE=InnoDB",
+        ]
+    return [
+        f"CREATE TABLE IF NOT EXISTS {t} (id INTEGER PRIMARY KEY AUTOINCREMENT, cache_keys TEXT NOT NULL, "
+        "key_version TEXT NULL, run_at INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
+        "claimed_until INTEGER NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL)",
+        f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at)",
+    ]
+
+
+def dialect_of_connection(conn: Any) -> Dialect:
+    """The :class:`Dialect` of a DB-API connection (sqlite3, psycopg 3, psycopg2, PyMySQL)."""
+    mod = type(conn).__module__
+    if mod.startswith("sqlite3"):
+        return SQLITE
+    if mod.startswith(("psycopg", "psycopg2")):
+        return POSTGRESQL
+    if mod.startswith(("pymysql", "MySQLdb", "mysql")):
+        return MYSQL
+    raise OutboxError(f"cannot tell the database of connection {type(conn).__qualname__} from module {mod!r}; "
+                      "pass dialect= ('sqlite', 'postgresql' or 'mysql')")
+
+
+def _check_delay(name: str, v: object, allow_none: bool) -> float | None:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise OutboxError(f"{name} must be a number of seconds >= 0, got {v!r}")
+    return float(v)
+
+
+class Outbox:
+    """Records invalidations in an outbox table. ``Outbox(table="cachesync_outbox", rules=None, dialect=None,
+    max_key_bytes=1024)``.
+
+    ``rules`` (a :class:`cachesync.rules.Rules`) is needed only by :meth:`record_change`. ``dialect`` (a
+    :class:`cachesync.db.Dialect`, a name or a URL) is detected from each connection when ``None``.
+    """
+
+    def __init__(self, table: str = DEFAULT_TABLE, *, rules: Rules | None = None, dialect: Dialect | str | None = None,
+                 max_key_bytes: int = _MAX_KEY_BYTES) -> None:
+        self.table = check_table(table)
+        if rules is not None and not isinstance(rules, Rules):
+            raise OutboxError(f"rules must be a cachesync.rules.Rules, got {type(rules).__name__}")
+        self.rules = rules
+        if isinstance(dialect, str):
+            dialect = dialect_of(dialect if "://" in dialect else dialect + "://x")
+        self.dialect = dialect
+        self.max_key_bytes = max_key_bytes
+
+    def _dialect(self, conn: Any) -> Dialect:
+        return self.dialect or dialect_of_connection(conn)
+
+    def init(self, conn: Any) -> None:
+        """Create the outbox table, its index and (PostgreSQL) its NOTIFY trigger if missing; commits ``conn``."""
+        d = self._dialect(conn)
+        cur = conn.cursor()
+        try:
+            if d is POSTGRESQL:
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
+            for stmt in ddl(d, self.table):
+                cur.execute(stmt)
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cur.close()
+
+    def drop(self, conn: Any) -> None:
+        """Drop the outbox table (and its trigger function); commits ``conn``. For tests and teardown."""
+        d = self._dialect(conn)
+        cur = conn.cursor()
+        cur.execute(f"DROP TABLE IF EXISTS {self.table}")
+        if d is POSTGRESQL:
+            cur.execute(f"DROP FUNCTION IF EXISTS {self.table}_notify()")
+        conn.commit()
+        cur.close()
+
+    def rows_for(self, keys: Sequence[str], version: Any = None, delay: float | None = 0.0,
+                 again_after: float | None = None) -> list[tuple[str, str | None, float | None]]:
+        """The outbox rows (keys JSON, version, delay in s or None) for one invalidation; validates the input."""
+        ks = list(dict.fromkeys(keys))
+        if not ks:
+            raise OutboxError("record() needs at least one cache key")
+        for k in ks:
+            check_key(k, self.max_key_bytes)
+        d0 = _check_delay("delay", delay, False)
+        d1 = _check_delay("again_after", again_after, True)
+        payload = json.dumps(ks, separators=(",", ":"))
+        ver = P.encode_version(version) or None
+        rows: list[tuple[str, str | None, float | None]] = [(payload, ver, d0 or None)]
+        if d1 is not None:
+            rows.append((payload, ver, (d0 or 0.0) + d1))
+        return rows
+
+    def insert_sql(self, d: Dialect, rows: Sequence[tuple[str, str | None, float | None]]) -> tuple[str, list[Any]]:
+        """One multi-row ``INSERT`` (SQL with ``?`` markers, parameters) for :meth:`rows_for` rows."""
+        values, params = [], []
+        for payload, ver, delay in rows:
+            if delay:
+                values.append(f"(?, ?, {now_ms_sql(d)} + ?)")
+                params += [payload, ver, int(delay * 1000)]
+            else:
+                values.append("(?, ?, 0)")
+                params += [payload, ver]
+        return f"INSERT INTO {self.table} (cache_keys, key_version, run_at) VALUES {', '.join(values)}", params
+
+    def record(self, conn: Any, *keys: str, version: Any = None, delay: float = 0.0,
+               again_after: float | None = None) -> None:
+        """Record that ``keys`` must be invalidated when the caller's transaction on ``conn`` commits.
+
+        Does not commit. ``version`` (default None): the committed row version, raises the keys' version
+        floor. ``delay`` (default 0): not before this many seconds (database clock). ``again_after`` (default
+        None): also record a second, durable invalidation that many seconds after the first (delayed double
+        delete; it survives crashes of the application and the relay).
+        """
+        d = self._dialect(conn)
+        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after))
+        cur = conn.cursor()
+        try:
+            cur.execute(d.sql(sql), params)
+        finally:
+            cur.close()
+
+    def keys_for_change(self, table: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
+        """The keys a change of ``table`` affects under the rules (old and new keys when a key column changes)."""
+        if self.rules is None:
+            raise OutboxError("record_change() needs rules: Outbox(rules=Rules.load('rules.toml'))")
+        return self.rules.keys_for(table, old, new)
+
+    def record_change(self, conn: Any, table: str, old: Mapping[str, Any] | None = None,
+                      new: Mapping[str, Any] | None = None, *, version: Any = None, delay: float = 0.0,
+                      again_after: float | None = None) -> list[str]:
+        """Record the invalidations of one row change (``old``/``new`` images; None for insert/delete) through the
+        rules; returns the keys (``[]`` and nothing recorded for a table without a rule). ``version`` defaults to
+        the rule's version column of the new (else old) image."""
+        keys = self.keys_for_change(table, old, new)
+        if not keys:
+            return []
+        if version is None and self.rules is not None:
+            version = self.rules.version_for(table, new if new is not None else old)
+        self.record(conn, *keys, version=version, delay=delay, again_after=again_after)
+        return keys
+
+    def pending(self, conn: Any, include_parked: bool = False) -> int:
+        """How many rows wait in the outbox (uses and ends a read transaction on ``conn``)."""
+        cur = conn.cursor()
+        try:
+            where = "" if include_parked else f" WHERE run_at < {PARKED}"
+            cur.execute(f"SELECT COUNT(*) FROM {self.table}{where}")
+            n = int(cur.fetchone()[0])
+            conn.commit()
+            return n
+        finally:
+            cur.close()
+
+
+_default = Outbox()
+
+
+def record(conn: Any, *keys: str, version: Any = None, delay: float = 0.0, again_after: float | None = None) -> None:
+    """:meth:`Outbox.record` on the default table ``cachesync_outbox``."""
+    _default.record(conn, *keys, version=version, delay=delay, again_after=again_after)
+
+
+__all__ = ["DEFAULT_TABLE", "PARKED", "Outbox", "OutboxError", "check_table", "ddl", "dialect_of_connection",
+           "now_ms_sql", "record"]

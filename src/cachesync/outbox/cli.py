@@ -1,0 +1,160 @@
+"""``cachesync outbox init``, ``cachesync relay`` and ``cachesync worker``.
+
+Every option falls back to an environment variable so that secrets need not appear on the command line:
+``CACHESYNC_DB_URL``, ``CACHESYNC_REDIS_URL``, ``CACHESYNC_BUS_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from typing import Any
+
+from .._driver import DEFAULT_REDIS_URL, log, redact_url
+from ..errors import CachesyncError, UsageError
+from . import DEFAULT_TABLE, Outbox, check_table
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def _need(v: str | None, opt: str, env: str) -> str:
+    if not v:
+        raise UsageError(f"{opt} is required (or set {env})")
+    return v
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _cache(args: argparse.Namespace) -> Any:
+    from ..sync import Cache
+
+    url = _need(args.redis_url, "--redis-url", "CACHESYNC_REDIS_URL")
+    return Cache(url, namespace=args.namespace, tombstone_ttl=args.tombstone_ttl)
+
+
+def _bus(url: str, args: argparse.Namespace) -> Any:
+    from ..bus import open_bus
+
+    return open_bus(url, args.bus_name, claim_idle=args.claim_idle)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ..db import connect, dialect_of
+
+    url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
+    try:
+        conn = connect(url)
+    except CachesyncError:
+        raise
+    except Exception as e:
+        raise CachesyncError(f"cannot connect to {redact_url(url)}: {type(e).__name__}: {e}") from None
+    try:
+        Outbox(check_table(args.table), dialect=dialect_of(url)).init(conn)
+    finally:
+        conn.close()
+    print(f"outbox table {args.table} ready in {redact_url(url)}")
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from .relay import Relay
+
+    url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
+    bus = _bus(args.bus, args) if args.bus else None
+    cache = _cache(args) if (bus is None or args.apply) else None
+    relay = Relay(url, cache, bus=bus, apply=(bus is None or args.apply), table=args.table,
+                  batch_size=args.batch_size, poll_interval=args.poll_interval, listen=not args.no_listen,
+                  lease=args.lease, max_backoff=args.max_backoff or 5.0)
+    log.info("cachesync relay %s: %s -> %s", relay.relay_id, redact_url(url),
+             redact_url(args.bus) if bus else redact_url(args.redis_url))
+    try:
+        if args.once:
+            print(relay.drain())
+        else:
+            relay.run(_stop_on_signals())
+    finally:
+        relay.close()
+        if bus is not None:
+            bus.close()
+        if cache is not None:
+            cache.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ..bus.worker import Worker
+    from ..rules import Rules
+
+    bus = _bus(_need(args.bus, "--bus", "CACHESYNC_BUS_URL"), args)
+    cache = _cache(args)
+    rules = Rules.load(args.rules) if args.rules else None
+    w = Worker(bus, cache, rules, group=args.group, consumer=args.consumer, batch_size=args.batch_size,
+               max_attempts=args.max_attempts, backoff=args.backoff, max_backoff=args.max_backoff or 30.0)
+    try:
+        w.run(_stop_on_signals())
+    finally:
+        bus.close()
+        cache.close()
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, db: bool, cache: bool, bus: bool) -> None:
+    if db:
+        p.add_argument("--db-url", default=_env("CACHESYNC_DB_URL"),
+                       help="database URL: sqlite:///f.db, postgresql://..., mysql://... (default: $CACHESYNC_DB_URL)")
+        p.add_argument("--table", default=DEFAULT_TABLE, help=f"outbox table (default: {DEFAULT_TABLE})")
+    if cache:
+        p.add_argument("--redis-url", default=_env("CACHESYNC_REDIS_URL", DEFAULT_REDIS_URL),
+                       help=f"Redis holding the cache (default: $CACHESYNC_REDIS_URL or {DEFAULT_REDIS_URL})")
+        p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
+        p.add_argument("--tombstone-ttl", type=float, default=10.0,
+                       help="seconds a tombstone of an invalidated key lives (default: 10)")
+    if bus:
+        p.add_argument("--bus-name", default="cachesync",
+                       help="stream name (Redis) / stream and subject prefix (NATS) (default: cachesync)")
+        p.add_argument("--claim-idle", type=float, default=30.0,
+                       help="seconds before a dead consumer's messages are taken over (default: 30)")
+        p.add_argument("--max-backoff", type=float, default=None,
+                       help="longest retry wait in seconds (default: relay 5, worker 30)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``outbox init``, ``relay`` and ``worker`` to the ``cachesync`` command line."""
+    ob = subparsers.add_parser("outbox", help="transactional outbox administration")
+    obsub = ob.add_subparsers(dest="outbox_command", metavar="COMMAND")
+    p = obsub.add_parser("init", help="create the outbox table (idempotent)")
+    _common(p, True, False, False)
+    p.set_defaults(func=cmd_init)
+
+    p = subparsers.add_parser("relay", help="move outbox rows to Redis and/or a bus")
+    _common(p, True, True, True)
+    p.add_argument("--bus", default=_env("CACHESYNC_BUS_URL"),
+                   help="publish to this bus (redis://... or nats://...) instead of applying (default: none)")
+    p.add_argument("--apply", action="store_true", help="with --bus: also apply to Redis (default: off)")
+    p.add_argument("--batch-size", type=int, default=500, help="rows per batch (default: 500)")
+    p.add_argument("--poll-interval", type=float, default=None,
+                   help="seconds between polls (default: 1.0 with PostgreSQL LISTEN/NOTIFY, else 0.05)")
+    p.add_argument("--no-listen", action="store_true", help="PostgreSQL: poll only, no LISTEN (default: listen)")
+    p.add_argument("--lease", type=float, default=30.0, help="SQLite claim lease in seconds (default: 30)")
+    p.add_argument("--once", action="store_true", help="deliver what is due, print the count and exit")
+    p.set_defaults(func=cmd_relay, _relay=True)
+
+    p = subparsers.add_parser("worker", help="consume invalidations from a bus and apply them to Redis")
+    _common(p, False, True, True)
+    p.add_argument("--bus", default=_env("CACHESYNC_BUS_URL", DEFAULT_REDIS_URL),
+                   help=f"bus URL, redis://... or nats://... (default: $CACHESYNC_BUS_URL or {DEFAULT_REDIS_URL})")
+    p.add_argument("--rules", default=None, help="rules file (.toml or .py) to fan table changes out to keys")
+    p.add_argument("--group", default="cachesync", help="consumer group (default: cachesync)")
+    p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
+    p.add_argument("--batch-size", type=int, default=100, help="messages per batch (default: 100)")
+    p.add_argument("--max-attempts", type=int, default=5, help="attempts before dead-lettering (default: 5)")
+    p.add_argument("--backoff", type=float, default=0.1, help="first retry delay in seconds, doubled (default: 0.1)")
+    p.set_defaults(func=cmd_worker)

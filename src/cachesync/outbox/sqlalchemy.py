@@ -1,0 +1,180 @@
+"""SQLAlchemy 2.x integration: record invalidations in the session's / connection's own transaction.
+
+``record(conn_or_session, *keys, ...)`` inserts an outbox row through a :class:`~sqlalchemy.engine.Connection`
+or an ORM :class:`~sqlalchemy.orm.Session` (in its current transaction; nothing is recorded if it rolls back).
+
+``OutboxSync(rules).install(Session)`` (a Session, a sessionmaker or the Session class) records invalidations
+automatically:
+
+* ORM inserts, updates and deletes (``after_flush``): the row images are built from the mapped columns
+  (column names, as in the rules) — the old image from attribute history, the new one from the current
+  values — so a changed key column invalidates both the old and the new key.
+* Bulk ``update(Model)`` / ``delete(Model)`` statements (``do_orm_execute``): the affected rows' key columns
+  are read first with the statement's WHERE clause (``FOR UPDATE`` where supported) in the same transaction.
+  An UPDATE that sets a key column to an SQL expression (not a plain value) cannot be turned into keys: it
+  raises :class:`OutboxError` unless the statement carries ``execution_options(cachesync_keys=[...])``
+  (explicit keys, which always take precedence). Statements on tables without a rule are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import event, inspect, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import BindParameter
+
+from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect
+from ..rules import Rules
+from . import Outbox, OutboxError
+
+_DIALECTS = {"postgresql": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL, "sqlite": SQLITE}
+
+
+def _connection(bind: Connection | Session) -> Connection:
+    if isinstance(bind, Session):
+        return bind.connection()
+    if isinstance(bind, Connection):
+        return bind
+    raise OutboxError(f"expected a SQLAlchemy Connection or Session, got {type(bind).__name__}")
+
+
+def _dialect(conn: Connection) -> Dialect:
+    try:
+        return _DIALECTS[conn.dialect.name]
+    except KeyError:
+        raise OutboxError(f"the outbox does not support SQLAlchemy dialect {conn.dialect.name!r}; "
+                          "use postgresql, mysql/mariadb or sqlite") from None
+
+
+def _execute(conn: Connection, ob: Outbox, keys: Sequence[str], version: Any, delay: float,
+             again_after: float | None) -> None:
+    sql, params = ob.insert_sql(_dialect(conn), ob.rows_for(keys, version, delay, again_after))
+    parts = sql.split("?")
+    named = "".join(p + (f":p{i}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+    conn.execute(text(named), {f"p{i}": v for i, v in enumerate(params)})
+
+
+def record(bind: Connection | Session, *keys: str, version: Any = None, delay: float = 0.0,
+           again_after: float | None = None, outbox: Outbox | None = None) -> None:
+    """Record that ``keys`` must be invalidated when ``bind``'s transaction commits (see
+    :meth:`cachesync.outbox.Outbox.record` for ``version``, ``delay``, ``again_after``). ``outbox`` (default:
+    table ``cachesync_outbox``) names the table."""
+    _execute(_connection(bind), outbox or Outbox(), keys, version, delay, again_after)
+
+
+class OutboxSync:
+    """Automatic invalidations for ORM changes. ``OutboxSync(rules, outbox=None)``; rules are keyed by table
+    name and use column names. ``install(target)`` listens on a Session, a sessionmaker or a Session class."""
+
+    def __init__(self, rules: Rules, outbox: Outbox | None = None) -> None:
+        if not isinstance(rules, Rules):
+            raise OutboxError(f"OutboxSync needs cachesync.rules.Rules, got {type(rules).__name__}")
+        self.rules = rules
+        self.outbox = outbox or Outbox()
+
+    def install(self, target: Session | sessionmaker[Any] | type[Session]) -> OutboxSync:
+        """Listen for flushes and bulk statements on ``target``; returns self."""
+        event.listen(target, "after_flush", self._after_flush)
+        event.listen(target, "do_orm_execute", self._do_orm_execute)
+        return self
+
+    def uninstall(self, target: Session | sessionmaker[Any] | type[Session]) -> None:
+        """Stop listening on ``target``."""
+        event.remove(target, "after_flush", self._after_flush)
+        event.remove(target, "do_orm_execute", self._do_orm_execute)
+
+    # ------------------------------------------------------------------ ORM unit of work
+
+    @staticmethod
+    def _images(obj: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        state = inspect(obj)
+        mapper = state.mapper
+        table = mapper.persist_selectable.name  # type: ignore[attr-defined]
+        old: dict[str, Any] = {}
+        new: dict[str, Any] = {}
+        for prop in mapper.column_attrs:
+            col = prop.columns[0].name
+            hist = state.attrs[prop.key].history
+            if prop.key in state.dict:
+                new[col] = state.dict[prop.key]
+            if hist.deleted:
+                old[col] = hist.deleted[0]
+            elif prop.key in state.dict:
+                old[col] = state.dict[prop.key]
+        return table, old, new
+
+    def _after_flush(self, session: Session, flush_context: Any) -> None:
+        items: list[tuple[list[str], Any]] = []
+        changes = [(o, "new") for o in session.new] + [(o, "dirty") for o in session.dirty] + \
+                  [(o, "deleted") for o in session.deleted]
+        for obj, kind in changes:
+            table, old, new = self._images(obj)
+            if not self.rules.covers(table):
+                continue
+            if kind == "dirty" and not session.is_modified(obj, include_collections=False):
+                continue
+            o = None if kind == "new" else old
+            n = None if kind == "deleted" else new
+            keys = self.rules.keys_for(table, o, n)
+            if keys:
+                items.append((keys, self.rules.version_for(table, n if n is not None else o)))
+        if not items:
+            return
+        conn = session.connection()
+        for keys, version in items:
+            _execute(conn, self.outbox, keys, version, 0.0, None)
+
+    # ------------------------------------------------------------------ bulk statements
+
+    def _do_orm_execute(self, state: Any) -> None:
+        if not (state.is_update or state.is_delete):
+            return
+        stmt = state.statement
+        table = stmt.table
+        name = getattr(table, "name", None)
+        explicit = state.execution_options.get("cachesync_keys")
+        conn = state.session.connection()
+        if explicit is not None:
+            if isinstance(explicit, str):
+                raise OutboxError("execution_options(cachesync_keys=...) takes a list of keys, not a string")
+            if explicit:
+                _execute(conn, self.outbox, list(explicit), None, 0.0, None)
+            return
+        if name is None or not self.rules.covers(name):
+            return
+        rule = self.rules.tables[name]
+        if not rule.columns:
+            _execute(conn, self.outbox, list(rule.keys), None, 0.0, None)
+            return
+        sets: Mapping[Any, Any] = getattr(stmt, "_values", None) or {}
+        set_values: dict[str, Any] = {}
+        for k, v in sets.items():
+            col = getattr(k, "name", k)
+            plain = isinstance(v, BindParameter) and v.callable is None
+            if col == rule.version and col not in rule.columns:
+                set_values[col] = v.value if plain else None  # unknown new version: no version floor
+            elif col in rule.columns:
+                if not plain:
+                    raise OutboxError(
+                        f"cannot derive cache keys for bulk UPDATE of {name!r}: it sets key column {col!r} to an SQL "
+                        "expression; set a plain value, or pass .execution_options(cachesync_keys=[...])")
+                set_values[col] = v.value
+        cols = sorted(rule.columns | ({rule.version} if rule.version else set()))
+        missing = [c for c in cols if c not in table.c]
+        if missing:
+            raise OutboxError(f"rule for table {name!r} names column(s) {missing} the table does not have")
+        sel = select(*[table.c[c] for c in cols]).where(*stmt._where_criteria)
+        if conn.dialect.name in ("postgresql", "mysql", "mariadb"):
+            sel = sel.with_for_update()
+        for row in conn.execute(sel).mappings():
+            old = dict(row)
+            new = None if state.is_delete else {**old, **set_values}
+            keys = self.rules.keys_for(name, old, new)
+            if keys:
+                _execute(conn, self.outbox, keys, self.rules.version_for(name, new or old), 0.0, None)
+
+
+__all__ = ["OutboxSync", "record"]

@@ -1,0 +1,217 @@
+"""Refresh-ahead for hot, configuration-like keys (the decision logic has no I/O).
+
+The push-service incident: a process-local copy of a config plan was refreshed from the *cache* every
+5 minutes; the config service deleted the cache entry before updating the database, a refresh landed in
+that window, read a miss and the service ran with a null plan. Here a refresh never turns a miss into
+"no value":
+
+* a refresh is a full read-through (:func:`cachesync.protocol.get_flow`): on a Redis miss it loads from the
+  database and fills Redis, with the usual lease protection;
+* when the refresh fails (loader error, Redis down with ``on_redis_error="fail"``) the last good value is kept,
+  with a warning in the log, for at most ``max_age`` seconds after it was fetched; after that the error is raised;
+* refreshes happen *early* with probabilistic early expiration (XFetch, Vattani, Chierichetti and Lowenstein,
+  "Optimal Probabilistic Cache Stampede Prevention", VLDB 2015): a reader refreshes when
+  ``now - delta * beta * ln(rand()) >= expiry`` where ``delta`` is how long the last refresh took, so hot keys
+  refresh before they expire and different processes do not refresh in synchronised waves;
+* with the cache's L1 on, an invalidation of the key (or a lost subscription) makes the next read refresh
+  at once; while the L1 subscription is down every read refreshes (falling back to the last good value).
+  Between an invalidation and the next read the held value is served: refresh mode trades a bounded
+  staleness for never being empty.
+
+:class:`RefreshAhead` (sync) and :class:`AsyncRefreshAhead` drive the same :func:`refresh_flow`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol as P
+from .errors import ConfigError
+from .options import check_positive
+
+log = logging.getLogger("cachesync.refresh")
+
+
+@dataclass
+class RefreshOptions:
+    """Options of one refresh-ahead key. Durations are in seconds."""
+
+    ttl: float = 60.0
+    """A held value *expires* this long after the read that fetched it began; XFetch refreshes it earlier."""
+    beta: float = 1.0
+    """XFetch's beta: above 1 refreshes earlier, below 1 later (0 refreshes only at expiry)."""
+    max_age: float = 3600.0
+    """While refreshes fail, the last good value is served for at most this long after it was fetched."""
+    cache_ttl: float | None = None
+    """The Redis TTL of the value when a refresh fills it (``None``: the cache's ``default_ttl``)."""
+
+    def __post_init__(self) -> None:
+        check_positive("refresh.ttl", self.ttl)
+        check_positive("refresh.max_age", self.max_age)
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 0:
+            raise ConfigError("refresh.beta", f"must be a number >= 0, got {self.beta!r}")
+        if self.cache_ttl is not None:
+            check_positive("refresh.cache_ttl", self.cache_ttl)
+
+
+def xfetch_due(now: float, expiry: float, delta: float, beta: float, rand: float) -> bool:
+    """XFetch: refresh early when ``now - delta * beta * ln(rand) >= expiry`` (``rand`` in (0, 1])."""
+    return now - delta * beta * math.log(rand) >= expiry
+
+
+class RefreshState:
+    """What a process holds for one refresh-ahead key, and the decisions about it (thread-safe, no I/O)."""
+
+    def __init__(self, key: str, options: RefreshOptions, *, clock: Callable[[], float] = time.monotonic,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.key = key
+        self.o = options
+        self.clock = clock
+        self.rand = rand
+        self.entry: P.Entry | None = None
+        self.fetched_at = 0.0
+        self.expiry = 0.0
+        self.delta = 0.0
+        self.due = False
+        self.always = False  # the L1 subscription is down: every read refreshes
+        self.inv = 0
+        self.refreshing = False
+        self._lock = threading.Lock()
+        self.refreshes = self.early_refreshes = self.failures = self.served_last_good = 0
+
+    def begin(self) -> tuple[int, float] | None:
+        """``None``: serve :attr:`entry`; otherwise refresh now (the token is for :meth:`success`)."""
+        with self._lock:
+            now = self.clock()
+            if self.entry is not None:
+                if self.refreshing:  # someone else in this process is refreshing: serve what we hold
+                    return None
+                if not (self.due or self.always or now >= self.expiry):
+                    if not xfetch_due(now, self.expiry, self.delta, self.o.beta, 1.0 - self.rand()):
+                        return None
+                    self.early_refreshes += 1
+            self.refreshing = True
+            return (self.inv, now)
+
+    def success(self, token: tuple[int, float], entry: P.Entry) -> None:
+        inv0, t0 = token
+        with self._lock:
+            now = self.clock()
+            self.entry = entry
+            self.fetched_at = t0
+            self.expiry = t0 + self.o.ttl
+            self.delta = max(0.0, now - t0)
+            self.due = self.inv != inv0  # invalidated while we read: the value may predate it
+            self.refreshing = False
+            self.refreshes += 1
+
+    def failure(self, exc: BaseException) -> P.Entry:
+        """The last good entry if it is young enough (logged), else re-raise ``exc``."""
+        with self._lock:
+            self.refreshing = False
+            self.failures += 1
+            entry = self.entry
+            age = self.clock() - self.fetched_at
+        if entry is None or age > self.o.max_age:
+            raise exc
+        self.served_last_good += 1
+        log.warning("cachesync refresh-ahead: refreshing %r failed (%s: %s); serving the last good value "
+                    "(%.1fs old, max_age %.1fs)", self.key, type(exc).__name__, exc, age, self.o.max_age)
+        return entry
+
+    def on_invalidate(self, keys: list[str] | None) -> None:
+        """L1 listener: the key was invalidated (or the L1 flushed): refresh on the next read."""
+        if keys is None or self.key in keys:
+            with self._lock:
+                self.inv += 1
+                self.due = True
+
+    def on_subscription(self, up: bool) -> None:
+        """L1 state listener: while the subscription is down, refresh on every read."""
+        self.always = not up
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``refreshes``, ``early_refreshes`` (XFetch), ``failures``, ``served_last_good``."""
+        return {"refreshes": self.refreshes, "early_refreshes": self.early_refreshes, "failures": self.failures,
+                "served_last_good": self.served_last_good}
+
+
+def refresh_flow(ctx: P.Context, st: RefreshState) -> P.Flow:
+    """Serve the held value, or refresh it by reading through (Redis, then the loader) first."""
+    token = st.begin()
+    if token is None:
+        assert st.entry is not None
+        return st.entry
+    try:
+        entry = yield from P.get_flow(ctx, st.key, st.o.cache_ttl)
+    except P.RedisDown as e:  # only with on_redis_error="fail"
+        return st.failure(e.cause)
+    except Exception as e:
+        return st.failure(e)
+    except BaseException:
+        st.refreshing = False
+        raise
+    st.success(token, entry)
+    return entry
+
+
+def _attach(cache: Any, st: RefreshState) -> None:
+    l1 = getattr(cache, "l1", None)
+    if l1 is not None:
+        l1.core.add_listener(st.on_invalidate)
+        l1.core.add_state_listener(st.on_subscription)
+        st.always = not l1.core.enabled
+
+
+class RefreshAhead:
+    """A refresh-ahead key on a :class:`cachesync.Cache`: ``plan = RefreshAhead(cache, "push:plan", load_plan)``,
+    then ``plan.get()`` on every use. ``options`` is a :class:`RefreshOptions` (or pass its fields as keywords);
+    ``clock`` and ``rand`` are injectable for tests."""
+
+    def __init__(self, cache: Any, key: str, loader: Callable[[], Any], options: RefreshOptions | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
+                 **kw: Any) -> None:
+        self.cache = cache
+        self.loader = loader
+        self.state = RefreshState(key, options or RefreshOptions(**kw), clock=clock, rand=rand)
+        cache.ctx.ekey(key)
+        _attach(cache, self.state)
+
+    def get_entry(self) -> P.Entry:
+        """The held entry, refreshed first when it is due (see the module docstring)."""
+        return self.cache._drive(refresh_flow(self.cache.ctx, self.state), self.loader)  # type: ignore
+
+    def get(self) -> Any:
+        """The value (never "no value" because of a cache miss)."""
+        return self.get_entry().value
+
+
+class AsyncRefreshAhead:
+    """:class:`RefreshAhead` for a :class:`cachesync.AsyncCache`; the loader may be a coroutine function."""
+
+    def __init__(self, cache: Any, key: str, loader: Callable[[], Any], options: RefreshOptions | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
+                 **kw: Any) -> None:
+        self.cache = cache
+        self.loader = loader
+        self.state = RefreshState(key, options or RefreshOptions(**kw), clock=clock, rand=rand)
+        cache.ctx.ekey(key)
+        _attach(cache, self.state)
+
+    async def get_entry(self) -> P.Entry:
+        """See :meth:`RefreshAhead.get_entry`."""
+        if self.cache.l1 is not None:
+            self.cache.l1.start()
+        return await self.cache._drive(refresh_flow(self.cache.ctx, self.state), self.loader)  # type: ignore
+
+    async def get(self) -> Any:
+        """See :meth:`RefreshAhead.get`."""
+        return (await self.get_entry()).value

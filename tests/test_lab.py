@@ -1,0 +1,216 @@
+"""The race lab: every scenario's verdict on SQLite + the embedded server, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cachesync.cli import main
+from cachesync.lab.embedded import EmbeddedServer, reap_orphans, start_server
+from cachesync.lab.scenarios import BY_ID, VARIANTS, ScenarioResult, closed_port, run_scenarios
+from cachesync.lab.stress import StressConfig, run_stress
+
+BACKENDS = ["embedded-sqlite", "postgresql", "mariadb"]
+
+
+@pytest.fixture(scope="session")
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = tmp_path_factory.mktemp("lab-runtime")
+    old = os.environ.get("CACHESYNC_LAB_RUNTIME_DIR")
+    os.environ["CACHESYNC_LAB_RUNTIME_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("CACHESYNC_LAB_RUNTIME_DIR", None)
+    else:
+        os.environ["CACHESYNC_LAB_RUNTIME_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def embedded(runtime_dir: Path) -> Iterator[EmbeddedServer]:
+    srv = start_server()
+    yield srv
+    srv.stop()
+
+
+def _urls(request: pytest.FixtureRequest, backend: str, tmp: Path) -> tuple[str, str]:
+    if backend == "embedded-sqlite":
+        return request.getfixturevalue("embedded").url, f"sqlite:///{tmp / 'lab.db'}"
+    db = request.getfixturevalue("pg_url" if backend == "postgresql" else "mysql_url")
+    return request.getfixturevalue("redis_url"), db
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def lab_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScenarioResult]:
+    redis_url, db_url = _urls(request, request.param, tmp_path_factory.mktemp("labdb"))
+    return {r.id: r for r in run_scenarios(redis_url, db_url)}
+
+
+@pytest.mark.parametrize("vid", [v.id for v in VARIANTS])
+def test_scenario_verdict(lab_results: dict[str, ScenarioResult], vid: str) -> None:
+    r = lab_results[vid]
+    assert r.verdict == BY_ID[vid].expected, "\n".join(map(str, r.steps))
+
+
+def test_every_group_has_unsafe_and_recommended(lab_results: dict[str, ScenarioResult]) -> None:
+    for g in range(1, 8):
+        roles = {r.role for r in lab_results.values() if r.group == g}
+        assert "recommended" in roles
+        assert roles & {"unsafe", "mitigation"}
+
+
+def test_scenario_details(lab_results: dict[str, ScenarioResult]) -> None:
+    res = lab_results
+    # 1a: the article's first table: DB 98, cache 99
+    assert (res["1a"].db_final, res["1a"].cache_final) == ("98", "99")
+    assert any("refused (older version)" in s.result for s in res["1b"].steps)
+    assert (res["2a"].db_final, res["2a"].cache_final) == ("0", "1")
+    assert (res["2c"].db_final, res["2c"].cache_final) == ("100", "99")
+    # 5: the lease is what refuses the old write-back
+    assert any(s.result.startswith("refused") for s in res["5b"].steps)
+    assert any(s.actor == "reader B" and s.result == "accepted" for s in res["5a"].steps)
+    # 6: the incident's null plan, and what the fixes cost
+    assert res["6a"].costs["no_plan"] == 1 and res["6d"].costs["no_plan"] == 2
+    assert res["6b"].costs["no_plan"] == res["6f"].costs["no_plan"] == 0
+    assert res["6e"].costs["db_reads"] > res["6a"].costs["db_reads"]
+    # 7: Redis unreachable during the delete
+    assert any("FAILED" in s.result for s in res["7a"].steps)
+    assert res["7a"].cache_final == "100" and res["7a"].db_final == "99"
+    for r in res.values():
+        assert [s.t for s in r.steps] == [f"T{i}" for i in range(1, len(r.steps) + 1)]
+
+
+def test_lab_cleans_up(embedded: EmbeddedServer, tmp_path: Path) -> None:
+    run_scenarios(embedded.url, f"sqlite:///{tmp_path / 'x.db'}", ["5"])
+    with redis.Redis.from_url(embedded.url) as r:
+        assert list(r.scan_iter(match="cs:lab*")) == []
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "x.db")
+    tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+    conn.close()
+    assert tables == []
+
+
+def test_embedded_server_runs_as_cache(embedded: EmbeddedServer) -> None:
+    with redis.Redis.from_url(embedded.url) as r:
+        cfg = r.config_get("*")
+    assert cfg["save"] == "" and cfg["appendonly"] == "no"
+    assert int(cfg["maxmemory"]) > 0 and cfg["maxmemory-policy"] == "allkeys-lru"
+    assert embedded.pidfile.exists()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_orphan_server_is_reaped(tmp_path: Path) -> None:
+    env = dict(os.environ, CACHESYNC_LAB_RUNTIME_DIR=str(tmp_path))
+    code = ("from cachesync.lab.embedded import start_server\n"
+            "import sys; s = start_server(); print(s.pid, flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as owner:
+        assert owner.stdout is not None
+        spid = int(owner.stdout.readline())
+        owner.send_signal(signal.SIGKILL)  # the lab "crashes": its server is left running
+        owner.wait()
+    assert _running(spid)
+    assert reap_orphans(tmp_path) == [spid]
+    assert list(tmp_path.glob("lab-server-*.json")) == []
+    for _ in range(500):
+        if not _running(spid):
+            break
+        import time
+
+        time.sleep(0.01)
+    assert not _running(spid)
+
+
+@pytest.fixture(scope="module")
+def stress_results(embedded: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    cfg = StressConfig(readers=6, writers=4, duration=0.8, keys=6, seed=7, delay_ms=2.0,
+                       strategies=("db_then_invalidate", "delete_then_db", "db_then_cache", "cache_then_db"))
+    db = f"sqlite:///{tmp_path_factory.mktemp('stress') / 's.db'}"
+    return {r.strategy: r for r in run_stress(embedded.url, db, cfg)}
+
+
+def test_stress_recommended_is_consistent(stress_results: dict[str, object]) -> None:
+    r = stress_results["db_then_invalidate"]
+    assert r.inconsistent_keys == 0  # type: ignore[attr-defined]
+    assert r.errors == 0 and r.reads > 0 and r.writes > 0  # type: ignore[attr-defined]
+
+
+def test_stress_unsafe_strategies_leave_inconsistent_keys(stress_results: dict[str, object]) -> None:
+    unsafe = [stress_results[s] for s in ("delete_then_db", "db_then_cache", "cache_then_db")]
+    assert sum(r.inconsistent_keys for r in unsafe) > 0  # type: ignore[attr-defined]
+    assert stress_results["delete_then_db"].stale_reads > 0  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_json_zero_config(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = set(runtime_dir.glob("lab-server-*.json"))
+    assert main(["lab", "--json", "--scenario", "5", "--scenario", "3b"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ids = [s["id"] for s in doc["scenarios"]]
+    assert ids == ["5a", "5b", "3b"]
+    for s in doc["scenarios"]:
+        assert {"id", "title", "strategy", "verdict", "db_final", "cache_final", "steps"} <= set(s)
+        assert s["verdict"] in ("consistent", "transient", "stale")
+        assert {"t", "actor", "action", "result", "db", "cache"} <= set(s["steps"][0])
+    assert [s["verdict"] for s in doc["scenarios"]] == ["stale", "consistent", "stale"]
+    assert set(runtime_dir.glob("lab-server-*.json")) == before  # its embedded server was stopped
+
+
+def test_cli_human_output_with_real_servers(redis_url: str, pg_url: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "--redis-url", redis_url, "--db-url", pg_url, "--scenario", "1", "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert "[1a]" in out and "verdict: STALE" in out and "verdict: CONSISTENT" in out and "Summary" in out
+
+
+def test_cli_stress_json_and_plot(runtime_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "s.png"
+    p = subprocess.run([sys.executable, "-m", "cachesync.cli", "lab", "stress", "--json", "--duration", "0.3",
+                        "--readers", "2", "--writers", "1", "--keys", "2",
+                        "--strategies", "db_then_invalidate,db_then_invalidate:plain", "--plot", str(png)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CACHESYNC_LAB_RUNTIME_DIR=str(runtime_dir)))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert [r["strategy"] for r in doc["results"]] == ["db_then_invalidate", "db_then_invalidate:plain"]
+    assert {"stale_reads", "longest_stale_ms", "inconsistent_keys", "db_loads"} <= set(doc["results"][0])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["lab", "--db-url", "oracle://scott@db/x"], "unknown scheme"),
+    (["lab", "--db-url", "nonsense"], "must look like"),
+    (["lab", "--redis-url", "http://x"], "must start with redis://"),
+    (["lab", "--scenario", "9z"], "unknown scenario"),
+    (["lab", "stress", "--strategies", "bogus"], "unknown strategy"),
+])
+def test_cli_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cachesync: error:" in err and message in err
+
+
+def test_cli_unreachable_servers(runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = closed_port()
+    assert main(["lab", "--redis-url", f"redis://127.0.0.1:{port}/0", "--db-url", f"sqlite:///{tmp_path}/a.db"]) == 2
+    assert "cannot reach Redis" in capsys.readouterr().err
+    assert main(["lab", "--db-url", f"postgresql://root@127.0.0.1:{port}/test"]) == 2
+    assert "cannot connect to database" in capsys.readouterr().err

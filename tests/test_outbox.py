@@ -1,0 +1,291 @@
+"""Outbox + relay end to end on SQLite, PostgreSQL and MariaDB (real servers, no mocks)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import cachesync
+from cachesync.db import connect
+from cachesync.outbox import Outbox, OutboxError
+from cachesync.outbox.relay import Relay
+from cachesync.rules import Rules
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/t.db"
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "mysql_url")
+
+
+@pytest.fixture
+def table() -> str:
+    return "cachesync_outbox_" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def outbox(db_url: str, table: str) -> Iterator[Outbox]:
+    ob = Outbox(table)
+    conn = connect(db_url)
+    ob.init(conn)
+    yield ob
+    ob.drop(conn)
+    conn.close()
+
+
+@pytest.fixture
+def app_table(db_url: str) -> Iterator[str]:
+    name = "users_" + uuid.uuid4().hex[:8]
+    conn = connect(db_url)
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
+    conn.commit()
+    yield name
+    cur.execute(f"DROP TABLE IF EXISTS {name}")
+    conn.commit()
+    conn.close()
+
+
+def fill(cache: cachesync.Cache, *keys: str) -> None:
+    for k in keys:
+        cache.set(k, "cached")
+
+
+def invalidated(cache: cachesync.Cache, key: str) -> bool:
+    e = cache.peek(key)
+    return e is not None and "ti" in e and "v" not in e
+
+
+def test_commit_invalidates_via_relay(db_url, outbox, app_table, cache):
+    fill(cache, "user:1", "user:2")
+    conn = connect(db_url)
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {app_table} (id, email, version) VALUES (1, 'a@x', 1)")
+    outbox.record(conn, "user:1", version=1)
+    conn.commit()
+    relay = Relay(db_url, cache, table=outbox.table)
+    assert relay.drain() == 1
+    assert invalidated(cache, "user:1")
+    assert cache.peek("user:2")["v"]
+    assert outbox.pending(conn) == 0
+    relay.close()
+    conn.close()
+
+
+def test_rollback_records_nothing(db_url, outbox, app_table, cache):
+    fill(cache, "user:1")
+    conn = connect(db_url)
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {app_table} (id, email, version) VALUES (1, 'a@x', 1)")
+    outbox.record(conn, "user:1")
+    conn.rollback()
+    assert outbox.pending(conn) == 0
+    relay = Relay(db_url, cache, table=outbox.table)
+    assert relay.drain() == 0
+    assert cache.peek("user:1")["v"]
+    relay.close()
+    conn.close()
+
+
+def test_key_column_change_invalidates_old_and_new_and_fans_out(db_url, table, cache):
+    rules = Rules({"users": ["user:{id}", "user_by_email:{email}", "users:count"]})
+    ob = Outbox(table, rules=rules)
+    conn = connect(db_url)
+    ob.init(conn)
+    keys = ["user:1", "user_by_email:old@x", "user_by_email:new@x", "users:count"]
+    fill(cache, *keys, "user:2")
+    got = ob.record_change(conn, "users", {"id": 1, "email": "old@x"}, {"id": 1, "email": "new@x"})
+    assert sorted(got) == sorted(keys)
+    assert ob.record_change(conn, "not_ruled", None, {"id": 1}) == []
+    conn.commit()
+    relay = Relay(db_url, cache, table=table)
+    assert relay.drain() == 1
+    assert all(invalidated(cache, k) for k in keys)
+    assert not invalidated(cache, "user:2")
+    relay.close()
+    ob.drop(conn)
+    conn.close()
+
+
+def test_delayed_double_delete_is_durable(db_url, outbox, cache):
+    conn = connect(db_url)
+    outbox.record(conn, "k:1", again_after=3600)  # the second delete is far in the future
+    conn.commit()
+    fill(cache, "k:1")
+    r1 = Relay(db_url, cache, table=outbox.table)
+    assert r1.drain() == 1
+    assert invalidated(cache, "k:1")
+    assert outbox.pending(conn) == 1  # the delayed row waits, durably
+    r1.close()  # "crash": a new relay takes over
+    fill(cache, "k:1")  # a stale value written back between the two deletes
+    cur = conn.cursor()
+    cur.execute(f"UPDATE {outbox.table} SET run_at = 1")  # its time has come
+    conn.commit()
+    r2 = Relay(db_url, cache, table=outbox.table)
+    assert r2.drain() == 1
+    assert invalidated(cache, "k:1")
+    assert outbox.pending(conn) == 0
+    r2.close()
+    conn.close()
+
+
+def test_delayed_row_runs_when_due(db_url, outbox, cache):
+    conn = connect(db_url)
+    outbox.record(conn, "k:2", delay=0.2)
+    conn.commit()
+    fill(cache, "k:2")
+    stop = threading.Event()
+    relay = Relay(db_url, cache, table=outbox.table)
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        wait_for(lambda: invalidated(cache, "k:2"), what="the delayed invalidation")
+    finally:
+        stop.set()
+        t.join()
+    conn.close()
+
+
+def test_bad_input_is_named(db_url):
+    with pytest.raises(OutboxError, match="table name"):
+        Outbox("bad name; drop")
+    ob = Outbox()
+    conn = connect(db_url)
+    with pytest.raises(OutboxError, match="at least one"):
+        ob.record(conn)
+    with pytest.raises(OutboxError, match="again_after"):
+        ob.record(conn, "k", again_after=-1)
+    with pytest.raises(cachesync.InvalidKeyError):
+        ob.record(conn, "")
+    with pytest.raises(OutboxError, match="rules"):
+        ob.record_change(conn, "users", None, {"id": 1})
+    conn.close()
+
+
+def test_several_relays_share_the_work(db_url, outbox, cache):
+    if db_url.startswith("sqlite"):
+        pass  # SQLite relays share through the lease column
+    conn = connect(db_url)
+    n = 600
+    for i in range(0, n, 100):
+        for j in range(i, i + 100):
+            outbox.record(conn, f"s:{j}")
+        conn.commit()
+    done = []
+    lock = threading.Lock()
+    relays = [Relay(db_url, cache, table=outbox.table, batch_size=20,
+                    on_batch=lambda k, r=r: (lock.acquire(), done.append((r, k)), lock.release()))
+              for r in range(3)]
+    stop = threading.Event()
+    ts = [threading.Thread(target=r.run, args=(stop,)) for r in relays]
+    for t in ts:
+        t.start()
+    try:
+        wait_for(lambda: outbox.pending(conn) == 0, what="an empty outbox")
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    assert sum(k for _, k in done) == n  # each row delivered once when no relay crashed
+    assert all(invalidated(cache, f"s:{j}") for j in range(0, n, 37))
+    conn.close()
+
+
+# ---------------------------------------------------------------- Redis unreachable (a private redis-server)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of our own (never the shared one on 6379), stopped and restarted by the test."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="cs-redis-")
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server not installed")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--save", "", "--appendonly", "no",
+                                      "--dir", self.dir], stdout=subprocess.DEVNULL)
+        import redis
+
+        def up() -> bool:
+            try:
+                return bool(redis.Redis(port=self.port).ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(up, 10, "private redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    pr = PrivateRedis()
+    pr.start()
+    yield pr
+    pr.close()
+
+
+def test_redis_unreachable_then_back(db_url, outbox, private_redis, namespace):
+    cache = cachesync.Cache(private_redis.url, namespace=namespace, tombstone_ttl=600, socket_timeout=0.5,
+                            connect_timeout=0.5)
+    failed = threading.Event()
+    relay = Relay(db_url, cache, table=outbox.table, max_backoff=0.2, on_error=lambda e: failed.set())
+    stop = threading.Event()
+    private_redis.stop()
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        conn = connect(db_url)
+        for i in range(300):
+            outbox.record(conn, f"u:{i}", f"v:{i}", version=i + 1)
+            if i % 50 == 49:
+                conn.commit()
+        conn.commit()
+        failed.wait(30)
+        assert failed.is_set()
+        assert outbox.pending(conn) == 300  # nothing lost while Redis is down
+        private_redis.start()
+        wait_for(lambda: outbox.pending(conn) == 0, what="the relay to drain after Redis came back")
+    finally:
+        stop.set()
+        t.join()
+    assert all(invalidated(cache, f"u:{i}") and invalidated(cache, f"v:{i}") for i in range(300))
+    assert cache.peek("u:7")["fl"] == b"8" or cache.peek("u:7")["fl"] in ("8", 8)
+    cache.close()
+    conn.close()

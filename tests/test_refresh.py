@@ -1,0 +1,164 @@
+"""Refresh-ahead: the push-service incident replayed, last-good on failure, XFetch (real Redis, fake clocks)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import cachesync
+from cachesync import NOT_FOUND
+from cachesync.errors import ConfigError
+from cachesync.refresh import AsyncRefreshAhead, RefreshAhead, RefreshOptions, RefreshState, xfetch_due
+
+
+def wait_for(cond: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_xfetch_decision() -> None:
+    # delta 1 s, beta 1, expiry at t=100: at t=99 a draw with ln(rand) = -2 refreshes, one with ln = -0.1 does not
+    assert xfetch_due(99.0, 100.0, 1.0, 1.0, 0.1353)
+    assert not xfetch_due(99.0, 100.0, 1.0, 1.0, 0.905)
+    assert xfetch_due(100.0, 100.0, 1.0, 0.0, 0.999)  # beta 0: exactly at expiry
+    assert not xfetch_due(99.99, 100.0, 1.0, 0.0, 1e-9)
+
+
+def test_xfetch_spreads_early_refreshes() -> None:
+    """Many processes holding the same key refresh at different times before expiry, not in one wave."""
+    import random
+
+    rng = random.Random(7)
+    times = []
+    for _ in range(1000):
+        t = 0.0
+        while not xfetch_due(t, 60.0, 0.5, 1.0, 1.0 - rng.random()):
+            t += 0.01
+        times.append(t)
+    assert max(times) <= 60.0
+    assert min(times) < 59.0 and len({round(t, 1) for t in times}) > 20
+
+
+def test_refresh_options_validated() -> None:
+    for kw, name in (({"ttl": 0}, "refresh.ttl"), ({"beta": -1}, "refresh.beta"), ({"max_age": "x"}, "refresh.max_age")):
+        with pytest.raises(ConfigError, match=name):
+            RefreshOptions(**kw)  # type: ignore[arg-type]
+
+
+def test_push_incident_replayed_never_a_null_plan(redis_url: str, namespace: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Config service deletes the cache, then updates the DB; the push service's refresh reads through."""
+    db = {"plan": {"id": 1}}
+    db_up = threading.Event()
+    db_up.set()
+
+    def load_plan() -> object:
+        if not db_up.is_set():
+            raise ConnectionError("database unavailable")
+        return dict(db["plan"])
+
+    clock = FakeClock()
+    config = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    push = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    try:
+        assert push.l1 is not None and push.l1.wait_ready(5)
+        plan = RefreshAhead(push, "plan", load_plan, ttl=300.0, max_age=600.0, clock=clock, rand=lambda: 0.5)
+        served: list[object] = []
+
+        def use() -> None:
+            v = plan.get()
+            assert v is not None and v is not NOT_FOUND, "null plan served"
+            served.append(v)
+
+        use()
+        # 1. the incident's order: delete the cache entry, (window), update the database
+        msgs = push.l1.core.messages
+        with config.write("plan", strategy="delete_then_db"):
+            wait_for(lambda: push.l1.core.messages > msgs, "the delete to reach the push service")  # type: ignore
+            use()  # in the window: the old design read a miss here; we read through to the DB
+            use()
+            db["plan"] = {"id": 2}
+        use()
+        # 2. the safe order converges at once
+        msgs = push.l1.core.messages
+        with config.write("plan"):
+            db["plan"] = {"id": 3}
+        wait_for(lambda: push.l1.core.messages > msgs, "the invalidation to reach the push service")  # type: ignore
+        use()
+        assert served[-1] == {"id": 3}
+        # 3. the database is down while a refresh is due: the last good plan is served, with a log line
+        msgs = push.l1.core.messages
+        config.invalidate("plan")
+        wait_for(lambda: push.l1.core.messages > msgs, "the invalidation")  # type: ignore
+        db_up.clear()
+        with caplog.at_level(logging.WARNING, logger="cachesync.refresh"):
+            use()
+        assert served[-1] == {"id": 3} and "serving the last good value" in caplog.text
+        # 4. ... but only up to max_age
+        clock.t += 601.0
+        with pytest.raises(ConnectionError):
+            plan.get()
+        db_up.set()
+        use()
+        assert all(v is not None for v in served)
+        assert plan.state.stats["served_last_good"] == 1
+    finally:
+        config.close()
+        push.close()
+
+
+def test_refresh_reads_through_on_a_cache_miss_and_refreshes_early(cache: cachesync.Cache) -> None:
+    clock = FakeClock()
+    draws = iter([1e-6, 1e-6, 0.9999])  # XFetch uses ln(1 - rand): ~0, ~0, then -9.2
+    calls = [0]
+
+    def loader() -> str:
+        calls[0] += 1
+        clock.t += 0.5  # the load takes 0.5 s: delta
+        return f"v{calls[0]}"
+
+    plan = RefreshAhead(cache, "cfg", loader, ttl=10.0, clock=clock, rand=lambda: next(draws))
+    assert plan.get() == "v1"  # miss in Redis: read through and fill
+    assert cache.peek("cfg")["value"] == "v1"  # type: ignore[index]
+    clock.t = 9.0
+    assert plan.get() == "v1"  # not yet
+    cache.invalidate("cfg")  # no L1 here: only the clock drives refreshes
+    assert plan.get() == "v1"
+    assert plan.get() == "v2"  # 9 + 0.5 * 9.2 >= 10.5: XFetch refreshes before expiry
+    assert plan.state.stats["early_refreshes"] == 1
+
+
+def test_state_keeps_due_when_invalidated_during_refresh() -> None:
+    st = RefreshState("k", RefreshOptions(ttl=10.0), clock=FakeClock(), rand=lambda: 0.5)
+    tok = st.begin()
+    assert tok is not None
+    st.on_invalidate(["k"])
+    from cachesync.protocol import Entry
+
+    st.success(tok, Entry("old"))
+    assert st.due and st.begin() is not None
+
+
+async def test_async_refresh_ahead(acache: cachesync.AsyncCache) -> None:
+    async def loader() -> str:
+        return "v"
+
+    plan = AsyncRefreshAhead(acache, "cfg", loader, ttl=10.0)
+    assert await plan.get() == "v"
+    assert await plan.get() == "v"
+    assert plan.state.stats["refreshes"] == 1

@@ -1,0 +1,133 @@
+"""SQLAlchemy integration on the three databases: Connection/Session record(), automatic ORM invalidations,
+bulk update()/delete(), rollback records nothing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Integer, String, create_engine, delete, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from cachesync.outbox import Outbox, OutboxError
+from cachesync.outbox.relay import Relay
+from cachesync.outbox.sqlalchemy import OutboxSync, record
+from cachesync.rules import Rules
+from test_outbox import db_url, invalidated  # noqa: F401
+
+SUFFIX = uuid.uuid4().hex[:8]
+USERS = f"sa_users_{SUFFIX}"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = USERS
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+def sa_url(url: str) -> str:
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("mysql://"):
+        return "mysql+pymysql://" + url.split("://", 1)[1]
+    return url
+
+
+@pytest.fixture
+def env(db_url, cache) -> Iterator[tuple]:  # noqa: F811
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:10]
+    ob = Outbox(table)
+    engine = create_engine(sa_url(db_url))
+    with engine.connect() as c:
+        ob.init(c.connection.dbapi_connection)
+    Base.metadata.create_all(engine)
+    rules = Rules({USERS: {"keys": ["user:{id}", "user_by_email:{email}", "users:count"], "version": "version"}})
+    sync = OutboxSync(rules, ob)
+    relay = Relay(db_url, cache, table=table)
+    yield engine, sync, ob, relay
+    relay.close()
+    Base.metadata.drop_all(engine)
+    with engine.connect() as c:
+        ob.drop(c.connection.dbapi_connection)
+    engine.dispose()
+
+
+def fill(cache, *keys):
+    for k in keys:
+        cache.set(k, "v")
+
+
+def test_record_on_connection_and_session(env, cache):
+    engine, sync, ob, relay = env
+    fill(cache, "a", "b", "c")
+    with engine.begin() as conn:
+        record(conn, "a", version=3, outbox=ob)
+    with Session(engine) as s, s.begin():
+        record(s, "b", outbox=ob)
+    with Session(engine) as s:
+        record(s, "c", outbox=ob)
+        s.rollback()
+    assert relay.drain() == 2
+    assert invalidated(cache, "a") and invalidated(cache, "b") and not invalidated(cache, "c")
+
+
+def test_orm_changes_recorded_automatically(env, cache):
+    engine, sync, ob, relay = env
+    sync.install(Session)
+    try:
+        with Session(engine) as s, s.begin():
+            s.add(User(id=1, email="old@x", version=1))
+        assert relay.drain() == 1
+        fill(cache, "user:1", "user_by_email:old@x", "user_by_email:new@x", "users:count")
+        with Session(engine) as s, s.begin():
+            u = s.get(User, 1)
+            u.email = "new@x"
+            u.version = 2
+        assert relay.drain() == 1
+        assert all(invalidated(cache, k) for k in ["user:1", "user_by_email:old@x", "user_by_email:new@x",
+                                                   "users:count"])
+        fill(cache, "user:1")
+        with Session(engine) as s:  # rolled back: nothing recorded
+            s.get(User, 1).email = "zzz@x"
+            s.flush()
+            s.rollback()
+        assert relay.drain() == 0 and not invalidated(cache, "user:1")
+        with Session(engine) as s, s.begin():
+            s.delete(s.get(User, 1))
+        assert relay.drain() == 1 and invalidated(cache, "user:1")
+    finally:
+        sync.uninstall(Session)
+
+
+def test_bulk_update_and_delete(env, cache):
+    engine, sync, ob, relay = env
+    with Session(engine) as s, s.begin():
+        s.add_all([User(id=i, email=f"u{i}@x", version=1) for i in range(1, 4)])
+    sync.install(Session)
+    try:
+        relay.drain()
+        fill(cache, "user:1", "user:2", "user:3", "user_by_email:u1@x", "user_by_email:moved@x")
+        with Session(engine) as s, s.begin():
+            s.execute(update(User).where(User.id == 1).values(email="moved@x", version=User.version + 1))
+        relay.drain()
+        assert invalidated(cache, "user_by_email:u1@x") and invalidated(cache, "user_by_email:moved@x")
+        assert not invalidated(cache, "user:2")
+        with Session(engine) as s, s.begin():
+            s.execute(delete(User).where(User.id >= 2))
+        relay.drain()
+        assert invalidated(cache, "user:2") and invalidated(cache, "user:3")
+        with Session(engine) as s, s.begin(), pytest.raises(OutboxError, match="SQL expression"):
+            s.execute(update(User).values(email=User.email + "x"))
+        fill(cache, "custom")
+        with Session(engine) as s, s.begin():
+            s.execute(update(User).values(email=User.email + "x").execution_options(cachesync_keys=["custom"]))
+        relay.drain()
+        assert invalidated(cache, "custom")
+    finally:
+        sync.uninstall(Session)

@@ -1,0 +1,118 @@
+"""Workers on both buses: retries with exponential backoff, dead letters with the reason, takeover of a dead
+consumer's messages, rule fan-out, and outbox -> relay -> bus -> worker end to end."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import cachesync
+from cachesync.bus import Bus, Delivery, Invalidation
+from cachesync.bus.worker import Worker
+from cachesync.db import connect
+from cachesync.outbox import Outbox
+from cachesync.outbox.relay import Relay
+from cachesync.rules import Rules
+from test_outbox import free_port, invalidated, wait_for
+
+RULES = Rules({"users": ["user:{id}", "user_by_email:{email}", "users:count"]})
+
+
+@pytest.fixture(params=["redis", "nats"])
+def bus(request) -> Iterator[Bus]:
+    name = "csw" + uuid.uuid4().hex[:10]
+    if request.param == "redis":
+        from cachesync.bus.redis_streams import RedisStreamsBus
+
+        b: Bus = RedisStreamsBus(request.getfixturevalue("redis_url"), name, claim_idle=0.3)
+    else:
+        from cachesync.bus.nats_jetstream import NatsJetStreamBus
+
+        b = NatsJetStreamBus(request.getfixturevalue("nats_url"), name, claim_idle=0.3)
+    yield b
+    b.destroy()
+    b.close()
+
+
+def drain(w: Worker, until) -> None:
+    wait_for(lambda: (w.run_once(0.1), until())[1], 30, "the worker")
+
+
+def test_fan_out_through_rules(bus, cache):
+    keys = ["user:1", "user_by_email:old@x", "user_by_email:new@x", "users:count", "extra"]
+    for k in keys:
+        cache.set(k, "v")
+    bus.publish([Invalidation(table="users", old={"id": 1, "email": "old@x"}, new={"id": 1, "email": "new@x"}),
+                 Invalidation(("extra",), "5")])
+    w = Worker(bus, cache, RULES, group="g")
+    drain(w, lambda: w.stats["messages"] == 2)
+    assert all(invalidated(cache, k) for k in keys)
+    assert w.stats["keys"] == 5
+
+
+def test_retry_with_backoff_then_dead_letter(bus, namespace):
+    down = cachesync.Cache(f"redis://127.0.0.1:{free_port()}/0", namespace=namespace, connect_timeout=0.2,
+                           socket_timeout=0.2)
+    retries: list[tuple[int, float]] = []
+    dead: list[tuple[Delivery, str]] = []
+    w = Worker(bus, down, group="g", max_attempts=3, backoff=0.01, max_backoff=1.0,
+               on_retry=lambda d, delay, e: retries.append((d.attempts, delay)),
+               on_dead=lambda d, reason: dead.append((d, reason)))
+    bus.publish([Invalidation(("k1",))])
+    drain(w, lambda: bool(dead))
+    assert retries == [(1, 0.01), (2, 0.02)]  # exponential
+    (dl,) = bus.dead_letters()
+    assert dl.message.keys == ("k1",) and dl.attempts == 3
+    assert "InvalidationError after 3 attempts" in dl.reason and "k1" in dl.reason
+    down.close()
+
+
+def test_unusable_message_dead_lettered_at_once(bus, cache):
+    w = Worker(bus, cache, RULES, group="g")
+    bus.publish([Invalidation(table="users", new={"email": "no-id@x"})])  # rule needs {id}
+    drain(w, lambda: w.stats["dead"] == 1)
+    (dl,) = bus.dead_letters()
+    assert "RuleError" in dl.reason and "id" in dl.reason
+
+
+def test_takeover_of_dead_consumer(bus, cache):
+    cache.set("t:1", "v")
+    bus.publish([Invalidation(("t:1",))])
+    assert len(bus.consume("g", "dead-consumer", 10, 2.0)) == 1  # taken, never acked
+    w = Worker(bus, cache, group="g", consumer="heir")
+    drain(w, lambda: w.stats["messages"] == 1)
+    assert invalidated(cache, "t:1")
+
+
+def test_outbox_relay_bus_worker_end_to_end(bus, pg_url, cache):
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:10]
+    ob = Outbox(table)
+    conn = connect(pg_url)
+    ob.init(conn)
+    for i in range(50):
+        cache.set(f"e:{i}", "v")
+        ob.record(conn, f"e:{i}", version=i)
+    conn.commit()
+    relay = Relay(pg_url, bus=bus, table=table)
+    assert relay.drain() == 50
+    assert not invalidated(cache, "e:0")  # published, not applied by the relay
+    w = Worker(bus, cache, group="g")
+    drain(w, lambda: w.stats["messages"] == 50)
+    assert all(invalidated(cache, f"e:{i}") for i in range(50))
+    relay.close()
+    ob.drop(conn)
+    conn.close()
+
+
+def test_worker_run_stops(bus, cache):
+    w = Worker(bus, cache, group="g")
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, args=(stop, 0.05))
+    t.start()
+    bus.publish([Invalidation(("s:1",))])
+    wait_for(lambda: w.stats["messages"] == 1, 30, "the worker")
+    stop.set()
+    t.join()
