@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
+import cachesync
+
 pytest_plugins = ["conftest_services"]
 
 
@@ -25,8 +27,7 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def cache(redis_url: str, namespace: str) -> Iterator["cachesync.Cache"]:  # noqa: F821
-    import cachesync
+def cache(redis_url: str, namespace: str) -> Iterator[cachesync.Cache]:
 
     c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
     yield c
@@ -34,8 +35,7 @@ def cache(redis_url: str, namespace: str) -> Iterator["cachesync.Cache"]:  # noq
 
 
 @pytest.fixture
-async def acache(redis_url: str, namespace: str) -> AsyncIterator["cachesync.AsyncCache"]:  # noqa: F821
-    import cachesync
+async def acache(redis_url: str, namespace: str) -> AsyncIterator[cachesync.AsyncCache]:
 
     c = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0)
     yield c

@@ -23,6 +23,7 @@ from .options import CacheOptions
 from .scripts import SCRIPTS
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+_RETRY: Any = object()
 
 AsyncScheduler = Callable[[float, Callable[[], Awaitable[None]]], Any]
 
@@ -62,7 +63,7 @@ class AsyncCache:
             self._owns_client = False
         self.redis = client
         self.ctx = P.Context(self.options, cluster=type(client).__name__ == "RedisCluster")
-        self._flights: dict[str, asyncio.Future[P.Entry]] = {}
+        self._flights: dict[str, list[asyncio.Future[P.Entry]]] = {}
         self._fallback: asyncio.Semaphore | None = None
         self._scheduler = scheduler
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,20 +161,32 @@ class AsyncCache:
     async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry]]) -> P.Entry:
         if not self.options.singleflight:
             return await fn()
-        fut = self._flights.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = self._flights[key] = asyncio.get_running_loop().create_future()
+        waiters = self._flights.get(key)
+        if waiters is not None:
+            # a follower waits on a future of its own: cancelling it never cancels the leader or the others
+            w: asyncio.Future[P.Entry] = asyncio.get_running_loop().create_future()
+            waiters.append(w)
+            res = await w
+            if res is _RETRY:  # the leader was cancelled: one of us leads now
+                return await self._single(key, fn)
+            return res
+        waiters = self._flights[key] = []
         try:
             res = await fn()
-            fut.set_result(res)
-            return res
         except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved: followers re-raise it, nobody may be waiting
-            raise
-        finally:
             del self._flights[key]
+            for w in waiters:
+                if not w.done():
+                    if isinstance(e, asyncio.CancelledError):
+                        w.set_result(_RETRY)
+                    else:
+                        w.set_exception(e)
+            raise
+        del self._flights[key]
+        for w in waiters:
+            if not w.done():
+                w.set_result(res)
+        return res
 
     # ------------------------------------------------------------------ reads
 

@@ -29,7 +29,7 @@ def check_key(key: object, max_bytes: int) -> str:
 def entry_key(ns: str, key: str) -> str:
     """The Redis hash holding ``key``'s entry."""
     if "{" in key or "}" in key:
-        tag = "#" + hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        tag = "#" + hashlib.sha1(key.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[:16]
         return f"cs:{ns}:{{{tag}}}{key}"
     return f"cs:{ns}:{{{key}}}"
 

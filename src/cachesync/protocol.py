@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .errors import CacheUnavailableError, InvalidationError, SerializationError, UnknownStrategyError, UsageError
+from .errors import InvalidationError, SerializationError, UnknownStrategyError, UsageError
 from .errors import ValueTooLargeError
 from .keys import channel, check_key, entry_key, group_by_slot, wake_key
 from .options import CacheOptions, check_positive
@@ -197,21 +197,21 @@ class Strategy:
     summary: str
 
 
-I, SV, SP = Step.INVALIDATE, Step.SET_VERSIONED, Step.SET_PLAIN
+INV, SV, SP = Step.INVALIDATE, Step.SET_VERSIONED, Step.SET_PLAIN
 
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("db_then_invalidate", (), (I,), (), (I,), True,
+        Strategy("db_then_invalidate", (), (INV,), (), (INV,), True,
                  "Update the database, then invalidate (default). With leases no reader can write back a value "
                  "it loaded before the commit. Safe for every key."),
-        Strategy("db_then_set_versioned", (), (SV,), (), (I,), True,
+        Strategy("db_then_set_versioned", (), (SV,), (), (INV,), True,
                  "Update the database, then store the new value guarded by its version (a write-heavy key stays "
                  "warm). Safe when every write supplies a monotonically increasing version."),
-        Strategy("delayed_double_delete", (I,), (), (I,), (I,), False,
+        Strategy("delayed_double_delete", (INV,), (), (INV,), (INV,), False,
                  "Delete, update the database, delete again after double_delete_delay. Narrows the "
                  "delete-then-update window; correct only if the delay exceeds every reader's load time."),
-        Strategy("delete_then_db", (I,), (), (), (), False,
+        Strategy("delete_then_db", (INV,), (), (), (), False,
                  "UNSAFE: delete, then update the database. A reader between the two re-caches the old row "
                  "until the TTL."),
         Strategy("cache_then_db", (SP,), (), (), (), False,
@@ -262,7 +262,7 @@ def encode_version(v: Any) -> str:
         return str(v)
     if isinstance(v, _dt.datetime):
         if v.tzinfo is None:
-            v = v.replace(tzinfo=_dt.timezone.utc)
+            v = v.replace(tzinfo=_dt.UTC)
         return str(int(v.timestamp() * 1_000_000))
     if isinstance(v, str):
         try:
@@ -500,7 +500,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
             for group in _groups(ctx, [eks[i] for i in pending]):
                 idxs = [pending[j] for j in group]
                 reply = yield Eval("get", _interleave([eks[i] for i in idxs]), args)
-                for i, r in zip(idxs, parse_get(reply)):
+                for i, r in zip(idxs, parse_get(reply), strict=True):
                     k = ukeys[i]
                     if r.code == HIT:
                         result[k] = _hit(ctx, k, r)
@@ -555,7 +555,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
                     except RedisDown:
                         ctx.stats["redis_errors"] += 1
                         codes = [0] * len(idxs)
-                    for i, c in zip(idxs, codes):
+                    for i, c in zip(idxs, codes, strict=True):
                         ok = int(c) == 1
                         ctx.stats["fills" if ok else "fills_refused"] += 1
                         k = ukeys[i]
@@ -686,7 +686,7 @@ def peek_flow(ctx: Context, key: str) -> Flow:
     """Read an entry's raw state without taking a lease (for audits and the lab)."""
     ek = ctx.ekey(key)
     reply = yield Eval("peek", [ek], [])
-    fields = dict(zip(reply[::2], reply[1::2]))
+    fields = dict(zip(reply[::2], reply[1::2], strict=True))
     if not fields:
         return None
     out: dict[str, Any] = {}

@@ -25,7 +25,7 @@ def _load() -> dict[str, Script]:
     base = resources.files("cachesync") / "lua"
     for name in NAMES:
         src = (base / f"{name}.lua").read_text(encoding="utf-8")
-        out[name] = Script(name, src, hashlib.sha1(src.encode()).hexdigest())
+        out[name] = Script(name, src, hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest())
     return out
 
 

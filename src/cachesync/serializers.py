@@ -72,7 +72,7 @@ class PickleSerializer:
         return pickle.loads(data)  # noqa: S301 - explicitly chosen by the user
 
 
-_BY_NAME = {"json": JsonSerializer, "msgpack": MsgpackSerializer, "pickle": PickleSerializer}
+_BY_NAME: dict[str, type] = {"json": JsonSerializer, "msgpack": MsgpackSerializer, "pickle": PickleSerializer}
 
 
 def resolve_serializer(spec: str | Serializer) -> Serializer:
@@ -85,7 +85,8 @@ def resolve_serializer(spec: str | Serializer) -> Serializer:
         except KeyError:
             raise ConfigError("serializer", f"unknown serializer {spec!r}; known: json, msgpack, pickle") from None
         try:
-            return cls()  # type: ignore[no-any-return]
+            out: Serializer = cls()  # type: ignore[assignment]
+            return out
         except ImportError as e:
             raise ConfigError("serializer", f"{spec!r} needs a package that is not installed: {e}") from e
     if not (callable(getattr(spec, "dumps", None)) and callable(getattr(spec, "loads", None))):
