@@ -67,3 +67,24 @@ class KeyTemplate:
 
 def wraps(fn: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return functools.wraps(fn)
+
+
+def client_url(client: Any) -> str:
+    """A password-free description of a given redis-py client for error messages.
+
+    ``redis://host:port/db`` (or ``unix://path``) for a plain client, ``redis-cluster://host:port,host:port``
+    (the known primaries, or the startup nodes before the first command) for a ``RedisCluster``.
+    """
+    try:
+        if type(client).__name__ == "RedisCluster":
+            nodes = [n.name for n in client.get_primaries()] if client.get_nodes() else []
+            if not nodes:
+                nodes = list(getattr(client.nodes_manager, "startup_nodes", None) or [])
+                nodes = [n if isinstance(n, str) else getattr(n, "name", str(n)) for n in nodes]
+            return "redis-cluster://" + ",".join(sorted(nodes)) if nodes else "redis-cluster://"
+        kw = client.connection_pool.connection_kwargs
+        if kw.get("path"):
+            return f"unix://{kw['path']}"
+        return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    except Exception:  # an unusual client: still give a useful message
+        return f"redis ({type(client).__name__} given)"

@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
-from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, log, redact_url, wraps
+from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, client_url, log, redact_url, wraps
 from .errors import CacheUnavailableError, InvalidationError, UsageError
 from .l1 import L1Options
 from .l1_async import L1Async
@@ -59,7 +59,7 @@ class AsyncCache:
             client = aredis.Redis.from_pool(pool)
             self._owns_client = True
         else:
-            self.url = "redis (client given)"
+            self.url = client_url(client)
             self._owns_client = False
         self.redis = client
         self.ctx = P.Context(self.options, cluster=type(client).__name__ == "RedisCluster")
@@ -78,7 +78,11 @@ class AsyncCache:
         try:
             return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self.redis.execute_command("SCRIPT", "LOAD", s.source)
+            if self.ctx.cluster:  # load it on the primary that owns the keys' slot (where EVALSHA ran)
+                await self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes=self.redis.get_node_from_key(
+                    keys[0]) if keys else self.redis.PRIMARIES)
+            else:
+                await self.redis.execute_command("SCRIPT", "LOAD", s.source)
             return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
 
     async def _wait(self, eff: P.Wait) -> float:

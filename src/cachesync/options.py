@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -69,8 +69,6 @@ class CacheOptions:
     (costs ~25 % on the hit path, see docs/benchmarks.md)."""
     wake_ttl: float = 10.0
     """TTL of the list that wakes waiters after a fill (internal housekeeping)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Reserved."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not NAMESPACE_RE.match(self.namespace):
@@ -107,7 +105,7 @@ class CacheOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         for k in kwargs:
             if k not in known:
-                raise ConfigError(k, f"unknown option; known options: {', '.join(sorted(known - {'extra'}))}")
+                raise ConfigError(k, f"unknown option; known options: {', '.join(sorted(known))}")
         return cls(**kwargs)
 
 

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
-from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, log, redact_url, wraps
+from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, client_url, log, redact_url, wraps
 from .errors import CacheUnavailableError, InvalidationError
 from .l1 import L1Options
 from .l1_sync import L1Sync
@@ -71,8 +71,7 @@ class Cache:
             client = redis.Redis.from_pool(pool)
             self._owns_client = True
         else:
-            self.url = redact_url(str(getattr(client, "connection_pool", None) and
-                                      client.connection_pool.connection_kwargs.get("host", "redis") or "redis"))
+            self.url = client_url(client)
             self._owns_client = False
         self.redis = client
         cluster = type(client).__name__ == "RedisCluster"
@@ -93,8 +92,11 @@ class Cache:
         try:
             return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
         except NoScriptError:
-            self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes="all") \
-                if self.ctx.cluster else self.redis.execute_command("SCRIPT", "LOAD", s.source)
+            if self.ctx.cluster:  # load it on the primary that owns the keys' slot (where EVALSHA ran)
+                self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes=self.redis.get_node_from_key(
+                    keys[0]) if keys else self.redis.PRIMARIES)
+            else:
+                self.redis.execute_command("SCRIPT", "LOAD", s.source)
             return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
 
     def _wait(self, eff: P.Wait) -> float:
