@@ -154,6 +154,11 @@ class PrivatePostgres:
             except ProcessLookupError:
                 pass
         _poll(lambda: not any(_pid_alive(p) for p in procs), 30, "the killed PostgreSQL processes to exit")
+        # the dead postmaster may linger as a zombie (no reaping init in containers), which PostgreSQL's
+        # stale-lock check takes for a live server: remove the lock file as it would for a dead pid
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        for lock in self.root.glob(".s.PGSQL.*"):
+            lock.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.pid() is not None and _pid_alive(self.pid() or 0):

@@ -205,6 +205,17 @@ def test_delayed_double_delete_too_short_without_leases_is_stale(redis_url, name
     c.close()
 
 
+def test_db_then_invalidate_reader_before_delete_is_transient(cache, db):
+    """The article's table 5: a hit between the commit and the delete reads the old value, then it is gone."""
+    db.write("k", "100", 1)
+    assert cache.get("k", lambda: db.read("k")) == "100"
+    with cache.write("k"):
+        db.write("k", "99", 2)                                          # T1: commit 99
+        assert cache.get("k", lambda: pytest.fail("hit")) == "100"     # T2: reader C reads the old value
+    assert cached_value(cache, "k") is None                             # T3: deleted
+    assert cache.get("k", lambda: db.read("k")) == "99"                 # consistent from then on
+
+
 def test_default_strategy_invalidates_after_block(cache, db):
     db.write("k", "v1", 1)
     assert cache.get("k", lambda: db.read("k")) == "v1"
