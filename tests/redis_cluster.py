@@ -99,8 +99,9 @@ def _require_binaries() -> tuple[str, str]:
     pytest.skip(msg)
 
 
-def start_cluster(base: Path, host: str = "127.0.0.1", masters: int = 3) -> ClusterServers:
-    """Start ``masters`` cluster-enabled servers under ``base`` and join them (no replicas)."""
+def start_cluster(base: Path, host: str = "127.0.0.1", masters: int = 3, extra: tuple[str, ...] = ()) -> ClusterServers:
+    """Start ``masters`` cluster-enabled servers under ``base`` and join them (no replicas); ``extra`` are more
+    ``redis-server`` arguments (e.g. ``("--cluster-require-full-coverage", "no")``)."""
     server, cli = _require_binaries()
     ports = _pick_ports(masters)
     procs: list[subprocess.Popen[bytes]] = []
@@ -113,7 +114,7 @@ def start_cluster(base: Path, host: str = "127.0.0.1", masters: int = 3) -> Clus
                 procs.append(subprocess.Popen(
                     [server, "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
                      "--save", "", "--appendonly", "no", "--port", str(p), "--bind", host, "--dir", str(d),
-                     "--daemonize", "no", "--cluster-node-timeout", "5000"],
+                     "--daemonize", "no", "--cluster-node-timeout", "5000", *extra],
                     stdout=out, stderr=subprocess.STDOUT))
         cs = ClusterServers(host, ports, procs, base)
         deadline = time.monotonic() + START_TIMEOUT

@@ -5,7 +5,8 @@ role without REPLICATION), a checkpoint the binlog no longer has (error 1236 -> 
 restart from the current position), PostgreSQL tables without REPLICA IDENTITY FULL. The binlog-setting check
 runs on real ``SHOW VARIABLES`` output of a session with ``SET SESSION binlog_format/binlog_row_image`` changed;
 ``log_bin=OFF`` and ``binlog_row_metadata=NO_LOG`` (global-only, the shared server must not change) and
-``wal_level=replica`` (needs a server restart) are checked on that output edited in memory.
+``wal_level=replica`` (needs a server restart) are checked here on that output edited in memory, and on real
+servers started with those settings in tests/test_cdc_private.py (private instances).
 """
 
 from __future__ import annotations

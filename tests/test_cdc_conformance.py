@@ -166,6 +166,18 @@ class CdcConformance:
         assert not tombstoned(env.cache, "u:7") and not tombstoned(env.cache, "u:8")
         assert not tombstoned(env.cache, "e:r@x")
 
+    def test_truncate_invalidates_every_key_of_the_table(self, env: Env) -> None:
+        env.write(f"INSERT INTO {env.table} VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B')")
+        for k in ("u:1", "u:2", "e:a@x", "e:b@x", "u:999", "other:1"):
+            env.cache.set(k, "cached")  # u:999: a key of the templates with no row behind it
+        r = env.start()
+        env.write(f"TRUNCATE TABLE {env.table}")
+        env.wait_keys("u:1", "u:2", "e:a@x", "e:b@x", "u:999")
+        assert (env.cache.peek("other:1") or {}).get("v")  # not covered by the table's templates
+        assert r.stats["flushed_keys"] >= 5
+        env.write(f"INSERT INTO {env.table} VALUES (3, 'c@x', 'C')")  # the stream goes on after the DDL
+        env.wait_keys("u:3", "e:c@x")
+
     def test_value_cached_before_change_is_gone(self, env: Env) -> None:
         env.write(f"INSERT INTO {env.table} VALUES (1, 'a@x', 'A')")
         env.start()

@@ -162,3 +162,114 @@ async def test_async_refresh_ahead(acache: cachesync.AsyncCache) -> None:
     assert await plan.get() == "v"
     assert await plan.get() == "v"
     assert plan.state.stats["refreshes"] == 1
+
+
+# --------------------------------------------------------------------------- unknown options, background refresher
+
+
+def test_unknown_refresh_option_is_a_config_error(cache: cachesync.Cache) -> None:
+    with pytest.raises(ConfigError, match="refresh.ttll"):
+        RefreshOptions(ttll=5)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="refresh.bta"):
+        RefreshAhead(cache, "plan", lambda: 1, bta=2.0)
+
+
+class _Handle:
+    def __init__(self, st: RefreshState) -> None:
+        self.state = st
+
+
+def test_background_flow_decisions_fake_clock() -> None:
+    """The shared loop: first load, refresh LEAD*delta before expiry, at once after an invalidation, retry later."""
+    from cachesync import protocol as P
+    from cachesync.refresh import LEAD, BackgroundCore, RefreshNow, WaitFor, background_flow
+
+    clock = FakeClock()
+    st = RefreshState("plan", RefreshOptions(ttl=60.0, beta=1.0), clock=clock, rand=lambda: 0.5)
+    core = BackgroundCore(max_interval=100.0, retry_interval=5.0, clock=clock)
+    h = _Handle(st)
+    core.add(h)
+    flow = background_flow(core)
+
+    def refresh_ok(took: float) -> None:
+        tok = st.begin(True)
+        assert tok is not None
+        clock.t += took
+        st.success(tok, P.Entry("v"))
+
+    assert flow.send(None) == RefreshNow(h)  # nothing held yet
+    refresh_ok(0.5)
+    eff = flow.send(True)
+    assert isinstance(eff, WaitFor)
+    assert eff.seconds == pytest.approx(60.0 - 0.5 - 0.5 * LEAD)  # expiry - delta * beta * LEAD
+    clock.t += eff.seconds
+    assert flow.send(None) == RefreshNow(h)
+    refresh_ok(0.5)
+    eff = flow.send(True)
+    assert isinstance(eff, WaitFor) and eff.seconds > 50
+    st.on_invalidate(["plan"])  # L1 invalidation: refresh at once
+    assert flow.send(None) == RefreshNow(h)
+    eff = flow.send(False)  # failed: retried after retry_interval, not in a hot loop
+    assert isinstance(eff, WaitFor) and eff.seconds == pytest.approx(5.0)
+    assert core.failures == 1 and core.refreshes == 2
+    core.close()
+    with pytest.raises(StopIteration):
+        flow.send(None)
+
+
+def test_background_refresher_thread(redis_url: str, namespace: str) -> None:
+    db = {"plan": "v1"}
+    loads: list[str] = []
+
+    def load() -> str:
+        loads.append(db["plan"])
+        return db["plan"]
+
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        plan = RefreshAhead(c, "plan", load, ttl=600.0)
+        with cachesync.Refresher(c) as r:
+            r.add(plan)
+            wait_for(lambda: plan.state.entry is not None, "the first background load")
+            assert plan.get() == "v1" and loads == ["v1"]  # the reader did not load
+            db["plan"] = "v2"
+            c.invalidate("plan")  # the L1 listener wakes the refresher at once (no max_interval wait)
+            wait_for(lambda: plan.state.entry is not None and plan.state.entry.value == "v2", "the refresh")
+            assert plan.get() == "v2" and r.stats["refreshes"] >= 2
+            thread = r._thread
+        assert not thread.is_alive()  # stopped on close
+    finally:
+        c.close()
+
+
+async def test_background_refresher_task(redis_url: str, namespace: str) -> None:
+    db = {"plan": "v1"}
+
+    async def load() -> str:
+        return db["plan"]
+
+    c = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    try:
+        assert c.l1 is not None and await c.l1.wait_ready(5)
+        plan = AsyncRefreshAhead(c, "plan", load, ttl=600.0)
+        r = cachesync.AsyncRefresher(c)
+        r.add(plan)
+        import asyncio
+
+        async def until(cond: Callable[[], bool]) -> None:
+            for _ in range(5000):
+                if cond():
+                    return
+                await asyncio.sleep(0.002)
+            raise AssertionError("timed out")
+
+        await until(lambda: plan.state.entry is not None)
+        db["plan"] = "v2"
+        await c.invalidate("plan")
+        await until(lambda: plan.state.entry is not None and plan.state.entry.value == "v2")
+        assert await plan.get() == "v2"
+        await r.aclose()
+        assert r._task.done()
+    finally:
+        await c.aclose()

@@ -18,7 +18,7 @@ from .errors import (
 from .bloom import AsyncBloomFilter, BloomFilter
 from .l1 import L1Options
 from .options import CacheOptions
-from .refresh import AsyncRefreshAhead, RefreshAhead, RefreshOptions
+from .refresh import AsyncRefreshAhead, AsyncRefresher, RefreshAhead, Refresher, RefreshOptions
 from .protocol import NOT_FOUND, STRATEGIES, Entry, Strategy, Versioned
 from .sync import Cache
 
@@ -28,5 +28,5 @@ __all__ = [
     "NOT_FOUND", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",
     "ConfigError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
-    "AsyncBloomFilter", "AsyncRefreshAhead", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions",
+    "AsyncBloomFilter", "AsyncRefreshAhead", "AsyncRefresher", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions", "Refresher",
 ]

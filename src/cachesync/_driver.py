@@ -10,9 +10,16 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from redis.exceptions import ClusterError, RedisClusterException
+
 from .errors import UsageError
 
 log = logging.getLogger("cachesync")
+
+CLUSTER_DOWN = (ClusterError, RedisClusterException)
+"""Redis Cluster errors that mean "unreachable" like a ConnectionError: CLUSTERDOWN/MASTERDOWN replies, too many
+redirections, no reachable startup node ("Redis Cluster cannot be connected"), a slot no node covers. (The
+flows never send a cross-slot command, so a RedisClusterException here is not a usage error.)"""
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -230,6 +230,29 @@ class L1:
                 self.evictions += 1
         return True
 
+    # ---------------------------------------------------------------- batches (get_many)
+
+    def split(self, keys: Iterable[str]) -> tuple[list[str], dict[str, Any], dict[str, Token | None]]:
+        """For a batch read: (the distinct keys in order, their L1 hits, a :meth:`begin` token per other key).
+        Read the other keys from Redis, then call :meth:`finish_many`."""
+        ukeys = list(dict.fromkeys(keys))
+        hits: dict[str, Any] = {}
+        tokens: dict[str, Token | None] = {}
+        for k in ukeys:
+            e = self.lookup(k)
+            if e is not None:
+                hits[k] = e
+            else:
+                tokens[k] = self.begin(k)
+        return ukeys, hits, tokens
+
+    def finish_many(self, tokens: Mapping[str, Token | None], entries: Mapping[str, Any] | None,
+                    ttl: float | None = None) -> None:
+        """:meth:`finish` for every key of a batch (``entries=None`` if the read failed): each key is filled
+        unless it was invalidated or the L1 flushed since its own :meth:`begin` (the same per-key check)."""
+        for k, tok in tokens.items():
+            self.finish(k, tok, None if entries is None else entries.get(k), ttl)
+
     # ---------------------------------------------------------------- invalidation
 
     def invalidate(self, keys: Iterable[str]) -> None:
@@ -276,31 +299,38 @@ class L1:
 
     # ---------------------------------------------------------------- subscription state
 
+    # Both transitions publish ``state`` and the counters *last*: whoever sees them change (a test polling
+    # ``stats``, an operator) also sees the flush and the log record. (Publishing them before the flush and the
+    # WARNING made tests/test_l1.py's subscription tests flaky: a poll on ``subscribes`` could return before
+    # "is back" was logged, a poll on ``state == "down"`` before the flush.) ``enabled`` itself is cleared
+    # first on a loss: no hit may be served from that instant on.
+
     def on_subscribed(self) -> None:
         """The SUBSCRIBE is confirmed: from now on every invalidation reaches :meth:`on_message`."""
         self.clear("subscribed")
+        if self.subscribes > 0:
+            log.warning("cachesync L1 (namespace %s): invalidation subscription is back; L1 enabled again", self.ns)
         with self._lock:
             self.enabled = True
             self.state = "up"
             self.subscribes += 1
-        if self.subscribes > 1:
-            log.warning("cachesync L1 (namespace %s): invalidation subscription is back; L1 enabled again", self.ns)
         for fn in self._state_listeners:
             fn(True)
 
     def on_subscription_lost(self, reason: str) -> None:
         """The subscription dropped (or was never made): flush, and bypass until :meth:`on_subscribed`."""
-        was = self.enabled
         with self._lock:
+            was = self.enabled
             self.enabled = False
-            self.state = "closed" if self.closed else "down"
-            self.last_loss_reason = reason
-            if was:
-                self.subscription_losses += 1
         self.clear("subscription lost")
         if was and not self.closed:
             log.warning("cachesync L1 (namespace %s): invalidation subscription lost (%s); L1 flushed and bypassed "
                         "until resubscribed", self.ns, reason)
+        with self._lock:
+            self.state = "closed" if self.closed else "down"
+            self.last_loss_reason = reason
+            if was:
+                self.subscription_losses += 1
         for fn in self._state_listeners:
             fn(False)
 

@@ -59,6 +59,23 @@ class L1Async:
         finally:
             core.finish(key, token, entry, ttl)
 
+    async def get_many(self, keys: Any, ttl: float | None,
+                       fetch_many: Callable[[list[str]], Awaitable[Any]]) -> dict[str, Any]:
+        """See :meth:`cachesync.l1_sync.L1Sync.get_many`."""
+        if self._task is None:
+            self.start()
+        core = self.core
+        ukeys, hits, tokens = core.split(keys)
+        if not tokens:
+            return hits
+        entries = None
+        try:
+            entries = await fetch_many(list(tokens))
+        finally:
+            core.finish_many(tokens, entries, ttl)
+        assert entries is not None
+        return {k: hits[k] if k in hits else entries[k] for k in ukeys}
+
     def invalidate_local(self, keys: Any) -> None:
         """Drop this process's copies at once (read-your-writes); peers hear it on the channel."""
         self.core.invalidate(keys)

@@ -73,6 +73,21 @@ class L1Sync:
         finally:
             core.finish(key, token, entry, ttl)
 
+    def get_many(self, keys: Any, ttl: float | None, fetch_many: Callable[[list[str]], Any]) -> dict[str, Any]:
+        """Entries of ``keys`` in order: L1 hits, the rest read with ``fetch_many(missing)`` (one batch) and filled
+        key by key unless an invalidation raced with the read (:meth:`L1.split`, :meth:`L1.finish_many`)."""
+        core = self.core
+        ukeys, hits, tokens = core.split(keys)
+        if not tokens:
+            return hits
+        entries = None
+        try:
+            entries = fetch_many(list(tokens))
+        finally:
+            core.finish_many(tokens, entries, ttl)
+        assert entries is not None
+        return {k: hits[k] if k in hits else entries[k] for k in ukeys}
+
     def invalidate_local(self, keys: Any) -> None:
         """Drop this process's copies at once (read-your-writes); peers hear it on the channel."""
         self.core.invalidate(keys)

@@ -23,12 +23,15 @@ that window, read a miss and the service ran with a null plan. Here a refresh ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,14 @@ class RefreshOptions:
     """While refreshes fail, the last good value is served for at most this long after it was fetched."""
     cache_ttl: float | None = None
     """The Redis TTL of the value when a refresh fills it (``None``: the cache's ``default_ttl``)."""
+
+    def __new__(cls, *args: Any, **kw: Any) -> RefreshOptions:
+        # an unknown keyword is a ConfigError naming it (the generated __init__ would raise a bare TypeError)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in kw:
+            if k not in known:
+                raise ConfigError(f"refresh.{k}", f"unknown refresh-ahead option; known: {', '.join(sorted(known))}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         check_positive("refresh.ttl", self.ttl)
@@ -86,14 +97,15 @@ class RefreshState:
         self._lock = threading.Lock()
         self.refreshes = self.early_refreshes = self.failures = self.served_last_good = 0
 
-    def begin(self) -> tuple[int, float] | None:
-        """``None``: serve :attr:`entry`; otherwise refresh now (the token is for :meth:`success`)."""
+    def begin(self, force: bool = False) -> tuple[int, float] | None:
+        """``None``: serve :attr:`entry`; otherwise refresh now (the token is for :meth:`success`).
+        ``force`` (the background refresher): refresh unless a refresh is already running."""
         with self._lock:
             now = self.clock()
             if self.entry is not None:
                 if self.refreshing:  # someone else in this process is refreshing: serve what we hold
                     return None
-                if not (self.due or self.always or now >= self.expiry):
+                if not (force or self.due or self.always or now >= self.expiry):
                     if not xfetch_due(now, self.expiry, self.delta, self.o.beta, 1.0 - self.rand()):
                         return None
                     self.early_refreshes += 1
@@ -144,9 +156,9 @@ class RefreshState:
                 "served_last_good": self.served_last_good}
 
 
-def refresh_flow(ctx: P.Context, st: RefreshState) -> P.Flow:
+def refresh_flow(ctx: P.Context, st: RefreshState, force: bool = False) -> P.Flow:
     """Serve the held value, or refresh it by reading through (Redis, then the loader) first."""
-    token = st.begin()
+    token = st.begin(force)
     if token is None:
         assert st.entry is not None
         return st.entry
@@ -193,6 +205,10 @@ class RefreshAhead:
         """The value (never "no value" because of a cache miss)."""
         return self.get_entry().value
 
+    def refresh(self) -> P.Entry:
+        """Refresh now (unless a refresh is running); what a :class:`Refresher` calls."""
+        return self.cache._drive(refresh_flow(self.cache.ctx, self.state, True), self.loader)  # type: ignore
+
 
 class AsyncRefreshAhead:
     """:class:`RefreshAhead` for a :class:`cachesync.AsyncCache`; the loader may be a coroutine function."""
@@ -215,3 +231,228 @@ class AsyncRefreshAhead:
     async def get(self) -> Any:
         """See :meth:`RefreshAhead.get`."""
         return (await self.get_entry()).value
+
+    async def refresh(self) -> P.Entry:
+        """See :meth:`RefreshAhead.refresh`."""
+        return await self.cache._drive(refresh_flow(self.cache.ctx, self.state, True), self.loader)  # type: ignore
+
+
+# --------------------------------------------------------------------------- background refresher
+
+LEAD = math.log(20.0)
+"""The background refresher refreshes ``delta * beta * LEAD`` before expiry: XFetch's 95th-percentile lead."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshNow:
+    """Refresh this handle now (``handle.refresh()``); send back True on success, False on failure."""
+
+    handle: Any
+
+
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    """Wait ``seconds``, or less if woken (an invalidation of a registered key, a new key, close)."""
+
+    seconds: float
+
+
+class BackgroundCore:
+    """What the background refresher decides, with no I/O: which registered keys to refresh, and when to
+    wake. Both :class:`Refresher` (a thread) and :class:`AsyncRefresher` (a task) run :func:`background_flow`.
+
+    A key is refreshed when it holds no value, when it was invalidated (L1 on), and ``delta * beta * LEAD``
+    seconds before it expires. A failed refresh is retried after ``retry_interval`` (the reader-side
+    :meth:`RefreshState.failure` keeps serving the last good value meanwhile). The loop wakes at the
+    earliest due time, at most ``max_interval`` later, or at once when ``wake()`` is called."""
+
+    def __init__(self, *, max_interval: float = 1.0, retry_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        check_positive("refresher.max_interval", max_interval)
+        check_positive("refresher.retry_interval", retry_interval)
+        self.max_interval = max_interval
+        self.retry_interval = retry_interval
+        self.clock = clock
+        self.handles: list[Any] = []
+        self._retry_at: dict[int, float] = {}
+        self.closed = False
+        self.wake: Callable[[], None] = lambda: None
+        self.refreshes = self.failures = 0
+
+    def add(self, handle: Any) -> None:
+        self.handles.append(handle)
+        self.wake()
+
+    def remove(self, handle: Any) -> None:
+        if handle in self.handles:
+            self.handles.remove(handle)
+
+    def on_invalidate(self, keys: list[str] | None) -> None:
+        """L1 listener: wake at once if a registered key was invalidated (or the L1 flushed)."""
+        if keys is None or any(h.state.key in keys for h in self.handles):
+            self.wake()
+
+    def due_at(self, handle: Any) -> float:
+        st: RefreshState = handle.state
+        retry = self._retry_at.get(id(handle), -math.inf)
+        if st.entry is None or st.due:
+            return retry
+        return max(retry, st.expiry - st.delta * st.o.beta * LEAD)
+
+    def done(self, handle: Any, ok: bool) -> None:
+        if ok:
+            self.refreshes += 1
+            self._retry_at.pop(id(handle), None)
+        else:
+            self.failures += 1
+            self._retry_at[id(handle)] = self.clock() + self.retry_interval
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake()
+
+
+def background_flow(core: BackgroundCore) -> Generator[Any, Any, None]:
+    """The background refresher's loop (shared by the thread and the task)."""
+    while not core.closed:
+        now = core.clock()
+        for h in list(core.handles):
+            if core.closed:
+                return
+            if core.due_at(h) <= now:
+                ok = yield RefreshNow(h)
+                core.done(h, bool(ok))
+        now = core.clock()
+        nxt = min((core.due_at(h) for h in core.handles), default=math.inf)
+        yield WaitFor(max(0.0, min(core.max_interval, nxt - now)))
+
+
+def _watch(cache: Any, core: BackgroundCore) -> None:
+    l1 = getattr(cache, "l1", None)
+    if l1 is not None:
+        l1.core.add_listener(core.on_invalidate)
+
+
+class Refresher:
+    """Refreshes registered :class:`RefreshAhead` keys of a :class:`cachesync.Cache` in a daemon thread, so
+    readers never wait for a refresh: ``r = Refresher(cache); r.add(RefreshAhead(cache, "push:plan", load))``;
+    ``r.close()`` (or ``with Refresher(cache) as r:``) stops it. ``max_interval`` (1.0 s): longest sleep between
+    checks; ``retry_interval`` (1.0 s): pause after a failed refresh of a key."""
+
+    def __init__(self, cache: Any, *, max_interval: float = 1.0, retry_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = BackgroundCore(max_interval=max_interval, retry_interval=retry_interval, clock=clock)
+        self._wake = threading.Event()
+        self.core.wake = self._wake.set
+        _watch(cache, self.core)
+        self._thread = threading.Thread(target=self._run, name="cachesync-refresher", daemon=True)
+        self._thread.start()
+
+    def add(self, handle: RefreshAhead) -> RefreshAhead:
+        """Keep ``handle`` refreshed in the background; returns it."""
+        self.core.add(handle)
+        return handle
+
+    def remove(self, handle: RefreshAhead) -> None:
+        self.core.remove(handle)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``refreshes`` and ``failures`` done by this refresher."""
+        return {"refreshes": self.core.refreshes, "failures": self.core.failures}
+
+    def close(self) -> None:
+        """Stop the thread (waits for a refresh in progress)."""
+        self.core.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> Refresher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        flow = background_flow(self.core)
+        send: Any = None
+        while True:
+            try:
+                eff = flow.send(send)
+            except StopIteration:
+                return
+            send = None
+            if type(eff) is RefreshNow:
+                try:
+                    eff.handle.refresh()
+                    send = True
+                except Exception as e:
+                    send = False
+                    log.warning("cachesync refresher: refreshing %r failed: %s: %s", eff.handle.state.key,
+                                type(e).__name__, e)
+            else:
+                self._wake.wait(eff.seconds)
+                self._wake.clear()
+
+
+class AsyncRefresher:
+    """:class:`Refresher` for :class:`AsyncRefreshAhead` keys of a :class:`cachesync.AsyncCache`: a task on the
+    running loop (created by the constructor, so build it inside the loop); ``await r.aclose()`` stops it."""
+
+    def __init__(self, cache: Any, *, max_interval: float = 1.0, retry_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = BackgroundCore(max_interval=max_interval, retry_interval=retry_interval, clock=clock)
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        def wake() -> None:  # L1 listeners may run in another thread
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+        self.core.wake = wake
+        _watch(cache, self.core)
+        self._task = self._loop.create_task(self._run(), name="cachesync-refresher")
+
+    def add(self, handle: AsyncRefreshAhead) -> AsyncRefreshAhead:
+        """See :meth:`Refresher.add`."""
+        self.core.add(handle)
+        return handle
+
+    def remove(self, handle: AsyncRefreshAhead) -> None:
+        self.core.remove(handle)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """See :attr:`Refresher.stats`."""
+        return {"refreshes": self.core.refreshes, "failures": self.core.failures}
+
+    async def aclose(self) -> None:
+        """Stop the task (waits for a refresh in progress)."""
+        self.core.close()
+        await self._task
+
+    async def __aenter__(self) -> AsyncRefresher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self) -> None:
+        flow = background_flow(self.core)
+        send: Any = None
+        while True:
+            try:
+                eff = flow.send(send)
+            except StopIteration:
+                return
+            send = None
+            if type(eff) is RefreshNow:
+                try:
+                    await eff.handle.refresh()
+                    send = True
+                except Exception as e:
+                    send = False
+                    log.warning("cachesync refresher: refreshing %r failed: %s: %s", eff.handle.state.key,
+                                type(e).__name__, e)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), eff.seconds)
+                self._wake.clear()

@@ -14,14 +14,14 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
-from ._driver import DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, client_url, log, redact_url, wraps
+from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, client_url, log, redact_url, wraps
 from .errors import CacheUnavailableError, InvalidationError
 from .l1 import L1Options
 from .l1_sync import L1Sync
 from .options import CacheOptions
 from .scripts import SCRIPTS
 
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 
 Scheduler = Callable[[float, Callable[[], None]], Any]
 
@@ -94,7 +94,7 @@ class Cache:
         except NoScriptError:
             if self.ctx.cluster:  # load it on the primary that owns the keys' slot (where EVALSHA ran)
                 self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes=self.redis.get_node_from_key(
-                    keys[0]) if keys else self.redis.PRIMARIES)
+                    keys[0]) if keys else self.redis.get_primaries())
             else:
                 self.redis.execute_command("SCRIPT", "LOAD", s.source)
             return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
@@ -214,6 +214,9 @@ class Cache:
     def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
                          ttl: float | None = None) -> dict[str, P.Entry]:
         """Like :meth:`get_many`, returning :class:`Entry` objects."""
+        if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
+            return self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
+                P.get_many_flow(self.ctx, missing, ttl), loader_many))
         return self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore[no-any-return]
 
     def peek(self, key: str) -> dict[str, Any] | None:
@@ -300,7 +303,10 @@ class Cache:
     def ping(self) -> None:
         """Raise :class:`CacheUnavailableError` unless Redis answers."""
         try:
-            self.redis.ping()
+            if self.ctx.cluster:  # every primary must answer (a plain PING reaches one node only)
+                self.redis.ping(target_nodes="primaries")
+            else:
+                self.redis.ping()
         except _REDIS_DOWN as e:
             raise CacheUnavailableError(self.url, e) from e
 

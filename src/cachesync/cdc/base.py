@@ -41,6 +41,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bus import Bus, BusUnavailableError, Invalidation
 from ..errors import CacheUnavailableError, CachesyncError, InvalidationError, UsageError
 from ..keys import entry_key, user_key
 from ..rules import Rules, TableRule
@@ -145,12 +146,19 @@ class CdcRunner:
     position wins) so the fsync is off the commit -> invalidated path; a crash then re-applies what was applied
     during the last fsync (milliseconds of changes). False saves after every batch in the main loop (a crash
     re-applies at most one batch) at the cost of an fsync per batch in the latency.
+
+    ``bus``: a :class:`cachesync.bus.Bus`; the keys are then *published* (one :class:`~cachesync.bus.Invalidation`
+    per key chunk and version, one ``publish`` call per batch) instead of invalidated in Redis, for workers
+    (``cachesync worker``) to apply; the checkpoint is saved only after ``publish`` returned (the bus stored them
+    durably). ``cache`` is still used for the prefix SCAN of TRUNCATE / lost positions (the keys found are
+    published too) and for the stats hash.
     """
 
     def __init__(self, source: Source, cache: Cache, rules: Rules, checkpoint: FileCheckpoint, *,
                  batch_max_keys: int = 500, queue_size: int = 1000, stats_interval: float = 10.0,
                  reconnect_delay: float = 0.2, reconnect_max_delay: float = 5.0,
-                 on_missing_old_image: str = "warn", checkpoint_in_background: bool = True) -> None:
+                 on_missing_old_image: str = "warn", checkpoint_in_background: bool = True,
+                 bus: Bus | None = None) -> None:
         if batch_max_keys < 1:
             raise CdcConfigError("batch_max_keys must be >= 1")
         if queue_size < 1:
@@ -163,6 +171,7 @@ class CdcRunner:
         self.reconnect_delay, self.reconnect_max_delay = reconnect_delay, reconnect_max_delay
         self.on_missing_old_image = on_missing_old_image
         self.checkpoint_in_background = checkpoint_in_background
+        self.bus = bus
         self._cp_cond = threading.Condition()
         self._cp_pending: dict[str, Any] | None = None
         self._cp_quit = False
@@ -173,7 +182,7 @@ class CdcRunner:
         self.stats: dict[str, Any] = {
             "transactions": 0, "changes": 0, "keys": 0, "batches": 0, "checkpoints": 0, "reconnects": 0,
             "position_lost": 0, "redis_retries": 0, "missing_old_image": 0, "flushed_keys": 0,
-            "lag_ms": None, "lag_ms_max": None, "apply_ms": None, "queued": 0, "position": None,
+            "lag_ms": None, "lag_ms_max": None, "apply_ms": None, "queued": 0, "position": None, "published": 0,
         }
         self._last_stats = time.monotonic()
 
@@ -242,7 +251,7 @@ class CdcRunner:
         while True:
             try:
                 return fn(*args, **kw)
-            except (InvalidationError, CacheUnavailableError) as e:
+            except (InvalidationError, CacheUnavailableError, BusUnavailableError) as e:
                 self.stats["redis_retries"] += 1
                 if self._stop.is_set() and self.stats["redis_retries"] > 3:
                     raise
@@ -270,10 +279,10 @@ class CdcRunner:
                 seen.add(k)
                 batch.append(k)
                 if len(batch) >= self.batch_max_keys:
-                    self._retry("invalidate", self.cache.invalidate, *batch)
+                    self._invalidate([(batch, None)])
                     batch = []
             if batch:
-                self._retry("invalidate", self.cache.invalidate, *batch)
+                self._invalidate([(batch, None)])
         self.stats["flushed_keys"] += len(seen)
         return len(seen)
 
@@ -297,10 +306,8 @@ class CdcRunner:
         by_ver: dict[Any, list[str]] = {}
         for k, v in keys.items():
             by_ver.setdefault(v, []).append(k)
-        for v, group in by_ver.items():
-            for i in range(0, len(group), self.batch_max_keys):
-                chunk = group[i:i + self.batch_max_keys]
-                self._retry("invalidate", self.cache.invalidate, *chunk, version=v)
+        self._invalidate([(group[i:i + self.batch_max_keys], v) for v, group in by_ver.items()
+                          for i in range(0, len(group), self.batch_max_keys)])
         now_wall, now = time.time(), time.monotonic()
         pos = txns[-1].position
         if self.checkpoint_in_background:
@@ -319,6 +326,20 @@ class CdcRunner:
             st["lag_ms"] = round(lag, 3)
             st["lag_ms_max"] = lag if st["lag_ms_max"] is None else max(st["lag_ms_max"], round(lag, 3))
         st["apply_ms"] = round((now - txns[0].received) * 1000, 3)
+
+    def _invalidate(self, chunks: list[tuple[list[str], Any]]) -> None:
+        """Invalidate ``(keys, version)`` chunks in Redis, or publish them on the bus (one call); retried until
+        accepted. Returns only once Redis/the bus holds them: the checkpoint may then move past them."""
+        if not chunks:
+            return
+        if self.bus is not None:
+            bus = self.bus
+            msgs = [Invalidation(tuple(ks), None if v is None else str(v)) for ks, v in chunks]
+            self._retry("publish", lambda: bus.publish(msgs))
+            self.stats["published"] += len(msgs)
+            return
+        for ks, v in chunks:
+            self._retry("invalidate", self.cache.invalidate, *ks, version=v)
 
     # ------------------------------------------------------------------ checkpoints
 

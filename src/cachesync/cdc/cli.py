@@ -53,9 +53,14 @@ def cmd_cdc(args: argparse.Namespace) -> int:
     source = build_source(args, rules)
     path = args.checkpoint or f"cachesync-cdc.{args.namespace}.{source.kind}.json"
     cache = Cache(args.redis_url, namespace=args.namespace)
+    bus = None
+    if args.bus:
+        from ..bus import open_bus
+
+        bus = open_bus(args.bus, args.bus_name)
     runner = CdcRunner(source, cache, rules, FileCheckpoint(path), batch_max_keys=args.batch_max_keys,
                        queue_size=args.queue_size, stats_interval=args.stats_interval,
-                       on_missing_old_image=args.on_missing_old_image)
+                       on_missing_old_image=args.on_missing_old_image, bus=bus)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.warning("CDC: signal %d, applying what was received and saving a final checkpoint", signum)
@@ -63,11 +68,14 @@ def cmd_cdc(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.warning("CDC %s -> Redis %s namespace %r, checkpoint %s", source.ident, cache.url, args.namespace, path)
+    target = f"bus {bus.name!r}" if bus is not None else f"Redis {cache.url} namespace {args.namespace!r}"
+    log.warning("CDC %s -> %s, checkpoint %s", source.ident, target, path)
     try:
         runner.run()
     finally:
         cache.close()
+        if bus is not None:
+            bus.close()
     log.warning("CDC %s stopped at %s", source.ident, runner.position)
     return 0
 
@@ -105,6 +113,10 @@ def register(subparsers: Any) -> None:
                    help="transactions read ahead of Redis at most (default 1000)")
     p.add_argument("--stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines / Redis stats hash writes, 0 = off (default 10)")
+    p.add_argument("--bus", default=None,
+                   help="publish the invalidations on this bus (redis://... Streams or nats://... JetStream) for "
+                        "`cachesync worker` to apply, instead of applying them to Redis (default: apply)")
+    p.add_argument("--bus-name", default="cachesync", help="bus stream name (default: cachesync)")
     p.add_argument("--on-missing-old-image", choices=("warn", "flush"), default="warn",
                    help="a change without the old values of key columns: warn (default) or flush the templates")
     p.set_defaults(func=cmd_cdc)

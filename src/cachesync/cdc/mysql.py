@@ -15,6 +15,7 @@ own reconnect loop resumes from the last checkpoint.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -33,6 +34,17 @@ REQUIRED_SETTINGS = (
     ("binlog_row_metadata", "FULL",
      "set binlog_row_metadata=FULL (otherwise row events carry UNKNOWN_COL0.. instead of column names)"),
 )
+
+_TRUNCATE = re.compile(r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([\w$]+)`?\s*\.\s*)?`?([\w$]+)`?\s*;?\s*$", re.I)
+
+
+def truncated_table(query: str, default_schema: str | None) -> tuple[str | None, str] | None:
+    """``(schema, table)`` of a ``TRUNCATE [TABLE] [db.]t`` statement (a QueryEvent in the binlog), else None."""
+    m = _TRUNCATE.match(query)
+    if m is None:
+        return None
+    return (m.group(1) or default_schema), m.group(2)
+
 
 ER_MASTER_FATAL_ERROR_READING_BINLOG = 1236
 ER_CONNECTION_KILLED_DUPLICATE_SERVER_ID = 4052
@@ -55,6 +67,12 @@ def check_settings(variables: Mapping[str, str]) -> list[str]:
         elif got.upper() != want:
             problems.append(f"{name} is {got!r}, must be {want!r}: {how}")
     return problems
+
+
+def _s(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _parse_gtids(s: str) -> dict[int, str]:
@@ -275,6 +293,13 @@ class MySQLSource(Source):
                             txn = Transaction({}, None)
                         continue
                     end = q == "COMMIT" or standalone
+                    tt = truncated_table(ev.query, _s(getattr(ev, "schema", None)))
+                    if tt is not None and tt[0] == self.db and (self.tables is None or tt[1] in self.tables):
+                        # a DDL statement, not row events: the runner invalidates every key of the table's
+                        # templates (prefix SCAN)
+                        if txn is None:
+                            txn = Transaction({}, None)
+                        txn.changes.append(Change(tt[0], tt[1], None, None, truncate=True))
                 if not end:
                     continue
                 if self.mariadb and txn is not None and gtid is not None:

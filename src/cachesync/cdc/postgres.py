@@ -5,9 +5,10 @@
 * Position: ``{"lsn": end_lsn_of_last_applied_commit}``. PostgreSQL 15 rewinds a slot's confirmed position
   on a clean server restart, so this checkpoint (not the slot) is authoritative; it is passed as
   ``start_lsn`` and transactions ending at or before it are skipped.
-* Feedback: the LSN the runner acknowledged (applied + checkpointed) is sent as the flush position at least
-  every ``feedback_interval`` seconds so the server can recycle WAL. When idle with nothing in flight the
-  server's current WAL end is acknowledged (otherwise writes to other tables would pile up WAL behind the slot).
+* Feedback: the LSN the runner acknowledged (applied + checkpointed) is sent as the flush position once
+  every ``feedback_interval`` seconds so the server can recycle WAL -- not after every commit, which slowed
+  the walsender's send of the next one (p99). When idle with nothing in flight the server's current WAL end
+  is acknowledged (otherwise writes to other tables would pile up WAL behind the slot).
 * Old row images: UPDATE/DELETE carry the old row only with ``REPLICA IDENTITY FULL``; otherwise only the
   primary key columns (when they changed) -- a rule template on a non-key column then cannot form its OLD key.
   :meth:`check` warns about such tables and the runner counts/warns per change (see docs/cdc.md).
@@ -284,7 +285,6 @@ class PostgresSource(Source):
             except psycopg2.Error as e:
                 self._raise(e, position)
             last_fb = 0.0
-            sent = -1
             while not self._closed.is_set():
                 try:
                     msg = cur.read_message()
@@ -297,14 +297,17 @@ class PostgresSource(Source):
                     ack = self._acked
                     if not decoder.in_transaction and self._delivered <= ack and cur.wal_end > ack:
                         ack = cur.wal_end  # idle and everything applied: let the server release WAL
-                    if ack != sent or now - last_fb >= self.feedback_interval:
+                    # at most one feedback per interval, NOT one per applied commit: each status update makes the
+                    # walsender process a reply (and at times write + fsync the slot's state) on the very path
+                    # that sends the next commit; per-commit feedback put the p99 commit->invalidated over 5 ms
+                    if now - last_fb >= self.feedback_interval:
                         try:
                             cur.send_feedback(write_lsn=ack, flush_lsn=ack, apply_lsn=ack)
                         except psycopg2.Error as e:
                             if self._closed.is_set():
                                 return
                             self._raise(e, position)
-                        sent, last_fb = ack, now
+                        last_fb = now
                     try:
                         select.select([conn], [], [], 0.2)
                     except (OSError, ValueError) as e:
@@ -324,7 +327,7 @@ class PostgresSource(Source):
                         cur.send_feedback(write_lsn=self._acked, flush_lsn=self._acked, apply_lsn=self._acked)
                     except psycopg2.Error as e:
                         self._raise(e, position)
-                    sent, last_fb = self._acked, now
+                    last_fb = now
         finally:
             try:
                 conn.close()

@@ -70,10 +70,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
             doc = {"backends": desc, "scenarios": [r.to_json() for r in results]}
             print(json.dumps(doc, indent=2))
             return 0
-        print(f"cachesync lab - {desc}\n")
+        from .render import term_width
+        import textwrap
+
+        print(textwrap.fill(f"cachesync lab - {desc}", term_width(), subsequent_indent="  ") + "\n")
+        table: list[str] = []
         results = run_scenarios(redis_url, db_url, args.scenario,
-                                on_result=lambda r: render_scenario(r, plain=args.plain))
-        render_summary(results, plain=args.plain)
+                                on_result=lambda r: render_scenario(r, plain=args.plain),
+                                on_start=lambda lab: table.append(lab.db.table))
+        render_summary(results, plain=args.plain, table=table[0] if table else None)
     return 0
 
 
@@ -81,10 +86,14 @@ def cmd_stress(args: argparse.Namespace) -> int:
     from .render import Progress, plot_stress, render_stress
     from .stress import StressConfig, run_stress
 
+    from .embedded import LabError
+
+    if args.scenario or args.list:
+        raise LabError("--scenario and --list apply to the scenarios, not to `lab stress`")
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip()) if args.strategies else ()
     cfg = StressConfig(readers=args.readers, writers=args.writers, duration=args.duration, keys=args.keys,
                        seed=args.seed, delay_ms=args.delay_ms, double_delete_delay=args.double_delete_delay,
-                       strategies=strategies)
+                       strategies=strategies, schedule=args.schedule, rounds=args.rounds)
     labels = [p[0] for p in cfg.plan()]
     with backends(args.redis_url, args.db_url) as (redis_url, db_url, desc):
         if not args.json:
@@ -103,13 +112,16 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", default=None, metavar="URL",
+def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    # In the subcommand the defaults are SUPPRESSed: `lab --json stress` keeps the --json given before it
+    # (argparse would otherwise overwrite it with the subparser's default).
+    dflt: dict[str, Any] = {"default": argparse.SUPPRESS} if sub else {}
+    p.add_argument("--redis-url", metavar="URL", **({"default": None} | dflt),
                    help="use this Redis instead of starting a private embedded server (default: embedded)")
-    p.add_argument("--db-url", default=None, metavar="URL",
+    p.add_argument("--db-url", metavar="URL", **({"default": None} | dflt),
                    help="sqlite:///file.db, postgresql://..., mysql://... (default: SQLite in a temp dir)")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    p.add_argument("--plain", action="store_true", help="plain-text tables even when rich is installed")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables", **dflt)
+    p.add_argument("--plain", action="store_true", help="plain-text tables even when rich is installed", **dflt)
 
 
 def register(subparsers: Any) -> None:
@@ -123,10 +135,15 @@ def register(subparsers: Any) -> None:
     sub = lab.add_subparsers(dest="lab_command", metavar="{stress}")
     st = sub.add_parser("stress", help="concurrent readers and writers per strategy",
                         description="Many concurrent readers and writers on a few keys, for each strategy.")
-    _common(st)
+    _common(st, sub=True)
     st.add_argument("--readers", type=int, default=8, help="reader threads (default 8)")
     st.add_argument("--writers", type=int, default=4, help="writer threads (default 4)")
-    st.add_argument("--duration", type=float, default=2.0, help="seconds of load per strategy (default 2.0)")
+    st.add_argument("--schedule", choices=("free", "seeded"), default="free",
+                    help="free: threads race for --duration s (counts vary with the OS scheduler); seeded: "
+                         "--rounds seeded operations with the dangerous interleavings forced (reproducible counts)")
+    st.add_argument("--rounds", type=int, default=300, help="operations per strategy with --schedule seeded (300)")
+    st.add_argument("--duration", type=float, default=2.0,
+                    help="seconds of load per strategy with --schedule free (default 2.0)")
     st.add_argument("--keys", type=int, default=8, help="number of keys (default 8)")
     st.add_argument("--seed", type=int, default=0, help="seed of every thread's random choices (default 0)")
     st.add_argument("--delay-ms", type=float, default=2.0,

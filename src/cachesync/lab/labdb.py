@@ -68,6 +68,36 @@ class Session:
                 cur.close()
         return int(row[0])
 
+    def update_with_outbox(self, key: str, value: str, outbox: Any) -> int:
+        """UPDATE the row and record its invalidation in ``outbox`` (a :class:`cachesync.outbox.Outbox`) in the
+        same transaction; COMMIT. Returns the new version."""
+        with self.lock:
+            cur = self.conn.cursor()
+            try:
+                cur.execute(self._q("UPDATE {t} SET val = ?, version = version + 1 WHERE k = ?"), (value, key))
+                cur.execute(self._q("SELECT version FROM {t} WHERE k = ?"), (key,))
+                version = int(cur.fetchone()[0])
+                outbox.record(self.conn, key, version=version)
+                self.conn.commit()
+            except BaseException:
+                self.conn.rollback()
+                raise
+            finally:
+                cur.close()
+        return version
+
+    def outbox_rows(self, outbox: Any) -> list[tuple[int, str]]:
+        """(attempts, last_error) of each row still in ``outbox``."""
+        with self.lock:
+            cur = self.conn.cursor()
+            try:
+                cur.execute(f"SELECT attempts, last_error FROM {outbox.table} ORDER BY id")
+                rows = [(int(a), str(e or "")) for a, e in cur.fetchall()]
+            finally:
+                cur.close()
+                self.conn.commit()
+        return rows
+
     def update_failing(self, key: str, value: str) -> str:
         """UPDATE the row, then a statement that fails (duplicate key); ROLLBACK. Returns the error's name."""
         with self.lock:

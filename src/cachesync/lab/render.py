@@ -20,74 +20,127 @@ def have_rich() -> bool:
     return True
 
 
-def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def term_width() -> int:
+    """The terminal's width (``COLUMNS`` first), at least 60."""
+    import shutil
+
+    return max(60, shutil.get_terminal_size((100, 24)).columns)
+
+
+# columns that may wrap, by header; the others keep their natural width
+_WRAP = {"action", "result", "variant", "note"}
+
+
+def _fit(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[int]:
+    """Column widths that fit ``width`` (2 spaces between columns), shrinking the wrappable ones."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    widths = [min(w, 64) for w in widths]
+    wrap = [i for i, h in enumerate(headers) if h in _WRAP]
+    while sum(widths) + 2 * (len(widths) - 1) > width and wrap:
+        i = max(wrap, key=lambda j: widths[j])
+        if widths[i] <= 16:
+            break
+        widths[i] -= 1
+    return widths
 
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c[:w].ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
-    print(line(headers), file=out)
+def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO, width: int | None = None) -> None:
+    """A plain-text table fitting ``width`` columns: long cells wrap onto continuation lines (never cut)."""
+    import textwrap
+
+    widths = _fit(headers, rows, width or term_width())
+
+    def lines(cells: Sequence[str]) -> list[str]:
+        parts = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] for c, w in zip(cells, widths, strict=True)]
+        return ["  ".join((p[n] if n < len(p) else "").ljust(w) for p, w in zip(parts, widths, strict=True)).rstrip()
+                for n in range(max(len(p) for p in parts))]
+
+    print(lines(headers)[0], file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for r in rows:
-        print(line(r), file=out)
+        for ln in lines(r):
+            print(ln, file=out)
 
 
 def scenario_rows(r: ScenarioResult) -> list[list[str]]:
     return [[s.t, s.actor, s.action, s.result, s.db, s.cache] for s in r.steps]
 
 
+def _costs(r: ScenarioResult) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.costs.items() if v)
+
+
 def render_scenario(r: ScenarioResult, plain: bool = False, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    head = (f"[{r.id}] {r.title}\n     variant: {r.variant} (strategy {r.strategy}, "
-            f"leases {'on' if r.leases else 'off'}, {r.role})")
-    tail = (f"     verdict: {r.verdict.upper()}   DB final: {r.db_final}   cache final: {r.cache_final}   "
-            f"stale reads: {r.stale_reads}   costs: " + ", ".join(f"{k}={v}" for k, v in r.costs.items() if v))
+    variant = (f"variant: {r.variant} (strategy {r.strategy}, leases {'on' if r.leases else 'off'}, {r.role})")
     headers = ["T", "actor", "action", "result", "DB", "cache"]
     if plain or not have_rich():
-        print(head, file=out)
-        _plain_table(headers, scenario_rows(r), out)
-        print(tail, file=out)
+        import textwrap
+
+        w = term_width()
+        print(textwrap.fill(f"[{r.id}] {r.title}", w, subsequent_indent="     "), file=out)
+        print(textwrap.fill(variant, w, initial_indent="     ", subsequent_indent="       "), file=out)
+        _plain_table(headers, scenario_rows(r), out, w)
+        tail = (f"verdict: {r.verdict.upper()}   DB final: {r.db_final}   cache final: {r.cache_final}   "
+                f"stale reads: {r.stale_reads}   costs: {_costs(r)}")
+        print(textwrap.fill(tail, w, initial_indent="     ", subsequent_indent="       "), file=out)
         if r.note:
-            print(f"     note: {r.note}", file=out)
+            print(textwrap.fill(f"note: {r.note}", w, initial_indent="     ", subsequent_indent="       "), file=out)
         print(file=out)
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     con = Console(file=out)
-    t = Table(title=f"[{r.id}] {r.title}", caption=f"{r.variant} - strategy {r.strategy}, leases "
-                                                     f"{'on' if r.leases else 'off'} ({r.role})", title_justify="left")
+    con.print(f"[bold][{r.id}] {r.title}[/]", highlight=False)
+    con.print(f"[dim]{variant}[/]", highlight=False)
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for h in headers:
-        t.add_column(h, overflow="fold")
+        if h in ("action", "result"):
+            t.add_column(h, overflow="fold", ratio=3 if h == "action" else 2)
+        else:
+            t.add_column(h, no_wrap=True)
     for row in scenario_rows(r):
         t.add_row(*row)
     con.print(t)
     style = VERDICT_STYLE.get(r.verdict, "")
-    con.print(f"verdict: [{style}]{r.verdict}[/]  DB final: {r.db_final}  cache final: {r.cache_final}  "
-              f"stale reads: {r.stale_reads}" + (f"\n{r.note}" if r.note else ""), highlight=False)
+    con.print(f"verdict: [{style}]{r.verdict.upper()}[/]  DB final: {r.db_final}  cache final: {r.cache_final}  "
+              f"stale reads: {r.stale_reads}  [dim]costs: {_costs(r)}[/]" + (f"\n[italic]{r.note}[/]" if r.note else ""),
+              highlight=False)
     con.print()
 
 
-def render_summary(results: Sequence[ScenarioResult], plain: bool = False, out: TextIO | None = None) -> None:
+def render_summary(results: Sequence[ScenarioResult], plain: bool = False, out: TextIO | None = None,
+                   table: str | None = None) -> None:
+    """The summary table, then the footnote on ``t`` (``table``: the lab's real table name)."""
     out = out or sys.stdout
     headers = ["id", "variant", "strategy", "leases", "verdict", "DB", "cache"]
     rows = [[r.id, r.variant, r.strategy, "on" if r.leases else "off", r.verdict, str(r.db_final),
              str(r.cache_final)] for r in results]
+    real = f"this run's table {table}" if table else "this run's table cachesync_lab_<random>"
+    foot = (f"t in the SQL above is {real} (t_ob: its outbox, 7d); both are created for the run and dropped at "
+            "the end, like the Redis namespace lab<random>.")
     if plain or not have_rich():
+        import textwrap
+
         print("Summary", file=out)
         _plain_table(headers, rows, out)
+        print(file=out)
+        print(textwrap.fill(foot, term_width()), file=out)
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="Summary", title_justify="left")
+    t = Table(title="Summary", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for h in headers:
-        t.add_column(h)
+        t.add_column(h, no_wrap=h not in ("variant",))
     for r, row in zip(results, rows, strict=True):
         row[4] = f"[{VERDICT_STYLE.get(r.verdict, '')}]{r.verdict}[/]"
         t.add_row(*row)
-    Console(file=out).print(t)
+    con = Console(file=out)
+    con.print(t)
+    con.print(f"[dim]{foot}[/]", highlight=False)
 
 
 STRESS_HEADERS = ["strategy", "leases", "reads", "writes", "stale reads", "longest stale ms",
@@ -103,8 +156,12 @@ def stress_rows(results: Sequence[StressResult]) -> list[list[str]]:
 def render_stress(results: Sequence[StressResult], cfg: StressConfig, plain: bool = False,
                   out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    title = (f"Stress: {cfg.readers} readers, {cfg.writers} writers, {cfg.keys} keys, {cfg.duration} s per strategy, "
-             f"seed {cfg.seed}, delay <= {cfg.delay_ms} ms")
+    if cfg.schedule == "seeded":
+        title = (f"Stress (seeded schedule): {cfg.readers} readers, {cfg.writers} writers, {cfg.keys} keys, "
+                 f"{cfg.rounds} operations per strategy, races forced at seeded points, seed {cfg.seed}")
+    else:
+        title = (f"Stress: {cfg.readers} readers, {cfg.writers} writers, {cfg.keys} keys, {cfg.duration} s per "
+                 f"strategy, seed {cfg.seed}, delay <= {cfg.delay_ms} ms")
     if plain or not have_rich():
         print(title, file=out)
         _plain_table(STRESS_HEADERS, stress_rows(results), out)

@@ -326,10 +326,10 @@ class Writer:
 class Reader:
     """A reader process doing cache-aside reads through :meth:`Cache.get_entry` with a DB loader."""
 
-    def __init__(self, tl: Timeline, name: str, leases: bool | None = None) -> None:
+    def __init__(self, tl: Timeline, name: str, leases: bool | None = None, url: str | None = None) -> None:
         self.tl = tl
         self.name = name
-        self.cache = tl.cache(leases=tl.leases if leases is None else leases)
+        self.cache = tl.cache(leases=tl.leases if leases is None else leases, url=url)
         self.db = tl.session(name)
         self._thread: threading.Thread | None = None
         self._loaded = threading.Event()
@@ -361,6 +361,9 @@ class Reader:
         kind = self.tl.judge_read(value, start)
         if e.source == "cache":
             action, res = "get.lua: hit", f"got {value}"
+        elif e.source == "fallback":
+            action = f"get.lua: Redis unreachable; SELECT val FROM t WHERE k=? -> {self._loaded_value}"
+            res = f"got {value} (fallback load, no fill)"
         else:
             action = self._miss_text() + "; fill.lua"
             res = f"got {value}; fill {'accepted' if e.filled else 'refused (lease voided)'}"
@@ -595,6 +598,60 @@ def t_delete_fails(tl: Timeline, retry: bool = False, short_ttl: float | None = 
         c.read()
 
 
+def t_delete_fails_outbox(tl: Timeline) -> None:
+    """Scenario 7d: the invalidation goes through the transactional outbox; the relay applies it once Redis is back.
+
+    Redis is unreachable for the application (writer, readers, relay) during the outage; readers fall back to
+    the database. The outbox row is written in the writer's transaction, so nothing depends on the writer
+    process surviving or retrying.
+    """
+    from ..outbox import Outbox
+    from ..outbox.relay import Relay
+
+    lab = tl.lab
+    tl.session("setup").insert(tl.key, "100")
+    tl.history.append("100")
+    Reader(tl, "reader C").read()
+    outbox = Outbox(f"{lab.db.table}_ob", dialect=lab.db.dialect)
+    admin = tl.session("outbox admin")
+    with admin.lock:
+        outbox.init(admin.conn)
+    down = f"redis://127.0.0.1:{closed_port()}/0"
+    relays: list[Relay] = []
+    try:
+        writer = tl.session("writer A")
+        version = writer.update_with_outbox(tl.key, "99", outbox)
+        tl.costs["db_writes"] += 1
+        tl.history.append("99")
+        tl.step("writer A", "UPDATE t SET val='99', version=version+1 WHERE k=?; INSERT INTO t_ob (keys, version); "
+                "COMMIT", f"committed v{version} + 1 outbox row")
+        relay_down = Relay(lab.db_url, tl.cache(leases=tl.leases, url=down), table=outbox.table, listen=False,
+                           init=False)
+        relays.append(relay_down)
+        try:
+            relay_down.run_once()
+            result = "delivered (unexpected)"
+        except InvalidationError:
+            attempts = [a for a, _ in admin.outbox_rows(outbox)]
+            result = f"FAILED: Redis unreachable; row kept (attempts={attempts[0] if attempts else '?'})"
+            tl.costs["relay_attempts"] = tl.costs.get("relay_attempts", 0) + 1
+        tl.step("relay", "claim the row; invalidate.lua", result)
+        Reader(tl, "reader D", url=down).read()
+        relay = Relay(lab.db_url, tl.cache(leases=tl.leases), table=outbox.table, listen=False, init=False)
+        relays.append(relay)
+        n = relay.drain()
+        tl.costs["relay_attempts"] = tl.costs.get("relay_attempts", 0) + 1
+        left = len(admin.outbox_rows(outbox))
+        tl.step("relay", "Redis is back; next attempt (backoff <= 5 s): invalidate.lua (DEL value, void lease, "
+                f"floor v{version}); DELETE the row", f"done ({n} row delivered, {left} left)")
+        Reader(tl, "reader C").read()
+    finally:
+        for r in relays:
+            r.close()
+        with admin.lock:
+            outbox.drop(admin.conn)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -605,7 +662,7 @@ GROUP_TITLES = {
     4: "Update DB then delete cache: a reader hits the old value before the delete",
     5: "Update DB then delete cache: a reader that missed writes the old value back after the delete",
     6: "Push-system incident: delete cache, update DB; a push service refreshing on a timer gets no plan",
-    7: "The cache delete fails (Redis unreachable): stale until the TTL",
+    7: "The cache delete fails (Redis unreachable): stale until the TTL, a retry or the outbox relay",
 }
 
 
@@ -682,6 +739,11 @@ VARIANTS: list[Variant] = [
        "Retry (or an outbox) once Redis is back; stale reads only until then."),
     _v("7c", "the TTL as the bound (ttl 1 s)", RECOMMENDED, True, "mitigation",
        lambda t: t_delete_fails(t, short_ttl=1.0), "transient", "Without a retry the TTL bounds the stale window."),
+    _v("7d", "recommended: transactional outbox + relay", RECOMMENDED, True, "recommended", t_delete_fails_outbox,
+       "consistent",
+       "Cost: the cache holds 100 until Redis is back and the relay's next attempt (backoff <= 5 s) delivers; "
+       "readers that cannot reach Redis read the DB. A reader that reaches Redis while the relay cannot would "
+       "read 100 until then (as in 7b), but no process has to survive or remember to retry."),
 ]
 
 BY_ID = {v.id: v for v in VARIANTS}
@@ -712,10 +774,13 @@ def run_variant(lab: Lab, v: Variant) -> ScenarioResult:
 
 
 def run_scenarios(redis_url: str, db_url: str, ids: list[str] | None = None,
-                  on_result: Callable[[ScenarioResult], None] | None = None) -> list[ScenarioResult]:
+                  on_result: Callable[[ScenarioResult], None] | None = None,
+                  on_start: Callable[[Lab], None] | None = None) -> list[ScenarioResult]:
     variants = select_variants(ids)
     results = []
     with Lab(redis_url, db_url) as lab:
+        if on_start:
+            on_start(lab)
         for v in variants:
             r = run_variant(lab, v)
             results.append(r)

@@ -12,6 +12,19 @@ every key whose cache value differs from the database's is *inconsistent*.
 loaders (between the SELECT and the fill) and the writers (between the first cache step and
 the DB write, and between the commit and the cache step after it): it widens the races the
 unsafe strategies lose.
+
+Two schedules:
+
+* ``free`` (the default): the threads run free for ``duration`` seconds; which races happen, and so the
+  counts, depend on the OS scheduler (the seed fixes each thread's choices and pauses only).
+* ``seeded``: ``rounds`` operations chosen by the seed run one at a time (a read, a write), except at
+  seeded points where the dangerous interleaving is forced with :class:`threading.Event` objects:
+  *writers reordered* (A's first cache step, B's, B's commit, A's commit, A's cache step after the
+  commit, B's) and *a read straddling a write* (the writer's first cache step, the reader's miss and
+  SELECT, paused; the writer's commit and cache step; the delayed second delete fired before or after the
+  reader's write-back, as the seed says; the write-back). The schedule ends with one forced race per key.
+  Every count except the stale windows (wall time) is a function of the seed: the same seed gives the same
+  counts on every run.
 """
 
 from __future__ import annotations
@@ -44,6 +57,10 @@ class StressConfig:
     double_delete_delay: float = 0.02
     strategies: tuple[str, ...] = ()
     """Strategy names; ``NAME:plain`` runs it without leases. Empty = every strategy + db_then_invalidate:plain."""
+    schedule: str = "free"
+    """``free`` (threads race for ``duration`` s) or ``seeded`` (``rounds`` seeded operations, races forced)."""
+    rounds: int = 300
+    """Operations per strategy with ``schedule="seeded"``."""
 
     def plan(self) -> list[tuple[str, str, bool]]:
         names = self.strategies or (*P.STRATEGIES, "db_then_invalidate:plain")
@@ -189,6 +206,207 @@ def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy:
         t.join(60)
     for c in caches:  # joins pending delayed deletes: invalidations drain
         c.close()
+    _judge_keys(redis_url, db, ns, keys, res)
+    res.longest_stale_ms = round(res.longest_stale_ms, 2)
+    return res
+
+
+class _PausedRead:
+    """A read in its own thread whose loader stops after its SELECT until :meth:`finish` (no sleeps)."""
+
+    def __init__(self, cache: Cache, key: str, loader: Callable[[], Any]) -> None:
+        self._loaded = threading.Event()
+        self._resume = threading.Event()
+        self.entry: P.Entry | None = None
+        self.exc: BaseException | None = None
+        self.hit = False
+
+        def paused_loader() -> Any:
+            value = loader()
+            self._loaded.set()
+            if not self._resume.wait(30):
+                raise LabError("stress schedule never resumed a paused reader")
+            return value
+
+        def run() -> None:
+            try:
+                self.entry = cache.get_entry(key, paused_loader)
+            except BaseException as e:
+                self.exc = e
+            finally:
+                self.hit = not self._resume.is_set()
+                self._loaded.set()
+
+        self._thread = threading.Thread(target=run, name="stress-paused-read", daemon=True)
+        self._thread.start()
+        if not self._loaded.wait(30):
+            raise LabError("a paused reader never reached its load")
+
+    def finish(self) -> P.Entry:
+        self._resume.set()
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise LabError("a paused reader never finished")
+        if self.exc is not None:
+            raise self.exc
+        assert self.entry is not None
+        return self.entry
+
+
+def _run_seeded(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy: str, leases: bool,
+                progress: Callable[[str, float], None] | None) -> StressResult:
+    """The ``seeded`` schedule: one operation at a time, dangerous interleavings forced at seeded points."""
+    from .scenarios import ManualScheduler
+
+    ns = "labstress" + uuid.uuid4().hex[:8]
+    keys = [f"{strategy[:12]}-{i}-{uuid.uuid4().hex[:4]}" for i in range(cfg.keys)]
+    setup = db.session("setup")
+    for k in keys:
+        setup.insert(k, "init")
+    track = _Track(keys)
+    res = StressResult(label, leases)
+    strat = P.STRATEGIES[strategy]
+    rng = random.Random(cfg.seed)  # the same schedule for every strategy
+    counter = itertools.count(1)
+    caches: list[Cache] = []
+
+    def new_cache(scheduler: ManualScheduler | None = None) -> Cache:
+        c = Cache(redis_url, namespace=ns, ttl_jitter=0.0, leases=leases, max_wait=1.0, lease_ttl=5.0,
+                  broadcast_invalidations=False, scheduler=scheduler)
+        caches.append(c)
+        return c
+
+    writers = []
+    for i in range(cfg.writers):
+        sched = ManualScheduler()
+        writers.append((new_cache(sched), db.session(f"w{i}-{label}"), sched))
+    readers = [(new_cache(), db.session(f"r{i}-{label}")) for i in range(cfg.readers)]
+
+    class _Write:
+        """One writer's write, split into its steps: ``enter`` (before steps), ``commit``, ``exit`` (after)."""
+
+        def __init__(self, w: int, key: str) -> None:
+            self.cache, self.sess, self.sched = writers[w]
+            self.key = key
+            self.val = str(next(counter))
+            kw: dict[str, Any] = {"value": self.val} if P.Step.SET_PLAIN in strat.before else {}
+            self.cm = self.cache.write(key, strategy=strategy, **kw)
+            self.plan: Any = None
+
+        def enter(self) -> None:
+            self.plan = self.cm.__enter__()
+
+        def commit(self) -> None:
+            ver = self.sess.update(self.key, self.val)
+            track.committed(self.key, self.val, ver)
+            self.plan.set_value(self.val, version=ver)
+
+        def exit(self) -> None:
+            self.cm.__exit__(None, None, None)
+            res.writes += 1
+
+        def fire_delayed(self) -> None:
+            self.sched.fire()
+
+    def loader_of(r: int, key: str) -> Callable[[], Any]:
+        sess = readers[r][1]
+
+        def loader() -> Any:
+            v, ver = sess.select(key)
+            res.db_loads += 1
+            return P.Versioned(v, ver) if leases else v
+
+        return loader
+
+    def judge(key: str, e: P.Entry, floor: int, t0: float) -> None:
+        res.reads += 1
+        with track.lock:
+            ver = track.version_of[key].get(str(e.value))
+            newer = [t for v, t in track.commit_time[key].items() if ver is not None and v > ver]
+        if ver is not None and ver < floor:
+            res.stale_reads += 1
+            if newer:
+                res.longest_stale_ms = max(res.longest_stale_ms, (time.monotonic() - min(newer)) * 1000.0)
+
+    def read(r: int, key: str) -> None:
+        floor = track.latest[key]
+        judge(key, readers[r][0].get_entry(key, loader_of(r, key)), floor, time.monotonic())
+
+    def write(w: int, key: str) -> None:
+        op = _Write(w, key)
+        op.enter()
+        op.commit()
+        op.exit()
+        op.fire_delayed()
+
+    def writers_reordered(a: int, b: int, key: str) -> None:
+        wa, wb = _Write(a, key), _Write(b, key)
+        wa.enter()
+        wb.enter()
+        wb.commit()
+        wa.commit()
+        wa.exit()
+        wb.exit()
+        wa.fire_delayed()
+        wb.fire_delayed()
+
+    def read_straddles_write(r: int, w: int, key: str, fire_before_fill: bool) -> None:
+        op = _Write(w, key)
+        op.enter()
+        floor = track.latest[key]
+        pr = _PausedRead(readers[r][0], key, loader_of(r, key))
+        op.commit()
+        op.exit()
+        if fire_before_fill:
+            op.fire_delayed()
+        judge(key, pr.finish(), floor, time.monotonic())
+        op.fire_delayed()
+
+    try:
+        for n in range(cfg.rounds):
+            key = rng.choice(keys)
+            r, w, w2 = rng.randrange(cfg.readers), rng.randrange(cfg.writers), rng.randrange(cfg.writers)
+            kind = rng.random()
+            try:
+                if kind < 0.5:
+                    read(r, key)
+                elif kind < 0.7:
+                    write(w, key)
+                elif kind < 0.85:
+                    writers_reordered(w, w2 if w2 != w or cfg.writers == 1 else (w + 1) % cfg.writers, key)
+                else:
+                    read_straddles_write(r, w, key, rng.random() < 0.5)
+            except LabError:
+                raise
+            except Exception:
+                res.errors += 1
+            if progress and (n % 10 == 0 or n == cfg.rounds - 1):
+                progress(label, (n + 1) / cfg.rounds)
+        # the schedule ends with one forced race per key (keys in seeded order, alternately writers reordered and
+        # a read straddling a write), so the final state of every key is the outcome of a race
+        final = list(keys)
+        rng.shuffle(final)
+        for i, key in enumerate(final):
+            r, w = rng.randrange(cfg.readers), rng.randrange(cfg.writers)
+            try:
+                if i % 2 == 0:
+                    writers_reordered(w, (w + 1) % cfg.writers, key)
+                else:
+                    read_straddles_write(r, w, key, rng.random() < 0.5)
+            except LabError:
+                raise
+            except Exception:
+                res.errors += 1
+    finally:
+        for c in caches:
+            c.close()
+    _judge_keys(redis_url, db, ns, keys, res)
+    res.longest_stale_ms = round(res.longest_stale_ms, 2)
+    return res
+
+
+def _judge_keys(redis_url: str, db: LabDB, ns: str, keys: list[str], res: StressResult) -> None:
+    """Count the keys whose cached value differs from the row; remove the namespace's keys."""
     observer = Cache(redis_url, namespace=ns, ttl_jitter=0.0)
     obs_db = db.session("observer")
     try:
@@ -203,19 +421,22 @@ def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy:
             observer.redis.delete(*found)
     finally:
         observer.close()
-    res.longest_stale_ms = round(res.longest_stale_ms, 2)
-    return res
+
+
+SCHEDULES = ("free", "seeded")
 
 
 def run_stress(redis_url: str, db_url: str, cfg: StressConfig,
                progress: Callable[[str, float], None] | None = None) -> list[StressResult]:
     """Run every strategy of ``cfg`` in turn; returns one :class:`StressResult` each."""
     plan = cfg.plan()
-    for name in ("readers", "writers", "keys"):
+    for name in ("readers", "writers", "keys", "rounds"):
         if getattr(cfg, name) < 1:
             raise LabError(f"--{name} must be at least 1")
     if cfg.duration <= 0:
         raise LabError("--duration must be > 0")
+    if cfg.schedule not in SCHEDULES:
+        raise LabError(f"unknown schedule {cfg.schedule!r}; choose from {', '.join(SCHEDULES)}")
     import redis
 
     try:
@@ -229,6 +450,7 @@ def run_stress(redis_url: str, db_url: str, cfg: StressConfig,
     db = LabDB(db_url)
     db.create()
     try:
-        return [_run_one(redis_url, db, cfg, label, strategy, leases, progress) for label, strategy, leases in plan]
+        run = _run_seeded if cfg.schedule == "seeded" else _run_one
+        return [run(redis_url, db, cfg, label, strategy, leases, progress) for label, strategy, leases in plan]
     finally:
         db.drop()

@@ -29,7 +29,7 @@ from typing import Any
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation
 from ..bus.apply import apply_invalidations
-from ..db import POSTGRESQL, SQLITE, connect, dialect_of
+from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
 from ..errors import InvalidationError, UsageError
 from ..keys import check_key
 from ..sync import Cache
@@ -37,6 +37,16 @@ from . import DEFAULT_TABLE, PARKED, Outbox, OutboxError, check_table, now_ms_sq
 from ._fault import point
 
 log = logging.getLogger("cachesync.relay")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True
 
 _DELIVERY_ERRORS = (InvalidationError, BusUnavailableError)
 
@@ -96,40 +106,80 @@ class Relay:
         self.outbox = Outbox(self.table, dialect=self.dialect)
         self.stats = {"batches": 0, "rows": 0, "keys": 0, "errors": 0, "parked": 0}
         self._conn: Any = None
-        self._lconn: Any = None
         self._init = init
         self._now = now_ms_sql(self.dialect)
+        t = self.table
+        self._claim_sql = (f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE run_at <= {self._now} "
+                           f"ORDER BY id LIMIT {self.batch_size} FOR UPDATE SKIP LOCKED) "
+                           "RETURNING id, cache_keys, key_version, attempts")
+        self._due_sql = f"SELECT MIN(run_at) - {self._now} FROM {t} WHERE run_at > 0 AND run_at < {PARKED}"
+        self._due: float | None = None  # seconds until the next delayed row, learnt with the last COMMIT
 
     # ------------------------------------------------------------------ connections
 
     def _db(self) -> Any:
         if self._conn is None:
-            self._conn = connect(self.db_url)
+            if self.dialect is MYSQL:
+                from pymysql.constants import CLIENT
+
+                # multi-statements: "DELETE ...; COMMIT" in one round trip (the relay sends only its own SQL)
+                conn = connect(self.db_url, client_flag=CLIENT.MULTI_STATEMENTS)
+            else:
+                conn = connect(self.db_url)
             if self._init:
-                self.outbox.init(self._conn)
+                self.outbox.init(conn)
                 self._init = False
-            if self.dialect.name == "mysql":
-                cur = self._conn.cursor()
+            if self.dialect is MYSQL:
+                cur = conn.cursor()
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")  # no gap locks on inserts
                 cur.close()
+            elif self.dialect is POSTGRESQL:
+                # The relay sends BEGIN itself, in the same round trip as the claim (psycopg would send it alone);
+                # claim and next-due queries are prepared once. synchronous_commit=off only affects the relay's
+                # own commits (the deletes): a database crash may undo the last ones, so those rows are applied
+                # again (idempotent); no invalidation can be lost that way.
+                conn.autocommit = True
+                conn.execute("SET synchronous_commit = off")
+                conn.execute(f"PREPARE cachesync_claim AS {self._claim_sql}")
+                conn.execute(f"PREPARE cachesync_due AS {self._due_sql}")
+                if self.listen:  # before the first claim, so that no NOTIFY falls in between
+                    conn.execute(f'LISTEN "{self.table}"')
+            else:
+                self._reclaim_dead(conn)
+            self._conn = conn
         return self._conn
 
-    def _listener(self) -> Any:
-        if self._lconn is None:
-            import psycopg
-
-            self._lconn = psycopg.connect("postgresql://" + self.db_url.split("://", 1)[1], autocommit=True)
-            self._lconn.execute(f'LISTEN "{self.table}"')
-        return self._lconn
+    def _reclaim_dead(self, conn: Any) -> int:
+        """SQLite: release the leases of relays on this host whose process is gone (crashed), so their rows are
+        retried now instead of when the lease expires. A live pid (or another host) keeps its lease."""
+        host = self.relay_id.rsplit(":", 2)[0]
+        cur = conn.cursor()
+        try:
+            cur.execute(f"SELECT DISTINCT claimed_by FROM {self.table} WHERE claimed_until > {self._now} "
+                        "AND claimed_by IS NOT NULL")
+            dead = []
+            for (owner,) in cur.fetchall():
+                parts = str(owner).rsplit(":", 2)
+                if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+                    dead.append(owner)
+            n = 0
+            for owner in dead:
+                cur.execute(f"UPDATE {self.table} SET claimed_until = 0 WHERE claimed_by = ?", (owner,))
+                n += cur.rowcount
+                log.warning("cachesync relay: released %d outbox rows leased by dead relay %s", cur.rowcount, owner)
+            conn.commit()
+            return n
+        finally:
+            cur.close()
 
     def _reset(self) -> None:
-        for c in (self._conn, self._lconn):
-            if c is not None:
-                try:
-                    c.close()
-                except Exception:
-                    pass
-        self._conn = self._lconn = None
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn = None
+        self._due = None
 
     def close(self) -> None:
         """Close the database connections (not the cache or the bus)."""
@@ -137,9 +187,10 @@ class Relay:
 
     # ------------------------------------------------------------------ one batch
 
-    def _parse(self, raw: list[tuple[Any, ...]]) -> tuple[list[Row], list[tuple[int, str]]]:
+    def _parse(self, raw: list[tuple[Any, ...]]) -> tuple[list[Row], list[tuple[int, str, tuple[Any, ...]]]]:
         good, bad = [], []
-        for rid, keys, ver, attempts in raw:
+        for t in raw:
+            rid, keys, ver, attempts = t[:4]
             try:
                 ks = json.loads(keys)
                 if not isinstance(ks, list) or not ks:
@@ -148,7 +199,7 @@ class Relay:
                     check_key(k, 1 << 20)
                 good.append(Row(int(rid), ks, ver, int(attempts)))
             except (ValueError, UsageError) as e:
-                bad.append((int(rid), f"{type(e).__name__}: {e}"))
+                bad.append((int(rid), f"{type(e).__name__}: {e}", t))
         return good, bad
 
     def _deliver(self, rows: list[Row]) -> None:
@@ -159,14 +210,69 @@ class Relay:
             self.bus.publish([Invalidation(tuple(r.keys), r.version) for r in rows])
 
     def _ids(self, ids: list[int]) -> str:
-        return ",".join(str(int(i)) for i in ids)
+        """SQL condition on ``id`` matching exactly ``ids`` (sorted): a range when they are contiguous."""
+        if len(ids) > 1 and ids[-1] - ids[0] == len(ids) - 1:
+            return f"id BETWEEN {int(ids[0])} AND {int(ids[-1])}"  # every id of the range is one of ours
+        return f"id IN ({','.join(str(int(i)) for i in ids)})"
 
     def run_once(self) -> int:
         """Claim, deliver and delete one batch. Returns how many rows were completed (0: nothing due).
 
         Raises :class:`InvalidationError`/:class:`BusUnavailableError` after recording the failed attempt.
         """
+        if self.dialect is POSTGRESQL:
+            return self._once_pg()
         return self._once_lease() if self.dialect is SQLITE else self._once_locked()
+
+    def _once_pg(self) -> int:
+        """PostgreSQL, three round trips: ``BEGIN; DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)
+        RETURNING ...`` (claims and deletes, uncommitted), the Redis pipeline / bus publish, then ``COMMIT`` (with
+        the next-due query in the same round trip). A crash before COMMIT rolls the delete back: rows stay."""
+        conn = self._db()
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN; EXECUTE cachesync_claim")
+            cur.nextset()
+            raw = cur.fetchall()
+            if not raw:
+                self._end(cur, "ROLLBACK")
+                return 0
+            point("claimed")
+            raw.sort()
+            rows, bad = self._parse(raw)
+            try:
+                self._deliver(rows)
+            except _DELIVERY_ERRORS as e:
+                cur.execute("ROLLBACK")
+                self._failed(cur, [r.id for r in rows], e)  # autocommit: committed at once
+                raise
+            point("applied")
+            for rid, err, t in bad:  # deleted by the claim: put back, parked
+                log.error("cachesync relay: outbox row %d of %s is unusable, parked: %s", rid, self.table, err)
+                cur.execute(f"INSERT INTO {self.table} (id, cache_keys, key_version, attempts, run_at, last_error) "
+                            f"VALUES (%s, %s, %s, %s, {PARKED}, %s)", (rid, t[1], t[2], t[3], err[:2000]))
+            self.stats["parked"] += len(bad)
+            point("deleted")
+            self._end(cur, "COMMIT")
+            point("committed")
+            self._done(rows)
+            return len(rows) + len(bad)
+        except BaseException:
+            try:
+                if conn.info.transaction_status != 0:  # not idle
+                    conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+        finally:
+            cur.close()
+
+    def _end(self, cur: Any, verb: str) -> None:
+        """PostgreSQL: end the claim transaction and learn when the next delayed row is due, in one round trip."""
+        cur.execute(f"{verb}; EXECUTE cachesync_due")
+        cur.nextset()
+        v = cur.fetchone()[0]
+        self._due = self.poll_interval if v is None else max(0.0, min(self.poll_interval, float(v) / 1000))
 
     def _once_locked(self) -> int:
         conn = self._db()
@@ -179,7 +285,7 @@ class Relay:
                 conn.commit()
                 return 0
             point("claimed")
-            rows, bad = self._parse(raw)
+            rows, bad = self._parse(list(raw))
             try:
                 self._deliver(rows)
             except _DELIVERY_ERRORS as e:
@@ -188,11 +294,14 @@ class Relay:
                 conn.commit()
                 raise
             point("applied")
-            if rows:
-                cur.execute(f"DELETE FROM {self.table} WHERE id IN ({self._ids([r.id for r in rows])})")
             self._park(cur, bad)
             point("deleted")
-            conn.commit()
+            if rows:  # delete and commit in one round trip (multi-statement connection)
+                cur.execute(f"DELETE FROM {self.table} WHERE {self._ids([r.id for r in rows])}; COMMIT")
+                while cur.nextset():
+                    pass
+            else:
+                conn.commit()
             point("committed")
             self._done(rows)
             return len(rows) + len(bad)
@@ -227,8 +336,8 @@ class Relay:
                 raise
             point("applied")
             if rows:
-                cur.execute(f"DELETE FROM {self.table} WHERE claimed_by = ? AND id IN "
-                            f"({self._ids([r.id for r in rows])})", (self.relay_id,))
+                cur.execute(f"DELETE FROM {self.table} WHERE claimed_by = ? AND {self._ids([r.id for r in rows])}",
+                            (self.relay_id,))
             self._park(cur, bad)
             point("deleted")
             conn.commit()
@@ -250,10 +359,10 @@ class Relay:
             return
         extra = ", claimed_until = 0" if release else ""
         cur.execute(self.dialect.sql(f"UPDATE {self.table} SET attempts = attempts + 1, last_error = ?{extra} "
-                                     f"WHERE id IN ({self._ids(ids)})"), (str(e)[:2000],))
+                                     f"WHERE {self._ids(sorted(ids))}"), (str(e)[:2000],))
 
-    def _park(self, cur: Any, bad: list[tuple[int, str]]) -> None:
-        for rid, err in bad:
+    def _park(self, cur: Any, bad: list[tuple[int, str, tuple[Any, ...]]]) -> None:
+        for rid, err, _ in bad:
             log.error("cachesync relay: outbox row %d of %s is unusable, parked: %s", rid, self.table, err)
             cur.execute(self.dialect.sql(f"UPDATE {self.table} SET run_at = {PARKED}, last_error = ? WHERE id = ?"),
                         (err[:2000], rid))
@@ -270,10 +379,13 @@ class Relay:
 
     def _next_due(self) -> float:
         """Seconds until the earliest delayed row is due (capped at ``poll_interval``)."""
+        if self._due is not None:  # PostgreSQL: learnt in the round trip that ended the last claim
+            due, self._due = self._due, None
+            return due
         conn = self._db()
         cur = conn.cursor()
         try:
-            cur.execute(f"SELECT MIN(run_at) - {self._now} FROM {self.table} WHERE run_at > 0 AND run_at < {PARKED}")
+            cur.execute(self._due_sql)
             v = cur.fetchone()[0]
             conn.commit()
         finally:
@@ -288,8 +400,15 @@ class Relay:
         if not self.listen:
             stop.wait(seconds)
             return
-        lconn = self._listener()
-        for _ in lconn.notifies(timeout=seconds, stop_after=1):
+        # PostgreSQL: the claiming connection also LISTENs (its backend is the one woken by the NOTIFY, so the
+        # claim that follows runs on a warm process). Notifications that arrived during the last batch were
+        # kept by psycopg and end the wait at once; otherwise block on the socket until one arrives (no tick).
+        conn = self._db()
+        for _ in conn.notifies(timeout=0):
+            return
+        for _ in conn.notifies(timeout=seconds, stop_after=1):
+            pass
+        for _ in conn.notifies(timeout=0):  # several in one packet: take them all now
             pass
 
     def drain(self) -> int:
@@ -308,8 +427,6 @@ class Relay:
         backoff = 0.0
         while not stop.is_set():
             try:
-                if self.listen:
-                    self._listener()  # LISTEN before claiming, so that no NOTIFY falls in between
                 n = self.run_once()
                 backoff = 0.0
                 if n >= self.batch_size:
