@@ -1,15 +1,16 @@
 """Outbox benchmarks (not run by the tests).
 
     .venv/bin/python bench/bench_outbox.py [--db-url postgresql://root@127.0.0.1:5432/test]
-        [--redis-url redis://127.0.0.1:6379/15] [--n 500] [--rows 50000]
+        [--redis-url redis://127.0.0.1:6379/15] [--n 500] [--rows 50000] [--commits 1000]
 
 1. commit -> key invalidated in Redis, p50/p99, through the relay woken by LISTEN/NOTIFY, through the relay
    polling every 10 ms, and through relay -> Redis Streams -> worker. The relay and the worker run as
    subprocesses; arrival is observed on the namespace's invalidation channel (pub/sub).
 2. relay throughput (invalidations/s) draining a backlog with batches of 500.
 Commits are spaced by a random 0-20 ms think time.
-3. the cost the outbox insert adds to the writer's commit: UPDATE+COMMIT vs UPDATE+outbox INSERT+COMMIT,
-   interleaved in the same run, printed as a ratio.
+3. the cost the outbox insert adds to the writer's transaction, for two transaction shapes (printed): a single
+   UPDATE + COMMIT, and SELECT FOR UPDATE + UPDATE + INSERT + COMMIT; baseline and + ``Outbox.record()`` before
+   ``commit()``, interleaved on one connection, printed as ratios.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def spawn(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cachesync", *args], stderr=subprocess.DEVNULL)
 
 
-def latency(db_url: str, redis_url: str, n: int, mode: str) -> tuple[float, float]:
+def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[float, float]]:
     ns = "bench" + uuid.uuid4().hex[:8]
     table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
     ob = Outbox(table)
@@ -84,6 +85,8 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> tuple[float, floa
     t.start()
     # warm up until the pipeline delivers
     lat: list[float] = []
+    after: list[float] = []  # from the writer's commit() returning
+    commit: list[float] = []  # the writer's commit() itself
     rng = random.Random(1)
     for i in range(n + 20):
         key = f"k{i}"
@@ -93,10 +96,13 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> tuple[float, floa
         time.sleep(rng.uniform(0, 0.02))  # think time: commits must not phase-lock with the relay's poll cycle
         t0 = time.perf_counter()
         conn.commit()
+        t1 = time.perf_counter()
         if not got.wait(30):
             raise SystemExit(f"{mode}: invalidation of {key} never arrived")
         if i >= 20:
             lat.append(arrived[want[0]] - t0)
+            after.append(arrived[want[0]] - t1)
+            commit.append(t1 - t0)
     for p in procs:
         p.terminate()
         p.wait()
@@ -110,7 +116,8 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> tuple[float, floa
     r.close()
     ob.drop(conn)
     conn.close()
-    return statistics.median(lat) * 1000, pct(lat, 99) * 1000
+    return {k: (statistics.median(v) * 1000, pct(v, 99) * 1000)
+            for k, v in (("total", lat), ("after", after), ("commit", commit))}
 
 
 def throughput(db_url: str, redis_url: str, rows: int) -> float:
@@ -142,33 +149,64 @@ def throughput(db_url: str, redis_url: str, rows: int) -> float:
     return rows / dt
 
 
-def commit_cost(db_url: str, n: int) -> tuple[float, float, float]:
+SHAPES = {
+    "1-stmt": ["UPDATE {app} SET version = version + 1 WHERE id = 1"],
+    "3-stmt": ["SELECT email, version FROM {app} WHERE id = 2 FOR UPDATE",
+               "UPDATE {app} SET version = version + 1 WHERE id = 2",
+               "INSERT INTO {audit} (user_id, note) VALUES (2, 'version bumped')"],
+}
+"""The writer transactions measured: each is followed by COMMIT; the outbox variants record one key."""
+
+
+def commit_cost(db_url: str, n: int) -> dict[str, dict[str, float]]:
+    """Median writer transaction time per shape: baseline (statements + commit) and with ``record()`` before the
+    commit, interleaved on one connection."""
     table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
     app = "bench_users_" + uuid.uuid4().hex[:8]
+    audit = "bench_audit_" + uuid.uuid4().hex[:8]
     ob = Outbox(table)
     conn = connect(db_url)
     ob.init(conn)
+    d = ob._dialect(conn)
+    serial = {"postgresql": "BIGSERIAL PRIMARY KEY", "mysql": "BIGINT AUTO_INCREMENT PRIMARY KEY"}.get(
+        d.name, "INTEGER PRIMARY KEY AUTOINCREMENT")
     cur = conn.cursor()
     cur.execute(f"CREATE TABLE {app} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
-    cur.execute(f"INSERT INTO {app} VALUES (1, 'a', 1)")
+    cur.execute(f"CREATE TABLE {audit} (id {serial}, user_id INTEGER, note VARCHAR(100))")
+    cur.execute(f"INSERT INTO {app} VALUES (1, 'a', 1), (2, 'b', 1)")
     conn.commit()
-    d = ob._dialect(conn)
-    upd = d.sql(f"UPDATE {app} SET version = version + 1 WHERE id = ?")
-    base, with_ob = [], []
-    for i in range(n):
-        for kind in ((0, 1) if i % 2 else (1, 0)):
-            t0 = time.perf_counter()
-            cur.execute(upd, (1,))
-            if kind:
-                ob.record(conn, "user:1", version=i)
+    out: dict[str, dict[str, float]] = {}
+    for shape, stmts in SHAPES.items():
+        sqls = [q.format(app=app, audit=audit).replace(" FOR UPDATE", "" if d.name == "sqlite" else " FOR UPDATE")
+                for q in stmts]
+
+        def base(i: int) -> None:
+            for q in sqls:
+                cur.execute(q)
             conn.commit()
-            (with_ob if kind else base).append(time.perf_counter() - t0)
+
+        def rec(i: int) -> None:
+            for q in sqls:
+                cur.execute(q)
+            ob.record(conn, "user:1", version=i)
+            conn.commit()
+
+        variants = {"baseline": base, "record+commit": rec}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        order = list(variants)
+        for i in range(n):
+            order = order[1:] + order[:1]  # rotate: no variant always runs first
+            for k in order:
+                t0 = time.perf_counter()
+                variants[k](i)
+                times[k].append(time.perf_counter() - t0)
+        out[shape] = {k: statistics.median(v) * 1000 for k, v in times.items()}
     cur.execute(f"DROP TABLE {app}")
+    cur.execute(f"DROP TABLE {audit}")
     conn.commit()
     ob.drop(conn)
     conn.close()
-    return statistics.median(base) * 1000, statistics.median(with_ob) * 1000, \
-        statistics.median(with_ob) / statistics.median(base)
+    return out
 
 
 def main() -> None:
@@ -176,19 +214,24 @@ def main() -> None:
     ap.add_argument("--db-url", default=os.environ.get("CACHESYNC_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/test"))
     ap.add_argument("--redis-url", default=os.environ.get("CACHESYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     ap.add_argument("--n", type=int, default=500, help="commits per latency measurement (default 500)")
+    ap.add_argument("--commits", type=int, default=1000, help="writer transactions per variant (default 1000)")
     ap.add_argument("--rows", type=int, default=50_000, help="backlog rows for the throughput run (default 50000)")
     a = ap.parse_args()
     print(f"database: {a.db_url.split('://')[0]}")
     for mode in ("notify", "poll10ms", "bus+worker"):
         if mode == "notify" and not a.db_url.startswith("postgres"):
             continue
-        p50, p99 = latency(a.db_url, a.redis_url, a.n, mode)
-        print(f"commit -> invalidated, {mode:10s}: p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+        r = latency(a.db_url, a.redis_url, a.n, mode)
+        print(f"commit -> invalidated, {mode:10s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
+              f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
+              f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
     print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
-    b, w, ratio = commit_cost(a.db_url, 1000)
-    print(f"writer commit: baseline {b:.3f} ms, with outbox insert {w:.3f} ms, ratio x{ratio:.3f} "
-          f"(+{(ratio - 1) * 100:.1f} %)")
-
+    for shape, stmts in SHAPES.items():
+        print(f"writer transaction {shape}: " + "; ".join(stmts) + "; COMMIT")
+    for shape, r in commit_cost(a.db_url, a.commits).items():
+        b = r["baseline"]
+        print(f"writer {shape}: baseline {b:.3f} ms, with outbox record() {r['record+commit']:.3f} ms, "
+              f"ratio x{r['record+commit'] / b:.3f} (+{(r['record+commit'] / b - 1) * 100:.1f} %)")
 
 if __name__ == "__main__":
     main()

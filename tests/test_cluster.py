@@ -479,20 +479,6 @@ def test_one_master_down(tmp_path: Any, namespace: str) -> None:
         strict = cachesync.Cache(client=client, namespace=namespace, on_redis_error="fail")
         with pytest.raises(cachesync.errors.CacheUnavailableError):
             strict.get(dead[1], lambda: "db")
-
-        async def async_side() -> None:
-            aclient = AsyncRedisCluster(host=cs.host, port=cs.ports[0], socket_timeout=2, socket_connect_timeout=1)
-            try:
-                ac = cachesync.AsyncCache(client=aclient, namespace=namespace)
-                e = await ac.get_entry(alive[1], lambda: "db")  # invalidated above: reload and fill works
-                assert e.source == "loader" and e.filled
-                assert (await ac.get_entry(dead[1], lambda: "db")).source == "fallback"
-                with pytest.raises(cachesync.errors.CacheUnavailableError, match="redis-cluster://"):
-                    await ac.ping()
-            finally:
-                await aclient.aclose()
-
-        asyncio.run(async_side())
     finally:
         stop_cluster(cs.procs)
         client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -288,4 +289,72 @@ def test_redis_unreachable_then_back(db_url, outbox, private_redis, namespace):
     assert all(invalidated(cache, f"u:{i}") and invalidated(cache, f"v:{i}") for i in range(300))
     assert cache.peek("u:7")["fl"] == b"8" or cache.peek("u:7")["fl"] in ("8", 8)
     cache.close()
+    conn.close()
+
+
+def test_unusable_row_is_parked_and_status_reports_it(db_url, outbox, cache):
+    conn = connect(db_url)
+    cur = conn.cursor()
+    d = outbox._dialect(conn)
+    cur.execute(d.sql(f"INSERT INTO {outbox.table} (cache_keys) VALUES (?)"), ("not json",))
+    outbox.record(conn, "user:5")
+    outbox.record(conn, "user:6", delay=3600)
+    conn.commit()
+    fill(cache, "user:5")
+    st = outbox.status(conn)
+    assert (st["pending"], st["due"], st["delayed"], st["parked"]) == (3, 2, 1, 0)
+    assert st["oldest_age_s"] is not None and st["oldest_age_s"] >= 0
+    relay = Relay(db_url, cache, table=outbox.table)
+    assert relay.drain() == 2  # the good row and the parked one
+    relay.close()
+    assert invalidated(cache, "user:5")
+    st = outbox.status(conn)
+    assert (st["pending"], st["due"], st["delayed"], st["parked"], st["retrying"]) == (1, 0, 1, 1, 0)
+    cur.execute(f"SELECT cache_keys, last_error FROM {outbox.table} WHERE run_at >= {1 << 62}")
+    keys, err = cur.fetchone()
+    assert keys == "not json" and "JSONDecodeError" in err
+    conn.commit()
+    conn.close()
+
+
+def test_status_command(db_url, outbox):
+    import json
+    import sys
+
+    conn = connect(db_url)
+    outbox.record(conn, "user:7")
+    conn.commit()
+    conn.close()
+    out = subprocess.run([sys.executable, "-m", "cachesync", "outbox", "status", "--db-url", db_url, "--table",
+                          outbox.table, "--json"], capture_output=True, text=True, check=True).stdout
+    st = json.loads(out)
+    assert st["pending"] == 1 and st["due"] == 1 and st["parked"] == 0
+
+
+def test_sqlite_lease_of_a_dead_relay_is_released(tmp_path, table, cache):
+    import sys
+
+    url = f"sqlite:///{tmp_path}/lease.db"
+    ob = Outbox(table)
+    conn = connect(url)
+    ob.init(conn)
+    ob.record(conn, "user:8")
+    ob.record(conn, "user:9")
+    conn.commit()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid is gone
+    host = socket.gethostname()[:40]
+    far = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) + 3600000"
+    conn.execute(f"UPDATE {table} SET claimed_until = {far}, claimed_by = ? WHERE cache_keys = ?",
+                 (f"{host}:{dead.pid}:1", '["user:8"]'))
+    conn.execute(f"UPDATE {table} SET claimed_until = {far}, claimed_by = ? WHERE cache_keys = ?",
+                 (f"{host}:{os.getpid()}:1", '["user:9"]'))  # a live relay keeps its lease
+    conn.commit()
+    fill(cache, "user:8", "user:9")
+    relay = Relay(url, cache, table=table)
+    assert relay.drain() == 1
+    relay.close()
+    assert invalidated(cache, "user:8")
+    assert cache.peek("user:9")["v"]
+    assert ob.pending(conn) == 1
     conn.close()

@@ -16,7 +16,7 @@ and/or publishes it on a bus, at least once, surviving crashes of the applicatio
 
 Table columns: ``id`` (order), ``cache_keys`` (JSON list), ``key_version`` (NULL = unknown), ``run_at``
 (not-before time in ms since the epoch by the *database* clock; 0 = now), ``attempts`` (failed deliveries),
-``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``. On PostgreSQL a statement trigger
+``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``, ``created_at`` (database clock, ms). On PostgreSQL a statement trigger
 sends ``NOTIFY <table>`` so that relays wake at once.
 """
 
@@ -72,8 +72,10 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
         return [
             f"CREATE TABLE IF NOT EXISTS {t} (id BIGSERIAL PRIMARY KEY, cache_keys TEXT NOT NULL, "
             "key_version TEXT NULL, run_at BIGINT NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
-            "claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL)",
-            f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at)",
+            "claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
+            f"created_at BIGINT NOT NULL DEFAULT {now_ms_sql(d)})",
+            # partial: immediate rows (run_at = 0, the common case) cost the writer no second index entry
+            f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
             f"CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS "
             f"$$ BEGIN PERFORM pg_notify('{t}', ''); RETURN NULL; END $$",
             f"DROP TRIGGER IF EXISTS {t}_notify ON {t}",
@@ -84,12 +86,14 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, "
             "cache_keys LONGTEXT NOT NULL, key_version VARCHAR(64) NULL, run_at BIGINT NOT NULL DEFAULT 0, "
             "attempts INT NOT NULL DEFAULT 0, claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by VARCHAR(64) NULL, "
-            f"last_error TEXT NULL, KEY {t}_run_at (run_at)) ENGINE=InnoDB",
+            f"last_error TEXT NULL, created_at BIGINT NOT NULL DEFAULT ({now_ms_sql(d)}), KEY {t}_run_at (run_at)) "
+            "ENGINE=InnoDB",
         ]
     return [
         f"CREATE TABLE IF NOT EXISTS {t} (id INTEGER PRIMARY KEY AUTOINCREMENT, cache_keys TEXT NOT NULL, "
         "key_version TEXT NULL, run_at INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
-        "claimed_until INTEGER NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL)",
+        "claimed_until INTEGER NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
+        f"created_at INTEGER NOT NULL DEFAULT ({now_ms_sql(d)}))",
         f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at)",
     ]
 
@@ -238,6 +242,38 @@ class Outbox:
             n = int(cur.fetchone()[0])
             conn.commit()
             return n
+        finally:
+            cur.close()
+
+    def status(self, conn: Any) -> dict[str, Any]:
+        """Health of the outbox (uses and ends a read transaction on ``conn``): ``pending`` (rows not parked),
+        ``due`` (of those, due now), ``delayed`` (not yet due), ``oldest_age_s`` (seconds since the oldest pending
+        row was recorded, database clock; None if none, or if the table predates the ``created_at`` column),
+        ``retrying`` (pending rows with ``attempts`` > 0), ``max_attempts``, ``parked`` (unusable rows, see
+        ``last_error``) and ``leased`` (SQLite: rows claimed by a relay right now)."""
+        d = self._dialect(conn)
+        now, t = now_ms_sql(d), self.table
+        cur = conn.cursor()
+        try:
+            cur.execute(f"SELECT COUNT(*), SUM(CASE WHEN run_at <= {now} THEN 1 ELSE 0 END), "
+                        f"SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END), MAX(attempts), "
+                        f"SUM(CASE WHEN claimed_until > {now} THEN 1 ELSE 0 END) FROM {t} WHERE run_at < {PARKED}")
+            pending, due, retrying, max_att, leased = cur.fetchone()
+            cur.execute(f"SELECT COUNT(*) FROM {t} WHERE run_at >= {PARKED}")
+            parked = cur.fetchone()[0]
+            conn.commit()
+            age: float | None = None
+            try:
+                cur.execute(f"SELECT {now} - MIN(created_at) FROM {t} WHERE run_at < {PARKED}")
+                v = cur.fetchone()[0]
+                age = None if v is None else max(0.0, float(v) / 1000)
+                conn.commit()
+            except Exception:  # a table created before the created_at column
+                conn.rollback()
+            return {"table": t, "pending": int(pending or 0), "due": int(due or 0),
+                    "delayed": int(pending or 0) - int(due or 0), "oldest_age_s": age,
+                    "retrying": int(retrying or 0), "max_attempts": int(max_att or 0), "parked": int(parked or 0),
+                    "leased": int(leased or 0)}
         finally:
             cur.close()
 

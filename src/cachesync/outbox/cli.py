@@ -1,4 +1,4 @@
-"""``cachesync outbox init``, ``cachesync relay`` and ``cachesync worker``.
+"""``cachesync outbox init``, ``cachesync outbox status``, ``cachesync relay`` and ``cachesync worker``.
 
 Every option falls back to an environment variable so that secrets need not appear on the command line:
 ``CACHESYNC_DB_URL``, ``CACHESYNC_REDIS_URL``, ``CACHESYNC_BUS_URL``.
@@ -61,6 +61,40 @@ def cmd_init(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(f"outbox table {args.table} ready in {redact_url(url)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ..db import connect, dialect_of
+
+    url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
+    try:
+        conn = connect(url)
+    except CachesyncError:
+        raise
+    except Exception as e:
+        raise CachesyncError(f"cannot connect to {redact_url(url)}: {type(e).__name__}: {e}") from None
+    try:
+        st = Outbox(check_table(args.table), dialect=dialect_of(url)).status(conn)
+    except CachesyncError:
+        raise
+    except Exception as e:
+        raise CachesyncError(f"cannot read outbox table {args.table} in {redact_url(url)}: "
+                             f"{type(e).__name__}: {e}") from None
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(st))
+    else:
+        age = "-" if st["oldest_age_s"] is None else f"{st['oldest_age_s']:.3f} s"
+        print(f"outbox {st['table']} in {redact_url(url)}\n"
+              f"  pending      {st['pending']} ({st['due']} due now, {st['delayed']} delayed)\n"
+              f"  oldest age   {age}\n"
+              f"  retrying     {st['retrying']} (attempts > 0; max {st['max_attempts']})\n"
+              f"  parked       {st['parked']} (unusable, see last_error)\n"
+              f"  leased       {st['leased']} (SQLite: claimed by a relay now)")
     return 0
 
 
@@ -133,6 +167,10 @@ def register(subparsers: Any) -> None:
     p = obsub.add_parser("init", help="create the outbox table (idempotent)")
     _common(p, True, False, False)
     p.set_defaults(func=cmd_init)
+    p = obsub.add_parser("status", help="pending rows, oldest age, rows being retried and parked rows")
+    _common(p, True, False, False)
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
+    p.set_defaults(func=cmd_status)
 
     p = subparsers.add_parser("relay", help="move outbox rows to Redis and/or a bus")
     _common(p, True, True, True)
