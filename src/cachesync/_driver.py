@@ -95,3 +95,26 @@ def client_url(client: Any) -> str:
         return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
     except Exception:  # an unusual client: still give a useful message
         return f"redis ({type(client).__name__} given)"
+
+
+def connect(redis_url: str, client: Any, options: Any, lib: Any) -> tuple[Any, str, str | None]:
+    """The Redis client of a cache: ``client`` as given, or a new one for ``redis_url`` built with ``lib``
+    (``redis`` or ``redis.asyncio``). Returns (client, URL safe to show, URL this cache owns or None).
+
+    ``max_connections=None`` picks the plain pool (no practical limit, fastest); a number picks a blocking pool
+    of that size, where a caller waits for a free connection instead of failing.
+    """
+    if client is not None:
+        return client, client_url(client), None
+    url = check_redis_url(redis_url)
+    kw: dict[str, Any] = dict(socket_timeout=options.socket_timeout, socket_connect_timeout=options.connect_timeout)
+    if options.max_connections is None:
+        pool = lib.ConnectionPool.from_url(url, max_connections=2**31, **kw)
+    else:
+        pool = lib.BlockingConnectionPool.from_url(url, max_connections=options.max_connections,
+                                                   timeout=options.socket_timeout, **kw)
+    return lib.Redis.from_pool(pool), redact_url(url), url
+
+
+def is_cluster(client: Any) -> bool:
+    return type(client).__name__ == "RedisCluster"

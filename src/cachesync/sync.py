@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
-from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, check_redis_url, client_url, log, redact_url, wraps
+from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, InvalidationError
 from .l1 import L1Options
 from .l1_sync import L1Sync
@@ -59,31 +59,16 @@ class Cache:
                  **options: Any) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
-        if client is None:
-            url = check_redis_url(redis_url)
-            self.url = redact_url(url)
-            kw = dict(socket_timeout=self.options.socket_timeout, socket_connect_timeout=self.options.connect_timeout)
-            if self.options.max_connections is None:
-                pool = redis.ConnectionPool.from_url(url, max_connections=2**31, **kw)
-            else:  # bounded: a caller waits for a free connection instead of failing
-                pool = redis.BlockingConnectionPool.from_url(url, max_connections=self.options.max_connections,
-                                                             timeout=self.options.socket_timeout, **kw)
-            client = redis.Redis.from_pool(pool)
-            self._owns_client = True
-        else:
-            self.url = client_url(client)
-            self._owns_client = False
-        self.redis = client
-        cluster = type(client).__name__ == "RedisCluster"
-        self.ctx = P.Context(self.options, cluster=cluster)
+        self.redis, self.url, owned_url = connect(redis_url, client, self.options, redis)
+        self._owns_client = owned_url is not None
+        self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
         self._flights: dict[str, _Flight] = {}
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
         self._timers: list[Any] = []
-        self._loaded: set[str] = set()
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
-            self.l1 = L1Sync(self, l1_options, url if self._owns_client else None)
+            self.l1 = L1Sync(self, l1_options, owned_url)
 
     # ------------------------------------------------------------------ driver
 
