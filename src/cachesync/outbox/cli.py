@@ -28,8 +28,10 @@ def _need(v: str | None, opt: str, env: str) -> str:
 
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
+    # Event.set() from a handler can deadlock: the handler runs in the main thread, possibly while it holds the
+    # event's (non-reentrant) lock inside stop.wait(). Set it from another thread instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: threading.Thread(target=stop.set, daemon=True).start())
     return stop
 
 
