@@ -48,7 +48,7 @@ def test_fill_with_lease_is_a_hit_and_wakes_waiters(run, r, k):
     run("get", k, "tok2", 5000, "L", 1000)
     run("get", k, "tok3", 5000, "L", 1000)
     assert run("fill", k, "tok1", 1000, b'"v"', "7", 60000, "0") == [1]
-    assert r.llen(k[1]) == 2  # two waiters woken
+    assert r.lrange(k[1], 0, -1) == [b'F07|"v"'] * 2  # two waiters woken, each handed the value
     assert run("get", k, "tok9", 5000, "L", 1000) == [1, b'"v"', b"7", b""]
     assert r.hget(k[0], "lt") is None
 
@@ -158,3 +158,24 @@ def test_scripts_have_headers():
         head = s.source.split("\n", 12)
         text = "\n".join(head)
         assert "KEYS" in text and "Reply" in text, s.name
+
+
+def test_invalidate_turns_pending_wakeups_into_retries(run, r, k):
+    """A value wake-up not yet popped (its waiter died) must not hand an invalidated value to a later waiter."""
+    run("get", k, "t1", 5000, "L", 1000)
+    run("get", k, "t2", 5000, "L", 1000)              # a waiter registers, then dies
+    run("fill", k, "t1", 1000, b"old", "1", 60000, "0")
+    assert r.lrange(k[1], 0, -1) == [b"F01|old"]
+    run("invalidate", k, 10000, "2", "d", 1000, "")
+    assert r.lrange(k[1], 0, -1) == [b"0"]            # now only a "retry"
+    run("get", k, "t3", 5000, "L", 1000)
+    run("get", k, "t4", 5000, "L", 1000)
+    run("fill", k, "t3", 1000, b"new", "2", 60000, "0")
+    assert r.lrange(k[1], 0, -1) == [b"F02|new"] * 2  # the pending retry became the new value too
+
+
+def test_set_wakes_waiters_with_value_and_refusal_with_retry(run, r, k):
+    run("get", k, "t1", 5000, "L", 1000)
+    run("get", k, "t2", 5000, "L", 1000)
+    assert run("set", k, b"w", "", 60000, "1", 1000, "") == 1
+    assert r.lrange(k[1], 0, -1) == [b"F1|w"]

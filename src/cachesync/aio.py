@@ -72,11 +72,11 @@ class AsyncCache:
                 await self.redis.execute_command("SCRIPT", "LOAD", s.source)
             return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
 
-    async def _wait(self, eff: P.Wait) -> float:
+    async def _wait(self, eff: P.Wait) -> tuple[float, bytes | None]:
         t0 = time.monotonic()
         timeout = min(eff.timeout, max(0.01, self.options.socket_timeout * 0.8))
-        await self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
-        return time.monotonic() - t0
+        popped = await self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
+        return time.monotonic() - t0, (popped[1] if popped else None)
 
     async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
         send: Any = None

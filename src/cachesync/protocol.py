@@ -143,7 +143,8 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Block on the wake lists for at most ``timeout`` seconds; send back the seconds waited."""
+    """Block on the wake lists for at most ``timeout`` seconds (BLPOP); send back ``(seconds waited, item)``,
+    ``item`` being the popped wake-up (bytes) or None on timeout."""
 
     wake_keys: list[str]
     timeout: float
@@ -382,6 +383,14 @@ def parse_get(reply: Sequence[Any]) -> list[GetReply]:
     return out
 
 
+def parse_wake(item: bytes | None) -> GetReply | None:
+    """A wake-up item carrying the value just stored (``F<neg><version>|<payload>``), as a hit; else None."""
+    if not item or item[:1] != b"F":
+        return None
+    bar = item.index(b"|")
+    return GetReply(HIT, item[bar + 1:], decode_version(item[2:bar] or None), "n" if item[1:2] == b"1" else "")
+
+
 def _interleave(ekeys: Sequence[str]) -> list[str]:
     ks: list[str] = []
     for ek in ekeys:
@@ -444,7 +453,11 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
                 value = yield Load()
                 return Entry(ctx.unwrap(value), source="loader")
             ctx.stats["waits"] += 1
-            waited += yield Wait([keys[1]], min(r.wait_s, remaining) + 0.001)
+            elapsed, item = yield Wait([keys[1]], min(r.wait_s, remaining) + 0.001)
+            waited += elapsed
+            hit = parse_wake(item)
+            if hit is not None:  # the lease holder's fill woke us with the value itself
+                return _hit(ctx, key, hit)
             f = (None,)
             continue
         # LEASED (we hold the lease) or MISS (plain mode)
@@ -574,7 +587,8 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
         ctx.stats["waits"] += 1
         first = _groups(ctx, [eks[i] for i, _ in waiting])[0]
         wks = [wake_key(eks[waiting[j][0]]) for j in first]
-        waited += yield Wait(wks, min(min(w for _, w in waiting), remaining) + 0.001)
+        elapsed, _ = yield Wait(wks, min(min(w for _, w in waiting), remaining) + 0.001)
+        waited += elapsed
         pending = [i for i, _ in waiting]
     return {k: result[k] for k in ukeys}
 

@@ -84,11 +84,11 @@ class Cache:
                 self.redis.execute_command("SCRIPT", "LOAD", s.source)
             return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
 
-    def _wait(self, eff: P.Wait) -> float:
+    def _wait(self, eff: P.Wait) -> tuple[float, bytes | None]:
         t0 = time.monotonic()
         timeout = min(eff.timeout, max(0.01, self.options.socket_timeout * 0.8))
-        self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
-        return time.monotonic() - t0
+        popped = self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
+        return time.monotonic() - t0, (popped[1] if popped else None)
 
     def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
         send: Any = None

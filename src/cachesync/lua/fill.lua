@@ -9,6 +9,9 @@
 -- ARGV[3 + 4(i-1)] .. ARGV[6 + 4(i-1)] for key i:
 --   payload, version ("" = none), TTL in ms, negative flag ("1" | "0")
 --
+-- Waiters blocked on the wake list get one item each: "F" .. negative flag .. version .. "|" .. payload
+-- (the value just stored: no second round trip) or "0" (retry).
+--
 -- Reply: an array with one code per key:
 --   1 accepted, 0 refused (lease lost), -1 refused (older than the version floor)
 local token = ARGV[1]
@@ -39,8 +42,12 @@ for i = 1, #KEYS, 2 do
     out[#out + 1] = 1
   end
   if w and tonumber(w) > 0 and out[#out] ~= 0 then
-    local n = tonumber(w)
-    for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], '1') end
+    -- wake every registered waiter, and turn items still pending from earlier wake-ups into this one
+    local item = '0'
+    if out[#out] == 1 then item = 'F' .. neg .. ver .. '|' .. payload end
+    local n = tonumber(w) + redis.call('LLEN', KEYS[i + 1])
+    redis.call('DEL', KEYS[i + 1])
+    for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], item) end
     redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
   end
 end

@@ -35,8 +35,12 @@ for i = 1, #KEYS, 2 do
     if newfl then redis.call('HSET', k, 'fl', newfl) end
     redis.call('PEXPIRE', k, tomb_ms)
   end
-  if w and tonumber(w) > 0 then
-    for _ = 1, tonumber(w) do redis.call('RPUSH', KEYS[i + 1], '1') end
+  -- wake waiters with "0" (retry); a value item still pending from an earlier fill is now stale: replace it
+  local n = redis.call('LLEN', KEYS[i + 1])
+  if w then n = n + tonumber(w) end
+  if n > 0 then
+    redis.call('DEL', KEYS[i + 1])
+    for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], '0') end
     redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
   end
   names[#names + 1] = k

@@ -13,7 +13,7 @@ for i = 1, #KEYS, 2 do
     redis.call('HDEL', k, 'lt', 'ld', 'w')
     n = n + 1
     if f[2] and tonumber(f[2]) > 0 then
-      for _ = 1, tonumber(f[2]) do redis.call('RPUSH', KEYS[i + 1], '1') end
+      for _ = 1, tonumber(f[2]) do redis.call('RPUSH', KEYS[i + 1], '0') end
       redis.call('PEXPIRE', KEYS[i + 1], tonumber(ARGV[2]))
     end
   end

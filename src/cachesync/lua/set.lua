@@ -30,7 +30,13 @@ else
   redis.call('PEXPIRE', k, ttl)
 end
 if w and tonumber(w) > 0 then
-  for _ = 1, tonumber(w) do redis.call('RPUSH', KEYS[2], '1') end
+  -- wake every waiter with the stored value ("F" .. neg .. version .. "|" .. payload) or "0" (retry);
+  -- items still pending from earlier wake-ups are replaced as well
+  local item = '0'
+  if res == 1 then item = 'F' .. neg .. ver .. '|' .. payload end
+  local n = tonumber(w) + redis.call('LLEN', KEYS[2])
+  redis.call('DEL', KEYS[2])
+  for _ = 1, n do redis.call('RPUSH', KEYS[2], item) end
   redis.call('PEXPIRE', KEYS[2], wake_ms)
 end
 if res == 1 and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], k) end
