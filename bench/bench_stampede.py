@@ -139,7 +139,7 @@ def main() -> None:
             for k in runs:  # interleaved, so that machine noise hits every case alike
                 runs[k].append(run(k, url, a.requests, a.processes, a.loader_ms))
         for k, rs in runs.items():
-            print(f"max latency of each run, {k}: " + ", ".join("%.1f ms" % r["max_ms"] for r in rs))
+            print(f"max latency of each run, {k}: " + ", ".join(f"{r['max_ms']:.1f} ms" for r in rs))
         rows = {k: sorted(rs, key=lambda r: r["max_ms"])[len(rs) // 2] for k, rs in runs.items()}
         print(f"median run of {a.repeat}:")
         print(f"{'':<18} {'loader calls':>12} {'commands':>9} {'cmd/req':>8} {'in server':>9} {'p50 ms':>8} "
