@@ -54,6 +54,8 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
     common = ["--db-url", db_url, "--table", table]
     if mode == "notify":
         procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns))
+    elif mode == "notify-claim":
+        procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns, "--no-fast-path"))
     elif mode == "poll10ms":
         procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns, "--no-listen",
                            "--poll-interval", "0.01"))
@@ -218,11 +220,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=50_000, help="backlog rows for the throughput run (default 50000)")
     a = ap.parse_args()
     print(f"database: {a.db_url.split('://')[0]}")
-    for mode in ("notify", "poll10ms", "bus+worker"):
-        if mode == "notify" and not a.db_url.startswith("postgres"):
+    for mode in ("notify", "notify-claim", "poll10ms", "bus+worker"):
+        if mode.startswith("notify") and not a.db_url.startswith("postgres"):
             continue
         r = latency(a.db_url, a.redis_url, a.n, mode)
-        print(f"commit -> invalidated, {mode:10s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
+        print(f"commit -> invalidated, {mode:12s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
               f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
               f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
     print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")

@@ -358,3 +358,80 @@ def test_sqlite_lease_of_a_dead_relay_is_released(tmp_path, table, cache):
     assert cache.peek("user:9")["v"]
     assert ob.pending(conn) == 1
     conn.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL fast path (rows in the NOTIFY)
+
+
+@pytest.fixture
+def pg_outbox(pg_url: str, table: str) -> Iterator[Outbox]:
+    ob = Outbox(table)
+    conn = connect(pg_url)
+    ob.init(conn)
+    yield ob
+    ob.drop(conn)
+    conn.close()
+
+
+def test_fast_path_applies_from_the_notification_and_the_claim_only_deletes(pg_url, pg_outbox, cache):
+    relay = Relay(pg_url, cache, table=pg_outbox.table)
+    assert relay.fast
+    assert relay.run_once() == 0  # connects and LISTENs
+    fill(cache, "f:1", "f:2")
+    conn = connect(pg_url)
+    pg_outbox.record(conn, "f:1", "f:2", version=5)
+    conn.commit()
+    assert relay.apply_notified(timeout=30) == 1  # no claim yet: applied from the payload alone
+    assert invalidated(cache, "f:1") and invalidated(cache, "f:2")
+    assert pg_outbox.pending(conn) == 1
+    fill(cache, "f:1")  # a second apply by the claim would invalidate this value again
+    assert relay.run_once() == 1
+    assert cache.peek("f:1")["v"]  # not applied twice
+    assert pg_outbox.pending(conn) == 0
+    st = relay.stats
+    assert (st["fast"], st["applied"], st["skipped"], st["rows"]) == (1, 0, 1, 1)
+    relay.close()
+    conn.close()
+
+
+def test_fast_path_leaves_delayed_and_oversized_rows_to_the_claim(pg_url, pg_outbox, cache):
+    relay = Relay(pg_url, cache, table=pg_outbox.table)
+    assert relay.run_once() == 0
+    big = [f"big:{i}:" + "x" * 300 for i in range(30)]  # > 8000 bytes of payload
+    fill(cache, "d:1", *big)
+    conn = connect(pg_url)
+    pg_outbox.record(conn, "d:1", delay=3600)
+    conn.commit()
+    assert relay.apply_notified(timeout=30) == 0  # a bare wake-up
+    pg_outbox.record(conn, *big)
+    conn.commit()
+    assert relay.apply_notified(timeout=30) == 0  # too big for a notification: a bare wake-up
+    assert cache.peek("d:1")["v"] and cache.peek(big[0])["v"]
+    assert relay.run_once() == 1  # the big row, through the claim
+    assert all(invalidated(cache, k) for k in big)
+    assert cache.peek("d:1")["v"]  # the delayed row waits
+    assert (relay.stats["fast"], relay.stats["applied"], relay.stats["skipped"]) == (0, 1, 0)
+    assert pg_outbox.pending(conn) == 1
+    relay.close()
+    conn.close()
+
+
+def test_fast_path_off_and_several_relays(pg_url, pg_outbox, cache):
+    """Every listening relay applies every notification; whichever claims the row deletes it without a second
+    apply (it applied it too). A relay with fast=False applies only what it claims."""
+    relays = [Relay(pg_url, cache, table=pg_outbox.table) for _ in range(2)]
+    slow = Relay(pg_url, cache, table=pg_outbox.table, fast=False)
+    for r in [*relays, slow]:
+        assert r.run_once() == 0
+    conn = connect(pg_url)
+    pg_outbox.record(conn, "m:1")
+    conn.commit()
+    assert [r.apply_notified(timeout=30) for r in relays] == [1, 1]
+    assert slow.apply_notified(timeout=30) == 0
+    assert relays[1].run_once() == 1
+    assert relays[0].run_once() == 0 and slow.run_once() == 0
+    assert (relays[1].stats["applied"], relays[1].stats["skipped"]) == (0, 1)
+    assert slow.stats["fast"] == 0
+    for r in [*relays, slow]:
+        r.close()
+    conn.close()

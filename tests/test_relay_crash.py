@@ -147,3 +147,52 @@ def test_worker_killed_at_random_points(pg_url, redis_url, namespace):
     ob.drop(conn)
     conn.close()
     cleanup(redis_url, namespace)
+
+
+@pytest.mark.timeout(120)
+def test_relay_killed_after_fast_apply_before_delete(pg_url, redis_url, namespace):
+    """PostgreSQL fast path: the relay applies a row from its notification and is SIGKILLed before any claim
+    deletes it; the row stays and the restarted relay applies it again (through the claim)."""
+    import cachesync
+    from cachesync.outbox.relay import Relay
+
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:10]
+    ob = Outbox(table)
+    conn = connect(pg_url)
+    ob.init(conn)
+    cache = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    proc = spawn(["relay", "--db-url", pg_url, "--redis-url", redis_url, "--namespace", namespace,
+                  "--table", table], "fast_applied:1")
+    key = ""
+    try:
+        # until the relay LISTENs, a row is applied and deleted by a claim; the first one applied from its
+        # notification kills the relay (the relay ignores late notifications of rows it deleted itself)
+        for i in range(500):
+            key = f"fast:{i}"
+            ob.record(conn, key)
+            conn.commit()
+            wait_for(lambda: proc.poll() is not None or ob.pending(conn) == 0, 60, "the relay to act")
+            if proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -9
+    assert ob.pending(conn) == 1  # applied from the notification, never deleted
+    e = cache.peek(key)
+    assert e is not None and "ti" in e and "v" not in e  # the fast apply happened
+    cache.set(key, "written back after the apply")
+    relay = Relay(pg_url, cache, table=table)
+    assert relay.drain() == 1
+    assert (relay.stats["applied"], relay.stats["fast"], relay.stats["skipped"]) == (1, 0, 0)
+    e = cache.peek(key)
+    assert e is not None and "ti" in e and "v" not in e  # applied again
+    assert ob.pending(conn) == 0
+    relay.close()
+    cache.close()
+    ob.drop(conn)
+    conn.close()
+    r = redis.Redis.from_url(redis_url)
+    r.delete(*[entry_key(namespace, f"fast:{j}") for j in range(500)])
+    r.close()

@@ -40,6 +40,10 @@ DEFAULT_TABLE = "cachesync_outbox"
 PARKED = 1 << 62
 """``run_at`` of a row the relay could not use (bad keys); kept with ``last_error`` for an operator."""
 
+NOTIFY_LIMIT = 7900
+"""PostgreSQL: the largest NOTIFY payload (bytes) carrying rows for the relay's fast path (the server's limit is
+8000); a larger statement's rows only wake the relay, which claims them."""
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,54}")
 _MAX_KEY_BYTES = CacheOptions().max_key_bytes
 
@@ -76,10 +80,20 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"created_at BIGINT NOT NULL DEFAULT {now_ms_sql(d)})",
             # partial: immediate rows (run_at = 0, the common case) cost the writer no second index entry
             f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
-            f"CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN PERFORM pg_notify('{t}', ''); RETURN NULL; END $$",
+            # One NOTIFY per INSERT statement. Payload (the relay's fast path, see NOTIFY_LIMIT): a JSON array of
+            # [id, cache_keys text, key_version] of the statement's immediate rows (run_at = 0). An empty payload
+            # only wakes the relay to claim: sent when the statement also inserted delayed rows (the relay
+            # re-learns when the next one is due) or when the array would not fit in a notification.
+            f"CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "DECLARE p text; d boolean; BEGIN "
+            "SELECT json_agg(json_build_array(id, cache_keys, key_version)) FILTER (WHERE run_at = 0)::text, "
+            "bool_or(run_at <> 0) INTO p, d FROM new_rows; "
+            f"IF p IS NOT NULL AND octet_length(p) <= {NOTIFY_LIMIT} THEN PERFORM pg_notify('{t}', p); "
+            "ELSIF p IS NOT NULL THEN d := true; END IF; "
+            f"IF d THEN PERFORM pg_notify('{t}', ''); END IF; RETURN NULL; END $$",
             f"DROP TRIGGER IF EXISTS {t}_notify ON {t}",
-            f"CREATE TRIGGER {t}_notify AFTER INSERT ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify()",
+            f"CREATE TRIGGER {t}_notify AFTER INSERT ON {t} REFERENCING NEW TABLE AS new_rows "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {t}_notify()",
         ]
     if d is MYSQL:
         return [
@@ -286,5 +300,5 @@ def record(conn: Any, *keys: str, version: Any = None, delay: float = 0.0, again
     _default.record(conn, *keys, version=version, delay=delay, again_after=again_after)
 
 
-__all__ = ["DEFAULT_TABLE", "PARKED", "Outbox", "OutboxError", "check_table", "ddl", "dialect_of_connection",
+__all__ = ["DEFAULT_TABLE", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "ddl", "dialect_of_connection",
            "now_ms_sql", "record"]

@@ -12,10 +12,19 @@ exponentially up to ``max_backoff`` and resumes. On PostgreSQL the relay ``LISTE
 after the table (the outbox trigger ``NOTIFY``\\ s on insert) and also polls every ``poll_interval`` seconds,
 because notifications sent while it was disconnected are lost. Rows with a future ``run_at`` (delayed
 deletes) are claimed when due; the relay sleeps until the earliest one.
+
+Fast path (PostgreSQL, applying to Redis): the trigger's notification carries the ids, keys and versions of the
+rows a committed INSERT statement added (PostgreSQL delivers it only after the commit). The relay applies them to
+Redis as soon as the notification arrives — no database round trip first — and remembers their ids in memory;
+the claim that follows deletes those rows without applying them again. A relay that dies in between loses only
+that memory: the rows are still in the table and are applied again when claimed (idempotent). Every relay that
+listens receives every notification, and every one applies it (duplicate, harmless Redis work; no relay has to
+ask the database which one should).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -50,6 +59,10 @@ def _pid_alive(pid: int) -> bool:
 
 _DELIVERY_ERRORS = (InvalidationError, BusUnavailableError)
 
+_MEMORY = 100_000
+"""Row ids the fast path remembers (applied, not yet deleted; deleted recently). Forgetting one early costs only
+a duplicate apply."""
+
 
 @dataclass
 class Row:
@@ -64,7 +77,7 @@ class Row:
 class Relay:
     """Moves outbox rows to Redis (and/or a bus). ``Relay(db_url, cache=None, *, bus=None, apply=None,
     table="cachesync_outbox", batch_size=500, poll_interval=None, listen=True, lease=30.0, max_backoff=5.0,
-    init=True, on_error=None, on_batch=None)``.
+    init=True, on_error=None, on_batch=None, fast=None)``.
 
     ``cache``: the :class:`cachesync.Cache` to invalidate in (needed unless only publishing). ``bus``: publish
     every row on this bus. ``apply`` (default: True without a bus, False with one): also invalidate in
@@ -72,14 +85,19 @@ class Relay:
     (default True): use LISTEN/NOTIFY on PostgreSQL. ``lease`` (SQLite, default 30 s): how long a claim keeps
     rows from other relays. ``max_backoff`` (default 5 s): longest wait between retries while Redis/the bus
     is down. ``init`` (default True): create the table on start. ``on_error(exc)``/``on_batch(n)``: hooks
-    called after a failed delivery / a completed batch (tests, metrics).
+    called after a failed delivery / a completed batch (tests, metrics). ``fast`` (default: True when applying
+    and listening on PostgreSQL): apply the rows a notification carries at once (see the module docstring).
+
+    ``stats``: ``batches``/``rows``/``keys`` completed (deleted) by claims, ``applied`` rows applied to Redis by
+    the claim path, ``fast`` rows applied from notifications, ``skipped`` claimed rows the fast path had already
+    applied (deleted without a second apply), ``errors``, ``parked``.
     """
 
     def __init__(self, db_url: str, cache: Cache | None = None, *, bus: Bus | None = None, apply: bool | None = None,
                  table: str = DEFAULT_TABLE, batch_size: int = 500, poll_interval: float | None = None,
                  listen: bool = True, lease: float = 30.0, max_backoff: float = 5.0, init: bool = True,
                  on_error: Callable[[BaseException], None] | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, fast: bool | None = None) -> None:
         self.dialect = dialect_of(db_url)
         self.db_url = db_url
         self.table = check_table(table)
@@ -104,7 +122,11 @@ class Relay:
         self.on_error, self.on_batch = on_error, on_batch
         self.relay_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{id(self) & 0xffff:x}"
         self.outbox = Outbox(self.table, dialect=self.dialect)
-        self.stats = {"batches": 0, "rows": 0, "keys": 0, "errors": 0, "parked": 0}
+        self.fast = (self.apply and self.listen) if fast is None else (bool(fast) and self.apply and self.listen)
+        self.stats = {"batches": 0, "rows": 0, "keys": 0, "applied": 0, "fast": 0, "skipped": 0, "errors": 0,
+                      "parked": 0}
+        self._applied: dict[int, None] = {}  # fast path: applied, not yet deleted (insertion order = age)
+        self._deleted: dict[int, None] = {}  # deleted by this relay's claims lately: a late notification is stale
         self._conn: Any = None
         self._init = init
         self._now = now_ms_sql(self.dialect)
@@ -205,7 +227,10 @@ class Relay:
     def _deliver(self, rows: list[Row]) -> None:
         if self.apply:
             assert self.cache is not None
-            apply_invalidations(self.cache, [(r.keys, r.version) for r in rows])
+            todo = [r for r in rows if r.id not in self._applied]  # the fast path applied the others
+            if todo:
+                apply_invalidations(self.cache, [(r.keys, r.version) for r in todo])
+            self.stats["applied"] += len(todo)
         if self.bus is not None:
             self.bus.publish([Invalidation(tuple(r.keys), r.version) for r in rows])
 
@@ -369,13 +394,19 @@ class Relay:
         self.stats["parked"] += len(bad)
 
     def _done(self, rows: list[Row]) -> None:
+        if self.fast:
+            applied, deleted = self._applied, self._deleted
+            for r in rows:
+                if r.id in applied:
+                    del applied[r.id]
+                    self.stats["skipped"] += 1
+                deleted[r.id] = None
+            _trim(deleted)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["keys"] += sum(len(r.keys) for r in rows)
         if self.on_batch is not None:
             self.on_batch(len(rows))
-
-    # ------------------------------------------------------------------ loop
 
     def _next_due(self) -> float:
         """Seconds until the earliest delayed row is due (capped at ``poll_interval``)."""
@@ -394,6 +425,70 @@ class Relay:
             return self.poll_interval
         return max(0.0, min(self.poll_interval, float(v) / 1000))
 
+    # ------------------------------------------------------------------ fast path
+
+    def _notified(self, timeout: float) -> list[str]:
+        """PostgreSQL: the payloads of the notifications received so far, else of those arriving within ``timeout``
+        seconds (blocking on the socket until the first one; then all that are already there)."""
+        conn = self._db()
+        got = [n.payload for n in conn.notifies(timeout=0)]  # kept by psycopg during the last batch
+        if not got and timeout > 0:
+            got = [n.payload for n in conn.notifies(timeout=timeout, stop_after=1)]
+            if got:
+                got += [n.payload for n in conn.notifies(timeout=0)]  # several in one packet: take them all now
+        return got
+
+    def apply_notified(self, timeout: float = 0.0) -> int:
+        """Fast path by hand (:meth:`run` does it itself): wait up to ``timeout`` seconds for notifications, apply
+        the rows they carry to Redis and remember their ids (the next claim deletes them without applying them
+        again). Returns how many rows were applied (0 also when the fast path is off or Redis failed: the claim
+        path then applies and retries them)."""
+        if not self.listen:
+            return 0
+        return self._apply_payloads(self._notified(timeout))
+
+    def _apply_payloads(self, payloads: list[str]) -> int:
+        if not self.fast:
+            return 0
+        items: list[tuple[list[str], Any]] = []
+        ids: list[int] = []
+        for p in payloads:
+            if not p:  # only a wake-up: delayed rows, or too many for one notification
+                continue
+            try:
+                rows = json.loads(p)
+            except ValueError:  # not ours: ignored
+                continue
+            for row in rows if isinstance(rows, list) else ():
+                try:
+                    rid, keys, ver = int(row[0]), json.loads(row[1]), row[2]
+                    if rid in self._applied or rid in self._deleted:
+                        continue
+                    if not isinstance(keys, list) or not keys:
+                        continue  # unusable: the claim path parks it
+                    for k in keys:
+                        check_key(k, 1 << 20)
+                except (ValueError, TypeError, IndexError, KeyError, UsageError):
+                    continue
+                items.append((keys, ver))
+                ids.append(rid)
+        if not items:
+            return 0
+        assert self.cache is not None
+        try:
+            apply_invalidations(self.cache, items)
+        except InvalidationError as e:  # the claim that follows retries (attempts, backoff)
+            log.debug("cachesync relay: fast path failed, rows left to the claim: %s", e)
+            return 0
+        point("fast_applied")
+        for rid in ids:
+            self._applied[rid] = None
+        _trim(self._applied)
+        self.stats["fast"] += len(ids)
+        return len(ids)
+
+    # ------------------------------------------------------------------ loop
+
     def _wait(self, seconds: float, stop: threading.Event) -> None:
         if seconds <= 0:
             return
@@ -403,13 +498,8 @@ class Relay:
         # PostgreSQL: the claiming connection also LISTENs (its backend is the one woken by the NOTIFY, so the
         # claim that follows runs on a warm process). Notifications that arrived during the last batch were
         # kept by psycopg and end the wait at once; otherwise block on the socket until one arrives (no tick).
-        conn = self._db()
-        for _ in conn.notifies(timeout=0):
-            return
-        for _ in conn.notifies(timeout=seconds, stop_after=1):
-            pass
-        for _ in conn.notifies(timeout=0):  # several in one packet: take them all now
-            pass
+        # The rows they carry are applied here, before the claim that will delete them.
+        self._apply_payloads(self._notified(seconds))
 
     def drain(self) -> int:
         """Deliver every row that is due now, then return how many (raises if Redis/the bus is down)."""
@@ -450,6 +540,14 @@ class Relay:
                 self._reset()
                 stop.wait(backoff)
         self.close()
+
+
+def _trim(d: dict[int, None]) -> None:
+    """Forget the oldest ids beyond the memory bound."""
+    extra = len(d) - _MEMORY
+    if extra > 0:
+        for k in list(itertools.islice(d, extra)):
+            del d[k]
 
 
 def wait_empty(db_url: str, table: str = DEFAULT_TABLE, timeout: float = 30.0) -> bool:
