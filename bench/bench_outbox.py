@@ -10,7 +10,12 @@
 Commits are spaced by a random 0-20 ms think time.
 3. the cost the outbox insert adds to the writer's transaction, for two transaction shapes (printed): a single
    UPDATE + COMMIT, and SELECT FOR UPDATE + UPDATE + INSERT + COMMIT; baseline and + ``Outbox.record()`` before
-   ``commit()``, interleaved on one connection, printed as ratios.
+   ``commit()``, interleaved on one connection, printed as ratios; on PostgreSQL also ``record()`` into a table
+   with the old empty-payload NOTIFY trigger, and ``pg_logical_emit_message`` instead of a row (measurement only).
+4. PostgreSQL: 1 and 2 relays listening while a writer commits 10 rows per transaction, fast path on and off:
+   rows/s, Redis applies per row (duplicate work of several relays) and the relays' CPU per 1000 rows.
+The latency runs print the fast path (``notify``) beside the claim-only path (``notify-claim``, the relay with
+``--no-fast-path``) in the same run.
 """
 
 from __future__ import annotations
@@ -151,6 +156,52 @@ def throughput(db_url: str, redis_url: str, rows: int) -> float:
     return rows / dt
 
 
+def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_commit: int = 10) -> dict[str, float]:
+    """``relays`` relays (threads of this process) listening while one writer commits ``rows`` rows, ``per_commit``
+    ``record()`` calls (= notifications) per transaction, as fast as it can. Returns the rows/s from the first
+    commit until the outbox is empty, Redis row-applies per row (fast path + claim path, all relays) and the relays'
+    CPU ms per 1000 rows (thread CPU time, all relays)."""
+    ns = "bench" + uuid.uuid4().hex[:8]
+    table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
+    ob = Outbox(table)
+    conn = connect(db_url)
+    ob.init(conn)
+    cache = cachesync.Cache(redis_url, namespace=ns)
+    rs = [Relay(db_url, cache, table=table, fast=fast) for _ in range(relays)]
+    for r in rs:
+        r.run_once()  # connected and listening before the first commit
+    stop = threading.Event()
+    cpu = [0.0] * relays
+
+    def run(i: int) -> None:
+        c0 = time.thread_time()
+        rs[i].run(stop)
+        cpu[i] = time.thread_time() - c0
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(relays)]
+    for t in ts:
+        t.start()
+    t0 = time.perf_counter()
+    for i in range(0, rows, per_commit):
+        for j in range(i, min(rows, i + per_commit)):
+            ob.record(conn, f"l{j}")
+        conn.commit()
+    while ob.pending(conn):
+        time.sleep(0.005)
+    dt = time.perf_counter() - t0
+    stop.set()
+    for t in ts:
+        t.join()
+    applies = sum(r.stats["fast"] + r.stats["applied"] for r in rs)
+    keys = [entry_key(ns, f"l{j}") for j in range(rows)]
+    for i in range(0, rows, 1000):
+        cache.redis.delete(*keys[i:i + 1000])
+    cache.close()
+    ob.drop(conn)
+    conn.close()
+    return {"rate": rows / dt, "applies": applies / rows, "cpu": sum(cpu) * 1e6 / rows}
+
+
 SHAPES = {
     "1-stmt": ["UPDATE {app} SET version = version + 1 WHERE id = 1"],
     "3-stmt": ["SELECT email, version FROM {app} WHERE id = 2 FOR UPDATE",
@@ -170,6 +221,15 @@ def commit_cost(db_url: str, n: int) -> dict[str, dict[str, float]]:
     conn = connect(db_url)
     ob.init(conn)
     d = ob._dialect(conn)
+    ob_old = Outbox(table + "o")
+    if d.name == "postgresql":
+        ob_old.init(conn)
+        conn.execute(f"CREATE OR REPLACE FUNCTION {ob_old.table}_notify() RETURNS trigger LANGUAGE plpgsql AS "
+                     f"$$ BEGIN PERFORM pg_notify('{ob_old.table}', ''); RETURN NULL; END $$")
+        conn.execute(f"DROP TRIGGER {ob_old.table}_notify ON {ob_old.table}")
+        conn.execute(f"CREATE TRIGGER {ob_old.table}_notify AFTER INSERT ON {ob_old.table} FOR EACH STATEMENT "
+                     f"EXECUTE FUNCTION {ob_old.table}_notify()")
+        conn.commit()
     serial = {"postgresql": "BIGSERIAL PRIMARY KEY", "mysql": "BIGINT AUTO_INCREMENT PRIMARY KEY"}.get(
         d.name, "INTEGER PRIMARY KEY AUTOINCREMENT")
     cur = conn.cursor()
@@ -194,6 +254,20 @@ def commit_cost(db_url: str, n: int) -> dict[str, dict[str, float]]:
             conn.commit()
 
         variants = {"baseline": base, "record+commit": rec}
+        if d.name == "postgresql":
+            def rec_old(i: int) -> None:  # the trigger before the fast path: NOTIFY with an empty payload
+                for q in sqls:
+                    cur.execute(q)
+                ob_old.record(conn, "user:1", version=i)
+                conn.commit()
+
+            def emit(i: int) -> None:  # measurement only: a WAL message instead of a row (no relay reads it)
+                for q in sqls:
+                    cur.execute(q)
+                cur.execute("SELECT pg_logical_emit_message(true, 'cachesync', %s)", (f'["user:1",{i}]',))
+                conn.commit()
+
+            variants.update({"record, empty-payload trigger": rec_old, "pg_logical_emit_message": emit})
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
         for i in range(n):
@@ -207,6 +281,8 @@ def commit_cost(db_url: str, n: int) -> dict[str, dict[str, float]]:
     cur.execute(f"DROP TABLE {audit}")
     conn.commit()
     ob.drop(conn)
+    if d.name == "postgresql":
+        ob_old.drop(conn)
     conn.close()
     return out
 
@@ -218,6 +294,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="commits per latency measurement (default 500)")
     ap.add_argument("--commits", type=int, default=1000, help="writer transactions per variant (default 1000)")
     ap.add_argument("--rows", type=int, default=50_000, help="backlog rows for the throughput run (default 50000)")
+    ap.add_argument("--live-rows", type=int, default=20_000,
+                    help="rows committed (10 per transaction) while 1 or 2 relays listen (default 20000)")
     a = ap.parse_args()
     print(f"database: {a.db_url.split('://')[0]}")
     for mode in ("notify", "notify-claim", "poll10ms", "bus+worker"):
@@ -228,12 +306,21 @@ def main() -> None:
               f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
               f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
     print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
+    if a.db_url.startswith("postgres"):
+        for relays in (1, 2):
+            for fast in (True, False):
+                r = live(a.db_url, a.redis_url, a.live_rows, relays, fast)
+                print(f"live, {relays} relay(s), {'fast path ' if fast else 'claim only'}: {r['rate']:,.0f} rows/s "
+                      f"(writer-bound), Redis applies/row {r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows")
     for shape, stmts in SHAPES.items():
         print(f"writer transaction {shape}: " + "; ".join(stmts) + "; COMMIT")
     for shape, r in commit_cost(a.db_url, a.commits).items():
         b = r["baseline"]
         print(f"writer {shape}: baseline {b:.3f} ms, with outbox record() {r['record+commit']:.3f} ms, "
               f"ratio x{r['record+commit'] / b:.3f} (+{(r['record+commit'] / b - 1) * 100:.1f} %)")
+        for k in ("record, empty-payload trigger", "pg_logical_emit_message"):
+            if k in r:
+                print(f"writer {shape}: {k} {r[k]:.3f} ms, ratio x{r[k] / b:.3f} (+{(r[k] / b - 1) * 100:.1f} %)")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """Fault injection for crash tests: ``CACHESYNC_FAULT="point:n,point:m"`` makes the process SIGKILL itself the
-n-th time it reaches ``point`` (relay: claimed, applied, deleted, committed; worker: consumed, applied, acked).
+n-th time it reaches ``point`` (relay: claimed, applied, deleted, committed, fast_applied; worker: consumed, applied, acked).
 Unset (the default) it costs one dict lookup. Not for production use."""
 
 from __future__ import annotations

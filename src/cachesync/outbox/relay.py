@@ -13,8 +13,8 @@ after the table (the outbox trigger ``NOTIFY``\\ s on insert) and also polls eve
 because notifications sent while it was disconnected are lost. Rows with a future ``run_at`` (delayed
 deletes) are claimed when due; the relay sleeps until the earliest one.
 
-Fast path (PostgreSQL, applying to Redis): the trigger's notification carries the ids, keys and versions of the
-rows a committed INSERT statement added (PostgreSQL delivers it only after the commit). The relay applies them to
+Fast path (PostgreSQL, applying to Redis): the trigger's notification carries the id, keys and version of each
+committed immediate row (PostgreSQL delivers it only after the commit). The relay applies them to
 Redis as soon as the notification arrives — no database round trip first — and remembers their ids in memory;
 the claim that follows deletes those rows without applying them again. A relay that dies in between loses only
 that memory: the rows are still in the table and are applied again when claimed (idempotent). Every relay that
@@ -459,6 +459,8 @@ class Relay:
                 rows = json.loads(p)
             except ValueError:  # not ours: ignored
                 continue
+            if isinstance(rows, list) and rows and not isinstance(rows[0], list):
+                rows = [rows]  # one row per notification (the trigger); a list of rows is accepted too
             for row in rows if isinstance(rows, list) else ():
                 try:
                     rid, keys, ver = int(row[0]), json.loads(row[1]), row[2]
