@@ -9,8 +9,10 @@
 2. relay throughput (invalidations/s) draining a backlog with batches of 500.
 Commits are spaced by a random 0-20 ms think time.
 3. the cost the outbox insert adds to the writer's transaction, for two transaction shapes (printed): a single
-   UPDATE + COMMIT, and SELECT FOR UPDATE + UPDATE + INSERT + COMMIT; baseline and + ``Outbox.record()`` before
-   ``commit()``, interleaved on one connection, printed as ratios; on PostgreSQL also ``record()`` into a table
+   UPDATE + COMMIT, and SELECT FOR UPDATE + UPDATE + INSERT + COMMIT; baseline, + ``Outbox.record()`` before
+   ``commit()``, and ``Outbox.commit()`` (INSERT + COMMIT in one round trip on psycopg 3 / PyMySQL with
+   multi-statements; ``--mysql-multi-statements`` opens the MySQL connection with that flag), interleaved on one
+   connection, printed as ratios; on PostgreSQL also ``record()`` into a table
    with the old empty-payload NOTIFY trigger, and ``pg_logical_emit_message`` instead of a row (measurement only).
 4. PostgreSQL: 1 and 2 relays listening while a writer commits 10 rows per transaction, fast path on and off:
    rows/s, Redis applies per row (duplicate work of several relays) and the relays' CPU per 1000 rows.
@@ -211,14 +213,20 @@ SHAPES = {
 """The writer transactions measured: each is followed by COMMIT; the outbox variants record one key."""
 
 
-def commit_cost(db_url: str, n: int) -> dict[str, dict[str, float]]:
-    """Median writer transaction time per shape: baseline (statements + commit) and with ``record()`` before the
-    commit, interleaved on one connection."""
+def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str, float]]:
+    """Median writer transaction time per shape: baseline (statements + commit), with ``record()`` before the
+    commit and with ``Outbox.commit()``, interleaved on one connection (MySQL: ``multi`` opens it with
+    CLIENT.MULTI_STATEMENTS, without which ``Outbox.commit()`` is ``record()`` + ``commit()``)."""
     table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
     app = "bench_users_" + uuid.uuid4().hex[:8]
     audit = "bench_audit_" + uuid.uuid4().hex[:8]
     ob = Outbox(table)
-    conn = connect(db_url)
+    if multi and db_url.startswith("mysql"):
+        from pymysql.constants import CLIENT
+
+        conn = connect(db_url, client_flag=CLIENT.MULTI_STATEMENTS)
+    else:
+        conn = connect(db_url)
     ob.init(conn)
     d = ob._dialect(conn)
     ob_old = Outbox(table + "o")
@@ -253,7 +261,12 @@ def commit_cost(db_url: str, n: int) -> dict[str, dict[str, float]]:
             ob.record(conn, "user:1", version=i)
             conn.commit()
 
-        variants = {"baseline": base, "record+commit": rec}
+        def one(i: int) -> None:  # Outbox.commit(): the INSERT and the COMMIT in one round trip where possible
+            for q in sqls:
+                cur.execute(q)
+            ob.commit(conn, "user:1", version=i)
+
+        variants = {"baseline": base, "record+commit": rec, "Outbox.commit()": one}
         if d.name == "postgresql":
             def rec_old(i: int) -> None:  # the trigger before the fast path: NOTIFY with an empty payload
                 for q in sqls:
@@ -296,28 +309,34 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=50_000, help="backlog rows for the throughput run (default 50000)")
     ap.add_argument("--live-rows", type=int, default=20_000,
                     help="rows committed (10 per transaction) while 1 or 2 relays listen (default 20000)")
+    ap.add_argument("--mysql-multi-statements", action="store_true",
+                    help="MySQL writer-cost run: connect with CLIENT.MULTI_STATEMENTS (Outbox.commit() in one trip)")
+    ap.add_argument("--only-writer-cost", action="store_true", help="run only the writer-cost section (3.)")
     a = ap.parse_args()
     print(f"database: {a.db_url.split('://')[0]}")
-    for mode in ("notify", "notify-claim", "poll10ms", "bus+worker"):
-        if mode.startswith("notify") and not a.db_url.startswith("postgres"):
-            continue
-        r = latency(a.db_url, a.redis_url, a.n, mode)
-        print(f"commit -> invalidated, {mode:12s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
-              f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
-              f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
-    print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
-    if a.db_url.startswith("postgres"):
-        for relays in (1, 2):
-            for fast in (True, False):
-                r = live(a.db_url, a.redis_url, a.live_rows, relays, fast)
-                print(f"live, {relays} relay(s), {'fast path ' if fast else 'claim only'}: {r['rate']:,.0f} rows/s "
-                      f"(writer-bound), Redis applies/row {r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows")
+    if not a.only_writer_cost:
+        for mode in ("notify", "notify-claim", "poll10ms", "bus+worker"):
+            if mode.startswith("notify") and not a.db_url.startswith("postgres"):
+                continue
+            r = latency(a.db_url, a.redis_url, a.n, mode)
+            print(f"commit -> invalidated, {mode:12s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
+                  f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
+                  f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
+        print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
+        if a.db_url.startswith("postgres"):
+            for relays in (1, 2):
+                for fast in (True, False):
+                    r = live(a.db_url, a.redis_url, a.live_rows, relays, fast)
+                    print(f"live, {relays} relay(s), {'fast path ' if fast else 'claim only'}: {r['rate']:,.0f} rows/s "
+                          f"(writer-bound), Redis applies/row {r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows")
     for shape, stmts in SHAPES.items():
         print(f"writer transaction {shape}: " + "; ".join(stmts) + "; COMMIT")
-    for shape, r in commit_cost(a.db_url, a.commits).items():
+    for shape, r in commit_cost(a.db_url, a.commits, a.mysql_multi_statements).items():
         b = r["baseline"]
         print(f"writer {shape}: baseline {b:.3f} ms, with outbox record() {r['record+commit']:.3f} ms, "
               f"ratio x{r['record+commit'] / b:.3f} (+{(r['record+commit'] / b - 1) * 100:.1f} %)")
+        c = r["Outbox.commit()"]
+        print(f"writer {shape}: with Outbox.commit() {c:.3f} ms, ratio x{c / b:.3f} (+{(c / b - 1) * 100:.1f} %)")
         for k in ("record, empty-payload trigger", "pg_logical_emit_message"):
             if k in r:
                 print(f"writer {shape}: {k} {r[k]:.3f} ms, ratio x{r[k] / b:.3f} (+{(r[k] / b - 1) * 100:.1f} %)")

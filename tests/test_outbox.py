@@ -435,3 +435,189 @@ def test_fast_path_off_and_several_relays(pg_url, pg_outbox, cache):
     for r in [*relays, slow]:
         r.close()
     conn.close()
+
+
+# ---------------------------------------------------------------------- Outbox.commit(): record + COMMIT, one trip
+
+COMMIT_DRIVERS = ["sqlite", "psycopg", "psycopg2", "mysql", "mysql-multi"]
+
+
+@pytest.fixture(params=COMMIT_DRIVERS)
+def commit_db(request, tmp_path) -> tuple[str, str]:
+    """(driver, db URL) for the Outbox.commit() tests."""
+    if request.param == "sqlite":
+        return request.param, f"sqlite:///{tmp_path}/t.db"
+    url = request.getfixturevalue("mysql_url" if request.param.startswith("mysql") else "pg_url")
+    return request.param, url
+
+
+def open_conn(driver: str, url: str):
+    if driver == "psycopg2":
+        import psycopg2
+
+        return psycopg2.connect("postgresql://" + url.split("://", 1)[1])
+    if driver == "mysql-multi":
+        from pymysql.constants import CLIENT
+
+        conn = connect(url, client_flag=CLIENT.MULTI_STATEMENTS)
+        assert conn.client_flag & CLIENT.MULTI_STATEMENTS
+        return conn
+    conn = connect(url)
+    if driver == "mysql":
+        from pymysql.constants import CLIENT
+
+        assert not conn.client_flag & CLIENT.MULTI_STATEMENTS  # the fallback: record() + commit()
+    return conn
+
+
+@pytest.fixture
+def commit_setup(commit_db, table) -> Iterator[tuple[str, str, Outbox, str]]:
+    """(driver, url, outbox, app table with row id=1 version=1)."""
+    driver, url = commit_db
+    ob = Outbox(table)
+    app = "users_" + uuid.uuid4().hex[:8]
+    conn = connect(url)
+    ob.init(conn)
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {app} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
+    cur.execute(f"INSERT INTO {app} VALUES (1, 'a@x', 1)")
+    conn.commit()
+    yield driver, url, ob, app
+    cur.execute(f"DROP TABLE IF EXISTS {app}")
+    conn.commit()
+    ob.drop(conn)
+    conn.close()
+
+
+def app_version(url: str, app: str) -> int:
+    """The committed version of row 1, seen from another connection."""
+    conn = connect(url)
+    try:
+        cur = conn.cursor()
+        cur.execute(f"SELECT version FROM {app} WHERE id = 1")
+        return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def pending_elsewhere(url: str, ob: Outbox) -> int:
+    conn = connect(url)
+    try:
+        return ob.pending(conn)
+    finally:
+        conn.close()
+
+
+def assert_idle(driver: str, conn) -> None:
+    """The driver's idea of the transaction state matches the server's: no transaction open."""
+    if driver == "psycopg":
+        from psycopg.pq import TransactionStatus
+
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+    elif driver == "psycopg2":
+        import psycopg2.extensions as ext
+
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+        assert conn.status == ext.STATUS_READY
+    elif driver == "sqlite":
+        assert not conn.in_transaction
+
+
+def test_commit_records_and_commits_atomically_then_relay_invalidates(commit_setup, cache, monkeypatch):
+    driver, url, ob, app = commit_setup
+    if driver in ("psycopg", "mysql-multi"):  # one round trip: neither record() nor the driver's commit() is used
+        def two_trips(*a, **k):
+            raise AssertionError("record() + commit() used where one round trip is possible")
+
+        monkeypatch.setattr(Outbox, "record", two_trips)
+    key = "user:1 o'brien \\ \"é\" ; COMMIT; --"  # quoted by the driver, never formatted into the SQL
+    fill(cache, key, "user:2")
+    conn = open_conn(driver, url)
+    cur = conn.cursor()
+    cur.execute(f"UPDATE {app} SET version = 2 WHERE id = 1")
+    ob.commit(conn, key, version=2)
+    assert_idle(driver, conn)
+    assert app_version(url, app) == 2 and pending_elsewhere(url, ob) == 1
+    # the driver knows the transaction ended: the next one really is a transaction (rolled back here)
+    cur.execute(f"UPDATE {app} SET version = 3 WHERE id = 1")
+    conn.rollback()
+    assert app_version(url, app) == 2
+    # a delayed double delete through commit(): two rows, one transaction
+    cur.execute(f"UPDATE {app} SET version = 4 WHERE id = 1")
+    ob.commit(conn, key, version=4, again_after=60)
+    assert app_version(url, app) == 4 and pending_elsewhere(url, ob) == 3
+    relay = Relay(url, cache, table=ob.table)
+    assert relay.drain() == 2  # the immediate rows; the delayed one waits
+    assert invalidated(cache, key)
+    assert cache.peek("user:2")["v"]
+    relay.close()
+    conn.close()
+
+
+def test_commit_failure_commits_nothing(commit_setup):
+    driver, url, ob, app = commit_setup
+    conn = open_conn(driver, url)
+    cur = conn.cursor()
+    # 1. the outbox table does not exist
+    missing = Outbox("cachesync_outbox_missing_" + uuid.uuid4().hex[:8])
+    cur.execute(f"UPDATE {app} SET version = 2 WHERE id = 1")
+    with pytest.raises(Exception, match="(?i)missing|exist|no such table"):
+        missing.commit(conn, "user:1", version=2)
+    assert_idle(driver, conn)
+    assert app_version(url, app) == 1
+    # 2. the INSERT violates a constraint
+    c2 = connect(url)
+    c2cur = c2.cursor()
+    if driver == "sqlite":
+        c2cur.execute(f"CREATE TRIGGER {ob.table}_no BEFORE INSERT ON {ob.table} WHEN NEW.cache_keys LIKE "
+                      "'%forbidden%' BEGIN SELECT RAISE(ABORT, 'forbidden key'); END")
+    else:
+        c2cur.execute(f"ALTER TABLE {ob.table} ADD CONSTRAINT {ob.table}_no CHECK (cache_keys NOT LIKE '%forbidden%')")
+    c2.commit()
+    c2.close()
+    cur.execute(f"UPDATE {app} SET version = 3 WHERE id = 1")
+    with pytest.raises(Exception, match="(?i)forbidden|check|constraint"):
+        ob.commit(conn, "user:1", "forbidden", version=3)
+    assert_idle(driver, conn)
+    assert app_version(url, app) == 1 and pending_elsewhere(url, ob) == 0
+    # the connection is usable and the caller's same changes commit with a valid row
+    cur.execute(f"SELECT version FROM {app} WHERE id = 1")
+    assert int(cur.fetchone()[0]) == 1  # rolled back on this connection too
+    cur.execute(f"UPDATE {app} SET version = 3 WHERE id = 1")
+    ob.commit(conn, "user:1", version=3)
+    assert app_version(url, app) == 3 and pending_elsewhere(url, ob) == 1
+    conn.close()
+
+
+def test_commit_refuses_autocommit(commit_setup):
+    driver, url, ob, app = commit_setup
+    conn = open_conn(driver, url)
+    if driver == "sqlite":
+        conn.isolation_level = None
+    elif driver.startswith("mysql"):
+        conn.autocommit(True)
+    else:
+        conn.autocommit = True
+    with pytest.raises(OutboxError, match="autocommit"):
+        ob.commit(conn, "user:1")
+    assert pending_elsewhere(url, ob) == 0
+    conn.close()
+
+
+def test_commit_refused_inside_psycopg_transaction_block(pg_url, pg_outbox):
+    conn = connect(pg_url)
+    with pytest.raises(OutboxError, match="transaction\\(\\) block"):
+        with conn.transaction():
+            pg_outbox.commit(conn, "user:1")
+    conn.close()
+    assert pending_elsewhere(pg_url, pg_outbox) == 0
+
+
+def test_module_level_commit_uses_default_table(tmp_path):
+    import cachesync.outbox as outbox_mod
+
+    conn = connect(f"sqlite:///{tmp_path}/d.db")
+    Outbox().init(conn)
+    outbox_mod.commit(conn, "user:9")
+    assert Outbox().pending(conn) == 1
+    conn.close()

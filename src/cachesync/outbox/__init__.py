@@ -13,6 +13,8 @@ and/or publishes it on a bus, at least once, surviving crashes of the applicatio
         conn.execute("UPDATE users SET email=? WHERE id=?", ...)
         ob.record(conn, "user:1", "user_by_email:a@x", version=7, again_after=0.5)
         ob.record_change(conn, "users", old_row, new_row)   # keys from the rules (old AND new keys)
+    conn.execute("UPDATE users SET email=? WHERE id=?", ...)
+    ob.commit(conn, "user:1", version=8)   # record + COMMIT in one round trip (psycopg 3, PyMySQL multi-statements)
 
 Table columns: ``id`` (order), ``cache_keys`` (JSON list), ``key_version`` (NULL = unknown), ``run_at``
 (not-before time in ms since the epoch by the *database* clock; 0 = now), ``attempts`` (failed deliveries),
@@ -227,6 +229,73 @@ class Outbox:
         finally:
             cur.close()
 
+    def commit(self, conn: Any, *keys: str, version: Any = None, delay: float = 0.0,
+               again_after: float | None = None) -> None:
+        """Record that ``keys`` must be invalidated (as :meth:`record`) **and commit** the caller's transaction on
+        ``conn``, in one round trip where the driver allows it (the outbox INSERT is then the transaction's last
+        statement: call it instead of ``record(); conn.commit()``).
+
+        * psycopg 3: one simple-query string ``INSERT ...; COMMIT``, values quoted by psycopg
+          (:class:`psycopg.sql.Literal`); psycopg follows the transaction state the server reports, so the
+          connection is idle afterwards. Refused inside a ``conn.transaction()`` block (psycopg forbids commits
+          there).
+        * PyMySQL: one ``INSERT ...; COMMIT`` (values escaped by PyMySQL) when the connection was opened with
+          ``client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS``; otherwise :meth:`record` + ``commit()``
+          (two round trips).
+        * psycopg2: :meth:`record` + ``commit()``. psycopg2 does not follow the server's transaction state: after a
+          COMMIT inside a statement it would still believe a transaction is open and run the next "transaction"
+          without BEGIN, i.e. in autocommit.
+        * sqlite3 (no network round trip) and other drivers: :meth:`record` + ``commit()``.
+
+        Atomic: if the INSERT (or the COMMIT) fails, the transaction is rolled back — the caller's changes are
+        not committed without their outbox row — and the driver's error is raised. Autocommit connections are
+        refused with :class:`OutboxError` (the caller's statements were already committed one by one).
+        """
+        d = self._dialect(conn)
+        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after))
+        mod = type(conn).__module__
+        if _autocommit(conn, mod):
+            raise OutboxError("Outbox.commit() needs a connection in a transaction, not in autocommit mode: the "
+                              "caller's statements were already committed one by one, so the outbox row cannot be "
+                              "atomic with them; turn autocommit off, or use record() inside an explicit "
+                              "transaction")
+        one_trip: str | None = None
+        if mod.startswith("psycopg") and not mod.startswith("psycopg2"):
+            if getattr(conn, "_num_transactions", 0):
+                raise OutboxError("Outbox.commit() cannot run inside a psycopg conn.transaction() block (psycopg "
+                                  "forbids commits there); use record() and let the block commit")
+            from psycopg import sql as pgsql
+
+            parts = sql.split("?")
+            one_trip = parts[0] + "".join(pgsql.Literal(p).as_string(conn) + rest
+                                          for p, rest in zip(params, parts[1:], strict=True)) + "; COMMIT"
+        elif mod.startswith("pymysql"):
+            from pymysql.constants import CLIENT
+
+            if getattr(conn, "client_flag", 0) & CLIENT.MULTI_STATEMENTS:
+                one_trip = conn.cursor().mogrify(d.sql(sql), params) + "; COMMIT"
+        if one_trip is None:
+            try:
+                self.record(conn, *keys, version=version, delay=delay, again_after=again_after)
+                conn.commit()
+            except BaseException:
+                _rollback_quietly(conn)
+                raise
+            return
+        cur = conn.cursor()
+        try:
+            if mod.startswith("pymysql"):
+                cur.execute(one_trip)
+                while cur.nextset():  # the COMMIT's result (an error of a later statement is raised here)
+                    pass
+            else:
+                cur.execute(one_trip, prepare=False)  # never prepared: two statements
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+        finally:
+            cur.close()
+
     def keys_for_change(self, table: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
         """The keys a change of ``table`` affects under the rules (old and new keys when a key column changes)."""
         if self.rules is None:
@@ -292,6 +361,23 @@ class Outbox:
             cur.close()
 
 
+def _autocommit(conn: Any, mod: str) -> bool:
+    """Whether a DB-API connection commits each statement by itself."""
+    if mod.startswith("sqlite3"):
+        return conn.isolation_level is None and not conn.in_transaction
+    if mod.startswith("pymysql"):
+        return bool(conn.get_autocommit())
+    return bool(getattr(conn, "autocommit", False))
+
+
+def _rollback_quietly(conn: Any) -> None:
+    """Roll back after a failed :meth:`Outbox.commit` (keeping the original error if the rollback fails too)."""
+    try:
+        conn.rollback()
+    except Exception:  # a broken connection: the server rolls the transaction back when it notices
+        pass
+
+
 _default = Outbox()
 
 
@@ -300,5 +386,10 @@ def record(conn: Any, *keys: str, version: Any = None, delay: float = 0.0, again
     _default.record(conn, *keys, version=version, delay=delay, again_after=again_after)
 
 
-__all__ = ["DEFAULT_TABLE", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "ddl", "dialect_of_connection",
-           "now_ms_sql", "record"]
+def commit(conn: Any, *keys: str, version: Any = None, delay: float = 0.0, again_after: float | None = None) -> None:
+    """:meth:`Outbox.commit` on the default table ``cachesync_outbox``: record and commit in one round trip."""
+    _default.commit(conn, *keys, version=version, delay=delay, again_after=again_after)
+
+
+__all__ = ["DEFAULT_TABLE", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "commit", "ddl",
+           "dialect_of_connection", "now_ms_sql", "record"]
