@@ -360,7 +360,7 @@ class Reader:
         value = None if e.value is P.NOT_FOUND else str(e.value)
         kind = self.tl.judge_read(value, start)
         if e.source == "cache":
-            action, res = "get.lua: hit", f"got {value}"
+            action, res = "HMGET: hit", f"got {value}"
         elif e.source == "fallback":
             action = f"get.lua: Redis unreachable; SELECT val FROM t WHERE k=? -> {self._loaded_value}"
             res = f"got {value} (fallback load, no fill)"
@@ -400,7 +400,7 @@ class Reader:
             assert self._entry is not None
             value = None if self._entry.value is P.NOT_FOUND else str(self._entry.value)
             kind = self.tl.judge_read(value, self._start_committed)
-            self.tl.step(self.name, "get.lua: hit", f"got {value}" + (f" [{kind.upper()} READ]" if kind else ""))
+            self.tl.step(self.name, "HMGET: hit", f"got {value}" + (f" [{kind.upper()} READ]" if kind else ""))
         else:
             self.tl.step(self.name, self._miss_text(), "loader still running (paused)")
 
