@@ -159,3 +159,26 @@ async def test_sync_and_async_share_state(acache, redis_url, namespace):
     s.invalidate("k")
     assert await acache.get("k", lambda: 2) == 2
     s.close()
+
+
+async def test_hung_redis_times_out_instead_of_hanging():
+    """A server that accepts connections and never answers (a hung Redis): socket_timeout bounds each command."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    url = f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
+    try:
+        c = cachesync.AsyncCache(url, socket_timeout=0.2)
+        e = await c.get_entry("k", lambda: "db")
+        assert e.source == "fallback" and e.value == "db"
+        f = cachesync.AsyncCache(url, socket_timeout=0.2, on_redis_error="fail")
+        with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
+            await f.get("k", lambda: 1)
+        s = cachesync.Cache(url, socket_timeout=0.2, on_redis_error="fail")
+        with pytest.raises(cachesync.CacheUnavailableError):
+            s.get("k", lambda: 1)
+        s.close()
+        await c.aclose()
+        await f.aclose()
+    finally:
+        srv.close()

@@ -22,6 +22,7 @@ import cachesync
 from cachesync import protocol as P
 from cachesync.errors import ConfigError
 from cachesync.keys import channel, entry_key, slot, wake_key
+from cachesync.scripts import SCRIPTS
 
 # --------------------------------------------------------------------------- helpers
 
@@ -47,36 +48,47 @@ def _keys_with_shared_slot(n_other: int) -> list[str]:
 KEYS = _keys_with_shared_slot(40)
 
 
+_BY_SHA = {sc.sha: name for name, sc in SCRIPTS.items()}
+
+
+def _wrap_commands(cache: Any, record: Any) -> None:
+    """Wrap the driver's command executor (sync or async) so every command it sends is recorded."""
+    orig = cache._command
+    if asyncio.iscoroutinefunction(orig):
+        async def acommand(eff: P.Cmd) -> Any:
+            out = await orig(eff)  # a command answered NOSCRIPT (then retried) is not recorded
+            record(eff.args)
+            return out
+        cache._command = acommand
+    else:
+        def command(eff: P.Cmd) -> Any:
+            out = orig(eff)  # a command answered NOSCRIPT (then retried) is not recorded
+            record(eff.args)
+            return out
+        cache._command = command
+
+
 def spy(cache: Any) -> list[tuple[str, list[str]]]:
     """Record every script a (sync or async) cache runs: (script name, KEYS)."""
     calls: list[tuple[str, list[str]]] = []
-    orig = cache._eval
-    if asyncio.iscoroutinefunction(orig):
-        async def aeval(name: str, keys: list[str], args: list[Any]) -> Any:
-            calls.append((name, list(keys)))
-            return await orig(name, keys, args)
-        cache._eval = aeval
-    else:
-        def eval_(name: str, keys: list[str], args: list[Any]) -> Any:
-            calls.append((name, list(keys)))
-            return orig(name, keys, args)
-        cache._eval = eval_
+
+    def record(args: tuple[Any, ...]) -> None:
+        if args[0] == "EVALSHA":
+            calls.append((_BY_SHA[args[1]], list(args[3:3 + int(args[2])])))
+
+    _wrap_commands(cache, record)
     return calls
 
 
 def spy_waits(cache: Any) -> list[list[str]]:
+    """Record the wake keys of every BLPOP a cache sends."""
     waits: list[list[str]] = []
-    orig = cache._wait
-    if asyncio.iscoroutinefunction(orig):
-        async def await_(eff: P.Wait) -> float:
-            waits.append(list(eff.wake_keys))
-            return await orig(eff)
-        cache._wait = await_
-    else:
-        def wait_(eff: P.Wait) -> float:
-            waits.append(list(eff.wake_keys))
-            return orig(eff)
-        cache._wait = wait_
+
+    def record(args: tuple[Any, ...]) -> None:
+        if args[0] == "BLPOP":
+            waits.append(list(args[1:-1]))
+
+    _wrap_commands(cache, record)
     return waits
 
 

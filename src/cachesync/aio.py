@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +19,6 @@ from .errors import CacheUnavailableError, InvalidationError, UsageError
 from .l1 import L1Options
 from .l1_async import L1Async
 from .options import CacheOptions
-from .scripts import SCRIPTS
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 _RETRY: Any = object()
@@ -47,7 +45,8 @@ class AsyncCache:
                  **options: Any) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
-        self.redis, self.url, owned_url = connect(redis_url, client, self.options, aredis)
+        self.redis, self.url, owned_url = connect(redis_url, client, self.options, aredis, socket_timeout=False)
+        self._timeout = self.options.socket_timeout
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
         self._flights: dict[str, list[asyncio.Future[P.Entry]]] = {}
@@ -60,25 +59,19 @@ class AsyncCache:
 
     # ------------------------------------------------------------------ driver
 
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        s = SCRIPTS[name]
+    async def _command(self, eff: P.Cmd) -> Any:
+        if eff.route is not None and self.ctx.cluster:  # a keyless command: on the key's primary, or on all
+            r = self.redis
+            nodes = r.get_primaries() if eff.route == "*" else r.get_node_from_key(eff.route)
+            return await r.execute_command(*eff.args, target_nodes=nodes)
         try:
-            return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            if self.ctx.cluster:  # load it on the primary that owns the keys' slot (where EVALSHA ran)
-                await self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes=self.redis.get_node_from_key(
-                    keys[0]) if keys else self.redis.get_primaries())
-            else:
-                await self.redis.execute_command("SCRIPT", "LOAD", s.source)
-            return await self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
-
-    async def _wait(self, eff: P.Wait) -> tuple[float, bytes | None]:
-        t0 = time.monotonic()
-        timeout = min(eff.timeout, max(0.01, self.options.socket_timeout * 0.8))
-        popped = await self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
-        return time.monotonic() - t0, (popped[1] if popped else None)
+            async with asyncio.timeout(self._timeout):  # a hung Redis: an error, not a hang
+                return await self.redis.execute_command(*eff.args)
+        except TimeoutError as e:
+            raise RedisTimeoutError(f"no answer within socket_timeout={self._timeout}s") from e
 
     async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+        flow = P.lower(flow, self.options.socket_timeout)
         send: Any = None
         throw: BaseException | None = None
         while True:
@@ -90,14 +83,11 @@ class AsyncCache:
                 raise CacheUnavailableError(self.url, e) from e
             send, throw = None, None
             t = type(eff)
-            if t is P.Eval:
+            if t is P.Cmd:
                 try:
-                    send = await self._eval(eff.script, eff.keys, eff.args)
-                except _REDIS_DOWN as e:
-                    throw = P.RedisDown(e)
-            elif t is P.Cmd:
-                try:
-                    send = await self.redis.execute_command(*eff.args)
+                    send = await self._command(eff)
+                except NoScriptError:
+                    throw = P.NoScript()
                 except _REDIS_DOWN as e:
                     throw = P.RedisDown(e)
             elif t is P.Load:
@@ -113,11 +103,6 @@ class AsyncCache:
                         send = await _call(loader, *args)
                 except Exception as e:
                     throw = e
-            elif t is P.Wait:
-                try:
-                    send = await self._wait(eff)
-                except _REDIS_DOWN as e:
-                    throw = P.RedisDown(e)
             elif t is P.Schedule:
                 self._schedule(eff)
             else:  # pragma: no cover

@@ -125,9 +125,14 @@ class Eval:
 
 @dataclass(frozen=True, slots=True)
 class Cmd:
-    """Run one plain Redis command (``args[0]`` is its name); send back its reply."""
+    """Run one plain Redis command (``args[0]`` is its name); send back its reply.
+
+    ``route`` matters only on Redis Cluster, for a command without keys: a key (run it on the primary that owns
+    the key's slot) or ``"*"`` (run it on every primary).
+    """
 
     args: tuple[Any, ...]
+    route: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,10 @@ class Schedule:
     keys: list[str] = field(default_factory=list)
 
 
+class NoScript(Exception):
+    """Thrown into a flow by a driver when Redis answers NOSCRIPT (its script cache was flushed or restarted)."""
+
+
 class RedisDown(Exception):
     """Thrown into a flow by a driver when Redis is unreachable."""
 
@@ -170,6 +179,57 @@ class RedisDown(Exception):
 Flow = Generator[Any, Any, Any]
 
 HIT, LEASED, WAIT, MISS = 1, 2, 3, 0
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+def lower(flow: Flow, socket_timeout: float, clock: Any = None) -> Flow:
+    """Rewrite a flow's :class:`Eval` and :class:`Wait` effects into plain :class:`Cmd` effects.
+
+    A driver runs ``lower(flow)`` and only has to execute ``Cmd``, ``Load`` and ``Schedule``, throwing
+    :class:`RedisDown` or :class:`NoScript` back in. Scripts go as ``EVALSHA`` with a ``SCRIPT LOAD`` fallback
+    on NOSCRIPT; a wait is one ``BLPOP`` of at most 80 % of the socket timeout (the flow loops for longer waits).
+    """
+    import time
+
+    now = clock or time.monotonic
+    send: Any = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            eff = flow.send(send) if throw is None else flow.throw(throw)
+        except StopIteration as stop:
+            return stop.value
+        send, throw = None, None
+        try:
+            t = type(eff)
+            if t is Eval:
+                send = yield from _eval(eff)
+            elif t is Wait:
+                t0 = now()
+                timeout = min(eff.timeout, max(0.01, socket_timeout * 0.8))
+                popped = yield Cmd(("BLPOP", *eff.wake_keys, f"{timeout:.3f}"))
+                send = (now() - t0, popped[1] if popped else None)
+            else:
+                send = yield eff
+        except GeneratorExit:
+            flow.close()
+            raise
+        except BaseException as e:  # the driver's answer for the inner flow to handle
+            throw = e
+
+
+def _eval(eff: Eval) -> Flow:
+    from .scripts import SCRIPTS
+
+    s = SCRIPTS[eff.script]
+    cmd = ("EVALSHA", s.sha, len(eff.keys), *eff.keys, *eff.args)
+    try:
+        return (yield Cmd(cmd))
+    except NoScript:
+        yield Cmd(("SCRIPT", "LOAD", s.source), route=eff.keys[0] if eff.keys else "*")
+        return (yield Cmd(cmd))
 
 
 # --------------------------------------------------------------------------- strategies

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +18,6 @@ from .errors import CacheUnavailableError, InvalidationError
 from .l1 import L1Options
 from .l1_sync import L1Sync
 from .options import CacheOptions
-from .scripts import SCRIPTS
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 
@@ -72,25 +70,15 @@ class Cache:
 
     # ------------------------------------------------------------------ driver
 
-    def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        s = SCRIPTS[name]
-        try:
-            return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            if self.ctx.cluster:  # load it on the primary that owns the keys' slot (where EVALSHA ran)
-                self.redis.execute_command("SCRIPT", "LOAD", s.source, target_nodes=self.redis.get_node_from_key(
-                    keys[0]) if keys else self.redis.get_primaries())
-            else:
-                self.redis.execute_command("SCRIPT", "LOAD", s.source)
-            return self.redis.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
-
-    def _wait(self, eff: P.Wait) -> tuple[float, bytes | None]:
-        t0 = time.monotonic()
-        timeout = min(eff.timeout, max(0.01, self.options.socket_timeout * 0.8))
-        popped = self.redis.execute_command("BLPOP", *eff.wake_keys, f"{timeout:.3f}")
-        return time.monotonic() - t0, (popped[1] if popped else None)
+    def _command(self, eff: P.Cmd) -> Any:
+        if eff.route is not None and self.ctx.cluster:  # a keyless command: on the key's primary, or on all
+            r = self.redis
+            nodes = r.get_primaries() if eff.route == "*" else r.get_node_from_key(eff.route)
+            return r.execute_command(*eff.args, target_nodes=nodes)
+        return self.redis.execute_command(*eff.args)
 
     def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+        flow = P.lower(flow, self.options.socket_timeout)
         send: Any = None
         throw: BaseException | None = None
         while True:
@@ -102,14 +90,11 @@ class Cache:
                 raise CacheUnavailableError(self.url, e) from e
             send, throw = None, None
             t = type(eff)
-            if t is P.Eval:
+            if t is P.Cmd:
                 try:
-                    send = self._eval(eff.script, eff.keys, eff.args)
-                except _REDIS_DOWN as e:
-                    throw = P.RedisDown(e)
-            elif t is P.Cmd:
-                try:
-                    send = self.redis.execute_command(*eff.args)
+                    send = self._command(eff)
+                except NoScriptError:
+                    throw = P.NoScript()
                 except _REDIS_DOWN as e:
                     throw = P.RedisDown(e)
             elif t is P.Load:
@@ -122,11 +107,6 @@ class Cache:
                         send = loader() if eff.keys is None else loader(eff.keys)
                 except Exception as e:
                     throw = e
-            elif t is P.Wait:
-                try:
-                    send = self._wait(eff)
-                except _REDIS_DOWN as e:
-                    throw = P.RedisDown(e)
             elif t is P.Schedule:
                 self._schedule(eff)
             else:  # pragma: no cover
