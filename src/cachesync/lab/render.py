@@ -91,7 +91,7 @@ def render_scenario(r: ScenarioResult, plain: bool = False, out: TextIO | None =
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(file=out)
+    con = Console(file=out, width=term_width())
     con.print(f"[bold][{r.id}] {r.title}[/]", highlight=False)
     con.print(f"[dim]{variant}[/]", highlight=False)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
@@ -138,7 +138,7 @@ def render_summary(results: Sequence[ScenarioResult], plain: bool = False, out: 
     for r, row in zip(results, rows, strict=True):
         row[4] = f"[{VERDICT_STYLE.get(r.verdict, '')}]{r.verdict}[/]"
         t.add_row(*row)
-    con = Console(file=out)
+    con = Console(file=out, width=term_width())
     con.print(t)
     con.print(f"[dim]{foot}[/]", highlight=False)
 
@@ -174,7 +174,7 @@ def render_stress(results: Sequence[StressResult], cfg: StressConfig, plain: boo
         t.add_column(h, justify="left" if h in ("strategy", "leases") else "right")
     for row in stress_rows(results):
         t.add_row(*row)
-    Console(file=out).print(t)
+    Console(file=out, width=term_width()).print(t)
 
 
 class Progress:
