@@ -13,7 +13,10 @@ Commits are spaced by a random 0-20 ms think time.
    ``commit()``, and ``Outbox.commit()`` (INSERT + COMMIT in one round trip on psycopg 3 / PyMySQL with
    multi-statements; ``--mysql-multi-statements`` opens the MySQL connection with that flag), interleaved on one
    connection, printed as ratios; on PostgreSQL also ``record()`` into a table
-   with the old empty-payload NOTIFY trigger, and ``pg_logical_emit_message`` instead of a row (measurement only).
+   with the old empty-payload NOTIFY trigger, ``pg_logical_emit_message`` instead of a row then ``commit()``, and
+   ``Outbox.emit_commit()`` (``SELECT pg_logical_emit_message(...); COMMIT`` in one round trip).
+5. PostgreSQL: commit -> key invalidated p50/p99 for ``Outbox.emit_commit()`` WAL messages read by ``cachesync cdc``
+   (subprocess; same think time and pub/sub observation as 1.).
 4. PostgreSQL: 1 and 2 relays listening while a writer commits 10 rows per transaction, fast path on and off:
    rows/s, Redis applies per row (duplicate work of several relays) and the relays' CPU per 1000 rows.
 The latency runs print the fast path (``notify``) beside the claim-only path (``notify-claim``, the relay with
@@ -39,6 +42,7 @@ from cachesync.db import connect
 from cachesync.keys import channel, entry_key
 from cachesync.outbox import Outbox
 from cachesync.outbox.relay import Relay
+from cachesync.rules import Rules
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -127,6 +131,88 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
     conn.close()
     return {k: (statistics.median(v) * 1000, pct(v, 99) * 1000)
             for k, v in (("total", lat), ("after", after), ("commit", commit))}
+
+
+def latency_wal(db_url: str, redis_url: str, n: int) -> dict[str, tuple[float, float]]:
+    """commit -> invalidated through ``cachesync cdc`` for ``Outbox.emit_commit()`` messages (PostgreSQL)."""
+    import tempfile
+
+    import psycopg
+
+    from cachesync.cdc.postgres import PostgresSource
+
+    tag = uuid.uuid4().hex[:8]
+    ns, name, table = "bench" + tag, "csb_" + tag, "bench_cdcmsg_" + tag
+    ob = Outbox(message_prefix=name)
+    conn = psycopg.connect(db_url)
+    conn.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY)")
+    conn.commit()
+    tmp = tempfile.mkdtemp()
+    rules = os.path.join(tmp, "rules.toml")
+    with open(rules, "w") as f:
+        f.write(f'[tables.{table}]\nkeys = ["row:{{id}}"]\n')
+    src = PostgresSource(db_url, Rules.load(rules), slot=name, publication=name, message_prefix=name)
+    src.check()  # slot exists before the first message: nothing committed from here on is missed
+    proc = spawn("cdc", "--db-url", db_url, "--rules", rules, "--redis-url", redis_url, "--namespace", ns,
+                 "--slot", name, "--publication", name, "--message-prefix", name, "--stats-interval", "0",
+                 "--checkpoint", os.path.join(tmp, "cp.json"))
+    r = redis.Redis.from_url(redis_url)
+    ps = r.pubsub()
+    ps.subscribe(channel(ns))
+    arrived: dict[str, float] = {}
+    got = threading.Event()
+    want = [""]
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            m = ps.get_message(timeout=0.05)
+            if m is None or m["type"] != "message":
+                continue
+            now = time.perf_counter()
+            for k in m["data"].decode().split("\n"):
+                arrived.setdefault(k, now)
+                if k == want[0]:
+                    got.set()
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    lat: list[float] = []
+    commit: list[float] = []
+    rng = random.Random(1)
+    for i in range(n + 20):
+        key = f"m{i}"
+        want[0] = entry_key(ns, key)
+        got.clear()
+        time.sleep(rng.uniform(0, 0.02))  # think time
+        t0 = time.perf_counter()
+        ob.emit_commit(conn, key)
+        t1 = time.perf_counter()
+        if not got.wait(30):
+            raise SystemExit(f"wal message: invalidation of {key} never arrived")
+        if i >= 20:
+            lat.append(arrived[want[0]] - t0)
+            commit.append(t1 - t0)
+    proc.terminate()
+    proc.wait()
+    stop.set()
+    t.join()
+    ps.close()
+    keys = [entry_key(ns, f"m{i}") for i in range(n + 20)]
+    for i in range(0, len(keys), 500):
+        r.delete(*keys[i:i + 500])
+    r.close()
+    for _ in range(500):  # the walsender exits asynchronously: bounded poll until the slot is free
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+        conn.commit()
+        if row is None or row[0] is None:
+            break
+        time.sleep(0.01)
+    src.drop_slot(drop_publication=True)
+    conn.execute(f"DROP TABLE {table}")
+    conn.commit()
+    conn.close()
+    return {k: (statistics.median(v) * 1000, pct(v, 99) * 1000) for k, v in (("total", lat), ("commit", commit))}
 
 
 def throughput(db_url: str, redis_url: str, rows: int) -> float:
@@ -280,7 +366,13 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
                 cur.execute("SELECT pg_logical_emit_message(true, 'cachesync', %s)", (f'["user:1",{i}]',))
                 conn.commit()
 
-            variants.update({"record, empty-payload trigger": rec_old, "pg_logical_emit_message": emit})
+            def emit_one(i: int) -> None:  # Outbox.emit_commit(): WAL message + COMMIT in one round trip
+                for q in sqls:
+                    cur.execute(q)
+                ob.emit_commit(conn, "user:1", version=i)
+
+            variants.update({"record, empty-payload trigger": rec_old, "pg_logical_emit_message": emit,
+                             "pg_logical_emit_message + COMMIT, one round trip": emit_one})
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
         for i in range(n):
@@ -312,8 +404,17 @@ def main() -> None:
     ap.add_argument("--mysql-multi-statements", action="store_true",
                     help="MySQL writer-cost run: connect with CLIENT.MULTI_STATEMENTS (Outbox.commit() in one trip)")
     ap.add_argument("--only-writer-cost", action="store_true", help="run only the writer-cost section (3.)")
+    ap.add_argument("--only-wal", action="store_true",
+                    help="run only the WAL-message sections (3. and 5.; PostgreSQL)")
     a = ap.parse_args()
     print(f"database: {a.db_url.split('://')[0]}")
+    if a.db_url.startswith("postgres") and not a.only_writer_cost:
+        r = latency_wal(a.db_url, a.redis_url, a.n)
+        print(f"commit -> invalidated, emit_commit() via cachesync cdc: p50 {r['total'][0]:.2f} ms  "
+              f"p99 {r['total'][1]:.2f} ms  (emit_commit() itself p50 {r['commit'][0]:.2f} / p99 "
+              f"{r['commit'][1]:.2f})")
+    if a.only_wal:
+        a.only_writer_cost = True
     if not a.only_writer_cost:
         for mode in ("notify", "notify-claim", "poll10ms", "bus+worker"):
             if mode.startswith("notify") and not a.db_url.startswith("postgres"):
@@ -337,7 +438,8 @@ def main() -> None:
               f"ratio x{r['record+commit'] / b:.3f} (+{(r['record+commit'] / b - 1) * 100:.1f} %)")
         c = r["Outbox.commit()"]
         print(f"writer {shape}: with Outbox.commit() {c:.3f} ms, ratio x{c / b:.3f} (+{(c / b - 1) * 100:.1f} %)")
-        for k in ("record, empty-payload trigger", "pg_logical_emit_message"):
+        for k in ("record, empty-payload trigger", "pg_logical_emit_message",
+                  "pg_logical_emit_message + COMMIT, one round trip"):
             if k in r:
                 print(f"writer {shape}: {k} {r[k]:.3f} ms, ratio x{r[k] / b:.3f} (+{(r[k] / b - 1) * 100:.1f} %)")
 

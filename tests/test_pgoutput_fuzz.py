@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachesync.cdc.pgoutput import (Begin, Commit, DecodeError, Decoder, Delete, Insert, Relation, Truncate, Update,
-                                    decode)
+from cachesync.cdc.pgoutput import (Begin, Commit, DecodeError, Decoder, Delete, Insert, LogicalMessage, Relation,
+                                    Truncate, Update, decode)
 
 
 def s(x: str) -> bytes:
@@ -38,9 +38,15 @@ UPD = b"U" + struct.pack(">I", 16384) + b"O" + tup(1, "a@x") + b"N" + tup(1, "b@
 DEL = b"D" + struct.pack(">I", 16384) + b"K" + tup(1, None)
 TRUNC = b"T" + struct.pack(">ib", 1, 0) + struct.pack(">I", 16384)
 COMMIT = b"C" + struct.pack(">bQQq", 0, 150, 200, 1_000_000)
+
+
+def msg(content: bytes, prefix: str = "cachesync", flags: int = 1, lsn: int = 9) -> bytes:
+    return b"M" + struct.pack(">bQ", flags, lsn) + s(prefix) + struct.pack(">i", len(content)) + content
+
+
+MSG = msg(b'{"keys":["u:1"],"version":"7"}')
 VALID = [REL, BEGIN, INS, UPD, DEL, TRUNC, COMMIT, b"O" + struct.pack(">Q", 5) + s("origin"),
-         b"Y" + struct.pack(">I", 99) + s("public") + s("mytype"),
-         b"M" + struct.pack(">bQ", 1, 9) + s("p") + struct.pack(">i", 3) + b"abc"]
+         b"Y" + struct.pack(">I", 99) + s("public") + s("mytype"), msg(b"abc", "p"), MSG, msg(b"", flags=0)]
 
 
 def test_decode_known_messages() -> None:
@@ -80,6 +86,11 @@ def test_unchanged_toast_value_is_left_out() -> None:
     (b"I" + struct.pack(">I", 1) + b"X" + tup(1), "expected 'N'"),
     (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"q", "unknown tuple column kind"),
     (b"R" + struct.pack(">I", 1) + b"public", "unterminated string"),
+    (msg(b"abc", flags=2), "unknown logical message flags 2"), (MSG[:-1], "truncated"), (MSG + b"}", "trailing"),
+    (b"M" + struct.pack(">bQ", 1, 9) + s("cachesync") + struct.pack(">i", -1), "negative logical message content"),
+    (b"M" + struct.pack(">bQ", 1, 9) + b"cachesync", "unterminated string"),
+    (b"M" + struct.pack(">bQ", 1, 9) + b"\xff\0" + struct.pack(">i", 0), "not UTF-8"),
+    (b"M\x01", "truncated"),
 ])
 def test_malformed_messages_raise_decode_error(bad: bytes, why: str) -> None:
     with pytest.raises(DecodeError, match=why):
@@ -95,6 +106,47 @@ def test_change_before_relation_or_outside_transaction() -> None:
     d2.feed(REL)
     with pytest.raises(DecodeError, match="outside a transaction"):
         d2.feed(INS)
+
+
+def test_logical_message_decodes_and_joins_its_transaction() -> None:
+    m = decode(MSG)
+    assert m == LogicalMessage(1, 9, "cachesync", b'{"keys":["u:1"],"version":"7"}') and m.transactional
+    assert not decode(msg(b"x", flags=0)).transactional  # type: ignore[union-attr]
+    d = Decoder()
+    d.feed(msg(b"n", flags=0))  # non-transactional: outside any transaction, only counted
+    assert d.nontransactional_messages == 1
+    d.feed(REL)
+    d.feed(BEGIN)
+    d.feed(INS)
+    d.feed(MSG)
+    d.feed(msg(b"other", "p"))
+    t = d.feed(COMMIT)
+    assert t is not None and [c.kind for c in t.changes] == ["insert"]
+    assert [x.prefix for x in t.messages] == ["cachesync", "p"]
+    with pytest.raises(DecodeError, match="'M' message outside a transaction"):
+        d.feed(MSG)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([0, 1]), st.integers(0, 2**64 - 1), st.text(max_size=30).filter(lambda x: "\0" not in x),
+       st.binary(max_size=100))
+def test_fuzz_logical_message_round_trip(flags: int, lsn: int, prefix: str, content: bytes) -> None:
+    raw = b"M" + struct.pack(">BQ", flags, lsn) + s(prefix) + struct.pack(">i", len(content)) + content
+    assert decode(raw) == LogicalMessage(flags, lsn, prefix, content)
+    for cut in range(len(raw)):  # every truncation is a DecodeError
+        with pytest.raises(DecodeError):
+            decode(raw[:cut])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 255), st.binary(max_size=12), st.integers(-2**31, 2**31 - 1), st.binary(max_size=40))
+def test_fuzz_logical_message_header(flags: int, prefix: bytes, length: int, rest: bytes) -> None:
+    raw = b"M" + bytes([flags]) + struct.pack(">Q", 1) + prefix + b"\0" + struct.pack(">i", length) + rest
+    try:
+        m = decode(raw)
+    except DecodeError:
+        return
+    assert isinstance(m, LogicalMessage) and flags in (0, 1) and len(m.content) == length == len(rest)
 
 
 def _feed_all(msgs: list[bytes]) -> None:

@@ -81,12 +81,18 @@ class Change:
 
 @dataclass
 class Transaction:
-    """A committed transaction: its changes, commit time (Unix seconds) and the position to resume after it."""
+    """A committed transaction: its changes, commit time (Unix seconds) and the position to resume after it.
+
+    ``keys``: keys named explicitly by the transaction (PostgreSQL: ``cachesync`` logical messages written by
+    :meth:`cachesync.outbox.Outbox.emit`), key -> version or None; invalidated with the row-change keys of the same
+    transaction. ``messages``: how many such messages were applied."""
 
     position: dict[str, Any]
     commit_time: float | None
     changes: list[Change] = field(default_factory=list)
     received: float = field(default_factory=time.monotonic)
+    keys: dict[str, Any] = field(default_factory=dict)
+    messages: int = 0
 
 
 class Source(abc.ABC):
@@ -121,6 +127,10 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop :meth:`stream` (called from another thread) and release connections."""
+
+    def counters(self) -> dict[str, int]:
+        """Source-specific counters merged into the runner's ``stats`` (default: none)."""
+        return {}
 
 
 _END = object()
@@ -183,7 +193,9 @@ class CdcRunner:
             "transactions": 0, "changes": 0, "keys": 0, "batches": 0, "checkpoints": 0, "reconnects": 0,
             "position_lost": 0, "redis_retries": 0, "missing_old_image": 0, "flushed_keys": 0,
             "lag_ms": None, "lag_ms_max": None, "apply_ms": None, "queued": 0, "position": None, "published": 0,
+            "messages": 0,
         }
+        self.stats.update(source.counters())
         self._last_stats = time.monotonic()
 
     # ------------------------------------------------------------------ control
@@ -229,6 +241,10 @@ class CdcRunner:
                 old = keys.get(k)
                 if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
                     keys[k] = ver
+        for k, ver in txn.keys.items():  # keys the transaction named itself (logical messages)
+            old = keys.get(k)
+            if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
+                keys[k] = ver
         return keys, prefixes
 
     def _warn_missing(self, rule: TableRule, ch: Change, missing: list[str]) -> None:
@@ -301,6 +317,7 @@ class CdcRunner:
                     keys[k] = v
             prefixes.extend(ps)
             self.stats["changes"] += len(t.changes)
+            self.stats["messages"] += t.messages
         if prefixes:
             self.flush_prefixes(prefixes)
         by_ver: dict[Any, list[str]] = {}
@@ -317,6 +334,7 @@ class CdcRunner:
         else:
             self._save(pos)
         st = self.stats
+        st.update(self.source.counters())
         st["transactions"] += len(txns)
         st["keys"] += len(keys)
         st["batches"] += 1
@@ -405,6 +423,7 @@ class CdcRunner:
             return
         self._last_stats = now
         st = self.stats
+        st.update(self.source.counters())
         log.info("CDC %s: %d txns, %d changes, %d keys applied, lag %s ms (max %s), reconnects %d, position %s",
                  self.source.ident, st["transactions"], st["changes"], st["keys"], st["lag_ms"], st["lag_ms_max"],
                  st["reconnects"], st["position"])
@@ -507,7 +526,7 @@ class CdcRunner:
                     err = item
                     break
                 batch.append(item)
-                nkeys += len(item.changes) or 1
+                nkeys += (len(item.changes) + len(item.keys)) or 1
                 if nkeys >= self.batch_max_keys:
                     break
                 try:

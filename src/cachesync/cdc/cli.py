@@ -40,7 +40,8 @@ def build_source(args: argparse.Namespace, rules: Rules) -> Source:
         from .postgres import PostgresSource
 
         return PostgresSource(args.db_url, rules, slot=args.slot or default_name(args.namespace),
-                              publication=args.publication or default_name(args.namespace))
+                              publication=args.publication or default_name(args.namespace),
+                              message_prefix=args.message_prefix)
     raise CdcConfigError(f"CDC needs a mysql://, mariadb:// or postgresql:// database URL, not {d.name}")
 
 
@@ -106,6 +107,9 @@ def register(subparsers: Any) -> None:
                    help="MariaDB/MySQL: replica server_id, unique per reader (default: 1000 + crc32(namespace))")
     p.add_argument("--slot", default=None, help="PostgreSQL: logical slot (default: cachesync_<namespace>)")
     p.add_argument("--publication", default=None, help="PostgreSQL: publication (default: cachesync_<namespace>)")
+    p.add_argument("--message-prefix", default="cachesync",
+                   help="PostgreSQL: prefix of the transactional logical messages (Outbox.emit) whose keys are "
+                        "invalidated (default: cachesync)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file (default: ./cachesync-cdc.<namespace>.<mysql|postgresql>.json)")
     p.add_argument("--batch-max-keys", type=int, default=500, help="keys per applied batch (default 500)")

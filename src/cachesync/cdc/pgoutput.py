@@ -27,7 +27,8 @@ https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html:
  U    Update: Int32 oid, optional ('K' | 'O', TupleData), 'N', TupleData
  D    Delete: Int32 oid, ('K' | 'O'), TupleData
  T    Truncate: Int32 nrels, Int8 options, nrels x Int32 oid
- M    Message: Int8 flags, Int64 lsn, String prefix, Int32 length, bytes
+ M    Message (``pg_logical_emit_message``; sent only with the ``messages`` option, PostgreSQL 14+):
+      Int8 flags (1 = transactional, 0 = not), Int64 lsn, String prefix, Int32 length, Byte[length] content
 ====  ======================================================================================
 
 TupleData: Int16 ncols, then per column one of ``n`` (NULL), ``u`` (unchanged TOASTed value: not
@@ -128,10 +129,17 @@ class Truncate:
 
 @dataclass(frozen=True)
 class LogicalMessage:
+    """A ``pg_logical_emit_message`` record: ``flags & 1`` = transactional (sent inside its transaction, only if
+    it committed); non-transactional ones are sent at once, outside any transaction."""
+
     flags: int
     lsn: int
     prefix: str
     content: bytes
+
+    @property
+    def transactional(self) -> bool:
+        return bool(self.flags & 1)
 
 
 Message = Begin | Commit | Origin | Relation | TypeMsg | Insert | Update | Delete | Truncate | LogicalMessage
@@ -290,8 +298,13 @@ def decode(payload: bytes) -> Message:
             raise r.fail(f"relation count {n} larger than the message")
         msg = Truncate(opts, tuple(r.uint32() for _ in range(n)))
     elif kind == "M":
-        flags, lsn, prefix = r.int8(), r.uint64(), r.string()
+        flags = r.int8()
+        if flags not in (0, 1):
+            raise r.fail(f"unknown logical message flags {flags} (0 or 1 expected)")
+        lsn, prefix = r.uint64(), r.string()
         ln = r.int32()
+        if ln < 0:
+            raise r.fail(f"negative logical message content length {ln}")
         msg = LogicalMessage(flags, lsn, prefix, r.take(ln))
     else:
         raise DecodeError(f"pgoutput: unknown message type {kind!r} (byte 0x{buf[0]:02x})")
@@ -317,17 +330,21 @@ class DecodedTransaction:
     end_lsn: int
     commit_time: float
     changes: list[RowChange] = field(default_factory=list)
+    messages: list[LogicalMessage] = field(default_factory=list)  # transactional logical messages, in order
 
 
 class Decoder:
     """Stateful layer over :func:`decode`: relation cache and transaction assembly.
 
     ``feed(payload)`` returns a :class:`DecodedTransaction` when the payload is a ``Commit``, else None.
+    Transactional logical messages go into the transaction's ``messages``; non-transactional ones (sent outside
+    any transaction) are only counted in ``nontransactional_messages``.
     """
 
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
         self._txn: DecodedTransaction | None = None
+        self.nontransactional_messages = 0
 
     @property
     def in_transaction(self) -> bool:
@@ -379,7 +396,12 @@ class Decoder:
             t = self._need_txn("T")
             for oid in m.oids:
                 t.changes.append(RowChange("truncate", self._rel(oid, "T"), None, None))
-        # Origin, Type, Message: nothing to do
+        elif isinstance(m, LogicalMessage):
+            if m.transactional:
+                self._need_txn("M").messages.append(m)
+            else:
+                self.nontransactional_messages += 1
+        # Origin, Type: nothing to do
         return None
 
     def reset(self) -> None:

@@ -12,10 +12,18 @@
 * Old row images: UPDATE/DELETE carry the old row only with ``REPLICA IDENTITY FULL``; otherwise only the
   primary key columns (when they changed) -- a rule template on a non-key column then cannot form its OLD key.
   :meth:`check` warns about such tables and the runner counts/warns per change (see docs/cdc.md).
+* Logical messages (PostgreSQL 14+, pgoutput option ``messages``): a *transactional* message with prefix
+  ``message_prefix`` (default ``cachesync``, written by :meth:`cachesync.outbox.Outbox.emit`) carries the JSON
+  ``{"keys": [...], "version": ...}``; its keys join the keys of its transaction (same batch, same checkpoint).
+  Other prefixes and non-transactional messages are ignored (``stats["messages_ignored"]``); a malformed
+  ``cachesync`` message is logged with the reason and counted (``stats["messages_malformed"]``), and the stream
+  goes on.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import logging
 import select
 import threading
@@ -26,11 +34,15 @@ from urllib.parse import unquote, urlsplit
 
 from .._driver import redact_url
 from ..db import POSTGRESQL, dialect_of
+from ..errors import CachesyncError
+from ..keys import check_key
+from ..options import CacheOptions
 from ..rules import Rules
 from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
-from .pgoutput import Decoder, DecodedTransaction, RowChange
+from .pgoutput import Decoder, DecodedTransaction, LogicalMessage, RowChange
 
 log = logging.getLogger("cachesync.cdc.postgres")
+_MAX_KEY_BYTES = CacheOptions().max_key_bytes
 
 
 def lsn_str(lsn: int) -> str:
@@ -66,13 +78,16 @@ class PostgresSource(Source):
 
     ``db_url``: ``postgresql://user@host:port/db``; ``rules``: the tables to publish and the key templates (for
     the replica identity check); ``feedback_interval`` (default 1.0 s); ``create`` (default True): create the
-    publication/slot when missing.
+    publication/slot when missing; ``messages`` (default True): also read transactional logical messages
+    (PostgreSQL 14+; ignored with a warning on older servers) whose prefix is ``message_prefix`` (default
+    ``cachesync``) -- see :meth:`cachesync.outbox.Outbox.emit`.
     """
 
     kind = "postgresql"
 
     def __init__(self, db_url: str, rules: Rules, *, slot: str = "cachesync", publication: str = "cachesync",
-                 feedback_interval: float = 1.0, create: bool = True, connect_timeout: float = 5.0) -> None:
+                 feedback_interval: float = 1.0, create: bool = True, connect_timeout: float = 5.0,
+                 messages: bool = True, message_prefix: str = "cachesync") -> None:
         if dialect_of(db_url) is not POSTGRESQL:
             raise CdcConfigError(f"database URL {redact_url(db_url)!r} is not a postgresql:// URL")
         self.dsn = _dsn(db_url)
@@ -90,6 +105,14 @@ class PostgresSource(Source):
         self._acked = 0
         self._delivered = 0
         self._tables: list[str] = []
+        if not isinstance(message_prefix, str) or not message_prefix or "\0" in message_prefix:
+            raise CdcConfigError(f"message prefix {message_prefix!r} must be a non-empty string without NUL")
+        self.messages = messages
+        self.message_prefix = message_prefix
+        self._counters = {"messages_ignored": 0, "messages_malformed": 0}
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
 
     @property
     def ident(self) -> str:
@@ -121,6 +144,11 @@ class PostgresSource(Source):
                 problems = check_wal_level(cur.fetchone()[0])
                 if problems:
                     raise CdcConfigError(f"PostgreSQL at {self.url} is not set up for CDC: " + "; ".join(problems))
+                cur.execute("SHOW server_version_num")
+                if self.messages and int(cur.fetchone()[0]) < 140000:
+                    log.warning("PostgreSQL at %s is older than 14: pgoutput cannot send logical messages, so "
+                                "Outbox.emit() invalidations will NOT be applied by this reader", self.url)
+                    self.messages = False
                 cur.execute("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
                 if not cur.fetchone()[0]:
                     raise CdcConfigError(f"role {self.user or '(current user)'!r} at {self.url} lacks the REPLICATION "
@@ -260,9 +288,41 @@ class PostgresSource(Source):
             old = {c: src[c] for c in rel.key_columns if src is not None and c in src}
         return Change(rel.namespace, rel.name, old, rc.new, truncate=rc.kind == "truncate")
 
+    def _message_keys(self, m: LogicalMessage, into: dict[str, Any]) -> bool:
+        """Add the keys of one transactional logical message to ``into``; False if it is not ours or malformed."""
+        if m.prefix != self.message_prefix:
+            self._counters["messages_ignored"] += 1
+            return False
+        try:
+            doc = json.loads(m.content.decode("utf-8"))
+            if not isinstance(doc, dict):
+                raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+            keys, ver = doc.get("keys"), doc.get("version")
+            if not isinstance(keys, list) or not keys:
+                raise ValueError("'keys' must be a non-empty list of strings")
+            for k in keys:
+                if not isinstance(k, str):
+                    raise ValueError(f"key {k!r} is not a string")
+                check_key(k, _MAX_KEY_BYTES)
+            if ver is not None and (isinstance(ver, bool) or not isinstance(ver, (str, int, float))
+                                    or not math.isfinite(float(ver))):
+                raise ValueError(f"'version' must be a finite number, a numeric string or null, got {ver!r}")
+        except (ValueError, CachesyncError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            self._counters["messages_malformed"] += 1
+            log.error("CDC %s: ignoring a malformed %r logical message at LSN %s (%d bytes: %r): %s", self.ident,
+                      m.prefix, lsn_str(m.lsn), len(m.content), m.content[:200], e)
+            return False
+        for k in keys:
+            old = into.get(k)
+            if k not in into or (ver is not None and (old is None or _newer(ver, old))):
+                into[k] = ver
+        return True
+
     def _txn(self, t: DecodedTransaction) -> Transaction:
+        keys: dict[str, Any] = {}
+        n = sum(self._message_keys(m, keys) for m in t.messages)
         return Transaction({"lsn": t.end_lsn, "lsn_text": lsn_str(t.end_lsn)}, t.commit_time,
-                           [self._change(c) for c in t.changes])
+                           [self._change(c) for c in t.changes], keys=keys, messages=n)
 
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
         import psycopg2
@@ -277,11 +337,13 @@ class PostgresSource(Source):
         except psycopg2.OperationalError as e:
             raise Disconnected(f"cannot open a replication connection to {self.url}: {str(e).strip()}") from None
         decoder = Decoder()
+        options = {"proto_version": "1", "publication_names": self.publication}
+        if self.messages:
+            options["messages"] = "true"
         try:
             cur: Any = conn.cursor()
             try:
-                cur.start_replication(slot_name=self.slot, decode=False, start_lsn=start,
-                                      options={"proto_version": "1", "publication_names": self.publication})
+                cur.start_replication(slot_name=self.slot, decode=False, start_lsn=start, options=options)
             except psycopg2.Error as e:
                 self._raise(e, position)
             last_fb = 0.0
@@ -316,6 +378,9 @@ class PostgresSource(Source):
                         raise Disconnected(f"replication connection to {self.url} lost: {e}") from None
                     continue
                 t = decoder.feed(msg.payload)
+                if decoder.nontransactional_messages:
+                    self._counters["messages_ignored"] += decoder.nontransactional_messages
+                    decoder.nontransactional_messages = 0
                 if t is None:
                     continue
                 if t.end_lsn <= start:
@@ -344,3 +409,10 @@ class PostgresSource(Source):
         if code == "42501":
             raise CdcConfigError(f"not allowed to read slot {self.slot!r} at {self.url}: {msg}") from None
         raise Disconnected(f"replication connection to {self.url} lost: {msg}") from None
+
+
+def _newer(a: Any, b: Any) -> bool:
+    try:
+        return float(a) > float(b)
+    except (TypeError, ValueError):
+        return False

@@ -15,6 +15,7 @@ and/or publishes it on a bus, at least once, surviving crashes of the applicatio
         ob.record_change(conn, "users", old_row, new_row)   # keys from the rules (old AND new keys)
     conn.execute("UPDATE users SET email=? WHERE id=?", ...)
     ob.commit(conn, "user:1", version=8)   # record + COMMIT in one round trip (psycopg 3, PyMySQL multi-statements)
+    ob.emit_commit(conn, "user:1", version=8)  # PostgreSQL: WAL message + COMMIT, no table (read by `cachesync cdc`)
 
 Table columns: ``id`` (order), ``cache_keys`` (JSON list), ``key_version`` (NULL = unknown), ``run_at``
 (not-before time in ms since the epoch by the *database* clock; 0 = now), ``attempts`` (failed deliveries),
@@ -39,6 +40,9 @@ from ..rules import Rules
 
 DEFAULT_TABLE = "cachesync_outbox"
 """Default outbox table name."""
+
+DEFAULT_MESSAGE_PREFIX = "cachesync"
+"""Default prefix of the WAL messages of :meth:`Outbox.emit` (``cachesync cdc --message-prefix``)."""
 
 PARKED = 1 << 62
 """``run_at`` of a row the relay could not use (bad keys); kept with ``last_error`` for an operator."""
@@ -137,15 +141,21 @@ def _check_delay(name: str, v: object, allow_none: bool) -> float | None:
 
 class Outbox:
     """Records invalidations in an outbox table. ``Outbox(table="cachesync_outbox", rules=None, dialect=None,
-    max_key_bytes=1024)``.
+    max_key_bytes=1024, message_prefix="cachesync")``.
+
+    ``message_prefix``: the prefix of the WAL messages written by :meth:`emit` / :meth:`emit_commit` (PostgreSQL,
+    no table; must match ``cachesync cdc --message-prefix``).
 
     ``rules`` (a :class:`cachesync.rules.Rules`) is needed only by :meth:`record_change`. ``dialect`` (a
     :class:`cachesync.db.Dialect`, a name or a URL) is detected from each connection when ``None``.
     """
 
     def __init__(self, table: str = DEFAULT_TABLE, *, rules: Rules | None = None, dialect: Dialect | str | None = None,
-                 max_key_bytes: int = _MAX_KEY_BYTES) -> None:
+                 max_key_bytes: int = _MAX_KEY_BYTES, message_prefix: str = DEFAULT_MESSAGE_PREFIX) -> None:
         self.table = check_table(table)
+        if not isinstance(message_prefix, str) or not message_prefix or "\0" in message_prefix:
+            raise OutboxError(f"message_prefix {message_prefix!r} must be a non-empty string without NUL")
+        self.message_prefix = message_prefix
         if rules is not None and not isinstance(rules, Rules):
             raise OutboxError(f"rules must be a cachesync.rules.Rules, got {type(rules).__name__}")
         self.rules = rules
@@ -296,6 +306,70 @@ class Outbox:
         finally:
             cur.close()
 
+    def message_payload(self, keys: Sequence[str], version: Any = None) -> str:
+        """The JSON content ``{"keys": [...], "version": "7" | null}`` of one WAL message; validates the keys."""
+        ks = list(dict.fromkeys(keys))
+        if not ks:
+            raise OutboxError("emit() needs at least one cache key")
+        for k in ks:
+            check_key(k, self.max_key_bytes)
+        return json.dumps({"keys": ks, "version": P.encode_version(version) or None}, separators=(",", ":"))
+
+    def _check_pg(self, conn: Any, what: str) -> str:
+        mod = type(conn).__module__
+        if self._dialect(conn) is not POSTGRESQL or not mod.startswith(("psycopg", "psycopg2")):
+            raise OutboxError(f"Outbox.{what}() writes a PostgreSQL WAL message: it needs a psycopg 3 (or, for "
+                              f"emit(), psycopg2) connection, not {type(conn).__qualname__} from {mod!r}; use "
+                              "record()/commit() (the outbox table) on other databases")
+        return mod
+
+    def emit(self, conn: Any, *keys: str, version: Any = None) -> None:
+        """PostgreSQL: record that ``keys`` must be invalidated when the caller's transaction on ``conn`` commits,
+        as a transactional WAL message (``pg_logical_emit_message(true, message_prefix, json)``) instead of an
+        outbox row. Does not commit. The message reaches the WAL only if the transaction commits; ``cachesync
+        cdc`` (same ``--message-prefix``, PostgreSQL 14+) invalidates the keys with the transaction's row changes.
+        No relay, no table. ``version`` (default None) as in :meth:`record`. psycopg 3 or psycopg2; in autocommit
+        mode the message is committed on its own at once.
+        """
+        self._check_pg(conn, "emit")
+        payload = self.message_payload(keys, version)
+        cur = conn.cursor()
+        try:
+            cur.execute("SELECT pg_logical_emit_message(true, %s::text, %s::text)", (self.message_prefix, payload))
+        finally:
+            cur.close()
+
+    def emit_commit(self, conn: Any, *keys: str, version: Any = None) -> None:
+        """PostgreSQL + psycopg 3: :meth:`emit` **and commit** the caller's transaction in one round trip (one
+        simple-query string ``SELECT pg_logical_emit_message(...); COMMIT``, values quoted with
+        :class:`psycopg.sql.Literal`). Refuses autocommit connections and ``conn.transaction()`` blocks
+        (:class:`OutboxError`); on any error the transaction is rolled back and the error re-raised.
+        """
+        mod = self._check_pg(conn, "emit_commit")
+        if mod.startswith("psycopg2"):
+            raise OutboxError("Outbox.emit_commit() needs psycopg 3 (psycopg2 does not follow a COMMIT sent inside "
+                              "a statement); use emit() + conn.commit()")
+        payload = self.message_payload(keys, version)
+        if _autocommit(conn, mod):
+            raise OutboxError("Outbox.emit_commit() needs a connection in a transaction, not in autocommit mode: "
+                              "the caller's statements were already committed one by one, so the message cannot "
+                              "be atomic with them")
+        if getattr(conn, "_num_transactions", 0):
+            raise OutboxError("Outbox.emit_commit() cannot run inside a psycopg conn.transaction() block (psycopg "
+                              "forbids commits there); use emit() and let the block commit")
+        from psycopg import sql as pgsql
+
+        stmt = (f"SELECT pg_logical_emit_message(true, {pgsql.Literal(self.message_prefix).as_string(conn)}::text, "
+                f"{pgsql.Literal(payload).as_string(conn)}::text); COMMIT")
+        cur = conn.cursor()
+        try:
+            cur.execute(stmt, prepare=False)  # never prepared: two statements
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+        finally:
+            cur.close()
+
     def keys_for_change(self, table: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
         """The keys a change of ``table`` affects under the rules (old and new keys when a key column changes)."""
         if self.rules is None:
@@ -391,5 +465,15 @@ def commit(conn: Any, *keys: str, version: Any = None, delay: float = 0.0, again
     _default.commit(conn, *keys, version=version, delay=delay, again_after=again_after)
 
 
-__all__ = ["DEFAULT_TABLE", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "commit", "ddl",
+def emit(conn: Any, *keys: str, version: Any = None) -> None:
+    """:meth:`Outbox.emit` with the default prefix ``cachesync``: a WAL message, committed by the caller."""
+    _default.emit(conn, *keys, version=version)
+
+
+def emit_commit(conn: Any, *keys: str, version: Any = None) -> None:
+    """:meth:`Outbox.emit_commit` with the default prefix ``cachesync``: WAL message + COMMIT in one round trip."""
+    _default.emit_commit(conn, *keys, version=version)
+
+
+__all__ = ["DEFAULT_MESSAGE_PREFIX", "DEFAULT_TABLE", "emit", "emit_commit", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "commit", "ddl",
            "dialect_of_connection", "now_ms_sql", "record"]
