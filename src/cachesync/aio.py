@@ -115,7 +115,6 @@ class AsyncCache:
             wd.expired.discard(task)
 
     async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
-        flow = P.lower(flow, self.options.socket_timeout)
         send: Any = None
         throw: BaseException | None = None
         while True:

@@ -87,7 +87,7 @@ def add_flow(core: BloomCore, items: Iterable[object]) -> P.Flow:
     if not offs:
         return False
     try:
-        return bool(int((yield P.Eval("bloom_add", [core.key, core.marker], offs))))
+        return bool(int((yield from P.script("bloom_add", [core.key, core.marker], offs))))
     except P.RedisDown as e:
         raise e.cause from None
 
@@ -97,7 +97,7 @@ def check_flow(core: BloomCore, items: list[object]) -> P.Flow:
     for it in items:
         args += core.offsets(it)
     try:
-        reply = yield P.Eval("bloom_check", [core.key], args)
+        reply = yield from P.script("bloom_check", [core.key], args)
     except P.RedisDown:
         log.warning("cachesync bloom: Redis unreachable; treating ids as maybe present")
         return [True] * len(items)
@@ -111,9 +111,9 @@ def rebuild_flow(core: BloomCore, items: Iterable[object]) -> P.Flow:
     building, scratch = f"{core.key}:b:{token}", f"{core.key}:s:{token}"
     keys = [core.key, building, core.marker, scratch]
     try:
-        yield P.Eval("bloom_rebuild", keys, ["begin", core.rebuild_ms])
+        yield from P.script("bloom_rebuild", keys, ["begin", core.rebuild_ms])
         bits = core.bits(items)
-        ok = int((yield P.Eval("bloom_rebuild", keys, ["swap", bits])))
+        ok = int((yield from P.script("bloom_rebuild", keys, ["swap", bits])))
     except P.RedisDown as e:
         raise e.cause from None
     if not ok:

@@ -28,12 +28,15 @@ are atomic Lua scripts (``cachesync/lua/*.lua``). The rules:
 5. **Write strategies** are data (:data:`STRATEGIES`): which steps run before
    the database commit, after it, after a delay, and when the write fails.
 
-The read paths are generators (like httpx's ``auth_flow``): they *yield*
-effects (:class:`Eval`, :class:`Load`, :class:`Wait`, :class:`Schedule`) and
-receive their results. :mod:`cachesync.sync` drives them with redis-py and
-:mod:`cachesync.aio` with redis.asyncio; neither holds protocol logic.
-A driver reports an unreachable Redis by throwing :class:`RedisDown` into the
-generator, and a loader's exception by throwing it as is.
+The read and write paths are generators (like httpx's ``auth_flow``): they
+*yield* three kinds of effect, :class:`Cmd` (one Redis command), :class:`Load`
+(call the loader) and :class:`Schedule` (a delayed step), and receive their
+results. Scripts (:func:`script`: EVALSHA with the NOSCRIPT fallback) and
+waits (:func:`wait`: BLPOP) are sub-flows built from ``Cmd``.
+:mod:`cachesync.sync` drives the flows with redis-py and :mod:`cachesync.aio`
+with redis.asyncio; neither holds protocol logic. A driver reports an
+unreachable Redis by throwing :class:`RedisDown` into the generator, NOSCRIPT
+by throwing :class:`NoScript`, and a loader's exception by throwing it as is.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import decimal
 import itertools
 import os
 import random
+import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -52,6 +56,7 @@ from .errors import InvalidationError, SerializationError, UnknownStrategyError,
 from .errors import ValueTooLargeError
 from .keys import channel, check_key, entry_key, group_by_slot, wake_key
 from .options import CacheOptions, check_positive
+from .scripts import SCRIPTS
 
 
 class _NotFound:
@@ -115,15 +120,6 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
-class Eval:
-    """Run Lua script ``script`` with ``keys`` and ``args``; send back its reply."""
-
-    script: str
-    keys: list[str]
-    args: list[Any]
-
-
-@dataclass(frozen=True, slots=True)
 class Cmd:
     """Run one plain Redis command (``args[0]`` is its name); send back its reply.
 
@@ -144,15 +140,6 @@ class Load:
 
     keys: list[str] | None = None
     fallback: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Block on the wake lists for at most ``timeout`` seconds (BLPOP); send back ``(seconds waited, item)``,
-    ``item`` being the popped wake-up (bytes) or None on timeout."""
-
-    wake_keys: list[str]
-    timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,55 +168,29 @@ Flow = Generator[Any, Any, Any]
 HIT, LEASED, WAIT, MISS = 1, 2, 3, 0
 
 
-# --------------------------------------------------------------------------- lowering
+# --------------------------------------------------------------------------- sub-flows
 
 
-def lower(flow: Flow, socket_timeout: float, clock: Any = None) -> Flow:
-    """Rewrite a flow's :class:`Eval` and :class:`Wait` effects into plain :class:`Cmd` effects.
-
-    A driver runs ``lower(flow)`` and only has to execute ``Cmd``, ``Load`` and ``Schedule``, throwing
-    :class:`RedisDown` or :class:`NoScript` back in. Scripts go as ``EVALSHA`` with a ``SCRIPT LOAD`` fallback
-    on NOSCRIPT; a wait is one ``BLPOP`` of at most 80 % of the socket timeout (the flow loops for longer waits).
-    """
-    import time
-
-    now = clock or time.monotonic
-    send: Any = None
-    throw: BaseException | None = None
-    while True:
-        try:
-            eff = flow.send(send) if throw is None else flow.throw(throw)
-        except StopIteration as stop:
-            return stop.value
-        send, throw = None, None
-        try:
-            t = type(eff)
-            if t is Eval:
-                send = yield from _eval(eff)
-            elif t is Wait:
-                t0 = now()
-                timeout = min(eff.timeout, max(0.01, socket_timeout * 0.8))
-                popped = yield Cmd(("BLPOP", *eff.wake_keys, f"{timeout:.3f}"))
-                send = (now() - t0, popped[1] if popped else None)
-            else:
-                send = yield eff
-        except GeneratorExit:
-            flow.close()
-            raise
-        except BaseException as e:  # the driver's answer for the inner flow to handle
-            throw = e
-
-
-def _eval(eff: Eval) -> Flow:
-    from .scripts import SCRIPTS
-
-    s = SCRIPTS[eff.script]
-    cmd = ("EVALSHA", s.sha, len(eff.keys), *eff.keys, *eff.args)
+def script(name: str, keys: list[str], args: list[Any]) -> Flow:
+    """Run Lua script ``name`` (``EVALSHA``; on NOSCRIPT, ``SCRIPT LOAD`` where the keys live, then again)."""
+    s = SCRIPTS[name]
+    cmd = ("EVALSHA", s.sha, len(keys), *keys, *args)
     try:
         return (yield Cmd(cmd))
     except NoScript:
-        yield Cmd(("SCRIPT", "LOAD", s.source), route=eff.keys[0] if eff.keys else "*")
+        yield Cmd(("SCRIPT", "LOAD", s.source), route=keys[0] if keys else "*")
         return (yield Cmd(cmd))
+
+
+def wait(ctx: Context, wake_keys: list[str], timeout: float) -> Flow:
+    """Block on the wake lists (one ``BLPOP`` of at most 80 % of the socket timeout; callers loop for longer).
+
+    Returns ``(seconds waited, popped item or None)``.
+    """
+    t0 = time.monotonic()
+    timeout = min(timeout, max(0.01, ctx.o.socket_timeout * 0.8))
+    popped = yield Cmd(("BLPOP", *wake_keys, f"{timeout:.3f}"))
+    return time.monotonic() - t0, (popped[1] if popped else None)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -495,7 +456,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
             reply = [MISS, None, None, None]  # plain cache-aside: a miss loads without a lease
         else:
             try:
-                reply = yield Eval("get", keys, args)
+                reply = yield from script("get", keys, args)
             except RedisDown as e:
                 return (yield from _fallback_one(ctx, e))
         r = parse_get(reply)[0]
@@ -513,7 +474,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
                 value = yield Load()
                 return Entry(ctx.unwrap(value), source="loader")
             ctx.stats["waits"] += 1
-            elapsed, item = yield Wait([keys[1]], min(r.wait_s, remaining) + 0.001)
+            elapsed, item = yield from wait(ctx, [keys[1]], min(r.wait_s, remaining) + 0.001)
             waited += elapsed
             hit = parse_wake(item)
             if hit is not None:  # the lease holder's fill woke us with the value itself
@@ -529,12 +490,12 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
         except BaseException:
             if r.code == LEASED:
                 try:
-                    yield Eval("release", keys, [token, ctx.wake_ms])
+                    yield from script("release", keys, [token, ctx.wake_ms])
                 except RedisDown:
                     pass
             raise
         try:
-            codes = yield Eval("fill", keys, [token if r.code == LEASED else "", ctx.wake_ms, payload, ver,
+            codes = yield from script("fill", keys, [token if r.code == LEASED else "", ctx.wake_ms, payload, ver,
                                               ctx.ttl_ms(ttl, neg == "1"), neg])
         except RedisDown:
             ctx.stats["redis_errors"] += 1
@@ -572,7 +533,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
         try:
             for group in _groups(ctx, [eks[i] for i in pending]):
                 idxs = [pending[j] for j in group]
-                reply = yield Eval("get", _interleave([eks[i] for i in idxs]), args)
+                reply = yield from script("get", _interleave([eks[i] for i in idxs]), args)
                 for i, r in zip(idxs, parse_get(reply), strict=True):
                     k = ukeys[i]
                     if r.code == HIT:
@@ -610,7 +571,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
                 if leased:
                     try:
                         for group in _groups(ctx, [eks[i] for i in leased]):
-                            yield Eval("release", _interleave([eks[leased[j]] for j in group]), [token, ctx.wake_ms])
+                            yield from script("release", _interleave([eks[leased[j]] for j in group]), [token, ctx.wake_ms])
                     except RedisDown:
                         pass
                 raise
@@ -624,7 +585,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
                         payload, ver, neg = enc[i]
                         fargs += [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg]
                     try:
-                        codes = yield Eval("fill", _interleave([eks[i] for i in idxs]), fargs)
+                        codes = yield from script("fill", _interleave([eks[i] for i in idxs]), fargs)
                     except RedisDown:
                         ctx.stats["redis_errors"] += 1
                         codes = [0] * len(idxs)
@@ -647,7 +608,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
         ctx.stats["waits"] += 1
         first = _groups(ctx, [eks[i] for i, _ in waiting])[0]
         wks = [wake_key(eks[waiting[j][0]]) for j in first]
-        elapsed, _ = yield Wait(wks, min(min(w for _, w in waiting), remaining) + 0.001)
+        elapsed, _ = yield from wait(ctx, wks, min(min(w for _, w in waiting), remaining) + 0.001)
         waited += elapsed
         pending = [i for i, _ in waiting]
     return {k: result[k] for k in ukeys}
@@ -672,7 +633,7 @@ def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> F
     had = 0
     for group in _groups(ctx, eks):
         try:
-            had += int((yield Eval("invalidate", _interleave([eks[i] for i in group]),
+            had += int((yield from script("invalidate", _interleave([eks[i] for i in group]),
                                    [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel])))
         except RedisDown as e:
             ctx.stats["redis_errors"] += 1
@@ -691,7 +652,7 @@ def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any
     if not guarded:
         ver = ""
     try:
-        r = yield Eval("set", [ek, wake_key(ek)], [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg, ctx.wake_ms,
+        r = yield from script("set", [ek, wake_key(ek)], [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg, ctx.wake_ms,
                                                        ctx.channel])
     except RedisDown as e:
         ctx.stats["redis_errors"] += 1
@@ -759,7 +720,7 @@ class WritePlan:
 def peek_flow(ctx: Context, key: str) -> Flow:
     """Read an entry's raw state without taking a lease (for audits and the lab)."""
     ek = ctx.ekey(key)
-    reply = yield Eval("peek", [ek], [])
+    reply = yield from script("peek", [ek], [])
     fields = dict(zip(reply[::2], reply[1::2], strict=True))
     if not fields:
         return None

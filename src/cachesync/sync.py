@@ -78,7 +78,6 @@ class Cache:
         return self.redis.execute_command(*eff.args)
 
     def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
-        flow = P.lower(flow, self.options.socket_timeout)
         send: Any = None
         throw: BaseException | None = None
         while True:

@@ -48,16 +48,23 @@ def _bus(url: str, args: argparse.Namespace) -> Any:
     return open_bus(url, args.bus_name, claim_idle=args.claim_idle)
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    from ..db import connect, dialect_of
+def _connect(url: str) -> Any:
+    """A DB-API connection, or a CachesyncError naming the URL (without its password) and the cause."""
+    from ..db import connect
 
-    url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
     try:
-        conn = connect(url)
+        return connect(url)
     except CachesyncError:
         raise
     except Exception as e:
         raise CachesyncError(f"cannot connect to {redact_url(url)}: {type(e).__name__}: {e}") from None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ..db import dialect_of
+
+    url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
+    conn = _connect(url)
     try:
         Outbox(check_table(args.table), dialect=dialect_of(url)).init(conn)
     finally:
@@ -69,15 +76,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from ..db import connect, dialect_of
+    from ..db import dialect_of
 
     url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
-    try:
-        conn = connect(url)
-    except CachesyncError:
-        raise
-    except Exception as e:
-        raise CachesyncError(f"cannot connect to {redact_url(url)}: {type(e).__name__}: {e}") from None
+    conn = _connect(url)
     try:
         st = Outbox(check_table(args.table), dialect=dialect_of(url)).status(conn)
     except CachesyncError:
