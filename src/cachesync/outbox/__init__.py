@@ -167,14 +167,29 @@ class Outbox:
     def _dialect(self, conn: Any) -> Dialect:
         return self.dialect or dialect_of_connection(conn)
 
-    def init(self, conn: Any) -> None:
-        """Create the outbox table, its index and (PostgreSQL) its NOTIFY trigger if missing; commits ``conn``."""
+    def init(self, conn: Any, notify: bool | None = True) -> None:
+        """Create the outbox table and its index if missing; commits ``conn``.
+
+        PostgreSQL, ``notify`` (default True): create (or replace) the row trigger that sends ``NOTIFY <table>``
+        for each row, which wakes listening relays at once and carries the fast path; ``False``: drop it (relays
+        then find rows by polling, and the writer does not pay for the notification; see docs/outbox.md);
+        ``None``: leave an existing table's trigger as it is, and create it with a new table (what the relay
+        does when it starts). Ignored on other databases.
+        """
         d = self._dialect(conn)
         cur = conn.cursor()
         try:
+            stmts = ddl(d, self.table)
             if d is POSTGRESQL:
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-            for stmt in ddl(d, self.table):
+                if notify is None:  # keep an existing table's trigger (or its absence) as it is
+                    cur.execute("SELECT to_regclass(%s) IS NULL", (self.table,))
+                    if not cur.fetchone()[0]:
+                        stmts = stmts[:2]
+                elif not notify:
+                    stmts = stmts[:2] + [f"DROP TRIGGER IF EXISTS {self.table}_notify ON {self.table}",
+                                         f"DROP FUNCTION IF EXISTS {self.table}_notify()"]
+            for stmt in stmts:
                 cur.execute(stmt)
             conn.commit()
         except BaseException:

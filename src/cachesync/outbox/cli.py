@@ -1,4 +1,5 @@
-"""``cachesync outbox init``, ``cachesync outbox status``, ``cachesync relay`` and ``cachesync worker``.
+"""``cachesync outbox init``, ``cachesync outbox status``, ``cachesync outbox triggers``, ``cachesync relay`` and
+``cachesync worker``.
 
 Every option falls back to an environment variable so that secrets need not appear on the command line:
 ``CACHESYNC_DB_URL``, ``CACHESYNC_REDIS_URL``, ``CACHESYNC_BUS_URL``.
@@ -66,10 +67,46 @@ def cmd_init(args: argparse.Namespace) -> int:
     url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
     conn = _connect(url)
     try:
-        Outbox(check_table(args.table), dialect=dialect_of(url)).init(conn)
+        Outbox(check_table(args.table), dialect=dialect_of(url)).init(conn, notify=not args.no_notify)
     finally:
         conn.close()
     print(f"outbox table {args.table} ready in {redact_url(url)}")
+    return 0
+
+
+def cmd_triggers(args: argparse.Namespace) -> int:
+    from ..db import dialect_of
+    from ..rules import Rules
+    from . import triggers
+
+    url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
+    if not args.rules:
+        raise UsageError("--rules is required: the rules file (.toml or .py) naming the tables and key templates")
+    d = dialect_of(url)
+    ob = Outbox(check_table(args.table), dialect=d, rules=Rules.load(args.rules),
+                message_prefix=args.message_prefix)
+    conn = _connect(url)
+    try:
+        if args.print:
+            assert ob.rules is not None
+            for name in args.only or list(ob.rules.tables):
+                rule = ob.rules.tables.get(name)
+                if rule is None:
+                    raise UsageError(f"no rule for table {name!r}; the rules cover {sorted(ob.rules.tables)}")
+                triggers.check_rule(d, rule, triggers.columns(conn, d, name))
+                stmts = triggers.drop_ddl(d, ob, name) if args.drop else triggers.trigger_ddl(d, ob, rule, args.target)
+                for s in stmts:
+                    print(s + ";")
+            return 0
+        if args.drop:
+            done = triggers.uninstall(conn, ob, tables=args.only)
+            print(f"capture triggers dropped on {', '.join(done)} in {redact_url(url)}")
+        else:
+            done = triggers.install(conn, ob, tables=args.only, target=args.target)
+            where = f"outbox table {args.table}" if args.target == "table" else "WAL messages (cachesync cdc)"
+            print(f"capture triggers on {', '.join(done)} in {redact_url(url)} -> {where}")
+    finally:
+        conn.close()
     return 0
 
 
@@ -170,7 +207,22 @@ def register(subparsers: Any) -> None:
     obsub = ob.add_subparsers(dest="outbox_command", metavar="COMMAND")
     p = obsub.add_parser("init", help="create the outbox table (idempotent)")
     _common(p, True, False, False)
+    p.add_argument("--no-notify", action="store_true",
+                   help="PostgreSQL: no NOTIFY trigger (relays poll; cheaper writes) (default: NOTIFY on)")
     p.set_defaults(func=cmd_init)
+    p = obsub.add_parser("triggers", help="install capture triggers that record every change of the ruled tables")
+    _common(p, True, False, False)
+    p.add_argument("--rules", default=None, help="rules file (.toml or .py) naming the tables and key templates")
+    p.add_argument("--only", action="append", default=None, metavar="TABLE",
+                   help="only this table of the rules (repeatable; default: every table of the rules)")
+    p.add_argument("--target", choices=["table", "wal"], default="table",
+                   help="write outbox rows (table, for cachesync relay) or PostgreSQL WAL messages (wal, for "
+                        "cachesync cdc) (default: table)")
+    p.add_argument("--message-prefix", default="cachesync",
+                   help="prefix of the WAL messages of --target wal (default: cachesync)")
+    p.add_argument("--drop", action="store_true", help="drop the triggers instead (default: install)")
+    p.add_argument("--print", action="store_true", help="print the SQL instead of running it (default: run)")
+    p.set_defaults(func=cmd_triggers)
     p = obsub.add_parser("status", help="pending rows, oldest age, rows being retried and parked rows")
     _common(p, True, False, False)
     p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")

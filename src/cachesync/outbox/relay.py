@@ -149,7 +149,7 @@ class Relay:
             else:
                 conn = connect(self.db_url)
             if self._init:
-                self.outbox.init(conn)
+                self.outbox.init(conn, notify=None)  # keeps the NOTIFY trigger as the operator set it
                 self._init = False
             if self.dialect is MYSQL:
                 cur = conn.cursor()
