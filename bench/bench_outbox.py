@@ -26,6 +26,8 @@ The latency runs print the fast path (``notify``) beside the claim-only path (``
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 import os
 import random
 import statistics
@@ -96,7 +98,32 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
+    # The floor, on the same commits: a bare LISTEN client (no Redis, no work) notified by the outbox trigger.
+    floor_at: dict[str, float] = {}
+    lt = None
+    if mode.startswith("notify"):
+        import psycopg
+
+        lconn = psycopg.connect(db_url, autocommit=True)
+        lconn.execute(f'LISTEN "{table}"')
+
+        def listen_floor() -> None:
+            while not stop.is_set():
+                for note in lconn.notifies(timeout=0.05):
+                    now = time.perf_counter()
+                    try:
+                        for k in json.loads(json.loads(note.payload)[1]):
+                            floor_at.setdefault(k, now)
+                    except (ValueError, IndexError, TypeError):
+                        pass
+            lconn.close()
+
+        lt = threading.Thread(target=listen_floor, daemon=True)
+        lt.start()
     # warm up until the pipeline delivers
+    floor: list[float] = []
+    floor_after: list[float] = []
+    added: list[float] = []  # per commit: invalidated in Redis minus notification at the bare listener
     lat: list[float] = []
     after: list[float] = []  # from the writer's commit() returning
     commit: list[float] = []  # the writer's commit() itself
@@ -112,7 +139,17 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
         t1 = time.perf_counter()
         if not got.wait(30):
             raise SystemExit(f"{mode}: invalidation of {key} never arrived")
+        if lt is not None:
+            deadline = time.monotonic() + 30
+            while key not in floor_at and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            if key not in floor_at:
+                raise SystemExit(f"{mode}: notification of {key} never arrived")
         if i >= 20:
+            if lt is not None:
+                floor.append(floor_at[key] - t0)
+                floor_after.append(floor_at[key] - t1)
+                added.append(arrived[want[0]] - floor_at[key])
             lat.append(arrived[want[0]] - t0)
             after.append(arrived[want[0]] - t1)
             commit.append(t1 - t0)
@@ -121,6 +158,8 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
         p.wait()
     stop.set()
     t.join()
+    if lt is not None:
+        lt.join()
     ps.close()
     r.delete(stream, stream + ":retry", stream + ":dead")
     keys = [entry_key(ns, f"k{i}") for i in range(n + 20)]
@@ -130,7 +169,8 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
     ob.drop(conn)
     conn.close()
     return {k: (statistics.median(v) * 1000, pct(v, 99) * 1000)
-            for k, v in (("total", lat), ("after", after), ("commit", commit))}
+            for k, v in (("total", lat), ("after", after), ("commit", commit), ("floor", floor),
+                         ("floor_after", floor_after), ("added", added)) if v}
 
 
 def latency_wal(db_url: str, redis_url: str, n: int) -> dict[str, tuple[float, float]]:
@@ -299,10 +339,17 @@ SHAPES = {
 """The writer transactions measured: each is followed by COMMIT; the outbox variants record one key."""
 
 
+TRIGGER_KEYS = {"keys": ["user:{id}", "user_by_email:{email}"], "version": "version"}
+"""The rule of the capture-trigger variants (two keys per row, as the outbox variants' one key plus the email)."""
+
+
 def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str, float]]:
     """Median writer transaction time per shape: baseline (statements + commit), with ``record()`` before the
-    commit and with ``Outbox.commit()``, interleaved on one connection (MySQL: ``multi`` opens it with
+    commit, with ``Outbox.commit()``, and with capture triggers (the same statements on an identical table whose
+    triggers record the change), interleaved on one connection (MySQL: ``multi`` opens it with
     CLIENT.MULTI_STATEMENTS, without which ``Outbox.commit()`` is ``record()`` + ``commit()``)."""
+    from cachesync.outbox import triggers
+
     table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
     app = "bench_users_" + uuid.uuid4().hex[:8]
     audit = "bench_audit_" + uuid.uuid4().hex[:8]
@@ -327,14 +374,28 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
     serial = {"postgresql": "BIGSERIAL PRIMARY KEY", "mysql": "BIGINT AUTO_INCREMENT PRIMARY KEY"}.get(
         d.name, "INTEGER PRIMARY KEY AUTOINCREMENT")
     cur = conn.cursor()
-    cur.execute(f"CREATE TABLE {app} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
+    # capture-trigger variants: an identical application table each, with its triggers
+    trig: dict[str, tuple[str, Outbox]] = {"capture trigger -> outbox table": (app + "_t", ob)}
+    if d.name == "postgresql":
+        ob_nn = Outbox(table + "n")
+        ob_nn.init(conn, notify=False)
+        trig["capture trigger -> outbox table, no NOTIFY trigger"] = (app + "_n", ob_nn)
+        trig["capture trigger -> WAL message (cachesync cdc)"] = (app + "_w", Outbox(table + "w"))
+    apps = [app] + [a for a, _ in trig.values()]
+    for a in apps:
+        cur.execute(f"CREATE TABLE {a} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
+        cur.execute(f"INSERT INTO {a} VALUES (1, 'a', 1), (2, 'b', 1)")
     cur.execute(f"CREATE TABLE {audit} (id {serial}, user_id INTEGER, note VARCHAR(100))")
-    cur.execute(f"INSERT INTO {app} VALUES (1, 'a', 1), (2, 'b', 1)")
     conn.commit()
+    for label, (a, o) in trig.items():
+        triggers.install(conn, o, Rules({a: TRIGGER_KEYS}), target="wal" if "WAL" in label else "table")
     out: dict[str, dict[str, float]] = {}
     for shape, stmts in SHAPES.items():
-        sqls = [q.format(app=app, audit=audit).replace(" FOR UPDATE", "" if d.name == "sqlite" else " FOR UPDATE")
-                for q in stmts]
+        def sqls_for(name: str) -> list[str]:
+            return [q.format(app=name, audit=audit).replace(" FOR UPDATE", "" if d.name == "sqlite" else " FOR UPDATE")
+                    for q in stmts]
+
+        sqls = sqls_for(app)
 
         def base(i: int) -> None:
             for q in sqls:
@@ -359,7 +420,17 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
             cur.fetchall()
             conn.commit()
 
+        def with_trigger(name: str) -> Callable[[int], None]:
+            tsqls = sqls_for(name)
+
+            def run(i: int) -> None:  # the baseline's statements; the database records the change
+                for q in tsqls:
+                    cur.execute(q)
+                conn.commit()
+            return run
+
         variants = {"baseline": base, "record+commit": rec, "Outbox.commit()": one, "floor: + SELECT 1": floor}
+        variants.update({label: with_trigger(a) for label, (a, _) in trig.items()})
         if d.name == "postgresql":
             def rec_old(i: int) -> None:  # the trigger before the fast path: NOTIFY with an empty payload
                 for q in sqls:
@@ -389,7 +460,12 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
                 variants[k](i)
                 times[k].append(time.perf_counter() - t0)
         out[shape] = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    cur.execute(f"DROP TABLE {app}")
+    for label, (a, o) in trig.items():
+        triggers.uninstall(conn, o, Rules({a: TRIGGER_KEYS}))
+        if o is not ob:
+            o.drop(conn)
+    for a in apps:
+        cur.execute(f"DROP TABLE {a}")
     cur.execute(f"DROP TABLE {audit}")
     conn.commit()
     ob.drop(conn)
@@ -397,6 +473,15 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
         ob_old.drop(conn)
     conn.close()
     return out
+
+
+def print_commit_cost(r: dict[str, dict[str, float]]) -> None:
+    for shape, v in r.items():
+        b = v["baseline"]
+        print(f"writer {shape}: baseline {b:.3f} ms")
+        for k, t in v.items():
+            if k != "baseline":
+                print(f"writer {shape}: {k} {t:.3f} ms, ratio x{t / b:.3f} (+{(t / b - 1) * 100:.1f} %)")
 
 
 def main() -> None:
@@ -411,11 +496,14 @@ def main() -> None:
     ap.add_argument("--mysql-multi-statements", action="store_true",
                     help="MySQL writer-cost run: connect with CLIENT.MULTI_STATEMENTS (Outbox.commit() in one trip)")
     ap.add_argument("--only-writer-cost", action="store_true", help="run only the writer-cost section (3.)")
+    ap.add_argument("--only-latency", action="store_true",
+                    help="run only the relay latency section (1.: notify, notify-claim, poll10ms, bus+worker)")
+    ap.add_argument("--repeat", type=int, default=1, help="writer-cost runs, each with its own baseline (default 1)")
     ap.add_argument("--only-wal", action="store_true",
                     help="run only the WAL-message sections (3. and 5.; PostgreSQL)")
     a = ap.parse_args()
     print(f"database: {a.db_url.split('://')[0]}")
-    if a.db_url.startswith("postgres") and not a.only_writer_cost:
+    if a.db_url.startswith("postgres") and not a.only_writer_cost and not a.only_latency:
         r = latency_wal(a.db_url, a.redis_url, a.n)
         print(f"commit -> invalidated, emit_commit() via cachesync cdc: p50 {r['total'][0]:.2f} ms  "
               f"p99 {r['total'][1]:.2f} ms  (emit_commit() itself p50 {r['commit'][0]:.2f} / p99 "
@@ -430,6 +518,14 @@ def main() -> None:
             print(f"commit -> invalidated, {mode:12s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
                   f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
                   f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
+            if "floor" in r:
+                f, fa = r["floor"], r["floor_after"]
+                print(f"   floor, same commits (bare LISTEN client notified): p50 {f[0]:.2f} / p99 {f[1]:.2f} ms; after "
+                      f"commit() returned p50 {fa[0]:.2f} / p99 {fa[1]:.2f}; ours/floor p99 x{r['total'][1] / f[1]:.2f}")
+                print(f"   added by the relay over the floor, per commit: p50 {r['added'][0]:.2f} / p99 "
+                      f"{r['added'][1]:.2f} ms")
+        if a.only_latency:
+            return
         print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
         if a.db_url.startswith("postgres"):
             for relays in (1, 2):
@@ -439,16 +535,19 @@ def main() -> None:
                           f"(writer-bound), Redis applies/row {r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows")
     for shape, stmts in SHAPES.items():
         print(f"writer transaction {shape}: " + "; ".join(stmts) + "; COMMIT")
-    for shape, r in commit_cost(a.db_url, a.commits, a.mysql_multi_statements).items():
-        b = r["baseline"]
-        print(f"writer {shape}: baseline {b:.3f} ms, with outbox record() {r['record+commit']:.3f} ms, "
-              f"ratio x{r['record+commit'] / b:.3f} (+{(r['record+commit'] / b - 1) * 100:.1f} %)")
-        c = r["Outbox.commit()"]
-        print(f"writer {shape}: with Outbox.commit() {c:.3f} ms, ratio x{c / b:.3f} (+{(c / b - 1) * 100:.1f} %)")
-        for k in ("floor: + SELECT 1", "record, empty-payload trigger", "pg_logical_emit_message",
-                  "pg_logical_emit_message + COMMIT, one round trip"):
-            if k in r:
-                print(f"writer {shape}: {k} {r[k]:.3f} ms, ratio x{r[k] / b:.3f} (+{(r[k] / b - 1) * 100:.1f} %)")
+    runs = [commit_cost(a.db_url, a.commits, a.mysql_multi_statements) for _ in range(a.repeat)]
+    for i, r in enumerate(runs):
+        if a.repeat > 1:
+            print(f"-- writer-cost run {i + 1} of {a.repeat}")
+        print_commit_cost(r)
+    if a.repeat > 1:
+        print("-- ratios over the runs (min-max)")
+        for shape in runs[0]:
+            for k in runs[0][shape]:
+                if k != "baseline":
+                    rs = [r[shape][k] / r[shape]["baseline"] for r in runs]
+                    print(f"writer {shape}: {k}: x{min(rs):.3f}-x{max(rs):.3f}")
+
 
 if __name__ == "__main__":
     main()
