@@ -67,6 +67,8 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
     common = ["--db-url", db_url, "--table", table]
     if mode == "notify":
         procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns))
+    elif mode == "notify-eager":  # fast path, claiming after every notification (claim_delay 0)
+        procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns, "--claim-delay", "0"))
     elif mode == "notify-claim":
         procs.append(spawn("relay", *common, "--redis-url", redis_url, "--namespace", ns, "--no-fast-path"))
     elif mode == "poll10ms":
@@ -284,18 +286,20 @@ def throughput(db_url: str, redis_url: str, rows: int) -> float:
     return rows / dt
 
 
-def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_commit: int = 10) -> dict[str, float]:
+def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_commit: int = 10,
+         claim_delay: float = 0.1) -> dict[str, float]:
     """``relays`` relays (threads of this process) listening while one writer commits ``rows`` rows, ``per_commit``
     ``record()`` calls (= notifications) per transaction, as fast as it can. Returns the rows/s from the first
     commit until the outbox is empty, Redis row-applies per row (fast path + claim path, all relays) and the relays'
-    CPU ms per 1000 rows (thread CPU time, all relays)."""
+    CPU ms per 1000 rows (thread CPU time, all relays) and the claims (database batches) per 1000 rows.
+    ``claim_delay`` as in :class:`Relay`."""
     ns = "bench" + uuid.uuid4().hex[:8]
     table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
     ob = Outbox(table)
     conn = connect(db_url)
     ob.init(conn)
     cache = cachesync.Cache(redis_url, namespace=ns)
-    rs = [Relay(db_url, cache, table=table, fast=fast) for _ in range(relays)]
+    rs = [Relay(db_url, cache, table=table, fast=fast, claim_delay=claim_delay) for _ in range(relays)]
     for r in rs:
         r.run_once()  # connected and listening before the first commit
     stop = threading.Event()
@@ -327,7 +331,8 @@ def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_co
     cache.close()
     ob.drop(conn)
     conn.close()
-    return {"rate": rows / dt, "applies": applies / rows, "cpu": sum(cpu) * 1e6 / rows}
+    claims = sum(r.stats["batches"] for r in rs)
+    return {"rate": rows / dt, "applies": applies / rows, "cpu": sum(cpu) * 1e6 / rows, "claims": claims * 1000 / rows}
 
 
 SHAPES = {
@@ -511,7 +516,7 @@ def main() -> None:
     if a.only_wal:
         a.only_writer_cost = True
     if not a.only_writer_cost:
-        for mode in ("notify", "notify-claim", "poll10ms", "bus+worker"):
+        for mode in ("notify", "notify-eager", "notify-claim", "poll10ms", "bus+worker"):
             if mode.startswith("notify") and not a.db_url.startswith("postgres"):
                 continue
             r = latency(a.db_url, a.redis_url, a.n, mode)
@@ -528,11 +533,12 @@ def main() -> None:
             return
         print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
         if a.db_url.startswith("postgres"):
-            for relays in (1, 2):
-                for fast in (True, False):
-                    r = live(a.db_url, a.redis_url, a.live_rows, relays, fast)
-                    print(f"live, {relays} relay(s), {'fast path ' if fast else 'claim only'}: {r['rate']:,.0f} rows/s "
-                          f"(writer-bound), Redis applies/row {r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows")
+            for relays, fast, delay in ((1, True, 0.1), (1, True, 0.0), (1, False, 0.1), (2, True, 0.1),
+                                        (2, False, 0.1)):
+                r = live(a.db_url, a.redis_url, a.live_rows, relays, fast, claim_delay=delay)
+                what = f"fast path, claim delay {delay:g} s" if fast else "claim only"
+                print(f"live, {relays} relay(s), {what}: {r['rate']:,.0f} rows/s (writer-bound), Redis applies/row "
+                      f"{r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows, claims/1000 rows {r['claims']:.0f}")
     for shape, stmts in SHAPES.items():
         print(f"writer transaction {shape}: " + "; ".join(stmts) + "; COMMIT")
     runs = [commit_cost(a.db_url, a.commits, a.mysql_multi_statements) for _ in range(a.repeat)]

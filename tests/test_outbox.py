@@ -394,6 +394,46 @@ def test_fast_path_applies_from_the_notification_and_the_claim_only_deletes(pg_u
     conn.close()
 
 
+def test_fast_path_defers_the_claim_while_notifications_keep_coming(pg_url, pg_outbox, cache):
+    """claim_delay: rows applied from notifications stay in the outbox (nothing lost) until the relay claims them;
+    a wake-up without rows (a delayed row) makes it claim at once."""
+    relay = Relay(pg_url, cache, table=pg_outbox.table, claim_delay=3600, poll_interval=3600)
+    waiting = threading.Event()
+    original = relay._notified
+
+    def notified(timeout: float) -> list[str]:
+        waiting.set()  # the first claim is over: the relay waits for notifications
+        return original(timeout)
+
+    relay._notified = notified  # type: ignore[method-assign]
+    stop = threading.Event()
+    t = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    t.start()
+    conn = connect(pg_url)
+    try:
+        assert waiting.wait(10)
+        for i in range(3):
+            fill(cache, f"d:{i}")
+            pg_outbox.record(conn, f"d:{i}")
+            conn.commit()
+            wait_for(lambda i=i: invalidated(cache, f"d:{i}"), 10, f"d:{i} invalidated from the notification")
+        assert pg_outbox.pending(conn) == 3  # applied, not claimed yet
+        assert relay.stats["rows"] == 0
+        pg_outbox.record(conn, "later:1", delay=3600)  # a wake-up without rows: the relay claims now
+        conn.commit()
+        wait_for(lambda: pg_outbox.pending(conn) == 1, 10, "the claim of the applied rows")
+        st = relay.stats
+        assert (st["fast"], st["skipped"], st["applied"], st["rows"]) == (3, 3, 0, 3)
+    finally:
+        stop.set()
+        conn.execute(f'NOTIFY "{pg_outbox.table}"')  # wake the relay's wait so that it sees stop
+        conn.commit()
+        t.join(10)
+        assert not t.is_alive()
+        relay.close()
+        conn.close()
+
+
 def test_fast_path_leaves_delayed_and_oversized_rows_to_the_claim(pg_url, pg_outbox, cache):
     relay = Relay(pg_url, cache, table=pg_outbox.table)
     assert relay.run_once() == 0

@@ -147,7 +147,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     cache = _cache(args) if (bus is None or args.apply) else None
     relay = Relay(url, cache, bus=bus, apply=(bus is None or args.apply), table=args.table,
                   batch_size=args.batch_size, poll_interval=args.poll_interval, listen=not args.no_listen,
-                  lease=args.lease, max_backoff=args.max_backoff or 5.0, fast=not args.no_fast_path)
+                  lease=args.lease, max_backoff=args.max_backoff or 5.0, fast=not args.no_fast_path,
+                  claim_delay=args.claim_delay)
     log.info("cachesync relay %s: %s -> %s", relay.relay_id, redact_url(url),
              redact_url(args.bus) if bus else redact_url(args.redis_url))
     try:
@@ -240,6 +241,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-fast-path", action="store_true",
                    help="PostgreSQL: do not apply the rows a notification carries before claiming them "
                         "(default: apply them at once)")
+    p.add_argument("--claim-delay", type=float, default=0.1,
+                   help="PostgreSQL fast path: seconds to keep applying notifications before claiming (deleting) the "
+                        "rows applied (default: 0.1; 0 = after every notification)")
     p.add_argument("--lease", type=float, default=30.0, help="SQLite claim lease in seconds (default: 30)")
     p.add_argument("--once", action="store_true", help="deliver what is due, print the count and exit")
     p.set_defaults(func=cmd_relay, _relay=True)
