@@ -109,12 +109,15 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"last_error TEXT NULL, created_at BIGINT NOT NULL DEFAULT ({now_ms_sql(d)}), KEY {t}_run_at (run_at)) "
             "ENGINE=InnoDB",
         ]
+    # SQLite: the rowid is the id (no AUTOINCREMENT: no sqlite_sequence page to write per transaction; an id can
+    # be reused only after its row was deleted, and the relay's deletes check claimed_by); the run_at index is
+    # partial, as on PostgreSQL: an immediate row adds no index entry.
     return [
-        f"CREATE TABLE IF NOT EXISTS {t} (id INTEGER PRIMARY KEY AUTOINCREMENT, cache_keys TEXT NOT NULL, "
+        f"CREATE TABLE IF NOT EXISTS {t} (id INTEGER PRIMARY KEY, cache_keys TEXT NOT NULL, "
         "key_version TEXT NULL, run_at INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
         "claimed_until INTEGER NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
         f"created_at INTEGER NOT NULL DEFAULT ({now_ms_sql(d)}))",
-        f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at)",
+        f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
     ]
 
 
