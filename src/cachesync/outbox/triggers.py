@@ -259,6 +259,12 @@ def install(conn: Any, ob: Outbox, rules: Rules | None = None, tables: Sequence[
         raise
     if target == "table":
         ob.init(conn, notify=None)
+    _run(conn, stmts)
+    return [r.table for r in chosen]
+
+
+def _run(conn: Any, stmts: Sequence[str]) -> None:
+    """Execute ``stmts`` in one transaction on ``conn`` and commit (roll back and re-raise on error)."""
     cur = conn.cursor()
     try:
         for s in stmts:
@@ -269,24 +275,13 @@ def install(conn: Any, ob: Outbox, rules: Rules | None = None, tables: Sequence[
         raise
     finally:
         cur.close()
-    return [r.table for r in chosen]
 
 
 def uninstall(conn: Any, ob: Outbox, rules: Rules | None = None, tables: Sequence[str] | None = None) -> list[str]:
     """Drop the capture triggers of ``tables`` (default: every table of the rules); commits. Idempotent."""
     d = ob._dialect(conn)
     names = [r.table for r in _rules_of(ob, rules, tables)]
-    cur = conn.cursor()
-    try:
-        for t in names:
-            for s in drop_ddl(d, ob, t):
-                cur.execute(s)
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        cur.close()
+    _run(conn, [s for t in names for s in drop_ddl(d, ob, t)])
     return names
 
 
