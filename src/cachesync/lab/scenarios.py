@@ -598,33 +598,43 @@ def t_delete_fails(tl: Timeline, retry: bool = False, short_ttl: float | None = 
         c.read()
 
 
-def t_delete_fails_outbox(tl: Timeline) -> None:
+def t_delete_fails_outbox(tl: Timeline, capture: bool = False) -> None:
     """Scenario 7d: the invalidation goes through the transactional outbox; the relay applies it once Redis is back.
 
     Redis is unreachable for the application (writer, readers, relay) during the outage; readers fall back to
     the database. The outbox row is written in the writer's transaction, so nothing depends on the writer
-    process surviving or retrying.
+    process surviving or retrying. 7e (``capture``): the writer only runs its UPDATE; a capture trigger on ``t``
+    (:mod:`cachesync.outbox.triggers`, rule ``{k}``) writes the outbox row in the same transaction.
     """
-    from ..outbox import Outbox
+    from ..outbox import Outbox, triggers
     from ..outbox.relay import Relay
+    from ..rules import Rules
 
     lab = tl.lab
     tl.session("setup").insert(tl.key, "100")
     tl.history.append("100")
     Reader(tl, "reader C").read()
-    outbox = Outbox(f"{lab.db.table}_ob", dialect=lab.db.dialect)
+    rules = Rules({lab.db.table: {"keys": ["{k}"], "version": "version"}})
+    outbox = Outbox(f"{lab.db.table}_ob", dialect=lab.db.dialect, rules=rules)
     admin = tl.session("outbox admin")
     with admin.lock:
         outbox.init(admin.conn)
+        if capture:
+            triggers.install(admin.conn, outbox)
     down = f"redis://127.0.0.1:{closed_port()}/0"
     relays: list[Relay] = []
     try:
         writer = tl.session("writer A")
-        version = writer.update_with_outbox(tl.key, "99", outbox)
+        if capture:
+            version = writer.update(tl.key, "99")
+            tl.step("writer A", "UPDATE t SET val='99', version=version+1 WHERE k=?; COMMIT (the capture trigger "
+                    "INSERTs INTO t_ob the keys computed from the row)", f"committed v{version} + 1 outbox row")
+        else:
+            version = writer.update_with_outbox(tl.key, "99", outbox)
+            tl.step("writer A", "UPDATE t SET val='99', version=version+1 WHERE k=?; INSERT INTO t_ob (keys, "
+                    "version); COMMIT", f"committed v{version} + 1 outbox row")
         tl.costs["db_writes"] += 1
         tl.history.append("99")
-        tl.step("writer A", "UPDATE t SET val='99', version=version+1 WHERE k=?; INSERT INTO t_ob (keys, version); "
-                "COMMIT", f"committed v{version} + 1 outbox row")
         relay_down = Relay(lab.db_url, tl.cache(leases=tl.leases, url=down), table=outbox.table, listen=False,
                            init=False)
         relays.append(relay_down)
@@ -649,6 +659,8 @@ def t_delete_fails_outbox(tl: Timeline) -> None:
         for r in relays:
             r.close()
         with admin.lock:
+            if capture:
+                triggers.uninstall(admin.conn, outbox)
             outbox.drop(admin.conn)
 
 
@@ -744,6 +756,9 @@ VARIANTS: list[Variant] = [
        "Cost: the cache holds 100 until Redis is back and the relay's next attempt (backoff <= 5 s) delivers; "
        "readers that cannot reach Redis read the DB. A reader that reaches Redis while the relay cannot would "
        "read 100 until then (as in 7b), but no process has to survive or remember to retry."),
+    _v("7e", "recommended: capture trigger (the database writes the outbox row) + relay", RECOMMENDED, True,
+       "recommended", lambda t: t_delete_fails_outbox(t, capture=True), "consistent",
+       "As 7d, with no application code: any writer's UPDATE (raw SQL, another service) records its invalidation."),
 ]
 
 BY_ID = {v.id: v for v in VARIANTS}
