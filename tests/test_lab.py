@@ -87,6 +87,10 @@ def test_scenario_details(lab_results: dict[str, ScenarioResult]) -> None:
     assert any(s.actor == "relay" and s.result.startswith("FAILED") for s in res["7d"].steps)
     assert res["7d"].costs["relay_attempts"] == 2 and res["7d"].stale_reads == 0
     assert (res["7d"].db_final, res["7d"].cache_final) == ("99", "99")
+    # 7e: the same with the outbox row written by a capture trigger (the writer only UPDATEs)
+    assert any("capture trigger" in s.action for s in res["7e"].steps)
+    assert any(s.actor == "relay" and s.result.startswith("FAILED") for s in res["7e"].steps)
+    assert (res["7e"].db_final, res["7e"].cache_final) == ("99", "99") and res["7e"].stale_reads == 0
     for r in res.values():
         assert [s.t for s in r.steps] == [f"T{i}" for i in range(1, len(r.steps) + 1)]
 
