@@ -5,7 +5,7 @@ Load it from tests/conftest.py with::
     pytest_plugins = ["conftest_services"]
 
 ``scripts/services`` installs, starts and configures the servers (PostgreSQL with
-wal_level=logical, MariaDB with a row-based binlog, Redis, NATS with JetStream).
+wal_level=logical, MariaDB with a row-based binlog, Redis, NATS with JetStream, RabbitMQ).
 
 If a server is unreachable, tests that need it are *skipped* on a developer
 machine and *fail* loudly when the environment variable ``CI`` is non-empty
@@ -17,6 +17,7 @@ Every URL can be overridden from the environment:
     CACHESYNC_TEST_PG_URL     default postgresql://root@127.0.0.1:5432/test
     CACHESYNC_TEST_MYSQL_URL  default mysql://root@127.0.0.1:3306/test
     CACHESYNC_TEST_NATS_URL   default nats://127.0.0.1:4222
+    CACHESYNC_TEST_AMQP_URL   default amqp://guest:guest@127.0.0.1:5672/%2F
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cachesync._driver import redact_url
+
 __all__ = [
     "REDIS_URL",
     "PG_URL",
     "MYSQL_URL",
     "NATS_URL",
+    "AMQP_URL",
     "in_ci",
     "host_port",
     "require_service",
@@ -39,12 +43,14 @@ __all__ = [
     "pg_url",
     "mysql_url",
     "nats_url",
+    "amqp_url",
 ]
 
 REDIS_URL: str = os.environ.get("CACHESYNC_TEST_REDIS_URL") or "redis://127.0.0.1:6379/15"
 PG_URL: str = os.environ.get("CACHESYNC_TEST_PG_URL") or "postgresql://root@127.0.0.1:5432/test"
 MYSQL_URL: str = os.environ.get("CACHESYNC_TEST_MYSQL_URL") or "mysql://root@127.0.0.1:3306/test"
 NATS_URL: str = os.environ.get("CACHESYNC_TEST_NATS_URL") or "nats://127.0.0.1:4222"
+AMQP_URL: str = os.environ.get("CACHESYNC_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 _DEFAULT_PORTS = {
     "redis": 6379,
@@ -55,6 +61,8 @@ _DEFAULT_PORTS = {
     "mariadb": 3306,
     "nats": 4222,
     "tls": 4222,
+    "amqp": 5672,
+    "amqps": 5671,
 }
 
 CONNECT_TIMEOUT = 2.0
@@ -70,7 +78,7 @@ def host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     port = parts.port or _DEFAULT_PORTS.get(parts.scheme.split("+")[0].lower())
     if not parts.hostname or port is None:
-        raise ValueError(f"cannot tell host and port from URL {url!r}")
+        raise ValueError(f"cannot tell host and port from URL {redact_url(url)!r}")
     return parts.hostname, port
 
 
@@ -99,7 +107,7 @@ def require_service(name: str, host: str, port: int, url: str | None = None) -> 
 
 def _require_url(name: str, url: str) -> str:
     host, port = host_port(url)
-    require_service(name, host, port, url)
+    require_service(name, host, port, redact_url(url))  # the skip/failure message shows no password
     return url
 
 
@@ -125,3 +133,9 @@ def mysql_url() -> str:
 def nats_url() -> str:
     """NATS URL (JetStream enabled); skips/fails if down."""
     return _require_url("NATS", NATS_URL)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """RabbitMQ URL (guest/guest, vhost /); skips/fails if down."""
+    return _require_url("RabbitMQ", AMQP_URL)

@@ -1,5 +1,6 @@
-"""Workers on both buses: retries with exponential backoff, dead letters with the reason, takeover of a dead
-consumer's messages, rule fan-out, and outbox -> relay -> bus -> worker end to end."""
+"""Workers on every bus (Redis Streams, NATS JetStream, RabbitMQ): retries with exponential backoff, dead letters
+with the reason, takeover of a dead consumer's messages, rule fan-out, and outbox -> relay -> bus -> worker end to
+end."""
 
 from __future__ import annotations
 
@@ -21,17 +22,21 @@ from test_outbox import free_port, invalidated, wait_for
 RULES = Rules({"users": ["user:{id}", "user_by_email:{email}", "users:count"]})
 
 
-@pytest.fixture(params=["redis", "nats"])
+@pytest.fixture(params=["redis", "nats", "rabbitmq"])
 def bus(request) -> Iterator[Bus]:
     name = "csw" + uuid.uuid4().hex[:10]
     if request.param == "redis":
         from cachesync.bus.redis_streams import RedisStreamsBus
 
         b: Bus = RedisStreamsBus(request.getfixturevalue("redis_url"), name, claim_idle=0.3)
-    else:
+    elif request.param == "nats":
         from cachesync.bus.nats_jetstream import NatsJetStreamBus
 
         b = NatsJetStreamBus(request.getfixturevalue("nats_url"), name, claim_idle=0.3)
+    else:
+        from cachesync.bus.rabbitmq import RabbitMQBus
+
+        b = RabbitMQBus(request.getfixturevalue("amqp_url"), name, claim_idle=0.3)
     yield b
     b.destroy()
     b.close()

@@ -1,6 +1,6 @@
 """Message buses that carry invalidations from a producer (the outbox relay, CDC) to workers.
 
-The interface is deliberately small so that Kafka, RabbitMQ ... can be added; every implementation passes
+The interface is deliberately small so that other brokers (Kafka, ...) can be added; every implementation passes
 the same conformance suite (``tests/test_bus_conformance.py``)::
 
     bus.publish(batch)                       # durable when it returns; raises on failure (nothing acked)
@@ -17,8 +17,9 @@ keys and/or a table change (``table`` + ``old``/``new`` row images) that a worke
 :class:`cachesync.rules.Rules`.
 
 Implementations: :class:`cachesync.bus.redis_streams.RedisStreamsBus` (default; Redis Streams and consumer
-groups) and :class:`cachesync.bus.nats_jetstream.NatsJetStreamBus` (NATS JetStream). :func:`open_bus` opens
-one from a URL.
+groups), :class:`cachesync.bus.nats_jetstream.NatsJetStreamBus` (NATS JetStream) and
+:class:`cachesync.bus.rabbitmq.RabbitMQBus` (RabbitMQ: a fanout exchange, one queue per group). :func:`open_bus`
+opens one from a URL.
 """
 
 from __future__ import annotations
@@ -158,13 +159,15 @@ class Bus(abc.ABC):
 
 
 def open_bus(url: str, name: str = "cachesync", claim_idle: float = 30.0) -> Bus:
-    """A bus from a URL: ``redis://...`` (Redis Streams, stream ``name``) or ``nats://...`` (JetStream, stream
-    ``name`` upper-cased, subject ``name.inv``). ``claim_idle`` (default 30 s): seconds after which a message
-    consumed but not acked is handed to another consumer of the group."""
+    """A bus from a URL: ``redis://...`` (Redis Streams, stream ``name``), ``nats://...`` (JetStream, stream
+    ``name`` upper-cased, subject ``name.inv``) or ``amqp://...``/``amqps://...`` (RabbitMQ, fanout exchange
+    ``name``, one queue ``name.g.<group>`` per group). ``claim_idle`` (default 30 s): seconds after which a
+    message consumed but not acked is handed to another consumer of the group."""
     from .._driver import redact_url
 
     if not isinstance(url, str) or "://" not in url:
-        raise BusError(f"bus URL {url!r} must start with redis://, rediss:// or nats://")
+        shown = ("***@" + url.rsplit("@", 1)[1]) if isinstance(url, str) and "@" in url else url
+        raise BusError(f"bus URL {shown!r} must start with redis://, rediss://, nats://, amqp:// or amqps://")
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("redis", "rediss", "unix", "valkey", "valkeys"):
         from .redis_streams import RedisStreamsBus
@@ -174,7 +177,11 @@ def open_bus(url: str, name: str = "cachesync", claim_idle: float = 30.0) -> Bus
         from .nats_jetstream import NatsJetStreamBus
 
         return NatsJetStreamBus(url, name, claim_idle=claim_idle)
-    raise BusError(f"bus URL {redact_url(url)!r}: unknown scheme {scheme!r}; use redis:// or nats://")
+    if scheme in ("amqp", "amqps"):
+        from .rabbitmq import RabbitMQBus
+
+        return RabbitMQBus(url, name, claim_idle=claim_idle)
+    raise BusError(f"bus URL {redact_url(url)!r}: unknown scheme {scheme!r}; use redis://, nats:// or amqp://")
 
 
 __all__ = ["Bus", "BusError", "BusUnavailableError", "DeadLetter", "Delivery", "Invalidation", "open_bus"]

@@ -118,8 +118,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stats-interval", type=float, default=10.0,
                    help="seconds between stats log lines / Redis stats hash writes, 0 = off (default 10)")
     p.add_argument("--bus", default=None,
-                   help="publish the invalidations on this bus (redis://... Streams or nats://... JetStream) for "
-                        "`cachesync worker` to apply, instead of applying them to Redis (default: apply)")
+                   help="publish the invalidations on this bus (redis://... Streams, nats://... JetStream or "
+                        "amqp://... RabbitMQ) for `cachesync worker` to apply, instead of applying them to Redis "
+                        "(default: apply)")
     p.add_argument("--bus-name", default="cachesync", help="bus stream name (default: cachesync)")
     p.add_argument("--on-missing-old-image", choices=("warn", "flush"), default="warn",
                    help="a change without the old values of key columns: warn (default) or flush the templates")

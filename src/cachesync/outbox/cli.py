@@ -232,7 +232,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("relay", help="move outbox rows to Redis and/or a bus")
     _common(p, True, True, True)
     p.add_argument("--bus", default=_env("CACHESYNC_BUS_URL"),
-                   help="publish to this bus (redis://... or nats://...) instead of applying (default: none)")
+                   help="publish to this bus (redis://..., nats://... or amqp://...) instead of applying "
+                        "(default: none)")
     p.add_argument("--apply", action="store_true", help="with --bus: also apply to Redis (default: off)")
     p.add_argument("--batch-size", type=int, default=500, help="rows per batch (default: 500)")
     p.add_argument("--poll-interval", type=float, default=None,
@@ -251,7 +252,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("worker", help="consume invalidations from a bus and apply them to Redis")
     _common(p, False, True, True)
     p.add_argument("--bus", default=_env("CACHESYNC_BUS_URL", DEFAULT_REDIS_URL),
-                   help=f"bus URL, redis://... or nats://... (default: $CACHESYNC_BUS_URL or {DEFAULT_REDIS_URL})")
+                   help=f"bus URL, redis://..., nats://... or amqp://... (default: $CACHESYNC_BUS_URL or "
+                        f"{DEFAULT_REDIS_URL})")
     p.add_argument("--rules", default=None, help="rules file (.toml or .py) to fan table changes out to keys")
     p.add_argument("--group", default="cachesync", help="consumer group (default: cachesync)")
     p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
