@@ -22,9 +22,9 @@ import test_cdc_postgres
 from test_outbox import free_port
 
 
-@pytest.fixture(params=["redis", "nats"])
+@pytest.fixture(params=["redis", "nats", "rabbitmq"])
 def bus_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue("redis_url" if request.param == "redis" else "nats_url"))
+    return str(request.getfixturevalue({"redis": "redis_url", "nats": "nats_url", "rabbitmq": "amqp_url"}[request.param]))
 
 
 @pytest.fixture
