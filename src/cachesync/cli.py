@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "cachesync.lab.cli",        # cachesync lab, cachesync lab stress
     "cachesync.outbox.cli",     # cachesync outbox init, cachesync relay, cachesync worker
     "cachesync.cdc.cli",        # cachesync cdc, cachesync cdc drop-slot
+    "cachesync.audit",          # cachesync audit
 )
 
 

@@ -1,0 +1,407 @@
+"""The consistency auditor: compare what the cache holds with what the database holds, by row version.
+
+::
+
+    from cachesync.audit import Auditor
+    report = Auditor(cache, "postgresql://...", Rules.load("rules.toml")).run(pattern="user:*")
+    report.stale          # [Finding(key, kind, cached_version, db_version, table)], still wrong after the grace
+
+    cachesync audit --redis-url URL --namespace NS --db-url URL --rules rules.toml [--pattern 'user:*']
+                    [--grace 2] [--limit N] [--repair] [--json]
+
+How it judges. Each cached entry of the namespace (``SCAN``, read-only: ``HMGET`` of the value's presence,
+version and negative flag; no lease is taken, no TTL touched) whose key matches a key template of a rule **with a
+version column** (``[tables.users] keys = ["user:{id}"], version = "version"``) is looked up in the database by
+the template's columns (``SELECT version FROM users WHERE id = ?``). Versions are compared, not values: the cache
+stores the version the loader returned (``Versioned(value, version)``), and comparing values would need the
+application's own row → value code. Verdicts:
+
+* ``consistent``: the cached version equals the row's;
+* ``stale``: the row's version is newer than the cached one (a lost or late invalidation, a stale write-back);
+* ``ahead``: the cached version is newer than the row's (a write-through cache update whose transaction rolled
+  back, or the row was rewritten with a lower version);
+* ``deleted``: a value is cached for a row that does not exist;
+* ``negative_but_exists``: a "not found" entry (negative caching) for a row that exists;
+* entries without a value (tombstones, leases) are fine; values cached without a version are counted as
+  ``unversioned`` (not judged); keys that match no versioned template as ``unmatched``; list/aggregate templates
+  (no fields) cannot be audited by version and are skipped.
+
+A finding can be an invalidation in flight (the row committed, the relay or CDC has not applied it yet), so every
+finding is checked again after ``grace`` seconds (default 2) — cache entry and row re-read — and is reported only if
+it is still wrong with the **same** cached version (``stale`` in the report); the others are counted as
+``transient``. ``repair=True`` (``--repair``) invalidates the persistent findings with the row's version (the
+keys' version floor is raised, so an old value cannot come back).
+
+The command exits 0 when nothing persistent was found, 1 when something was (for monitoring), 2 on bad usage.
+Templates must be reversible: fields separated by literal text (``"user:{id}"``, ``"o:{a}:{b}"``; not
+``"{a}{b}"``, refused with the template named). Works on SQLite, PostgreSQL and MariaDB/MySQL.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import protocol as P
+from .db import connect, dialect_of
+from .errors import UsageError
+from .keys import entry_key, user_key
+from .rules import Rules, TableRule
+from .sync import Cache
+
+KINDS = ("stale", "ahead", "deleted", "negative_but_exists")
+"""The kinds of finding (see the module docstring)."""
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class AuditError(UsageError):
+    """Bad auditor input (rules, template, option); the message names it."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One cache entry that disagrees with its row: ``kind`` (one of :data:`KINDS`), the versions (None when
+    absent) and the ``table`` of the row."""
+
+    key: str
+    kind: str
+    cached_version: int | float | None
+    db_version: Any
+    table: str
+
+
+@dataclass
+class AuditReport:
+    """What :meth:`Auditor.run` found. ``stale``: persistent findings (still wrong after the grace, same cached
+    version); ``transient``: findings that resolved themselves during the grace; ``repaired``: keys invalidated
+    (``repair=True``)."""
+
+    scanned: int = 0
+    audited: int = 0
+    consistent: int = 0
+    unversioned: int = 0
+    unmatched: int = 0
+    empty: int = 0
+    transient: int = 0
+    stale: list[Finding] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.stale
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass(frozen=True)
+class _Template:
+    rule: TableRule
+    template: str
+    fields: tuple[str, ...]
+    regex: re.Pattern[str]
+
+
+def _compile(rule: TableRule, template: str) -> _Template | None:
+    parts = list(string.Formatter().parse(template))
+    fields = tuple(dict.fromkeys(f for _, f, _, _ in parts if f is not None))
+    if not fields:
+        return None  # a list/aggregate key: no row to compare with
+    pattern, prev_field, seen = "", False, set()
+    for literal, f, spec, conv in parts:
+        if literal:
+            pattern += re.escape(literal)
+            prev_field = False
+        if f is not None:
+            if spec or conv:
+                raise AuditError(f"table {rule.table!r}: template {template!r} has a format spec or conversion; the "
+                                 "auditor reverses plain fields only")
+            if prev_field:
+                raise AuditError(f"table {rule.table!r}: template {template!r} has two fields with no text between "
+                                 "them; the auditor cannot tell where one ends")
+            if not f.isidentifier():
+                raise AuditError(f"table {rule.table!r}: template {template!r} has field {{{f}}}; use column names")
+            pattern += f"(?P={f})" if f in seen else f"(?P<{f}>.+?)"
+            seen.add(f)
+            prev_field = True
+    return _Template(rule, template, fields, re.compile(pattern + r"\Z", re.S))
+
+
+class Auditor:
+    """``Auditor(cache, db_url, rules, *, grace=2.0, batch=500, on_recheck=None)``.
+
+    ``cache``: the :class:`cachesync.Cache` whose namespace is audited. ``db_url``: the database. ``rules``: the
+    rules (only tables with a ``version`` column are audited). ``grace`` (default 2.0 s): how long a finding may
+    be an invalidation in flight before it counts. ``batch`` (default 500): keys per Redis pipeline (the
+    database is asked one indexed ``SELECT`` per key). ``on_recheck()``: called once before the findings are checked again (tests force
+    interleavings with it).
+    """
+
+    def __init__(self, cache: Cache, db_url: str, rules: Rules, *, grace: float = 2.0, batch: int = 500,
+                 on_recheck: Callable[[], None] | None = None) -> None:
+        if not isinstance(rules, Rules):
+            raise AuditError(f"rules must be a cachesync.rules.Rules, got {type(rules).__name__}")
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+            raise AuditError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise AuditError(f"batch must be an integer >= 1, got {batch!r}")
+        self.cache, self.db_url, self.rules = cache, db_url, rules
+        self.dialect = dialect_of(db_url)
+        self.grace, self.batch, self.on_recheck = float(grace), batch, on_recheck
+        self.templates: list[_Template] = []
+        for rule in rules.tables.values():
+            if rule.version is None:
+                continue
+            for name in (rule.table, rule.version):
+                if not _IDENT.fullmatch(name):
+                    raise AuditError(f"table {rule.table!r}: {name!r} is not a plain SQL identifier")
+            for t in rule.keys:
+                c = _compile(rule, t)
+                if c is not None:
+                    self.templates.append(c)
+        if not self.templates:
+            raise AuditError("no rule has a version column and a key template with fields: nothing to audit "
+                             "(add version = \"<column>\" to the tables' rules)")
+
+    # ------------------------------------------------------------------ pieces
+
+    def _match(self, key: str) -> tuple[_Template, dict[str, str]] | None:
+        for t in self.templates:
+            m = t.regex.match(key)
+            if m is not None:
+                return t, m.groupdict()
+        return None
+
+    def _keys(self, pattern: str) -> Iterator[str]:
+        ns = self.cache.ctx.ns
+        seen: set[str] = set()
+        for raw in self.cache.redis.scan_iter(match=f"cs:{ns}:*", count=1000):
+            ek = raw.decode() if isinstance(raw, bytes) else raw
+            if ek.endswith(":w") or ek == f"cs:{ns}:inv":
+                continue
+            try:
+                key = user_key(ns, ek)
+            except (ValueError, IndexError):
+                continue
+            if entry_key(ns, key) != ek or key in seen:
+                continue  # not an entry hash (e.g. a Bloom filter) / SCAN may return a key twice
+            if pattern != "*" and not _glob(pattern).match(key):
+                continue
+            seen.add(key)
+            yield key
+
+    def _entries(self, keys: Sequence[str]) -> list[tuple[bool, int | float | None, bool]]:
+        """Per key: (has a value, its version, negative entry)."""
+        pipe = self.cache.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(self.cache.ctx.ekey(k), "v", "ver", "n")
+        out = []
+        for v, ver, n in pipe.execute():
+            out.append((v is not None, P.decode_version(ver) if ver not in (None, b"") else None,
+                        n in (b"1", "1")))
+        return out
+
+    def _db_versions(self, conn: Any, items: list[tuple[_Template, dict[str, str]]]) -> list[tuple[bool, Any]]:
+        """Per item: (row exists, its version)."""
+        ph = self.dialect.placeholder
+        out: list[tuple[bool, Any]] = []
+        cur = conn.cursor()
+        try:
+            for t, vals in items:
+                where = " AND ".join(f"{f} = {ph}" for f in t.fields)
+                cur.execute(f"SELECT {t.rule.version} FROM {t.rule.table} WHERE {where}",
+                            [vals[f] for f in t.fields])
+                row = cur.fetchone()
+                out.append((False, None) if row is None else (True, row[0]))
+            conn.commit()
+        finally:
+            cur.close()
+        return out
+
+    @staticmethod
+    def _judge(entry: tuple[bool, int | float | None, bool], db: tuple[bool, Any]) -> str | None:
+        has_value, ver, negative = entry
+        exists, dbver = db
+        if negative:
+            return "negative_but_exists" if exists else None
+        if not has_value:
+            return None
+        if not exists:
+            return "deleted"
+        if ver is None or dbver is None:
+            return None
+        d = P.decode_version(P.encode_version(dbver))
+        if d is None or d == ver:
+            return None
+        return "stale" if d > ver else "ahead"
+
+    def _check(self, conn: Any, keys: list[str], report: AuditReport | None) -> list[Finding]:
+        matched: list[tuple[str, _Template, dict[str, str]]] = []
+        for k in keys:
+            m = self._match(k)
+            if m is None:
+                if report is not None:
+                    report.unmatched += 1
+                continue
+            matched.append((k, m[0], m[1]))
+        if not matched:
+            return []
+        entries = self._entries([k for k, _, _ in matched])
+        dbs = self._db_versions(conn, [(t, v) for _, t, v in matched])
+        found = []
+        for (k, t, _), e, db in zip(matched, entries, dbs, strict=True):
+            kind = self._judge(e, db)
+            if report is not None:
+                report.audited += 1
+                if not e[0] and not e[2]:
+                    report.empty += 1
+                elif kind is None and e[0] and e[1] is None:
+                    report.unversioned += 1
+                elif kind is None:
+                    report.consistent += 1
+            if kind is not None:
+                found.append(Finding(k, kind, e[1], db[1], t.rule.table))
+        return found
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, pattern: str = "*", limit: int | None = None, repair: bool = False) -> AuditReport:
+        """Audit the entries whose keys match the glob ``pattern`` (default every key), at most ``limit`` of them
+        (default all). ``repair`` (default False): invalidate the persistent findings with the row's version."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise AuditError(f"limit must be an integer >= 1, got {limit!r}")
+        t0 = time.monotonic()
+        report = AuditReport()
+        conn = connect(self.db_url)
+        try:
+            suspects: list[Finding] = []
+            chunk: list[str] = []
+            for key in self._keys(pattern):
+                if limit is not None and report.scanned >= limit:
+                    break
+                report.scanned += 1
+                chunk.append(key)
+                if len(chunk) >= self.batch:
+                    suspects += self._check(conn, chunk, report)
+                    chunk = []
+            if chunk:
+                suspects += self._check(conn, chunk, report)
+            if suspects:
+                if self.on_recheck is not None:
+                    self.on_recheck()
+                if self.grace:
+                    time.sleep(self.grace)
+                before = {f.key: f for f in suspects}
+                again = {f.key: f for f in self._check(conn, list(before), None)}
+                for k, f in before.items():
+                    g = again.get(k)
+                    if g is not None and g.kind == f.kind and g.cached_version == f.cached_version:
+                        report.stale.append(g)
+                    else:
+                        report.transient += 1
+            if repair:
+                for f in report.stale:
+                    version = f.db_version if f.kind in ("stale", "ahead") else None
+                    self.cache.invalidate(f.key, version=version)
+                    report.repaired.append(f.key)
+        finally:
+            conn.close()
+        report.seconds = time.monotonic() - t0
+        return report
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A Redis-style glob (``*``, ``?``, ``[...]``) over application keys."""
+    out = ""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out += ".*"
+        elif c == "?":
+            out += "."
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j == -1:
+                out += re.escape(c)
+            else:
+                out += "[" + pattern[i + 1:j].replace("\\", "\\\\") + "]"
+                i = j
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out + r"\Z", re.S)
+
+
+__all__ = ["KINDS", "AuditError", "AuditReport", "Auditor", "Finding"]
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _cmd(args: Any) -> int:
+    import json
+    import os
+
+    from ._driver import DEFAULT_REDIS_URL, redact_url
+
+    db_url = args.db_url or os.environ.get("CACHESYNC_DB_URL")
+    if not db_url:
+        raise AuditError("--db-url is required (or set CACHESYNC_DB_URL)")
+    if not args.rules:
+        raise AuditError("--rules is required: the rules file (.toml or .py) with the tables' key templates and "
+                         "version columns")
+    redis_url = args.redis_url or os.environ.get("CACHESYNC_REDIS_URL") or DEFAULT_REDIS_URL
+    auditor = None
+    cache = Cache(redis_url, namespace=args.namespace)
+    try:
+        auditor = Auditor(cache, db_url, Rules.load(args.rules), grace=args.grace)
+        report = auditor.run(args.pattern, args.limit, repair=args.repair)
+    except UsageError:
+        raise
+    except Exception as e:  # a server that cannot be reached: name it, without its password
+        where = redact_url(db_url) if auditor is not None and "redis" not in type(e).__module__ else \
+            redact_url(redis_url)
+        raise AuditError(f"audit failed talking to {where}: {type(e).__name__}: {e}") from None
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        print(f"audit of namespace {args.namespace!r} in {redact_url(redis_url)} against {redact_url(db_url)}: "
+              f"{report.scanned} entries scanned, {report.audited} audited in {report.seconds:.2f} s")
+        print(f"  consistent {report.consistent}, empty (tombstones, leases) {report.empty}, unversioned "
+              f"{report.unversioned}, unmatched {report.unmatched}, transient {report.transient}")
+        print(f"  persistent findings {len(report.stale)}" + (f", repaired {len(report.repaired)}"
+                                                               if args.repair else ""))
+        for f in report.stale[:100]:
+            print(f"    {f.kind:20s} {f.key}  cached v{f.cached_version}  row v{f.db_version}  ({f.table})")
+        if len(report.stale) > 100:
+            print(f"    ... {len(report.stale) - 100} more (--json lists them all)")
+    return 0 if report.ok else 1
+
+
+def register(subparsers: Any) -> None:
+    """Add ``cachesync audit`` to the ``cachesync`` command line."""
+    p = subparsers.add_parser("audit", help="compare cached entries with their rows by version")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis holding the cache (default: $CACHESYNC_REDIS_URL or redis://127.0.0.1:6379/0)")
+    p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
+    p.add_argument("--db-url", default=None, help="database URL (default: $CACHESYNC_DB_URL)")
+    p.add_argument("--rules", default=None, help="rules file (.toml or .py): tables, key templates, version columns")
+    p.add_argument("--pattern", default="*", help="only keys matching this glob (default: *)")
+    p.add_argument("--limit", type=int, default=None, help="audit at most this many entries (default: all)")
+    p.add_argument("--grace", type=float, default=2.0,
+                   help="seconds a finding may be an invalidation in flight before it counts (default: 2)")
+    p.add_argument("--repair", action="store_true",
+                   help="invalidate the persistent findings with the row's version (default: report only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
+    p.set_defaults(func=_cmd)

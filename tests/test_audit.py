@@ -1,0 +1,167 @@
+"""The consistency auditor against real Redis and SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import cachesync
+from cachesync.audit import AuditError, Auditor
+from cachesync.db import connect, dialect_of
+from cachesync.protocol import NOT_FOUND, Versioned
+from cachesync.rules import Rules
+from test_outbox import db_url  # noqa: F401 - fixture
+
+
+class World:
+    def __init__(self, url: str, cache: cachesync.Cache) -> None:
+        self.url, self.cache = url, cache
+        self.table = "aud_" + uuid.uuid4().hex[:8]
+        self.rules = Rules({self.table: {"keys": ["u:{id}", "ue:{email}", "users:count"], "version": "version"}})
+        self.conn = connect(url)
+        self.ph = dialect_of(url).placeholder
+        self.sql(f"CREATE TABLE {self.table} (id INTEGER PRIMARY KEY, email VARCHAR(100), version INTEGER)")
+
+    def sql(self, stmt: str, *params: object) -> None:
+        cur = self.conn.cursor()
+        cur.execute(stmt.replace("?", self.ph), params)
+        self.conn.commit()
+        cur.close()
+
+    def row(self, id_: int) -> tuple[str, int] | None:
+        cur = self.conn.cursor()
+        cur.execute(f"SELECT email, version FROM {self.table} WHERE id = {self.ph}", (id_,))
+        r = cur.fetchone()
+        self.conn.commit()
+        cur.close()
+        return None if r is None else (r[0], r[1])
+
+    def load(self, id_: int) -> None:
+        """A reader's cache-aside fill of u:<id> with the row's version."""
+        def loader() -> object:
+            r = self.row(id_)
+            return NOT_FOUND if r is None else Versioned({"email": r[0]}, r[1])
+        self.cache.get(f"u:{id_}", loader)
+
+    def auditor(self, **kw: object) -> Auditor:
+        kw.setdefault("grace", 0)
+        return Auditor(self.cache, self.url, self.rules, **kw)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.sql(f"DROP TABLE IF EXISTS {self.table}")
+        self.conn.close()
+
+
+@pytest.fixture
+def world(db_url: str, cache: cachesync.Cache) -> Iterator[World]:  # noqa: F811
+    w = World(db_url, cache)
+    yield w
+    w.close()
+
+
+def test_consistent_cache_has_no_findings(world: World) -> None:
+    for i in range(1, 4):
+        world.sql(f"INSERT INTO {world.table} VALUES (?, ?, 1)", i, f"e{i}@x")
+        world.load(i)
+    world.cache.set("users:count", 3)  # an aggregate key: not audited by version
+    world.cache.set("other:1", "x")  # no rule: unmatched
+    r = world.auditor().run()
+    assert r.ok and r.stale == [] and r.consistent == 3
+    assert r.unmatched == 2 and r.scanned == 5
+
+
+def test_lost_invalidation_deleted_row_and_negative_entry_are_found(world: World) -> None:
+    t = world.table
+    for i in (1, 2):
+        world.sql(f"INSERT INTO {t} VALUES (?, ?, 1)", i, f"e{i}@x")
+        world.load(i)
+    world.load(3)  # no row: a negative entry
+    world.sql(f"UPDATE {t} SET email = 'new@x', version = 2 WHERE id = 1")  # the invalidation is lost
+    world.sql(f"DELETE FROM {t} WHERE id = 2")  # same
+    world.sql(f"INSERT INTO {t} VALUES (3, 'late@x', 1)")  # same
+    r = world.auditor().run()
+    got = {(f.key, f.kind, f.cached_version, f.db_version) for f in r.stale}
+    assert got == {("u:1", "stale", 1, 2), ("u:2", "deleted", 1, None), ("u:3", "negative_but_exists", None, 1)}
+    assert not r.ok and r.transient == 0
+
+
+def test_invalidation_in_flight_is_transient(world: World) -> None:
+    """A finding whose invalidation lands during the grace is not reported (forced with the recheck hook)."""
+    t = world.table
+    world.sql(f"INSERT INTO {t} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    world.sql(f"UPDATE {t} SET version = 2 WHERE id = 1")
+    r = world.auditor(on_recheck=lambda: world.cache.invalidate("u:1", version=2)).run()
+    assert r.ok and r.transient == 1
+
+
+def test_finding_that_persists_through_the_grace_is_reported(world: World) -> None:
+    t = world.table
+    world.sql(f"INSERT INTO {t} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    world.sql(f"UPDATE {t} SET version = 3 WHERE id = 1")
+    r = world.auditor(on_recheck=lambda: None).run()
+    assert [(f.key, f.kind) for f in r.stale] == [("u:1", "stale")]
+
+
+def test_repair_invalidates_with_the_row_version(world: World) -> None:
+    t = world.table
+    world.sql(f"INSERT INTO {t} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    world.sql(f"UPDATE {t} SET version = 2 WHERE id = 1")
+    r = world.auditor().run(repair=True)
+    assert r.repaired == ["u:1"]
+    e = world.cache.peek("u:1")
+    assert e is not None and "v" not in e  # invalidated
+    # the version floor refuses an old write-back; a fresh load is consistent again
+    world.load(1)
+    assert world.auditor().run().ok
+
+
+def test_pattern_limit_and_email_template(world: World) -> None:
+    t = world.table
+    for i in range(1, 6):
+        world.sql(f"INSERT INTO {t} VALUES (?, ?, 1)", i, f"e{i}@x")
+        world.load(i)
+    world.cache.get("ue:e1@x", lambda: Versioned("x", 1))
+    world.sql(f"UPDATE {t} SET version = 2")
+    r = world.auditor().run(pattern="ue:*")
+    assert r.scanned == 1 and [f.key for f in r.stale] == ["ue:e1@x"]
+    assert world.auditor().run(limit=2).scanned == 2
+
+
+def test_bad_input_is_named(world: World) -> None:
+    with pytest.raises(AuditError, match="no rule has a version column"):
+        Auditor(world.cache, world.url, Rules({"t": ["k:{id}"]}))
+    with pytest.raises(AuditError, match="two fields with no text between"):
+        Auditor(world.cache, world.url, Rules({"t": {"keys": ["{a}{b}"], "version": "v"}}))
+    with pytest.raises(AuditError, match="format spec"):
+        Auditor(world.cache, world.url, Rules({"t": {"keys": ["k:{id:05d}"], "version": "v"}}))
+    with pytest.raises(AuditError, match="grace must be"):
+        world.auditor(grace=-1)
+    with pytest.raises(AuditError, match="limit must be"):
+        world.auditor().run(limit=0)
+
+
+def test_cli_reports_and_exits_1_on_findings(world: World, tmp_path, redis_url: str) -> None:
+    t = world.table
+    world.sql(f"INSERT INTO {t} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f'[tables.{t}]\nkeys = ["u:{{id}}"]\nversion = "version"\n')
+    cmd = [sys.executable, "-m", "cachesync", "audit", "--redis-url", redis_url, "--namespace",
+           world.cache.ctx.ns, "--db-url", world.url, "--rules", str(rules), "--grace", "0", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["consistent"] == 1
+    world.sql(f"UPDATE {t} SET version = 2 WHERE id = 1")
+    p = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "stale" in p.stdout and "u:1" in p.stdout, p.stdout + p.stderr
+    no_rules = [a for i, a in enumerate(cmd) if a != "--rules" and cmd[i - 1] != "--rules"]
+    p = subprocess.run(no_rules, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--rules is required" in p.stderr
