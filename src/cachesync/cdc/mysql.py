@@ -36,6 +36,19 @@ REQUIRED_SETTINGS = (
 )
 
 _TRUNCATE = re.compile(r"^\s*TRUNCATE\s+(?:TABLE\s+)?(?:`?([\w$]+)`?\s*\.\s*)?`?([\w$]+)`?\s*;?\s*$", re.I)
+_NAME = r"(?:`[^`]+`|[\w$]+)(?:\s*\.\s*(?:`[^`]+`|[\w$]+))?"
+_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+_DROP = re.compile(rf"^\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?((?:{_NAME})(?:\s*,\s*{_NAME})*)"
+                   r"(?:\s+(?:RESTRICT|CASCADE))?\s*;?\s*$", re.I)
+_RENAME = re.compile(rf"^\s*RENAME\s+TABLES?\s+((?:{_NAME})\s+TO\s+(?:{_NAME})"
+                     rf"(?:\s*,\s*(?:{_NAME})\s+TO\s+(?:{_NAME}))*)\s*;?\s*$", re.I)
+_ALTER = re.compile(rf"^\s*ALTER\s+(?:ONLINE\s+|IGNORE\s+)*TABLE\s+(?:IF\s+EXISTS\s+)?({_NAME})\s+(.*)$", re.I | re.S)
+_ALTER_RENAME = re.compile(rf"(?:^|,)\s*RENAME\s+(?:TO\s+|AS\s+)?({_NAME})\s*(?:,|;?\s*$)", re.I)
+
+
+def _split_name(name: str, default_schema: str | None) -> tuple[str | None, str]:
+    parts = [p.strip().strip("`") for p in re.findall(r"`[^`]+`|[\w$]+", name)]
+    return (parts[0], parts[1]) if len(parts) == 2 else (default_schema, parts[0])
 
 
 def truncated_table(query: str, default_schema: str | None) -> tuple[str | None, str] | None:
@@ -44,6 +57,30 @@ def truncated_table(query: str, default_schema: str | None) -> tuple[str | None,
     if m is None:
         return None
     return (m.group(1) or default_schema), m.group(2)
+
+
+def ddl_tables(query: str, default_schema: str | None) -> list[tuple[str | None, str]]:
+    """``(schema, table)`` of every table whose rows a DDL statement of the binlog makes disappear or replaces:
+    ``TRUNCATE``, ``DROP TABLE [IF EXISTS] a, b`` (not ``DROP TEMPORARY``), ``RENAME TABLE a TO b, ...`` and
+    ``ALTER TABLE a ... RENAME [TO|AS] b`` (both names of a rename: the old name's rows are gone, and whatever was
+    cached under the new name belonged to another table). ``[]`` for any other statement."""
+    tt = truncated_table(query, default_schema)
+    if tt is not None:
+        return [tt]
+    q = _COMMENT.sub(" ", query)
+    m = _DROP.match(q)
+    if m is not None:
+        return [_split_name(n, default_schema) for n in re.findall(_NAME, m.group(1))]
+    m = _RENAME.match(q)
+    if m is not None:
+        names = re.split(r"\s+TO\s+|\s*,\s*", m.group(1).strip(), flags=re.I)
+        return [_split_name(n, default_schema) for n in names if n]
+    m = _ALTER.match(q)
+    if m is not None:
+        r = _ALTER_RENAME.search(m.group(2))
+        if r is not None:
+            return [_split_name(m.group(1), default_schema), _split_name(r.group(1), default_schema)]
+    return []
 
 
 ER_MASTER_FATAL_ERROR_READING_BINLOG = 1236
@@ -293,13 +330,14 @@ class MySQLSource(Source):
                             txn = Transaction({}, None)
                         continue
                     end = q == "COMMIT" or standalone
-                    tt = truncated_table(ev.query, _s(getattr(ev, "schema", None)))
-                    if tt is not None and tt[0] == self.db and (self.tables is None or tt[1] in self.tables):
-                        # a DDL statement, not row events: the runner invalidates every key of the table's
-                        # templates (prefix SCAN)
+                    for schema, table in ddl_tables(ev.query, _s(getattr(ev, "schema", None))):
+                        if schema != self.db or (self.tables is not None and table not in self.tables):
+                            continue
+                        # a DDL statement (TRUNCATE, DROP, RENAME), not row events: the runner invalidates every
+                        # key of the table's templates (prefix SCAN)
                         if txn is None:
                             txn = Transaction({}, None)
-                        txn.changes.append(Change(tt[0], tt[1], None, None, truncate=True))
+                        txn.changes.append(Change(schema, table, None, None, truncate=True))
                 if not end:
                     continue
                 if self.mariadb and txn is not None and gtid is not None:
