@@ -20,7 +20,6 @@ from redis_cluster import ClusterServers, redis_cluster_fixture  # noqa: F401  (
 
 import cachesync
 from cachesync import protocol as P
-from cachesync.errors import ConfigError
 from cachesync.keys import channel, entry_key, slot, wake_key
 from cachesync.scripts import SCRIPTS
 
@@ -437,9 +436,70 @@ def test_bloom_filter_keys_share_one_slot(rc: RedisCluster, ccache: Any) -> None
     assert_one_slot_per_call(calls)
 
 
-def test_l1_is_refused_with_a_clear_error(rc: RedisCluster, namespace: str) -> None:
-    with pytest.raises(ConfigError, match="Cluster"):
-        cachesync.Cache(client=rc, namespace=namespace, l1=True)
+def _spread_keys(n: int = 3) -> list[str]:
+    """Keys whose slots fall on each of the 3 masters (slot ranges 0-5460, 5461-10922, 10923-16383)."""
+    out: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    i = 0
+    while min(len(v) for v in out.values()) < n:
+        k = f"l1:{i}"
+        part = min(2, slot(entry_key("x", k).replace("cs:x:", "")) // 5462)
+        if len(out[part]) < n:
+            out[part].append(k)
+        i += 1
+    return [k for v in out.values() for k in v]
+
+
+def _wait(cond: Any, what: str, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_l1_on_the_cluster_hears_invalidations_of_every_master(rc: RedisCluster, other: Any,
+                                                                namespace: str) -> None:
+    """The L1's one subscription (on one node) hears invalidations published by scripts on every master."""
+    a = cachesync.Cache(client=rc, namespace=namespace, ttl_jitter=0.0, l1=True)
+    try:
+        assert a.l1 is not None and a.l1.wait_ready(10)
+        keys = _spread_keys()
+        assert len({slot(entry_key(namespace, k)) // 5462 for k in keys}) == 3  # all three masters
+        for k in keys:
+            assert a.get(k, lambda k=k: "v-" + k) == "v-" + k
+            assert a.l1.core.lookup(k) is not None  # held in the L1
+        for k in keys:
+            other.invalidate(k)  # another process (its own cluster client)
+        _wait(lambda: all(a.l1.core.lookup(k) is None for k in keys), "every L1 copy to be dropped")
+        assert a.get(keys[0], lambda: "new") == "new"
+    finally:
+        a.close()
+
+
+async def test_async_l1_on_the_cluster(arc: AsyncRedisCluster, aother: Any, namespace: str) -> None:
+    a = cachesync.AsyncCache(client=arc, namespace=namespace, ttl_jitter=0.0, l1=True)
+    try:
+        keys = _spread_keys(2)
+        for k in keys:
+            assert await a.get(k, lambda k=k: _value("v-" + k)) == "v-" + k
+        assert a.l1 is not None and await a.l1.wait_ready(10)
+        for k in keys:
+            await a.get(k, lambda k=k: _value("v-" + k))
+            assert a.l1.core.lookup(k) is not None
+        for k in keys:
+            await aother.invalidate(k)
+        for _ in range(2000):
+            if all(a.l1.core.lookup(k) is None for k in keys):
+                break
+            await asyncio.sleep(0.005)
+        assert all(a.l1.core.lookup(k) is None for k in keys)
+    finally:
+        await a.aclose()
+
+
+async def _value(v: str) -> str:
+    return v
 
 
 def test_unreachable_node_reports_the_cluster_url(tmp_path: Any, namespace: str) -> None:
@@ -494,6 +554,38 @@ def test_one_master_down(tmp_path: Any, namespace: str) -> None:
     finally:
         stop_cluster(cs.procs)
         client.close()
+
+
+def test_l1_resubscribes_on_another_node_when_its_node_dies(tmp_path: Any, namespace: str) -> None:
+    """The node holding the L1's subscription dies: the L1 is flushed (bypassed), resubscribes on another node
+    and hears the remaining masters' invalidations again."""
+    from redis_cluster import start_cluster, stop_cluster
+
+    cs = start_cluster(tmp_path, extra=("--cluster-require-full-coverage", "no"))
+    client = RedisCluster(host=cs.host, port=cs.ports[0], socket_timeout=2, socket_connect_timeout=1)
+    writer_client = RedisCluster(host=cs.host, port=cs.ports[1], socket_timeout=2, socket_connect_timeout=1)
+    try:
+        a = cachesync.Cache(client=client, namespace=namespace, ttl_jitter=0.0, l1=True)
+        w = cachesync.Cache(client=writer_client, namespace=namespace, ttl_jitter=0.0)
+        assert a.l1 is not None and a.l1.wait_ready(10)
+        sub_port = int(a.l1._conn.port)
+        key = next(k for k in KEYS if client.get_node_from_key(entry_key(namespace, k)).port != sub_port)
+        assert a.get(key, lambda: "v1") == "v1" and a.l1.core.lookup(key) is not None
+        losses = a.l1.stats["subscription_losses"]
+        stop_cluster([cs.procs[cs.ports.index(sub_port)]])
+        _wait(lambda: a.l1.stats["subscription_losses"] > losses, "the subscription loss")
+        assert a.l1.core.lookup(key) is None  # flushed: nothing served while it could miss invalidations
+        assert a.l1.wait_ready(20) and int(a.l1._conn.port) != sub_port  # resubscribed elsewhere
+        assert a.get(key, lambda: "v2") == "v1"  # from Redis (the entry survived on its live master)
+        assert a.l1.core.lookup(key) is not None
+        w.invalidate(key)
+        _wait(lambda: a.l1.core.lookup(key) is None, "the invalidation to reach the new subscription")
+        a.close()
+        w.close()
+    finally:
+        stop_cluster(cs.procs)
+        client.close()
+        writer_client.close()
 
 
 # --------------------------------------------------------------------------- asyncio

@@ -24,12 +24,68 @@ def subscription_pool(pool_cls: Any, url: str | None, client: Any, connect_timeo
     if url is not None:
         return pool_cls.from_url(url, protocol=2, decode_responses=False, health_check_interval=0,
                                  socket_connect_timeout=connect_timeout, socket_keepalive=True, client_name=name)
+    if type(client).__name__ == "RedisCluster":
+        return ClusterSubscriptionPool(pool_cls, client, name)
     cp = getattr(client, "connection_pool", None)
     if cp is None:
-        raise ConfigError("l1", "the L1 needs a Redis client with a connection_pool (Redis Cluster is not supported yet)")
+        raise ConfigError("l1", f"the L1 needs a redis-py client with a connection_pool or a RedisCluster, not "
+                                f"{type(client).__name__}")
     kw = {k: v for k, v in cp.connection_kwargs.items() if not k.startswith("maint")}
     kw.update(protocol=2, decode_responses=False, health_check_interval=0, client_name=name)
     return pool_cls(connection_class=cp.connection_class, **kw)
+
+
+class ClusterSubscriptionPool:
+    """Connections for the L1's subscription on a Redis Cluster (sync or asyncio ``RedisCluster``).
+
+    A ``PUBLISH`` on any node of a cluster reaches the subscribers of every node (the cluster bus carries it), so
+    one subscription on one node hears the invalidations of every slot. Each new connection goes to the next
+    node the client knows, so a reconnect after that node failed lands on another one (the L1 is flushed and
+    bypassed meanwhile, as on a single server). Same settings as the client's connections, RESP2.
+    """
+
+    def __init__(self, pool_cls: Any, client: Any, client_name: str) -> None:
+        self.pool_cls, self.client, self.client_name = pool_cls, client, client_name
+        self._pools: dict[str, Any] = {}
+        self._next = 0
+        self._async = pool_cls.__module__.startswith("redis.asyncio")
+
+    def _nodes(self) -> list[Any]:
+        nodes = list(self.client.get_nodes())
+        if not nodes:  # an asyncio cluster client that has not run a command yet
+            nodes = list(getattr(self.client.nodes_manager, "startup_nodes", {}).values())
+        if not nodes:
+            raise redis.ConnectionError("the cluster client knows no node yet")
+        return sorted(nodes, key=lambda n: n.name)
+
+    def make_connection(self) -> Any:
+        nodes = self._nodes()
+        node = nodes[self._next % len(nodes)]
+        self._next += 1
+        pool = self._pools.get(node.name)
+        if pool is None:
+            if hasattr(node, "connection_kwargs"):  # redis.asyncio.cluster.ClusterNode
+                kw, cls = dict(node.connection_kwargs), node.connection_class
+            else:  # redis.cluster.ClusterNode: its own Redis client
+                cp = node.redis_connection.connection_pool
+                kw, cls = dict(cp.connection_kwargs), cp.connection_class
+            kw = {k: v for k, v in kw.items() if not k.startswith("maint") and k != "event_dispatcher"}
+            kw.update(host=node.host, port=node.port, protocol=2, decode_responses=False, health_check_interval=0,
+                      client_name=self.client_name)
+            pool = self._pools[node.name] = self.pool_cls(connection_class=cls, **kw)
+        return pool.make_connection()
+
+    def disconnect(self) -> Any:
+        """Close the pools' connections (a coroutine for the asyncio client)."""
+        pools = list(self._pools.values())
+        if self._async:
+            async def close_all() -> None:
+                for p in pools:
+                    await p.disconnect()
+            return close_all()
+        for p in pools:
+            p.disconnect()
+        return None
 
 
 def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:
