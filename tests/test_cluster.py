@@ -588,6 +588,50 @@ def test_l1_resubscribes_on_another_node_when_its_node_dies(tmp_path: Any, names
         writer_client.close()
 
 
+def test_slot_migration_no_stale_read_and_invalidation_fails_loudly_until_done(tmp_path: Any,
+                                                                              namespace: str) -> None:
+    """Resharding: while a key's slot migrates, a hit (plain HMGET) is still served and never stale; a script that
+    declares the entry hash and its (absent) wake list gets TRYAGAIN, so an invalidation raises InvalidationError
+    naming the key instead of being lost; once the slot has moved, everything works again."""
+    from redis_cluster import start_cluster, stop_cluster
+
+    cs = start_cluster(tmp_path)
+    client = RedisCluster(host=cs.host, port=cs.ports[0], socket_timeout=2, socket_connect_timeout=1)
+    try:
+        c = cachesync.Cache(client=client, namespace=namespace, ttl_jitter=0.0)
+        key = "mig:1"
+        ek = entry_key(namespace, key)
+        s = slot(ek)
+        src = client.get_node_from_key(ek)
+        dst = next(n for n in client.get_primaries() if n.port != src.port)
+        rs, rd = redis.Redis(host=src.host, port=src.port), redis.Redis(host=dst.host, port=dst.port)
+        sid = rs.execute_command("CLUSTER", "MYID").decode()
+        did = rd.execute_command("CLUSTER", "MYID").decode()
+        assert c.get(key, lambda: "v1") == "v1"
+        rd.execute_command("CLUSTER", "SETSLOT", s, "IMPORTING", sid)
+        rs.execute_command("CLUSTER", "SETSLOT", s, "MIGRATING", did)
+        assert c.get_entry(key, lambda: pytest.fail("hit expected")).source == "cache"  # HMGET: one key
+        with pytest.raises(cachesync.errors.InvalidationError) as ei:
+            c.invalidate(key)  # invalidate.lua: hash + wake list, one present, one absent -> TRYAGAIN
+        assert ei.value.keys == [key]
+        assert c.get_entry(key, lambda: "db").value == "v1"  # unchanged, not half-applied
+        # move the keys of the slot, then the slot itself
+        for k in rs.execute_command("CLUSTER", "GETKEYSINSLOT", s, 100):
+            rs.execute_command("MIGRATE", dst.host, dst.port, k, 0, 5000)
+        for r in (rs, rd):
+            r.execute_command("CLUSTER", "SETSLOT", s, "NODE", did)
+        third = next(n for n in client.get_primaries() if n.port not in (src.port, dst.port))
+        redis.Redis(host=third.host, port=third.port).execute_command("CLUSTER", "SETSLOT", s, "NODE", did)
+        assert c.invalidate(key) == 1  # the retry (e.g. the relay's) succeeds on the new owner
+        assert c.get(key, lambda: "v2") == "v2"
+        assert client.get_node_from_key(ek).port == dst.port
+        rs.close()
+        rd.close()
+    finally:
+        stop_cluster(cs.procs)
+        client.close()
+
+
 # --------------------------------------------------------------------------- asyncio
 
 
