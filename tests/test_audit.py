@@ -165,3 +165,18 @@ def test_cli_reports_and_exits_1_on_findings(world: World, tmp_path, redis_url: 
     no_rules = [a for i, a in enumerate(cmd) if a != "--rules" and cmd[i - 1] != "--rules"]
     p = subprocess.run(no_rules, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--rules is required" in p.stderr
+
+
+def test_value_marked_stale_by_serve_stale_is_not_a_finding(world: World, redis_url: str) -> None:
+    ss = cachesync.Cache(redis_url, namespace=world.cache.ctx.ns, serve_stale=True)
+    try:
+        world.sql(f"INSERT INTO {world.table} VALUES (1, 'a@x', 1)")
+        world.load(1)
+        world.sql(f"UPDATE {world.table} SET version = 2 WHERE id = 1")
+        ss.invalidate("u:1", version=2)  # keeps the old value, marked stale, for serve-stale readers
+        e = world.cache.peek("u:1")
+        assert e is not None and "v" in e
+        r = world.auditor().run()
+        assert r.ok and r.empty == 1
+    finally:
+        ss.close()

@@ -22,7 +22,8 @@ application's own row → value code. Verdicts:
   back, or the row was rewritten with a lower version);
 * ``deleted``: a value is cached for a row that does not exist;
 * ``negative_but_exists``: a "not found" entry (negative caching) for a row that exists;
-* entries without a value (tombstones, leases) are fine; values cached without a version are counted as
+* entries without a value (tombstones, leases) and values marked stale by an invalidation (``serve_stale``) are
+  fine; values cached without a version are counted as
   ``unversioned`` (not judged); keys that match no versioned template as ``unmatched``; list/aggregate templates
   (no fields) cannot be audited by version and are skipped.
 
@@ -202,10 +203,12 @@ class Auditor:
         """Per key: (has a value, its version, negative entry)."""
         pipe = self.cache.redis.pipeline(transaction=False)
         for k in keys:
-            pipe.hmget(self.cache.ctx.ekey(k), "v", "ver", "n")
+            pipe.hmget(self.cache.ctx.ekey(k), "v", "ver", "n", "s")
         out = []
-        for v, ver, n in pipe.execute():
-            out.append((v is not None, P.decode_version(ver) if ver not in (None, b"") else None,
+        for v, ver, n, stale in pipe.execute():
+            # a value marked stale by an invalidation (serve_stale) is known to be old: not judged, like a tombstone
+            has_value = v is not None and stale not in (b"1", "1")
+            out.append((has_value, P.decode_version(ver) if ver not in (None, b"") else None,
                         n in (b"1", "1")))
         return out
 
