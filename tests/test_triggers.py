@@ -120,6 +120,15 @@ def test_keys_match_the_python_rules(setup: Setup) -> None:
         assert keys == expected
 
 
+def test_status_names_the_captured_tables(setup: Setup) -> None:
+    triggers.install(setup.conn, setup.ob)
+    st = setup.ob.status(setup.conn)
+    assert st["capture_triggers"] == [setup.app]
+    assert st["notify_trigger"] is (True if dialect_of(setup.url).name == "postgresql" else None)
+    triggers.uninstall(setup.conn, setup.ob)
+    assert setup.ob.status(setup.conn)["capture_triggers"] == []
+
+
 def test_uninstall_stops_recording(setup: Setup) -> None:
     triggers.install(setup.conn, setup.ob)
     setup.sql(f"INSERT INTO {setup.app} VALUES (1, 'a@x', 1)")
@@ -233,6 +242,7 @@ def test_pg_outbox_without_notify_trigger(pg_url: str, table: str, cache: caches
         relay = Relay(pg_url, cache, table=table)  # a relay starting does not put the trigger back
         relay._db()
         assert c.execute(has, (table + "_notify",)).fetchone()[0] == 0
+        assert ob.status(c)["notify_trigger"] is False
         ob.record(c, "k:1")
         c.commit()
         assert relay.drain() == 1  # found by the claim (polling)

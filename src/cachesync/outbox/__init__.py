@@ -408,6 +408,15 @@ class Outbox:
         self.record(conn, *keys, version=version, delay=delay, again_after=again_after)
         return keys
 
+    def _triggers(self, conn: Any, d: Dialect) -> tuple[bool | None, list[str]]:
+        """(NOTIFY trigger present — PostgreSQL, else None; tables with capture triggers writing to this outbox)."""
+        esc = self.table.replace("_", "\\_")
+        names = _trigger_names(conn, d, esc + "\\_%")
+        notify = any(n == f"{self.table}_notify" for n, _ in names) if d is POSTGRESQL else None
+        suffixes = ("_cap",) if d is POSTGRESQL else ("_ins", "_upd", "_del")
+        captured = sorted({tbl for n, tbl in names if n.endswith(suffixes) and tbl != self.table})
+        return notify, captured
+
     def pending(self, conn: Any, include_parked: bool = False) -> int:
         """How many rows wait in the outbox (uses and ends a read transaction on ``conn``)."""
         cur = conn.cursor()
@@ -425,7 +434,9 @@ class Outbox:
         ``due`` (of those, due now), ``delayed`` (not yet due), ``oldest_age_s`` (seconds since the oldest pending
         row was recorded, database clock; None if none, or if the table predates the ``created_at`` column),
         ``retrying`` (pending rows with ``attempts`` > 0), ``max_attempts``, ``parked`` (unusable rows, see
-        ``last_error``) and ``leased`` (SQLite: rows claimed by a relay right now)."""
+        ``last_error``), ``leased`` (SQLite: rows claimed by a relay right now), ``notify_trigger`` (PostgreSQL: whether
+        the NOTIFY trigger is installed; None elsewhere) and ``capture_triggers`` (the tables whose capture triggers
+        write to this outbox, :mod:`cachesync.outbox.triggers`)."""
         d = self._dialect(conn)
         now, t = now_ms_sql(d), self.table
         cur = conn.cursor()
@@ -445,12 +456,32 @@ class Outbox:
                 conn.commit()
             except Exception:  # a table created before the created_at column
                 conn.rollback()
+            notify, captured = self._triggers(conn, d)
             return {"table": t, "pending": int(pending or 0), "due": int(due or 0),
                     "delayed": int(pending or 0) - int(due or 0), "oldest_age_s": age,
                     "retrying": int(retrying or 0), "max_attempts": int(max_att or 0), "parked": int(parked or 0),
-                    "leased": int(leased or 0)}
+                    "leased": int(leased or 0), "notify_trigger": notify, "capture_triggers": captured}
         finally:
             cur.close()
+
+
+def _trigger_names(conn: Any, d: Dialect, like: str) -> list[tuple[str, str]]:
+    """(trigger name, table) of the triggers whose name matches the SQL LIKE pattern ``like``."""
+    cur = conn.cursor()
+    try:
+        if d is POSTGRESQL:
+            cur.execute("SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                        "WHERE NOT t.tgisinternal AND t.tgname LIKE %s", (like,))
+        elif d is MYSQL:
+            cur.execute("SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
+                        "WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE %s", (like,))
+        else:
+            cur.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND name LIKE ? ESCAPE '\\'", (like,))
+        rows = [(str(a), str(b)) for a, b in cur.fetchall()]
+        conn.commit()
+        return rows
+    finally:
+        cur.close()
 
 
 def _autocommit(conn: Any, mod: str) -> bool:

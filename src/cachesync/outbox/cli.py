@@ -135,7 +135,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"  oldest age   {age}\n"
               f"  retrying     {st['retrying']} (attempts > 0; max {st['max_attempts']})\n"
               f"  parked       {st['parked']} (unusable, see last_error)\n"
-              f"  leased       {st['leased']} (SQLite: claimed by a relay now)")
+              f"  leased       {st['leased']} (SQLite: claimed by a relay now)\n"
+              f"  notify       {'-' if st['notify_trigger'] is None else ('on' if st['notify_trigger'] else 'off')}"
+              " (PostgreSQL NOTIFY trigger)\n"
+              f"  captured     {', '.join(st['capture_triggers']) or '-'} (tables with capture triggers)")
     return 0
 
 
