@@ -175,3 +175,54 @@ def test_emit_refuses_misuse(pg_url: str) -> None:
             ob.emit_commit(c, "k")
         assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert c.execute("SELECT count(*) FROM t_emit").fetchone() == (0,)
+
+
+# ---------------------------------------------------------------------------- DDL event triggers
+
+
+def test_ddl_triggers_drop_and_rename_invalidate_every_key_of_the_table(menv: Env) -> None:
+    from cachesync.cdc.postgres import drop_ddl_triggers, install_ddl_triggers
+
+    prefix, t = menv.prefix, menv.table  # type: ignore[attr-defined]
+    ob = menv.outbox  # type: ignore[attr-defined]
+    install_ddl_triggers(menv.db_url, prefix)
+    install_ddl_triggers(menv.db_url, prefix)  # idempotent
+    try:
+        menv.write(f"INSERT INTO {t} VALUES (1, 'a@x', 'A')")
+        for k in ("u:1", "e:a@x", "other:1"):
+            menv.cache.set(k, "cached")
+        r = menv.start()
+        menv.write(f"ALTER TABLE {t} ADD COLUMN extra INT")  # not a rename: nothing flushed
+        ob.emit_commit(menv.writer, "marker:1")  # type: ignore[attr-defined]
+        menv.wait_keys("marker:1")  # applied in commit order: the ALTER's message (if any) came before
+        assert (menv.cache.peek("u:1") or {}).get("v")
+        menv.write(f"ALTER TABLE {t} RENAME TO {t}_r")  # the rows are gone from the rule's name
+        menv.wait_keys("u:1", "e:a@x")
+        menv.cache.set("u:2", "cached")
+        menv.write(f"ALTER TABLE {t}_r RENAME TO {t}")  # back under the rule's name
+        menv.wait_keys("u:2")
+        menv.cache.set("u:3", "cached")
+        menv.write(f"DROP TABLE {t}")
+        menv.wait_keys("u:3")
+        assert (menv.cache.peek("other:1") or {}).get("v")  # not covered by the table's templates
+        assert r.stats["flushed_keys"] >= 4
+        menv.write(f"CREATE TABLE {t} (id INT PRIMARY KEY, email VARCHAR(100), name VARCHAR(100))")
+    finally:
+        drop_ddl_triggers(menv.db_url, prefix)
+        drop_ddl_triggers(menv.db_url, prefix)  # idempotent
+
+
+def test_ddl_trigger_rolled_back_sends_nothing(menv: Env) -> None:
+    from cachesync.cdc.postgres import drop_ddl_triggers, install_ddl_triggers
+
+    prefix, t = menv.prefix, menv.table  # type: ignore[attr-defined]
+    install_ddl_triggers(menv.db_url, prefix)
+    try:
+        menv.cache.set("u:5", "cached")
+        r = menv.start()
+        menv.write(f"DROP TABLE {t}", rollback=True)
+        menv.outbox.emit_commit(menv.writer, "marker:2")  # type: ignore[attr-defined]
+        menv.wait_keys("marker:2")
+        assert (menv.cache.peek("u:5") or {}).get("v") and r.stats["flushed_keys"] == 0
+    finally:
+        drop_ddl_triggers(menv.db_url, prefix)

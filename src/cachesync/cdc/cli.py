@@ -1,4 +1,5 @@
-"""``cachesync cdc`` (run a CDC reader) and ``cachesync cdc drop-slot`` (retire a PostgreSQL slot)."""
+"""``cachesync cdc`` (run a CDC reader), ``cachesync cdc drop-slot`` (retire a PostgreSQL slot) and ``cachesync cdc
+ddl-triggers`` (PostgreSQL: make DROP TABLE / ALTER TABLE ... RENAME visible to the reader)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,22 @@ def cmd_drop_slot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ddl_triggers(args: argparse.Namespace) -> int:
+    from .postgres import drop_ddl_triggers, install_ddl_triggers
+
+    if dialect_of(args.db_url) is not POSTGRESQL:
+        raise CdcConfigError("cachesync cdc ddl-triggers is for PostgreSQL (MariaDB's binlog already carries DDL); "
+                             "give a postgresql:// --db-url")
+    if args.drop:
+        drop_ddl_triggers(args.db_url, args.message_prefix)
+        print(f"DDL event triggers for prefix {args.message_prefix!r} dropped")
+    else:
+        install_ddl_triggers(args.db_url, args.message_prefix)
+        print(f"DDL event triggers for prefix {args.message_prefix!r} installed: DROP TABLE and ALTER TABLE ... "
+              "RENAME of rule tables now reach cachesync cdc")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add ``cdc`` (and its ``drop-slot`` subcommand) to the ``cachesync`` command line."""
     p = subparsers.add_parser(
@@ -133,3 +150,10 @@ def register(subparsers: Any) -> None:
     d.add_argument("--publication", default=None, help="publication (default: cachesync_<namespace>)")
     d.add_argument("--drop-publication", action="store_true", help="also drop the publication (default: keep)")
     d.set_defaults(func=cmd_drop_slot)
+    t = sub.add_parser("ddl-triggers", help="PostgreSQL: event triggers that send DROP TABLE / ALTER TABLE ... "
+                                            "RENAME to the reader as logical messages")
+    t.add_argument("--db-url", required=True, help="postgresql://user@host:5432/db (a superuser)")
+    t.add_argument("--message-prefix", default="cachesync",
+                   help="prefix of the messages, the reader's --message-prefix (default: cachesync)")
+    t.add_argument("--drop", action="store_true", help="drop the event triggers instead (default: install)")
+    t.set_defaults(func=cmd_ddl_triggers)

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import logging
@@ -110,6 +111,7 @@ class PostgresSource(Source):
         self.messages = messages
         self.message_prefix = message_prefix
         self._counters = {"messages_ignored": 0, "messages_malformed": 0}
+        self._rule_oids: dict[int, str] = {}  # oid -> rule table name (check(); DDL messages keep it current)
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -162,6 +164,7 @@ class PostgresSource(Source):
                     tables.append((name, oid, qual))
                     self._check_identity(cur, name, oid, qual)
                 self._tables = [q for _, _, q in tables]
+                self._rule_oids = {int(oid): name for name, oid, _ in tables}
                 self._ensure_publication(cur, tables)
                 self._ensure_slot(cur)
         except psycopg2.Error as e:
@@ -288,8 +291,9 @@ class PostgresSource(Source):
             old = {c: src[c] for c in rel.key_columns if src is not None and c in src}
         return Change(rel.namespace, rel.name, old, rc.new, truncate=rc.kind == "truncate")
 
-    def _message_keys(self, m: LogicalMessage, into: dict[str, Any]) -> bool:
-        """Add the keys of one transactional logical message to ``into``; False if it is not ours or malformed."""
+    def _message_keys(self, m: LogicalMessage, into: dict[str, Any], changes: list[Change] | None = None) -> bool:
+        """Add the keys of one transactional logical message to ``into`` (and, for a DDL message of
+        :func:`install_ddl_triggers`, the table flushes to ``changes``); False if it is not ours or malformed."""
         if m.prefix != self.message_prefix:
             self._counters["messages_ignored"] += 1
             return False
@@ -297,13 +301,20 @@ class PostgresSource(Source):
             doc = json.loads(m.content.decode("utf-8"))
             if not isinstance(doc, dict):
                 raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+            ddl = doc.get("ddl")
+            if ddl is not None:
+                if not isinstance(ddl, list) or not all(
+                        isinstance(d, dict) and d.get("op") in ("drop", "alter") and isinstance(d.get("oid"), int)
+                        and isinstance(d.get("table"), str) and isinstance(d.get("schema"), str) for d in ddl):
+                    raise ValueError("'ddl' must be a list of {op: drop|alter, oid, schema, table}")
             keys, ver = doc.get("keys"), doc.get("version")
-            if not isinstance(keys, list) or not keys:
-                raise ValueError("'keys' must be a non-empty list of strings")
-            for k in keys:
-                if not isinstance(k, str):
-                    raise ValueError(f"key {k!r} is not a string")
-                check_key(k, _MAX_KEY_BYTES)
+            if ddl is None or keys is not None:
+                if not isinstance(keys, list) or not keys:
+                    raise ValueError("'keys' must be a non-empty list of strings")
+                for k in keys:
+                    if not isinstance(k, str):
+                        raise ValueError(f"key {k!r} is not a string")
+                    check_key(k, _MAX_KEY_BYTES)
             if ver is not None and (isinstance(ver, bool) or not isinstance(ver, (str, int, float))
                                     or not math.isfinite(float(ver))):
                 raise ValueError(f"'version' must be a finite number, a numeric string or null, got {ver!r}")
@@ -312,17 +323,42 @@ class PostgresSource(Source):
             log.error("CDC %s: ignoring a malformed %r logical message at LSN %s (%d bytes: %r): %s", self.ident,
                       m.prefix, lsn_str(m.lsn), len(m.content), m.content[:200], e)
             return False
-        for k in keys:
+        for d in ddl or ():
+            got = self._ddl_changes(d["op"], d["oid"], d["schema"], d["table"])
+            if changes is not None:
+                changes.extend(got)
+        for k in keys or ():
             old = into.get(k)
             if k not in into or (ver is not None and (old is None or _newer(ver, old))):
                 into[k] = ver
         return True
 
+    def _ddl_changes(self, op: str, oid: int, schema: str, table: str) -> list[Change]:
+        """Table flushes for one DDL event: a dropped table; a table renamed from or to a rule table's name (the
+        old name is the one :meth:`check` or an earlier rename recorded for the oid; an ``ALTER TABLE`` that kept
+        the name flushes nothing)."""
+        covered = table in self.rules.tables or f"{schema}.{table}" in self.rules.tables
+        if op == "drop":
+            self._rule_oids.pop(oid, None)
+            return [Change(schema, table, None, None, truncate=True)] if covered else []
+        old = self._rule_oids.get(oid)
+        if old is not None and old in (table, f"{schema}.{table}"):
+            return []  # not a rename
+        out = []
+        if old is not None:  # renamed away from a rule table's name: its rows are gone from that name
+            out.append(Change(None, old, None, None, truncate=True))
+            del self._rule_oids[oid]
+        if covered:  # renamed to a rule table's name: whatever was cached under it belonged to another table
+            out.append(Change(schema, table, None, None, truncate=True))
+            self._rule_oids[oid] = table if table in self.rules.tables else f"{schema}.{table}"
+        return out
+
     def _txn(self, t: DecodedTransaction) -> Transaction:
         keys: dict[str, Any] = {}
-        n = sum(self._message_keys(m, keys) for m in t.messages)
+        ddl: list[Change] = []
+        n = sum(self._message_keys(m, keys, ddl) for m in t.messages)
         return Transaction({"lsn": t.end_lsn, "lsn_text": lsn_str(t.end_lsn)}, t.commit_time,
-                           [self._change(c) for c in t.changes], keys=keys, messages=n)
+                           [self._change(c) for c in t.changes] + ddl, keys=keys, messages=n)
 
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
         import psycopg2
@@ -409,6 +445,73 @@ class PostgresSource(Source):
         if code == "42501":
             raise CdcConfigError(f"not allowed to read slot {self.slot!r} at {self.url}: {msg}") from None
         raise Disconnected(f"replication connection to {self.url} lost: {msg}") from None
+
+
+def _ddl_names(message_prefix: str) -> tuple[str, str, str]:
+    """(function, drop event trigger, alter event trigger) names for ``message_prefix``."""
+    h = hashlib.sha1(message_prefix.encode(), usedforsecurity=False).hexdigest()[:10]
+    return f"cachesync_ddl_{h}", f"cachesync_ddl_drop_{h}", f"cachesync_ddl_alter_{h}"
+
+
+def ddl_trigger_sql(message_prefix: str = "cachesync") -> list[str]:
+    """The statements of :func:`install_ddl_triggers` (idempotent)."""
+    fn, drop, alter = _ddl_names(message_prefix)
+    prefix = "'" + message_prefix.replace("'", "''") + "'"
+    body = (
+        "DECLARE objs json; BEGIN "
+        "IF TG_EVENT = 'sql_drop' THEN "
+        "SELECT json_agg(json_build_object('op', 'drop', 'oid', objid::bigint, 'schema', schema_name, 'table', object_name)) "
+        "INTO objs FROM pg_event_trigger_dropped_objects() "
+        "WHERE object_type = 'table' AND original AND NOT is_temporary; "
+        "ELSE "
+        "SELECT json_agg(json_build_object('op', 'alter', 'oid', c.objid::bigint, 'schema', n.nspname, 'table', r.relname)) "
+        "INTO objs FROM pg_event_trigger_ddl_commands() c JOIN pg_class r ON r.oid = c.objid "
+        "JOIN pg_namespace n ON n.oid = r.relnamespace WHERE c.object_type = 'table'; "
+        "END IF; "
+        f"IF objs IS NOT NULL THEN PERFORM pg_logical_emit_message(true, {prefix}, "
+        "json_build_object('ddl', objs)::text); END IF; END")
+    return [
+        f"CREATE OR REPLACE FUNCTION {fn}() RETURNS event_trigger LANGUAGE plpgsql AS $cs$ {body} $cs$",
+        f"DROP EVENT TRIGGER IF EXISTS {drop}",
+        f"CREATE EVENT TRIGGER {drop} ON sql_drop WHEN TAG IN ('DROP TABLE') EXECUTE FUNCTION {fn}()",
+        f"DROP EVENT TRIGGER IF EXISTS {alter}",
+        f"CREATE EVENT TRIGGER {alter} ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION {fn}()",
+    ]
+
+
+def install_ddl_triggers(db_url: str, message_prefix: str = "cachesync") -> None:
+    """PostgreSQL: create (or replace) the event triggers that make ``DROP TABLE`` and ``ALTER TABLE ... RENAME``
+    visible to ``cachesync cdc`` (logical decoding carries no DDL): each writes a transactional logical message
+    ``{"ddl": [{"op", "oid", "schema", "table"}]}`` with ``message_prefix`` (the reader's ``--message-prefix``),
+    and the reader invalidates every key of a dropped rule table, and of both names of a rename. Needs a
+    superuser (event triggers are database-wide). Idempotent."""
+    import psycopg
+
+    if not isinstance(message_prefix, str) or not message_prefix or "\0" in message_prefix:
+        raise CdcConfigError(f"message prefix {message_prefix!r} must be a non-empty string without NUL")
+    try:
+        with psycopg.connect(_dsn(db_url), autocommit=True) as conn:
+            conn.execute("BEGIN")
+            for stmt in ddl_trigger_sql(message_prefix):
+                conn.execute(stmt)
+            conn.execute("COMMIT")
+    except psycopg.Error as e:
+        raise CdcConfigError(f"cannot install the DDL event triggers in {redact_url(db_url)}: "
+                             f"{str(e).strip()}") from None
+
+
+def drop_ddl_triggers(db_url: str, message_prefix: str = "cachesync") -> None:
+    """Drop what :func:`install_ddl_triggers` created (idempotent)."""
+    import psycopg
+
+    fn, drop, alter = _ddl_names(message_prefix)
+    try:
+        with psycopg.connect(_dsn(db_url), autocommit=True) as conn:
+            for stmt in (f"DROP EVENT TRIGGER IF EXISTS {drop}", f"DROP EVENT TRIGGER IF EXISTS {alter}",
+                         f"DROP FUNCTION IF EXISTS {fn}()"):
+                conn.execute(stmt)
+    except psycopg.Error as e:
+        raise CdcConfigError(f"cannot drop the DDL event triggers in {redact_url(db_url)}: {str(e).strip()}") from None
 
 
 def _newer(a: Any, b: Any) -> bool:
