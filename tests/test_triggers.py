@@ -269,3 +269,58 @@ def test_pg_wal_target_through_cdc(menv: Env) -> None:  # noqa: F811
     finally:
         triggers.uninstall(menv.conn, ob)
         menv.write(f"DROP TABLE {app}")
+
+
+def test_pg_truncate_invalidates_every_key_of_the_templates(pg_url: str, table: str,  # noqa: F811
+                                                            cache: cachesync.Cache) -> None:
+    """TRUNCATE fires no row trigger: a statement trigger records the table's key prefixes; the relay invalidates
+    every key with them that Redis holds (rows or not), and nothing else."""
+    s = Setup(pg_url, table)
+    try:
+        triggers.install(s.conn, s.ob)
+        s.sql(f"INSERT INTO {s.app} VALUES (1, 'a@x', 1), (2, 'b@x', 1)")
+        relay = Relay(pg_url, cache, table=table)
+        relay.drain()
+        keys = ["user:1", "user:2", "user:999", "user_by_email:a@x", "users:count"]
+        fill(cache, *keys, "other:1")
+        s.sql(f"TRUNCATE {s.app}")
+        assert [k for k, _ in s.rows()][-1] == {"prefixes": ["user:", "user_by_email:", "users:count"]}
+        assert relay.drain() == 1
+        assert all(invalidated(cache, k) for k in keys)
+        assert not invalidated(cache, "other:1")
+        relay.close()
+        bus_only = Relay(pg_url, None, table=table, bus=open_bus_for_test(), apply=False)
+        s.sql(f"TRUNCATE {s.app}")
+        assert bus_only.drain() == 1 and bus_only.stats["parked"] == 1  # no cache to find the keys: parked
+        st = s.ob.status(s.conn)
+        assert st["parked"] == 1
+        bus_only.bus.destroy()  # type: ignore[union-attr]
+        bus_only.close()
+    finally:
+        s.close()
+
+
+def open_bus_for_test():  # a real Redis Streams bus with a private stream
+    import os
+
+    from cachesync.bus import open_bus
+
+    url = os.environ.get("CACHESYNC_TEST_REDIS_URL") or "redis://127.0.0.1:6379/15"
+    return open_bus(url, "cstrg" + uuid.uuid4().hex[:8])
+
+
+def test_pg_wal_target_truncate_through_cdc(menv: Env) -> None:  # noqa: F811
+    app = "trg_" + uuid.uuid4().hex[:8]
+    menv.write(f"CREATE TABLE {app} (id INTEGER PRIMARY KEY, email TEXT, version BIGINT)")
+    ob = Outbox(message_prefix=menv.prefix,  # type: ignore[attr-defined]
+                rules=Rules({app: {"keys": ["wt:{id}"], "version": "version"}}))
+    try:
+        triggers.install(menv.conn, ob, target="wal")
+        menv.cache.set("wt:1", "cached")
+        menv.cache.set("wt:77", "cached")
+        menv.start()
+        menv.write(f"TRUNCATE {app}")
+        menv.wait_keys("wt:1", "wt:77")
+    finally:
+        triggers.uninstall(menv.conn, ob)
+        menv.write(f"DROP TABLE {app}")

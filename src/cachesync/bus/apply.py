@@ -11,6 +11,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import protocol as P
 from ..errors import InvalidationError
+from ..keys import entry_key, user_key
 from ..scripts import SCRIPTS
 from ..sync import Cache
 
@@ -69,3 +70,25 @@ def apply_invalidations(cache: Cache, items: Iterable[tuple[Sequence[str], Any]]
     except (RedisConnectionError, RedisTimeoutError) as e:
         ctx.stats["redis_errors"] += 1
         raise InvalidationError(allkeys, e) from e
+
+
+def prefix_keys(cache: Cache, prefixes: Sequence[str]) -> list[str]:
+    """Every key of ``cache``'s namespace that starts with one of ``prefixes`` (SCAN of the entry hashes; ``""``
+    matches every key). Raises :class:`InvalidationError` when Redis cannot be reached."""
+    ns = cache.ctx.ns
+    pats: set[str] = set()
+    for p in dict.fromkeys(prefixes):
+        esc = "".join("\\" + c if c in "*?[]\\" else c for c in p)
+        pats.add(f"cs:{ns}:{{{esc}*")
+        pats.add(f"cs:{ns}:{{#*}}{esc}*")
+    found: dict[str, None] = {}
+    try:
+        for pat in sorted(pats):
+            for raw in cache.redis.scan_iter(match=pat, count=1000):
+                rk = raw.decode() if isinstance(raw, bytes) else str(raw)
+                k = user_key(ns, rk)
+                if entry_key(ns, k) == rk and any(k.startswith(p) for p in prefixes):
+                    found[k] = None  # not a wake list; SCAN may return a key twice
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        raise InvalidationError([f"{p}*" for p in prefixes], e) from e
+    return list(found)

@@ -93,6 +93,8 @@ class Transaction:
     received: float = field(default_factory=time.monotonic)
     keys: dict[str, Any] = field(default_factory=dict)
     messages: int = 0
+    prefixes: list[str] = field(default_factory=list)
+    """Key prefixes to flush (SCAN) named by the transaction itself (a capture trigger's TRUNCATE message)."""
 
 
 class Source(abc.ABC):
@@ -245,6 +247,7 @@ class CdcRunner:
             old = keys.get(k)
             if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
                 keys[k] = ver
+        prefixes.extend(txn.prefixes)
         return keys, prefixes
 
     def _warn_missing(self, rule: TableRule, ch: Change, missing: list[str]) -> None:

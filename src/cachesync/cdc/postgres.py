@@ -291,9 +291,11 @@ class PostgresSource(Source):
             old = {c: src[c] for c in rel.key_columns if src is not None and c in src}
         return Change(rel.namespace, rel.name, old, rc.new, truncate=rc.kind == "truncate")
 
-    def _message_keys(self, m: LogicalMessage, into: dict[str, Any], changes: list[Change] | None = None) -> bool:
-        """Add the keys of one transactional logical message to ``into`` (and, for a DDL message of
-        :func:`install_ddl_triggers`, the table flushes to ``changes``); False if it is not ours or malformed."""
+    def _message_keys(self, m: LogicalMessage, into: dict[str, Any], changes: list[Change] | None = None,
+                      prefixes: list[str] | None = None) -> bool:
+        """Add the keys of one transactional logical message to ``into`` (for a DDL message of
+        :func:`install_ddl_triggers`, the table flushes to ``changes``; for a capture trigger's TRUNCATE message
+        ``{"prefixes": [...]}``, the prefixes to ``prefixes``); False if it is not ours or malformed."""
         if m.prefix != self.message_prefix:
             self._counters["messages_ignored"] += 1
             return False
@@ -307,8 +309,11 @@ class PostgresSource(Source):
                         isinstance(d, dict) and d.get("op") in ("drop", "alter") and isinstance(d.get("oid"), int)
                         and isinstance(d.get("table"), str) and isinstance(d.get("schema"), str) for d in ddl):
                     raise ValueError("'ddl' must be a list of {op: drop|alter, oid, schema, table}")
+            flush = doc.get("prefixes")
+            if flush is not None and (not isinstance(flush, list) or not all(isinstance(p, str) for p in flush)):
+                raise ValueError("'prefixes' must be a list of strings")
             keys, ver = doc.get("keys"), doc.get("version")
-            if ddl is None or keys is not None:
+            if (ddl is None and flush is None) or keys is not None:
                 if not isinstance(keys, list) or not keys:
                     raise ValueError("'keys' must be a non-empty list of strings")
                 for k in keys:
@@ -323,6 +328,8 @@ class PostgresSource(Source):
             log.error("CDC %s: ignoring a malformed %r logical message at LSN %s (%d bytes: %r): %s", self.ident,
                       m.prefix, lsn_str(m.lsn), len(m.content), m.content[:200], e)
             return False
+        if flush and prefixes is not None:
+            prefixes.extend(flush)
         for d in ddl or ():
             got = self._ddl_changes(d["op"], d["oid"], d["schema"], d["table"])
             if changes is not None:
@@ -356,9 +363,10 @@ class PostgresSource(Source):
     def _txn(self, t: DecodedTransaction) -> Transaction:
         keys: dict[str, Any] = {}
         ddl: list[Change] = []
-        n = sum(self._message_keys(m, keys, ddl) for m in t.messages)
+        flush: list[str] = []
+        n = sum(self._message_keys(m, keys, ddl, flush) for m in t.messages)
         return Transaction({"lsn": t.end_lsn, "lsn_text": lsn_str(t.end_lsn)}, t.commit_time,
-                           [self._change(c) for c in t.changes] + ddl, keys=keys, messages=n)
+                           [self._change(c) for c in t.changes] + ddl, keys=keys, messages=n, prefixes=flush)
 
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
         import psycopg2

@@ -37,7 +37,7 @@ from typing import Any
 
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation
-from ..bus.apply import apply_invalidations
+from ..bus.apply import apply_invalidations, prefix_keys
 from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
 from ..errors import InvalidationError, UsageError
 from ..keys import check_key
@@ -72,6 +72,7 @@ class Row:
     keys: list[str]
     version: str | None
     attempts: int
+    prefixes: list[str] | None = None  # a capture trigger's TRUNCATE: every key with these prefixes
 
 
 class Relay:
@@ -225,8 +226,16 @@ class Relay:
             rid, keys, ver, attempts = t[:4]
             try:
                 ks = json.loads(keys)
+                if isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
+                        isinstance(p, str) for p in ks["prefixes"]):
+                    if self.cache is None:
+                        raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
+                                         "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
+                                         "to find them")
+                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"]))
+                    continue
                 if not isinstance(ks, list) or not ks:
-                    raise ValueError("cache_keys is not a non-empty JSON list")
+                    raise ValueError("cache_keys is not a non-empty JSON list (or {\"prefixes\": [...]})")
                 for k in ks:
                     check_key(k, 1 << 20)
                 good.append(Row(int(rid), ks, ver, int(attempts)))
@@ -235,6 +244,11 @@ class Relay:
         return good, bad
 
     def _deliver(self, rows: list[Row]) -> None:
+        for r in rows:
+            if r.prefixes is not None:  # resolved now: the keys present in Redis (also what a bus needs)
+                assert self.cache is not None  # _parse parks the row otherwise
+                r.keys = prefix_keys(self.cache, r.prefixes)
+        rows = [r for r in rows if r.keys]
         if self.apply:
             assert self.cache is not None
             todo = [r for r in rows if r.id not in self._applied]  # the fast path applied the others

@@ -26,6 +26,7 @@ the same tables: each change would be recorded twice (harmless, but twice the wo
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Sequence
@@ -57,7 +58,7 @@ def _check_name(table: object) -> str:
 def _names(outbox: str, table: str) -> dict[str, str]:
     base = f"{outbox}_{table}"[:56]
     return {"fn": f"{base}_cap", "ins": f"{base}_ins", "upd": f"{base}_upd", "del": f"{base}_del",
-            "pg": f"{base}_cap"}
+            "pg": f"{base}_cap", "trn": f"{base}_trn"}
 
 
 def _quote(d: Dialect, s: str) -> str:
@@ -199,12 +200,21 @@ def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table") 
             else:
                 stmt = f"INSERT INTO {ot} (cache_keys, key_version, run_at) VALUES ({keys}::text, {ver}, 0);"
             branches.append(f"{'IF' if not branches else 'ELSIF'} TG_OP = '{op}' THEN {stmt}")
+        # TRUNCATE fires no row trigger: a statement trigger records "every key of the table's templates"
+        flush = _quote(d, json.dumps({"prefixes": rule.prefixes()}, separators=(",", ":")))
+        if target == "wal":
+            stmt = f"PERFORM pg_logical_emit_message(true, {_quote(d, ob.message_prefix)}, {flush});"
+        else:
+            stmt = f"INSERT INTO {ot} (cache_keys, key_version, run_at) VALUES ({flush}, NULL, 0);"
+        branches.append(f"ELSIF TG_OP = 'TRUNCATE' THEN {stmt}")
         return [
             f"CREATE OR REPLACE FUNCTION {n['fn']}() RETURNS trigger LANGUAGE plpgsql AS $cs$ BEGIN "
             f"{' '.join(branches)} END IF; RETURN NULL; END $cs$",
             f"DROP TRIGGER IF EXISTS {n['pg']} ON {qt}",
             f"CREATE TRIGGER {n['pg']} AFTER INSERT OR UPDATE OR DELETE ON {qt} FOR EACH ROW "
             f"EXECUTE FUNCTION {n['fn']}()",
+            f"DROP TRIGGER IF EXISTS {n['trn']} ON {qt}",
+            f"CREATE TRIGGER {n['trn']} AFTER TRUNCATE ON {qt} FOR EACH STATEMENT EXECUTE FUNCTION {n['fn']}()",
         ]
     out: list[str] = []
     for ev, (op, images) in events.items():
@@ -223,7 +233,8 @@ def drop_ddl(d: Dialect, ob: Outbox, table: str) -> list[str]:
     """The statements that drop the capture triggers of ``table`` (idempotent)."""
     n = _names(ob.table, _check_name(table))
     if d is POSTGRESQL:
-        return [f"DROP TRIGGER IF EXISTS {n['pg']} ON {_qi(d, table)}", f"DROP FUNCTION IF EXISTS {n['fn']}()"]
+        return [f"DROP TRIGGER IF EXISTS {n['pg']} ON {_qi(d, table)}",
+                f"DROP TRIGGER IF EXISTS {n['trn']} ON {_qi(d, table)}", f"DROP FUNCTION IF EXISTS {n['fn']}()"]
     return [f"DROP TRIGGER IF EXISTS {n[ev]}" for ev in ("ins", "upd", "del")]
 
 
