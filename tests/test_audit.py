@@ -180,3 +180,55 @@ def test_value_marked_stale_by_serve_stale_is_not_a_finding(world: World, redis_
         assert r.ok and r.empty == 1
     finally:
         ss.close()
+
+
+def test_loader_judges_entries_no_versioned_rule_covers(world: World) -> None:
+    """With the application's loader, values cached without a version (or under keys no rule names) are
+    compared by value, through the serializer's round trip (a tuple and a list are the same value)."""
+    db = {"cfg:a": {"x": (1, 2)}, "cfg:b": {"x": 1}, "cfg:d": None, "cfg:n": {"late": True}}
+
+    def loader(key: str) -> object:
+        v = db.get(key)
+        return NOT_FOUND if v is None else v
+
+    for k in ("cfg:a", "cfg:b", "cfg:d", "cfg:n"):
+        world.cache.get(k, lambda k=k: NOT_FOUND if k == "cfg:n" else {"x": [1, 2]} if k == "cfg:a" else {"x": 1})
+    db["cfg:b"] = {"x": 2}  # changed, the invalidation lost
+    r = Auditor(world.cache, loader=loader, grace=0).run(pattern="cfg:*")
+    got = {(f.key, f.kind) for f in r.stale}
+    assert got == {("cfg:b", "value_differs"), ("cfg:d", "deleted"), ("cfg:n", "negative_but_exists")}
+    assert r.consistent == 1  # cfg:a
+    # both at once: rule tables by version, the rest by the loader
+    world.sql(f"INSERT INTO {world.table} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    r = Auditor(world.cache, world.url, world.rules, loader=loader, grace=0).run()
+    assert {f.key for f in r.stale} == {"cfg:b", "cfg:d", "cfg:n"} and r.unmatched == 0
+
+
+def test_loader_errors_and_usage_are_named(world: World) -> None:
+    with pytest.raises(AuditError, match="needs rules"):
+        Auditor(world.cache)
+    with pytest.raises(AuditError, match="give db_url"):
+        Auditor(world.cache, None, world.rules)
+    world.cache.set("boom:1", "x")
+
+    def bad(key: str) -> object:
+        raise RuntimeError("db down")
+
+    with pytest.raises(AuditError, match="loader failed for key 'boom:1'"):
+        Auditor(world.cache, loader=bad, grace=0).run(pattern="boom:*")
+
+
+def test_cli_loader(world: World, tmp_path, redis_url: str) -> None:
+    (tmp_path / "myloader.py").write_text("def load(key):\n    return {'k': key}\n")
+    world.cache.set("ld:1", {"k": "ld:1"})
+    world.cache.set("ld:2", {"k": "other"})
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "cachesync", "audit", "--redis-url", redis_url, "--namespace",
+           world.cache.ctx.ns, "--loader", "myloader:load", "--pattern", "ld:*", "--grace", "0", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
+    assert [f["key"] for f in doc["stale"]] == ["ld:2"] and doc["consistent"] == 1
+    p = subprocess.run(cmd[:-7] + ["--loader", "nope:load"], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2 and "cannot be imported" in p.stderr

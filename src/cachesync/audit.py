@@ -54,7 +54,7 @@ from .keys import entry_key, user_key
 from .rules import Rules, TableRule
 from .sync import Cache
 
-KINDS = ("stale", "ahead", "deleted", "negative_but_exists")
+KINDS = ("stale", "ahead", "deleted", "negative_but_exists", "value_differs")
 """The kinds of finding (see the module docstring)."""
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -146,19 +146,26 @@ class Auditor:
     interleavings with it).
     """
 
-    def __init__(self, cache: Cache, db_url: str, rules: Rules, *, grace: float = 2.0, batch: int = 500,
+    def __init__(self, cache: Cache, db_url: str | None = None, rules: Rules | None = None, *,
+                 loader: Callable[[str], Any] | None = None, grace: float = 2.0, batch: int = 500,
                  on_recheck: Callable[[], None] | None = None) -> None:
-        if not isinstance(rules, Rules):
+        if rules is None and loader is None:
+            raise AuditError("the auditor needs rules (with version columns) and a database, or a loader, or both")
+        if rules is not None and not isinstance(rules, Rules):
             raise AuditError(f"rules must be a cachesync.rules.Rules, got {type(rules).__name__}")
+        if rules is not None and not db_url:
+            raise AuditError("rules need the database they describe: give db_url")
+        if loader is not None and not callable(loader):
+            raise AuditError(f"loader must be a callable key -> value, got {type(loader).__name__}")
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
             raise AuditError(f"grace must be a number of seconds >= 0, got {grace!r}")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise AuditError(f"batch must be an integer >= 1, got {batch!r}")
-        self.cache, self.db_url, self.rules = cache, db_url, rules
-        self.dialect = dialect_of(db_url)
+        self.cache, self.db_url, self.rules, self.loader = cache, db_url, rules or Rules({}), loader
+        self.dialect = dialect_of(db_url) if db_url else None
         self.grace, self.batch, self.on_recheck = float(grace), batch, on_recheck
         self.templates: list[_Template] = []
-        for rule in rules.tables.values():
+        for rule in self.rules.tables.values():
             if rule.version is None:
                 continue
             for name in (rule.table, rule.version):
@@ -168,7 +175,7 @@ class Auditor:
                 c = _compile(rule, t)
                 if c is not None:
                     self.templates.append(c)
-        if not self.templates:
+        if rules is not None and not self.templates:
             raise AuditError("no rule has a version column and a key template with fields: nothing to audit "
                              "(add version = \"<column>\" to the tables' rules)")
 
@@ -199,8 +206,8 @@ class Auditor:
             seen.add(key)
             yield key
 
-    def _entries(self, keys: Sequence[str]) -> list[tuple[bool, int | float | None, bool]]:
-        """Per key: (has a value, its version, negative entry)."""
+    def _entries(self, keys: Sequence[str]) -> list[tuple[bool, int | float | None, bool, bytes | None]]:
+        """Per key: (has a value, its version, negative entry, the stored payload)."""
         pipe = self.cache.redis.pipeline(transaction=False)
         for k in keys:
             pipe.hmget(self.cache.ctx.ekey(k), "v", "ver", "n", "s")
@@ -209,11 +216,39 @@ class Auditor:
             # a value marked stale by an invalidation (serve_stale) is known to be old: not judged, like a tombstone
             has_value = v is not None and stale not in (b"1", "1")
             out.append((has_value, P.decode_version(ver) if ver not in (None, b"") else None,
-                        n in (b"1", "1")))
+                        n in (b"1", "1"), v if has_value else None))
         return out
+
+    def _by_loader(self, key: str, entry: tuple[bool, int | float | None, bool, bytes | None]
+                   ) -> tuple[str | None, Any]:
+        """(kind or None, the loader's version) of an entry judged by the application's loader."""
+        assert self.loader is not None
+        has_value, ver, negative, payload = entry
+        try:
+            got = self.loader(key)
+        except Exception as e:
+            raise AuditError(f"the loader failed for key {key!r}: {type(e).__name__}: {e}") from e
+        lver = got.version if isinstance(got, P.Versioned) else None
+        value = P.Context.unwrap(got)
+        if negative:
+            return ("negative_but_exists" if value is not P.NOT_FOUND else None), lver
+        if not has_value:
+            return None, lver
+        if value is P.NOT_FOUND:
+            return "deleted", lver
+        if ver is not None and lver is not None:
+            d = P.decode_version(P.encode_version(lver))
+            if d is not None and d != ver:
+                return ("stale" if d > ver else "ahead"), lver
+        ctx = self.cache.ctx
+        assert payload is not None
+        cached = ctx.decode(key, payload, False)
+        fresh = ctx.ser.loads(ctx.encode(key, value)[0])  # the same round trip as a cached value (tuples -> lists)
+        return (None if cached == fresh else "value_differs"), lver
 
     def _db_versions(self, conn: Any, items: list[tuple[_Template, dict[str, str]]]) -> list[tuple[bool, Any]]:
         """Per item: (row exists, its version)."""
+        assert self.dialect is not None and conn is not None  # templates come from rules, which need a database
         ph = self.dialect.placeholder
         out: list[tuple[bool, Any]] = []
         cur = conn.cursor()
@@ -230,8 +265,8 @@ class Auditor:
         return out
 
     @staticmethod
-    def _judge(entry: tuple[bool, int | float | None, bool], db: tuple[bool, Any]) -> str | None:
-        has_value, ver, negative = entry
+    def _judge(entry: tuple[Any, ...], db: tuple[bool, Any]) -> str | None:
+        has_value, ver, negative = entry[:3]
         exists, dbver = db
         if negative:
             return "negative_but_exists" if exists else None
@@ -248,31 +283,48 @@ class Auditor:
 
     def _check(self, conn: Any, keys: list[str], report: AuditReport | None) -> list[Finding]:
         matched: list[tuple[str, _Template, dict[str, str]]] = []
+        rest: list[str] = []  # for the loader: no versioned template matches
         for k in keys:
             m = self._match(k)
             if m is None:
-                if report is not None:
-                    report.unmatched += 1
+                rest.append(k)
                 continue
             matched.append((k, m[0], m[1]))
-        if not matched:
-            return []
-        entries = self._entries([k for k, _, _ in matched])
-        dbs = self._db_versions(conn, [(t, v) for _, t, v in matched])
         found = []
-        for (k, t, _), e, db in zip(matched, entries, dbs, strict=True):
-            kind = self._judge(e, db)
+        if matched:
+            entries = self._entries([k for k, _, _ in matched])
+            dbs = self._db_versions(conn, [(t, v) for _, t, v in matched])
+            for (k, t, _), e, db in zip(matched, entries, dbs, strict=True):
+                kind = self._judge(e[:3], db)
+                if kind is None and e[0] and e[1] is None and self.loader is not None:
+                    rest.append(k)  # a value without a version: the loader can still judge it
+                    continue
+                self._count(report, e, kind)
+                if kind is not None:
+                    found.append(Finding(k, kind, e[1], db[1], t.rule.table))
+        if rest and self.loader is None:
             if report is not None:
-                report.audited += 1
-                if not e[0] and not e[2]:
-                    report.empty += 1
-                elif kind is None and e[0] and e[1] is None:
-                    report.unversioned += 1
-                elif kind is None:
-                    report.consistent += 1
-            if kind is not None:
-                found.append(Finding(k, kind, e[1], db[1], t.rule.table))
+                report.unmatched += len(rest)
+            return found
+        if rest:
+            for k, e in zip(rest, self._entries(rest), strict=True):
+                kind, lver = self._by_loader(k, e)
+                self._count(report, e, kind, by_value=True)
+                if kind is not None:
+                    found.append(Finding(k, kind, e[1], lver, "(loader)"))
         return found
+
+    @staticmethod
+    def _count(report: AuditReport | None, e: tuple[Any, ...], kind: str | None, by_value: bool = False) -> None:
+        if report is None:
+            return
+        report.audited += 1
+        if not e[0] and not e[2]:
+            report.empty += 1
+        elif kind is None and e[0] and e[1] is None and not by_value:
+            report.unversioned += 1
+        elif kind is None:
+            report.consistent += 1
 
     # ------------------------------------------------------------------ run
 
@@ -283,7 +335,7 @@ class Auditor:
             raise AuditError(f"limit must be an integer >= 1, got {limit!r}")
         t0 = time.monotonic()
         report = AuditReport()
-        conn = connect(self.db_url)
+        conn = connect(self.db_url) if self.db_url else None
         try:
             suspects: list[Finding] = []
             chunk: list[str] = []
@@ -316,7 +368,8 @@ class Auditor:
                     self.cache.invalidate(f.key, version=version)
                     report.repaired.append(f.key)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
         report.seconds = time.monotonic() - t0
         return report
 
@@ -357,21 +410,23 @@ def _cmd(args: Any) -> int:
     from ._driver import DEFAULT_REDIS_URL, redact_url
 
     db_url = args.db_url or os.environ.get("CACHESYNC_DB_URL")
-    if not db_url:
-        raise AuditError("--db-url is required (or set CACHESYNC_DB_URL)")
-    if not args.rules:
-        raise AuditError("--rules is required: the rules file (.toml or .py) with the tables' key templates and "
-                         "version columns")
+    if not args.rules and not args.loader:
+        raise AuditError("--rules is required (the rules file with the tables' key templates and version columns), "
+                         "or --loader module:function")
+    if args.rules and not db_url:
+        raise AuditError("--db-url is required with --rules (or set CACHESYNC_DB_URL)")
+    loader = _import_loader(args.loader) if args.loader else None
     redis_url = args.redis_url or os.environ.get("CACHESYNC_REDIS_URL") or DEFAULT_REDIS_URL
     auditor = None
     cache = Cache(redis_url, namespace=args.namespace)
     try:
-        auditor = Auditor(cache, db_url, Rules.load(args.rules), grace=args.grace)
+        auditor = Auditor(cache, db_url if args.rules else None, Rules.load(args.rules) if args.rules else None,
+                          loader=loader, grace=args.grace)
         report = auditor.run(args.pattern, args.limit, repair=args.repair)
     except UsageError:
         raise
     except Exception as e:  # a server that cannot be reached: name it, without its password
-        where = redact_url(db_url) if auditor is not None and "redis" not in type(e).__module__ else \
+        where = redact_url(db_url) if db_url and auditor is not None and "redis" not in type(e).__module__ else \
             redact_url(redis_url)
         raise AuditError(f"audit failed talking to {where}: {type(e).__name__}: {e}") from None
     finally:
@@ -379,7 +434,9 @@ def _cmd(args: Any) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), default=str))
     else:
-        print(f"audit of namespace {args.namespace!r} in {redact_url(redis_url)} against {redact_url(db_url)}: "
+        against = " and ".join(([redact_url(db_url)] if db_url and args.rules else [])
+                               + ([f"loader {args.loader}"] if args.loader else []))
+        print(f"audit of namespace {args.namespace!r} in {redact_url(redis_url)} against {against}: "
               f"{report.scanned} entries scanned, {report.audited} audited in {report.seconds:.2f} s")
         print(f"  consistent {report.consistent}, empty (tombstones, leases) {report.empty}, unversioned "
               f"{report.unversioned}, unmatched {report.unmatched}, transient {report.transient}")
@@ -392,6 +449,22 @@ def _cmd(args: Any) -> int:
     return 0 if report.ok else 1
 
 
+def _import_loader(spec: str) -> Callable[[str], Any]:
+    """``module:function`` -> the function (the operator's own code, imported like a WSGI app)."""
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise AuditError(f"--loader {spec!r} must look like package.module:function")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise AuditError(f"--loader {spec!r} cannot be imported: {type(e).__name__}: {e}") from None
+    if not callable(obj):
+        raise AuditError(f"--loader {spec!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
 def register(subparsers: Any) -> None:
     """Add ``cachesync audit`` to the ``cachesync`` command line."""
     p = subparsers.add_parser("audit", help="compare cached entries with their rows by version")
@@ -400,6 +473,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
     p.add_argument("--db-url", default=None, help="database URL (default: $CACHESYNC_DB_URL)")
     p.add_argument("--rules", default=None, help="rules file (.toml or .py): tables, key templates, version columns")
+    p.add_argument("--loader", default=None, metavar="MODULE:FUNCTION",
+                   help="the application's loader key -> value (or Versioned, NOT_FOUND), to judge entries no "
+                        "versioned rule covers by value (default: none)")
     p.add_argument("--pattern", default="*", help="only keys matching this glob (default: *)")
     p.add_argument("--limit", type=int, default=None, help="audit at most this many entries (default: all)")
     p.add_argument("--grace", type=float, default=2.0,
