@@ -40,6 +40,7 @@ Templates must be reversible: fields separated by literal text (``"user:{id}"``,
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import string
 import time
@@ -50,7 +51,7 @@ from typing import Any
 from . import protocol as P
 from .db import connect, dialect_of
 from .errors import UsageError
-from .keys import entry_key, user_key
+from .bus.apply import iter_prefix_keys
 from .rules import Rules, TableRule
 from .sync import Cache
 
@@ -189,22 +190,9 @@ class Auditor:
         return None
 
     def _keys(self, pattern: str) -> Iterator[str]:
-        ns = self.cache.ctx.ns
-        seen: set[str] = set()
-        for raw in self.cache.redis.scan_iter(match=f"cs:{ns}:*", count=1000):
-            ek = raw.decode() if isinstance(raw, bytes) else raw
-            if ek.endswith(":w") or ek == f"cs:{ns}:inv":
-                continue
-            try:
-                key = user_key(ns, ek)
-            except (ValueError, IndexError):
-                continue
-            if entry_key(ns, key) != ek or key in seen:
-                continue  # not an entry hash (e.g. a Bloom filter) / SCAN may return a key twice
-            if pattern != "*" and not _glob(pattern).match(key):
-                continue
-            seen.add(key)
-            yield key
+        for key in iter_prefix_keys(self.cache, [_literal_prefix(pattern)]):
+            if pattern == "*" or fnmatch.fnmatchcase(key, pattern):
+                yield key
 
     def _entries(self, keys: Sequence[str]) -> list[tuple[bool, int | float | None, bool, bytes | None]]:
         """Per key: (has a value, its version, negative entry, the stored payload)."""
@@ -374,27 +362,10 @@ class Auditor:
         return report
 
 
-def _glob(pattern: str) -> re.Pattern[str]:
-    """A Redis-style glob (``*``, ``?``, ``[...]``) over application keys."""
-    out = ""
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "*":
-            out += ".*"
-        elif c == "?":
-            out += "."
-        elif c == "[":
-            j = pattern.find("]", i + 1)
-            if j == -1:
-                out += re.escape(c)
-            else:
-                out += "[" + pattern[i + 1:j].replace("\\", "\\\\") + "]"
-                i = j
-        else:
-            out += re.escape(c)
-        i += 1
-    return re.compile(out + r"\Z", re.S)
+def _literal_prefix(pattern: str) -> str:
+    """The part of a glob before its first wildcard (SCAN needs no more)."""
+    i = min((j for j in (pattern.find(c) for c in "*?[\\") if j >= 0), default=len(pattern))
+    return pattern[:i]
 
 
 __all__ = ["KINDS", "AuditError", "AuditReport", "Auditor", "Finding"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -72,23 +72,28 @@ def apply_invalidations(cache: Cache, items: Iterable[tuple[Sequence[str], Any]]
         raise InvalidationError(allkeys, e) from e
 
 
-def prefix_keys(cache: Cache, prefixes: Sequence[str]) -> list[str]:
-    """Every key of ``cache``'s namespace that starts with one of ``prefixes`` (SCAN of the entry hashes; ``""``
-    matches every key). Raises :class:`InvalidationError` when Redis cannot be reached."""
+def iter_prefix_keys(cache: Cache, prefixes: Sequence[str]) -> Iterator[str]:
+    """Every key of ``cache``'s namespace that starts with one of ``prefixes``, each once (SCAN of the entry
+    hashes; ``""`` matches every key). Raises :class:`InvalidationError` when Redis cannot be reached."""
     ns = cache.ctx.ns
     pats: set[str] = set()
     for p in dict.fromkeys(prefixes):
         esc = "".join("\\" + c if c in "*?[]\\" else c for c in p)
         pats.add(f"cs:{ns}:{{{esc}*")
         pats.add(f"cs:{ns}:{{#*}}{esc}*")
-    found: dict[str, None] = {}
+    seen: set[str] = set()
     try:
         for pat in sorted(pats):
             for raw in cache.redis.scan_iter(match=pat, count=1000):
                 rk = raw.decode() if isinstance(raw, bytes) else str(raw)
                 k = user_key(ns, rk)
-                if entry_key(ns, k) == rk and any(k.startswith(p) for p in prefixes):
-                    found[k] = None  # not a wake list; SCAN may return a key twice
+                if entry_key(ns, k) == rk and k not in seen and any(k.startswith(p) for p in prefixes):
+                    seen.add(k)  # not a wake list; SCAN may return a key twice
+                    yield k
     except (RedisConnectionError, RedisTimeoutError) as e:
         raise InvalidationError([f"{p}*" for p in prefixes], e) from e
-    return list(found)
+
+
+def prefix_keys(cache: Cache, prefixes: Sequence[str]) -> list[str]:
+    """:func:`iter_prefix_keys` as a list."""
+    return list(iter_prefix_keys(cache, prefixes))

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bus import Bus, BusUnavailableError, Invalidation
+from ..bus.apply import prefix_keys
 from ..errors import CacheUnavailableError, CachesyncError, InvalidationError, UsageError
-from ..keys import entry_key, user_key
 from ..rules import Rules, TableRule
 from ..sync import Cache
 from .checkpoint import FileCheckpoint
@@ -136,10 +136,6 @@ class Source(abc.ABC):
 
 
 _END = object()
-
-
-def _glob_escape(s: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 def _fields(template: str) -> list[str]:
@@ -281,29 +277,11 @@ class CdcRunner:
 
     def flush_prefixes(self, prefixes: list[str]) -> int:
         """Invalidate every key in the namespace that starts with one of ``prefixes`` (SCAN); returns how many."""
-        ns = self.cache.ctx.ns
-        seen: set[str] = set()
-        pats = set()
-        for p in dict.fromkeys(prefixes):
-            pats.add(f"cs:{ns}:{{{_glob_escape(p)}*")
-            pats.add(f"cs:{ns}:{{#*}}{_glob_escape(p)}*")
-        r = self.cache.redis
-        for pat in sorted(pats):
-            batch: list[str] = []
-            for raw in self._retry("SCAN", lambda pat=pat: list(r.scan_iter(match=pat, count=1000))):
-                rk = raw.decode() if isinstance(raw, bytes) else str(raw)
-                k = user_key(ns, rk)
-                if entry_key(ns, k) != rk or k in seen:
-                    continue  # a wake list or another structure
-                seen.add(k)
-                batch.append(k)
-                if len(batch) >= self.batch_max_keys:
-                    self._invalidate([(batch, None)])
-                    batch = []
-            if batch:
-                self._invalidate([(batch, None)])
-        self.stats["flushed_keys"] += len(seen)
-        return len(seen)
+        keys = self._retry("SCAN", lambda: prefix_keys(self.cache, prefixes))
+        for i in range(0, len(keys), self.batch_max_keys):
+            self._invalidate([(keys[i:i + self.batch_max_keys], None)])
+        self.stats["flushed_keys"] += len(keys)
+        return len(keys)
 
     def apply(self, txns: list[Transaction]) -> None:
         """Invalidate the keys of ``txns`` (few script calls), then save the checkpoint and ack the source."""
