@@ -14,3 +14,5 @@ run $py bench/bench_outbox.py --db-url postgresql://root@127.0.0.1:5432/test
 run $py bench/bench_outbox.py --db-url mysql://root@127.0.0.1:3306/test
 run $py bench/bench_cdc.py --source both
 run $py bench/bench_audit.py
+run $py bench/bench_triggers.py
+run $py bench/bench_bus.py
