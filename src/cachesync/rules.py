@@ -51,7 +51,13 @@ class TableRule:
     def build(table: str, keys: Iterable[str], version: str | None = None) -> TableRule:
         if not isinstance(table, str) or not table:
             raise RuleError(f"table name must be a non-empty string, got {table!r}")
-        ks = tuple(keys)
+        if isinstance(keys, (str, bytes)):
+            raise RuleError(f"table {table!r}: keys must be a list of key templates, not the string {keys!r} "
+                            f"(write keys = [{keys!r}])")
+        try:
+            ks = tuple(keys)
+        except TypeError:
+            raise RuleError(f"table {table!r}: keys must be a list of key templates, got {keys!r}") from None
         if not ks:
             raise RuleError(f"table {table!r}: no key templates")
         cols: set[str] = set()
