@@ -338,3 +338,71 @@ def test_prefix_scan_sees_every_key(cache) -> None:
     assert sorted(prefix_keys(cache, ["a"])) == ["a*b", "a?b", "a\\b", "a{b"]
     assert prefix_keys(cache, ["a*"]) == ["a*b"] and prefix_keys(cache, ["{"]) == ["{x}"]
     assert prefix_keys(cache, ["b}"]) == ["b}c"] and prefix_keys(cache, ["}"]) == ["}"]
+
+
+# ---------------------------------------------------------------------------- capture triggers
+
+
+def _app_table(conn, cols: str) -> str:
+    name = "hv_" + uuid.uuid4().hex[:8]
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, {cols})")
+    conn.commit()
+    cur.close()
+    return name
+
+
+def _drop(conn, name: str) -> None:
+    cur = conn.cursor()
+    cur.execute(f"DROP TABLE IF EXISTS {name}")
+    conn.commit()
+    cur.close()
+
+
+@pytest.mark.parametrize("vtype", ["VARCHAR(20)", "DATE", "TEXT"])
+def test_triggers_refuse_a_version_column_that_is_no_number(db_url, outbox, vtype) -> None:
+    from cachesync.outbox import OutboxError, triggers
+
+    conn = connect(db_url)
+    app = _app_table(conn, f"v {vtype}")
+    try:
+        with pytest.raises(OutboxError, match=f"table '{app}': version column 'v' has type .* cannot turn into a "
+                                              "number"):
+            triggers.install(conn, Outbox(outbox.table, rules=Rules({app: {"keys": ["k:{id}"], "version": "v"}})))
+    finally:
+        _drop(conn, app)
+        conn.close()
+
+
+@pytest.mark.parametrize("which", ["postgresql", "mysql"])
+def test_triggers_write_timestamp_versions_as_epoch_microseconds(request, which, small_cache) -> None:
+    import datetime as dt
+
+    from cachesync.outbox import triggers
+    from cachesync.protocol import encode_version
+
+    url = request.getfixturevalue("pg_url" if which == "postgresql" else "mysql_url")
+    conn = connect(url)
+    app = _app_table(conn, "at TIMESTAMP(6)" if which == "postgresql" else "at DATETIME(6)")
+    ob = Outbox("cachesync_outbox_" + uuid.uuid4().hex[:10],
+                rules=Rules({app: {"keys": ["hv:{id}"], "version": "at"}}))
+    try:
+        triggers.install(conn, ob)
+        cur = conn.cursor()
+        cur.execute(f"INSERT INTO {app} (id, at) VALUES (1, '2024-05-01 12:00:00.123456')")
+        conn.commit()
+        cur.execute(f"SELECT key_version FROM {ob.table}")
+        (ver,) = cur.fetchone()
+        conn.commit()
+        cur.close()
+        assert ver == encode_version(dt.datetime(2024, 5, 1, 12, 0, 0, 123456))  # what the application writes
+        small_cache.set("hv:1", "cached")
+        relay = Relay(url, small_cache, table=ob.table, listen=False)
+        assert relay.drain() == 1 and relay.stats["parked"] == 0
+        relay.close()
+        assert invalidated(small_cache, "hv:1")
+    finally:
+        triggers.uninstall(conn, ob)
+        ob.drop(conn)
+        _drop(conn, app)
+        conn.close()
