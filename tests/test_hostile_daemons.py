@@ -26,7 +26,7 @@ from cachesync.outbox.relay import Relay
 from cachesync.rules import RuleError, Rules
 from test_cdc_conformance import Env, tombstoned
 from test_cdc_mysql import TestMariaDBConformance
-from test_cdc_postgres import TestPostgresConformance
+from test_cdc_postgres import TestPostgresConformance, menv  # noqa: F401 - fixture
 from test_outbox import invalidated, wait_for
 
 MAXB = 40  # the caches of this module accept keys of at most 40 bytes
@@ -406,3 +406,43 @@ def test_triggers_write_timestamp_versions_as_epoch_microseconds(request, which,
         ob.drop(conn)
         _drop(conn, app)
         conn.close()
+
+
+def test_cdc_survives_wal_messages_json_cannot_hold(menv: Env, caplog) -> None:  # noqa: F811
+    r = menv.start()
+    ob, w, p = menv.outbox, menv.writer, menv.prefix  # type: ignore[attr-defined]
+    huge = '{"keys": ["k:1"], "version": 1' + "0" * 400 + "}"  # an int no float can hold
+    for content in (huge, "[" * 5000, '{"keys": ["' + "z" * 60 + '"]}'):  # too deep; a key the cache refuses
+        w.execute("SELECT pg_logical_emit_message(true, %s::text, %s::text)", (p, content))
+        w.commit()
+    ob.emit_commit(w, "after:1")
+    menv.wait_keys("after:1")  # the stream went on
+    assert menv.error is None
+    assert r.stats["messages_malformed"] == 2, r.stats
+
+
+def test_cdc_publishes_datetime_versions_as_numbers(mysql_url: str, redis_url: str, namespace: str,
+                                                    tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cachesync.bus.redis_streams import RedisStreamsBus
+    from cachesync.protocol import encode_version
+
+    cache = cachesync.Cache(redis_url, namespace=namespace)
+    bus = RedisStreamsBus(redis_url, "csh" + uuid.uuid4().hex[:10])
+    e = Env(_Maria(), mysql_url, cache, tmp_path)
+    try:
+        e.write(f"ALTER TABLE {e.table} ADD COLUMN at DATETIME(6)")
+        e.rules = Rules({e.table: {"keys": ["u:{id}"], "version": "at"}})
+        e.runner_kw = {"bus": bus}
+        e.start()
+        e.write(f"INSERT INTO {e.table} (id, email, name, at) VALUES (1, 'a@x', 'A', '2024-05-01 12:00:00.5')")
+        got: list = []
+        wait_for(lambda: got.extend(bus.consume("g", "c", 10, 0.2)) or got, 30, "the published message")
+        assert got[0].message.keys == ("u:1",)
+        assert got[0].message.version == encode_version(dt.datetime(2024, 5, 1, 12, 0, 0, 500000))
+    finally:
+        e.close()
+        bus.destroy()
+        bus.close()
+        cache.close()

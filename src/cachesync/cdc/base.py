@@ -386,7 +386,7 @@ class CdcRunner:
             return
         if self.bus is not None:
             bus = self.bus
-            msgs = [Invalidation(tuple(ks), None if v is None else str(v)) for ks, v in chunks]
+            msgs = [Invalidation(tuple(ks), None if v is None else checked_version(v)) for ks, v in chunks]
             self._retry("publish", lambda: bus.publish(msgs))
             self.stats["published"] += len(msgs)
             return
