@@ -265,6 +265,18 @@ def test_worker_dead_letters_malformed_messages_and_applies_the_rest(bus, small_
     assert again.run_once(0.1) == 0 and len(bus.dead_letters(100)) == len(BAD_MESSAGES)
 
 
+def test_worker_dead_letters_a_row_its_rules_cannot_format(bus, small_cache):
+    rules = Rules({"fmt": ["f:{id:05d}"]})
+    small_cache.set("f:00007", "cached")
+    publish_raw(bus, [Invalidation(table="fmt", new={"id": "x"}).encode(),
+                      Invalidation(table="fmt", new={"id": 7}).encode()])
+    w = Worker(bus, small_cache, rules, group="g")
+    wait_for(lambda: (w.run_once(0.1), w.stats["messages"] == 1)[1], 30, "the valid message")
+    assert invalidated(small_cache, "f:00007")
+    (dl,) = bus.dead_letters()
+    assert dl.reason.startswith("RuleError") and "cannot format" in dl.reason and "f:{id:05d}" in dl.reason
+
+
 def test_message_decode_refuses_keys_as_a_string() -> None:
     with pytest.raises(BadDataError, match="list of keys"):
         Invalidation.decode(b'{"k": "user:1"}')

@@ -237,8 +237,8 @@ class CdcRunner:
             table = ".".join(p for p in (ch.schema, ch.table) if p)
             try:
                 ks, missing = rule.keys_for_images(ch.old, ch.new)
-            except (ValueError, TypeError, KeyError, IndexError) as e:  # a value the template cannot format
-                self._skip(table, f"key templates {list(rule.keys)}: {type(e).__name__}: {e}", ch)
+            except UsageError as e:  # RuleError: a value the template cannot format
+                self._skip(table, str(e), ch)
                 continue
             problems: list[str] = []
             for t in rule.keys:  # a NULL key column: no such key (not "user:None"); the other templates apply
