@@ -385,3 +385,26 @@ def test_ctrl_c_in_stress_ends_cleanly(terminal: str, tmp_path: Path) -> None:
     if terminal == "tty":
         assert "\x1b[?25l" in text  # the progress bar hid the cursor...
         assert text.rfind("\x1b[?25h") > text.rfind("\x1b[?25l")  # ...and showed it again
+
+
+def test_strategy_safety_classes() -> None:
+    """The colour classes of the report and the PNG: an unsafe variant is never in the safe class."""
+    from cachesync.lab.report import SAFETY_COLOR, safety
+
+    assert safety("db_then_invalidate", True) == safety("db_then_set_versioned", True) == "safe"
+    assert safety("db_then_invalidate:plain", False) == safety("db_then_invalidate", False) == "unsafe"
+    assert safety("delayed_double_delete", True) == "mitigation"
+    for s in ("delete_then_db", "cache_then_db", "db_then_cache"):
+        assert safety(s, True) == safety(s, False) == "unsafe"
+    assert len(set(SAFETY_COLOR.values())) == 3
+
+
+def test_html_to_an_unwritable_path_is_an_error(runtime_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "no-such-dir" / "r.html"
+    assert main(["lab", "--scenario", "1a", "--plain", "--html", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert "cachesync: error: --html/--plot: cannot write" in err and str(bad) in err
+    assert "[1a]" not in out  # refused before the lab ran
+    assert main(["lab", "stress", "--plot", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err

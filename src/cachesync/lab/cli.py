@@ -65,7 +65,7 @@ def _lab_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     from .render import render_legend, render_scenario, render_summary
-    from .report import lab_html, meta, write_file
+    from .report import check_writable, lab_html, meta, write_file
     from .scenarios import run_scenarios, select_variants
 
     if args.list:
@@ -74,6 +74,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return 0
     select_variants(args.scenario)  # reject a bad --scenario before starting anything
     head = meta(_lab_settings(args))  # and a bad SOURCE_DATE_EPOCH
+    check_writable(args.html)
     with backends(args.redis_url, args.db_url) as (redis_url, db_url, desc):
         if args.json:
             results = run_scenarios(redis_url, db_url, args.scenario)
@@ -118,10 +119,13 @@ def cmd_stress(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .render import Progress, plot_stress, render_stress, render_stress_summary
-    from .report import meta, settings_line, stress_html, stress_settings, stress_summary, write_file
+    from .report import (check_writable, meta, settings_line, stress_html, stress_settings, stress_summary,
+                         write_file)
     from .stress import run_stress
 
     cfg, repeat = stress_config(args)  # every option checked before a server or a thread starts
+    check_writable(args.html)
+    check_writable(args.plot)
     head = meta(stress_settings(cfg, repeat))
     labels = [p[0] for p in cfg.plan()]
     runs = []

@@ -603,6 +603,18 @@ def stress_html(runs: Sequence[Sequence[StressResult]], cfg: StressConfig, doc_m
     return _page("cachesync lab stress report", "\n".join(parts))
 
 
+def check_writable(path: str | None) -> None:
+    """Refuse an ``--html``/``--plot`` path whose directory is missing or read-only before anything runs."""
+    if not path:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK) or os.path.isdir(path):
+        from .embedded import LabError
+
+        raise LabError(f"--html/--plot: cannot write {path!r}: its directory is missing or not writable, or it is "
+                       "a directory")
+
+
 def write_file(path: str, text: str) -> None:
     """Write the report; an unwritable path is a :class:`LabError` naming it."""
     try:
