@@ -397,7 +397,12 @@ def scenario_card(r: ScenarioResult) -> str:
     chips = (_chip(r.verdict, VERDICT_COLOR[r.verdict], VERDICT_BG[r.verdict])
              + _chip(f"{r.strategy}, leases {'on' if r.leases else 'off'}", SAFETY_COLOR[s])
              + _chip(r.role, "#5f6b7a"))
+    from .. import protocol as P
+
+    strat = P.STRATEGIES.get(r.strategy)
     note = f'<div class="note">{_e(r.note)}</div>' if r.note else ""
+    if strat is not None:
+        note += f'<div class="costs">strategy <b>{_e(strat.name)}</b>: {_e(strat.summary)}</div>'
     return (f'<section class="card scenario" id="s-{_e(r.id)}"><h3>[{_e(r.id)}] {_e(r.variant)}</h3>'
             f'<div class="row">{chips}</div>'
             f'<div class="verdict" style="color:{VERDICT_COLOR[r.verdict]}">{_e(verdict_line(r))}</div>'
