@@ -64,9 +64,8 @@ def _lab_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from .render import render_legend, render_scenario, render_summary
     from .report import check_writable, lab_html, meta, write_file
-    from .scenarios import run_scenarios, select_variants
+    from .scenarios import select_variants
 
     if args.list:
         for v in select_variants(args.scenario):
@@ -75,6 +74,23 @@ def cmd_lab(args: argparse.Namespace) -> int:
     select_variants(args.scenario)  # reject a bad --scenario before starting anything
     head = meta(_lab_settings(args))  # and a bad SOURCE_DATE_EPOCH
     check_writable(args.html)
+    try:
+        results, desc = _run_lab(args, head)
+    except KeyboardInterrupt:
+        print("cachesync lab: interrupted; the lab's table and keys were removed, its embedded server (if any) "
+              "stopped", file=sys.stderr)
+        return 130
+    if args.html:
+        write_file(args.html, lab_html(results, head, desc))
+        if not args.json:
+            print(f"report written to {args.html}")
+    return 0
+
+
+def _run_lab(args: argparse.Namespace, head: dict[str, Any]) -> tuple[list[Any], str]:
+    from .render import render_legend, render_scenario, render_summary
+    from .scenarios import run_scenarios
+
     with backends(args.redis_url, args.db_url) as (redis_url, db_url, desc):
         if args.json:
             results = run_scenarios(redis_url, db_url, args.scenario)
@@ -91,11 +107,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
                                     on_start=lambda lab: table.append(lab.db.table))
             render_summary(results, plain=args.plain, table=table[0] if table else None)
             render_legend(plain=args.plain)
-    if args.html:
-        write_file(args.html, lab_html(results, head, desc))
-        if not args.json:
-            print(f"report written to {args.html}")
-    return 0
+    return results, desc
 
 
 def stress_config(args: argparse.Namespace) -> tuple[Any, int]:
@@ -143,7 +155,8 @@ def cmd_stress(args: argparse.Namespace) -> int:
                                            progress=update))
     except KeyboardInterrupt:
         # every thread joined, every Cache closed, the embedded server stopped and the cursor shown by now
-        print("cachesync lab stress: interrupted; stopped the threads and the embedded server", file=sys.stderr)
+        print("cachesync lab stress: interrupted; threads stopped, the lab's table and keys removed, its embedded "
+              "server (if any) stopped", file=sys.stderr)
         return 130
     if args.plot:
         plot_stress(runs, args.plot, cfg)

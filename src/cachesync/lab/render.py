@@ -10,6 +10,7 @@ from .scenarios import ScenarioResult
 from .stress import StressConfig, StressResult
 
 VERDICT_STYLE = {"consistent": "green", "transient": "yellow", "stale": "bold red"}
+SAFETY_STYLE = {"safe": "blue", "mitigation": "dark_orange", "unsafe": "bold red"}
 
 
 def have_rich() -> bool:
@@ -218,6 +219,7 @@ def render_stress(results: Sequence[StressResult], cfg: StressConfig, plain: boo
     for h in STRESS_HEADERS:
         t.add_column(h, justify="left" if h in ("strategy", "leases") else "right")
     for row in stress_rows(results):
+        row[2] = f"[{SAFETY_STYLE.get(row[2], '')}]{row[2]}[/]"
         t.add_row(*row)
     Console(file=out, width=term_width(out)).print(t)
 

@@ -208,6 +208,7 @@ def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy:
 
     threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(cfg.writers)]
     threads += [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(cfg.readers)]
+    completed = False
     try:
         for t in threads:
             t.start()
@@ -219,6 +220,7 @@ def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy:
             if elapsed >= cfg.duration:
                 break
             time.sleep(min(0.1, cfg.duration - elapsed))  # the run's wall-clock budget (workload, not sync)
+        completed = True
     finally:
         # also on Ctrl-C (KeyboardInterrupt in this thread): stop and join every thread and close every Cache
         # before the interpreter (and the embedded server) goes away under them
@@ -228,6 +230,8 @@ def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy:
                 t.join(60)
         for c in caches:  # joins pending delayed deletes: invalidations drain
             c.close()
+        if not completed:
+            _drop_namespace(redis_url, ns)
     _judge_keys(redis_url, db, ns, keys, res)
     res.longest_stale_ms = round(res.longest_stale_ms, 2)
     return res
@@ -392,6 +396,7 @@ def _run_seeded(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strate
         finally:
             pr.abandon()
 
+    completed = False
     try:
         for n in range(cfg.rounds):
             key = rng.choice(keys)
@@ -427,12 +432,28 @@ def _run_seeded(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strate
                 raise
             except Exception:
                 res.errors += 1
+        completed = True
     finally:
         for c in caches:
             c.close()
+        if not completed:
+            _drop_namespace(redis_url, ns)
     _judge_keys(redis_url, db, ns, keys, res)
     res.longest_stale_ms = round(res.longest_stale_ms, 2)
     return res
+
+
+def _drop_namespace(redis_url: str, ns: str) -> None:
+    """Delete a run's keys after an error or Ctrl-C (best effort: Redis may be what failed)."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5) as r:
+            found = list(r.scan_iter(match=f"cs:{ns}:*", count=500))
+            if found:
+                r.delete(*found)
+    except redis.RedisError:
+        pass
 
 
 def _judge_keys(redis_url: str, db: LabDB, ns: str, keys: list[str], res: StressResult) -> None:
