@@ -175,6 +175,29 @@ def test_relay_listener_survives_garbage_notifications(pg_url, small_cache):
         conn.close()
 
 
+def test_relay_fast_path_is_not_fooled_by_a_forged_notification(pg_url, small_cache):
+    """Any role may NOTIFY the channel: a notification naming the next row's id with other keys must not make the
+    claim delete that row without applying it."""
+    ob = Outbox("cachesync_outbox_" + uuid.uuid4().hex[:10])
+    conn = connect(pg_url)
+    ob.init(conn)
+    relay = Relay(pg_url, small_cache, table=ob.table)
+    try:
+        relay._db()  # LISTENing
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute("SELECT pg_notify(%s, %s)", (ob.table, json.dumps([1, '["decoy:1"]', None])))
+        assert relay.apply_notified(5.0) == 1  # the forged row was applied (harmless) and remembered
+        small_cache.set("real:1", "cached")
+        ob.commit(conn, "real:1")  # the real row 1
+        relay.apply_notified(5.0)
+        assert relay.drain() == 1
+        assert invalidated(small_cache, "real:1")
+    finally:
+        relay.close()
+        ob.drop(conn)
+        conn.close()
+
+
 # ---------------------------------------------------------------------------- worker
 
 

@@ -136,7 +136,8 @@ class Relay:
         self.fast = (self.apply and self.listen) if fast is None else (bool(fast) and self.apply and self.listen)
         self.stats = {"batches": 0, "rows": 0, "keys": 0, "applied": 0, "fast": 0, "skipped": 0, "errors": 0,
                       "parked": 0}
-        self._applied: dict[int, None] = {}  # fast path: applied, not yet deleted (insertion order = age)
+        # fast path: applied, not yet deleted (insertion order = age): id -> (keys, version) as applied
+        self._applied: dict[int, Any] = {}
         self._deleted: dict[int, None] = {}  # deleted by this relay's claims lately: a late notification is stale
         self._conn: Any = None
         self._init = init
@@ -266,7 +267,9 @@ class Relay:
         rows = [r for r in rows if r.keys]
         if self.apply:
             assert self.cache is not None
-            todo = [r for r in rows if r.id not in self._applied]  # the fast path applied the others
+            # the fast path applied the others: only if it applied exactly this row's keys and version (anyone may
+            # NOTIFY the channel: a forged notification with a row's id must not stand in for the row)
+            todo = [r for r in rows if self._applied.get(r.id) != (tuple(r.keys), r.version)]
             if todo:
                 try:
                     apply_invalidations(self.cache, [(r.keys, r.version) for r in todo])
@@ -454,8 +457,7 @@ class Relay:
         if self.fast:
             applied, deleted = self._applied, self._deleted
             for r in rows:
-                if r.id in applied:
-                    del applied[r.id]
+                if applied.pop(r.id, None) == (tuple(r.keys), r.version):
                     self.stats["skipped"] += 1
                 deleted[r.id] = None
             _trim(deleted)
@@ -509,6 +511,7 @@ class Relay:
             return 0
         items: list[tuple[list[str], Any]] = []
         ids: list[int] = []
+        seen: list[tuple[tuple[str, ...], str | None]] = []
         for p in payloads:
             if not p:  # only a wake-up: delayed rows, or too many for one notification
                 self._claim_now = True
@@ -534,6 +537,7 @@ class Relay:
                     continue
                 items.append((keys, ver))
                 ids.append(rid)
+                seen.append((tuple(keys), ver))
         if not items:
             return 0
         assert self.cache is not None
@@ -544,8 +548,8 @@ class Relay:
             self._claim_now = True
             return 0
         point("fast_applied")
-        for rid in ids:
-            self._applied[rid] = None
+        for rid, what in zip(ids, seen, strict=True):
+            self._applied[rid] = what
         _trim(self._applied)
         self.stats["fast"] += len(ids)
         return len(ids)
@@ -620,7 +624,7 @@ class Relay:
         self.close()
 
 
-def _trim(d: dict[int, None]) -> None:
+def _trim(d: dict[int, Any]) -> None:
     """Forget the oldest ids beyond the memory bound."""
     extra = len(d) - _MEMORY
     if extra > 0:
