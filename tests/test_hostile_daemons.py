@@ -481,3 +481,24 @@ def test_cdc_publishes_datetime_versions_as_numbers(mysql_url: str, redis_url: s
         bus.destroy()
         bus.close()
         cache.close()
+
+
+def test_cdc_mariadb_row_event_the_decoder_cannot_read_flushes_its_table(mysql_url: str, redis_url: str,
+                                                                         namespace: str, tmp_path: Path) -> None:
+    """An invalid date (sql_mode ALLOW_INVALID_DATES) makes the binlog decoder raise: the runner goes on and,
+    not knowing the rows, invalidates every key of the table."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    e = Env(_Maria(), mysql_url, cache, tmp_path)
+    try:
+        e.write(f"ALTER TABLE {e.table} ADD COLUMN d DATE")
+        r = e.start()
+        for k in ("u:1", "u:99", "e:zz"):
+            cache.set(k, "cached")
+        e.write("SET SESSION sql_mode = 'ALLOW_INVALID_DATES'",
+                f"INSERT INTO {e.table} (id, email, name, d) VALUES (1, 'a@x', 'A', '2024-02-31')")
+        e.write(f"INSERT INTO {e.table} (id, email, name) VALUES (2, 'b@x', 'B')")  # the stream goes on
+        e.wait_keys("u:1", "u:99", "e:zz", "u:2", "e:b@x")
+        assert e.error is None and r.stats["undecodable_events"] == 1, r.stats
+    finally:
+        e.close()
+        cache.close()
