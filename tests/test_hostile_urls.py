@@ -230,3 +230,24 @@ def test_cli_verbose_after_the_subcommand(tmp_path):
     assert "traceback of the error below" in p.stderr and "Traceback" in p.stderr
     assert SECRET not in p.stderr
     assert p.stderr.splitlines()[-1].startswith("cachesync: error: ")
+
+
+def test_cdc_sources_name_no_password():
+    """The CDC readers connect with their own drivers (psycopg2, PyMySQL): their errors are scrubbed too."""
+    from cachesync.cdc.mysql import MySQLSource
+    from cachesync.cdc.postgres import PostgresSource
+    from cachesync.rules import Rules
+
+    port = closed_port()
+    m = MySQLSource(f"mysql://root:ab/{SECRET}#@127.0.0.1:{port}/test", 4242, ["users"])
+    with pytest.raises(Exception) as ei:
+        m.check()
+    assert SECRET not in str(ei.value) + repr(ei.value) + repr(vars(m).get("url")) and str(port) in str(ei.value)
+    pg = PostgresSource(f"postgresql://root:ab/{SECRET}#@127.0.0.1:{port}/test", Rules({"users": ["user:{id}"]}),
+                        slot="cs_hostile", publication="cs_hostile", create=False)
+    with pytest.raises(Exception) as ei:
+        pg.check()
+    assert SECRET not in str(ei.value) + repr(ei.value) + pg.ident + pg.url and str(port) in str(ei.value)
+    with pytest.raises(cachesync.CachesyncError) as ei2:
+        MySQLSource(f"mysql://root:{SECRET}@127.0.0.1:99999/test", 4242, ["users"])
+    assert SECRET not in str(ei2.value)
