@@ -251,3 +251,15 @@ def test_cdc_sources_name_no_password():
     with pytest.raises(cachesync.CachesyncError) as ei2:
         MySQLSource(f"mysql://root:{SECRET}@127.0.0.1:99999/test", 4242, ["users"])
     assert SECRET not in str(ei2.value)
+
+
+def test_rabbitmq_wrong_password_with_unencoded_delimiters(amqp_url):
+    """The URL is parsed correctly (the broker refuses the login) and the refusal names no password."""
+    from cachesync.bus import open_bus
+
+    host = amqp_url.split("://", 1)[1].split("@")[-1].split("/")[0]
+    with pytest.raises(cachesync.CachesyncError) as ei:  # BusUnavailableError
+        open_bus(f"amqp://guest:ab/{SECRET}#@{host}/%2F", "cshostile")
+    text = str(ei.value) + repr(ei.value)
+    assert SECRET not in text and "ab/" not in text
+    assert "ACCESS_REFUSED" in text or "uthentication" in text  # got as far as the login
