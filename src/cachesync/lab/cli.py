@@ -197,7 +197,14 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 def register(subparsers: Any) -> None:
     lab = subparsers.add_parser("lab", help="race lab: deterministic cache/DB interleavings, and a stress test",
-                                description="Replay cache/database races step by step and judge the outcome.")
+                                description="Replay cache/database races step by step and judge the outcome.",
+                                epilog="""examples:
+  cachesync lab                                   every scenario: SQLite in a temp dir + embedded Valkey
+  cachesync lab --scenario 3 --scenario 5b        one group and one variant
+  cachesync lab --list                            the scenarios and what each strategy is expected to do
+  cachesync lab --redis-url redis://127.0.0.1:6379/0 --db-url postgresql://root@127.0.0.1/test --json
+  cachesync lab stress --help                     the concurrent stress test""",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(lab)
     lab.add_argument("--scenario", action="append", metavar="ID",
                      help="run only this scenario group (1-7) or variant (e.g. 3b); repeatable (default: all)")
@@ -205,7 +212,13 @@ def register(subparsers: Any) -> None:
     lab.set_defaults(func=cmd_lab)
     sub = lab.add_subparsers(dest="lab_command", metavar="{stress}")
     st = sub.add_parser("stress", help="concurrent readers and writers per strategy",
-                        description="Many concurrent readers and writers on a few keys, for each strategy.")
+                        description="Many concurrent readers and writers on a few keys, for each strategy.",
+                        epilog="""examples:
+  cachesync lab stress                            every strategy, 2 s each, embedded Valkey + SQLite
+  cachesync lab stress --schedule seeded --rounds 500 --seed 7      reproducible counts
+  cachesync lab stress --strategies db_then_invalidate,delete_then_db --plot stress.png
+  cachesync lab stress --redis-url redis://127.0.0.1:6379/0 --db-url mysql://root@127.0.0.1/test --json""",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(st, sub=True)
     st.add_argument("--readers", type=int, default=8, help="reader threads (default 8)")
     st.add_argument("--writers", type=int, default=4, help="writer threads (default 4)")
