@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -527,3 +528,154 @@ def test_cdc_pgoutput_message_that_cannot_be_decoded_flushes_what_the_rules_cove
         cache.close()
         admin.execute("DROP DATABASE IF EXISTS ascii WITH (FORCE)")
         admin.close()
+
+
+# ---------------------------------------------------------------------------- Redis error replies (read-only replica)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server (loopback, free port); ``_fill()`` makes it refuse writes with error replies,
+    ``_free()`` makes it writable again."""
+    import shutil
+    import socket
+    import subprocess
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is needed on PATH")
+        pytest.skip("no redis-server on PATH")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    r = redis.Redis.from_url(url)
+    try:
+        wait_for(lambda: _ping(r), 10, "the private redis-server")
+        yield url
+    finally:
+        r.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def _ping(r) -> bool:
+    import redis
+
+    try:
+        return bool(r.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _fill(url: str) -> None:
+    """Make the private Redis refuse writes with an error reply: a read-only replica of an unreachable master
+    (what a client still connected to a demoted master sees after a failover)."""
+    import socket
+
+    import redis
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    r = redis.Redis.from_url(url)
+    r.execute_command("REPLICAOF", "127.0.0.1", str(dead))
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        r.set("probe", "x")
+    r.close()
+
+
+def _free(url: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    r.execute_command("REPLICAOF", "NO", "ONE")
+    r.close()
+
+
+def test_worker_retries_a_redis_error_reply_and_keeps_running(private_redis, redis_url, namespace):
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    url = private_redis
+    cache = cachesync.Cache(url, namespace=namespace)
+    bus = RedisStreamsBus(redis_url, "csh" + uuid.uuid4().hex[:10])
+    cache.set("w:1", "cached")
+    _fill(url)
+    w = Worker(bus, cache, group="g", backoff=0.01, max_backoff=0.05, max_attempts=1000)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.run(stop, timeout=0.05)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        bus.publish([Invalidation(("w:1",), "3")])
+        wait_for(lambda: w.stats["retries"] >= 2 or errors, 30, "retries of the error reply")
+        assert not errors and t.is_alive()
+        _free(url)
+        wait_for(lambda: invalidated(cache, "w:1") or errors, 30, "the invalidation once Redis is writable")
+        assert not errors and w.stats["dead"] == 0
+    finally:
+        stop.set()
+        t.join(15)
+        bus.destroy()
+        bus.close()
+        cache.close()
+
+
+def test_relay_keeps_rows_on_a_redis_error_reply(private_redis, tmp_path, namespace):
+    url = private_redis
+    db = f"sqlite:///{tmp_path}/oom.db"
+    ob = Outbox("cachesync_outbox")
+    conn = connect(db)
+    ob.init(conn)
+    cache = cachesync.Cache(url, namespace=namespace)
+    cache.set("r:1", "cached")
+    ob.record(conn, "r:1", version=2)
+    conn.commit()
+    _fill(url)
+    relay = Relay(db, cache)
+    import redis
+
+    with pytest.raises((cachesync.RedisCommandError, cachesync.InvalidationError, redis.exceptions.RedisError)):
+        relay.run_once()  # a delivery failure: recorded on the row, retried (not a database error)
+    cur = conn.cursor()
+    cur.execute("SELECT attempts, last_error FROM cachesync_outbox")
+    attempts, err = cur.fetchone()
+    conn.commit()
+    assert attempts == 1 and "read only replica" in err
+    _free(url)
+    assert relay.drain() == 1 and invalidated(cache, "r:1")
+    relay.close()
+    cache.close()
+    conn.close()
+
+
+def test_cdc_retries_a_redis_error_reply(private_redis, pg_url, namespace, tmp_path) -> None:
+    url = private_redis
+    cache = cachesync.Cache(url, namespace=namespace, tombstone_ttl=120)
+    e = Env(_Pg(), pg_url, cache, tmp_path)
+    try:
+        r = e.start()
+        cache.set("u:1", "cached")
+        _fill(url)
+        e.write(f"INSERT INTO {e.table} VALUES (1, 'a@x', 'A')")
+        wait_for(lambda: r.stats["redis_retries"] >= 2 or e.error, 30, "retries of the error reply")
+        assert e.error is None
+        _free(url)
+        e.wait_keys("u:1", "e:a@x")
+    finally:
+        e.close()
+        cache.close()

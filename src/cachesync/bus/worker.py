@@ -18,7 +18,9 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ..errors import BadDataError, InvalidationError, UsageError
+from redis.exceptions import RedisError
+
+from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
 from ..rules import Rules
 from ..sync import Cache
 from ..outbox._fault import point
@@ -122,10 +124,10 @@ class Worker:
                         self._dead(item[0], f"{type(e).__name__}: {e}")
                 self._count_malformed()
                 good = ok
-        except InvalidationError as e:
+        except (InvalidationError, RedisCommandError, RedisError) as e:  # Redis down, or an error reply (OOM...)
             for d, _, _ in good:
                 if d.attempts >= self.max_attempts:
-                    self._dead(d, f"InvalidationError after {d.attempts} attempts: {e}")
+                    self._dead(d, f"{type(e).__name__} after {d.attempts} attempts: {e}")
                 else:
                     delay = self.delay_for(d.attempts)
                     self.stats["retries"] += 1

@@ -43,9 +43,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..bus.apply import prefix_keys
-from ..errors import BadDataError, CacheUnavailableError, CachesyncError, InvalidationError, UsageError
+from ..errors import (
+    BadDataError,
+    CacheUnavailableError,
+    CachesyncError,
+    InvalidationError,
+    RedisCommandError,
+    UsageError,
+)
 from ..rules import Rules, TableRule
 from ..sync import Cache
 from .checkpoint import FileCheckpoint
@@ -319,7 +328,7 @@ class CdcRunner:
         while True:
             try:
                 return fn(*args, **kw)
-            except (InvalidationError, CacheUnavailableError, BusUnavailableError) as e:
+            except (InvalidationError, CacheUnavailableError, BusUnavailableError, RedisCommandError, RedisError) as e:
                 self.stats["redis_retries"] += 1
                 if self._stop.is_set() and self.stats["redis_retries"] > 3:
                     raise

@@ -35,11 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..bus.apply import apply_invalidations, prefix_keys
 from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
-from ..errors import BadDataError, InvalidationError, UsageError
+from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
 from ..sync import Cache
 from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, check_table, now_ms_sql
 from ._fault import point
@@ -56,7 +58,9 @@ def _pid_alive(pid: int) -> bool:
         return True
     return True
 
-_DELIVERY_ERRORS = (InvalidationError, BusUnavailableError)
+_DELIVERY_ERRORS = (InvalidationError, BusUnavailableError, RedisCommandError, RedisError)
+"""Retried with backoff, rows kept (attempts + 1, last_error): Redis or the bus down, or a Redis error reply
+(e.g. OOM when Redis is full)."""
 
 _MEMORY = 100_000
 """Row ids the fast path remembers (applied, not yet deleted; deleted recently). Forgetting one early costs only
@@ -543,7 +547,8 @@ class Relay:
         assert self.cache is not None
         try:
             apply_invalidations(self.cache, items)
-        except (InvalidationError, UsageError, BadDataError) as e:  # the claim that follows retries or parks
+        except (InvalidationError, RedisCommandError, RedisError, UsageError, BadDataError) as e:  # the claim
+            # that follows retries or parks
             log.debug("cachesync relay: fast path failed, rows left to the claim: %s", e)
             self._claim_now = True
             return 0
