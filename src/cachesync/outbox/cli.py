@@ -152,14 +152,21 @@ def cmd_relay(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, poll_interval=args.poll_interval, listen=not args.no_listen,
                   lease=args.lease, max_backoff=args.max_backoff or 5.0, fast=not args.no_fast_path,
                   claim_delay=args.claim_delay)
-    log.info("cachesync relay %s: %s -> %s", relay.relay_id, redact_url(url),
-             redact_url(args.bus) if bus else redact_url(args.redis_url))
+    from .. import health
+
+    log.info("cachesync relay %s: namespace %s, database %s, redis %s, bus %s, table %s", relay.relay_id,
+             args.namespace, redact_url(url), redact_url(args.redis_url) if cache is not None else "-",
+             redact_url(args.bus) if bus else "-", args.table)
+    daemon = health.Daemon(args)
+    checks, summary = health.instrument_relay(relay, daemon.metrics, args.namespace, daemon.ready_max_lag)
     try:
         if args.once:
             print(relay.drain())
         else:
+            daemon.start(health.log, checks, summary)
             relay.run(_stop_on_signals())
     finally:
+        daemon.stop()
         relay.close()
         if bus is not None:
             bus.close()
@@ -177,12 +184,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     rules = Rules.load(args.rules) if args.rules else None
     w = Worker(bus, cache, rules, group=args.group, consumer=args.consumer, batch_size=args.batch_size,
                max_attempts=args.max_attempts, backoff=args.backoff, max_backoff=args.max_backoff or 30.0)
+    from .. import health
+
+    log.info("cachesync worker %s: namespace %s, redis %s, bus %s (group %s), rules %s", w.consumer,
+             args.namespace, redact_url(args.redis_url), redact_url(args.bus), args.group, args.rules or "-")
+    daemon = health.Daemon(args)
+    daemon.start(health.log, *health.instrument_worker(w, daemon.metrics, args.namespace, daemon.ready_max_lag))
     try:
         w.run(_stop_on_signals())
     finally:
+        daemon.stop()
         bus.close()
         cache.close()
     return 0
+
+
+def _health_args(p: argparse.ArgumentParser) -> None:
+    from ..health import add_arguments
+
+    add_arguments(p)
 
 
 def _common(p: argparse.ArgumentParser, db: bool, cache: bool, bus: bool) -> None:
@@ -250,6 +270,7 @@ def register(subparsers: Any) -> None:
                         "rows applied (default: 0.1; 0 = after every notification)")
     p.add_argument("--lease", type=float, default=30.0, help="SQLite claim lease in seconds (default: 30)")
     p.add_argument("--once", action="store_true", help="deliver what is due, print the count and exit")
+    _health_args(p)
     p.set_defaults(func=cmd_relay, _relay=True)
 
     p = subparsers.add_parser("worker", help="consume invalidations from a bus and apply them to Redis")
@@ -263,4 +284,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=100, help="messages per batch (default: 100)")
     p.add_argument("--max-attempts", type=int, default=5, help="attempts before dead-lettering (default: 5)")
     p.add_argument("--backoff", type=float, default=0.1, help="first retry delay in seconds, doubled (default: 0.1)")
+    _health_args(p)
     p.set_defaults(func=cmd_worker)
