@@ -142,16 +142,25 @@ def _redis_check(cache: Any) -> Check:
 
 
 class _Delivery:
-    """Tracks whether the last delivery (Redis/bus) failed, through a daemon's hooks."""
+    """Tracks whether the last delivery (Redis/bus) failed, through a daemon's hooks. A failure is forgotten
+    after a success, or ``stale`` seconds without a new one (a failing daemon retries sooner than that)."""
 
-    def __init__(self) -> None:
-        self.failing: str | None = None
+    def __init__(self, stale: float = 60.0) -> None:
+        self.stale = stale
+        self._failing: str | None = None
+        self._at = 0.0
+
+    @property
+    def failing(self) -> str | None:
+        if self._failing is not None and time.monotonic() - self._at > self.stale:
+            self._failing = None
+        return self._failing
 
     def ok(self, *_: Any) -> None:
-        self.failing = None
+        self._failing = None
 
     def failed(self, e: BaseException) -> None:
-        self.failing = f"{type(e).__name__}: {e}"[:300]
+        self._failing, self._at = f"{type(e).__name__}: {e}"[:300], time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------- relay
@@ -211,11 +220,15 @@ def instrument_relay(relay: Any, metrics: Metrics, namespace: str,
                     "gauge", ("namespace",), lambda: [((namespace,), backlog()[0])])
     metrics.observe("cachesync_relay_oldest_age_seconds", "Age of the oldest waiting outbox row (database clock)",
                     "gauge", ("namespace",), lambda: [((namespace,), backlog()[1] or 0.0)])
-    delivery = _Delivery()
+    from .bus import BusUnavailableError
+    from .errors import InvalidationError
+
+    delivery = _Delivery(2 * relay.max_backoff + relay.poll_interval + 1.0)
     prev_err, prev_batch = relay.on_error, relay.on_batch
 
     def on_error(e: BaseException) -> None:
-        delivery.failed(e)
+        if isinstance(e, (InvalidationError, BusUnavailableError)):  # database errors: the database check
+            delivery.failed(e)
         if prev_err is not None:
             prev_err(e)
 
@@ -230,7 +243,7 @@ def instrument_relay(relay: Any, metrics: Metrics, namespace: str,
         try:
             _, _, due_age = backlog()
         except Exception as e:
-            return f"database {redact_url(relay.db_url)} unreachable: {type(e).__name__}"
+            return f"database {redact_url(relay.db_url)}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if due_age is not None and due_age > ready_max_lag:
             return f"oldest due outbox row is {due_age:.1f} s old (> --ready-max-lag {ready_max_lag:g})"
         return None
