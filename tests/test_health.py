@@ -246,3 +246,49 @@ def test_worker_metrics_move_with_traffic(redis_url, namespace):
         r.close()
         bus.close()
     assert f"namespace {namespace}" in out
+
+
+@pytest.mark.timeout(120)
+def test_cdc_metrics_move_with_traffic(pg_url, redis_url, namespace, tmp_path):
+    from test_cdc_postgres import drop_slot_and_publication
+
+    table = "cdcm_" + uuid.uuid4().hex[:10]
+    slot = "cs_" + table
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f'[tables.{table}]\nkeys = ["k:{{id}}"]\n')
+    conn = connect(pg_url)
+    cur = conn.cursor()
+    cur.execute(f"CREATE TABLE {table} (id INT PRIMARY KEY, v INT)")
+    cur.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    conn.commit()
+    lab = (("namespace", namespace),)
+    d = Daemon(["cdc", "--db-url", pg_url, "--redis-url", redis_url, "--rules", str(rules), "--namespace", namespace,
+                "--checkpoint", str(tmp_path / "cp.json"), "--stats-interval", "0", "--slot", slot,
+                "--publication", slot])
+    try:
+        wait_for(lambda: get(d.port, "/readyz")[0] == 200, 30, "ready")
+        wait_for(lambda: (tmp_path / "cp.json").exists(), 30, "the first checkpoint")
+        for i in range(5):
+            cur.execute(f"INSERT INTO {table} (id, v) VALUES ({i}, 1)")
+            conn.commit()
+        wait_for(lambda: scrape(d.port).get(("cachesync_cdc_transactions_applied_total", lab)) == 5, 30,
+                 "5 transactions applied")
+        got = scrape(d.port)
+        assert got[("cachesync_cdc_transactions_read_total", lab)] == 5
+        assert got[("cachesync_cdc_changes_applied_total", lab)] == 5
+        assert got[("cachesync_cdc_keys_invalidated_total", lab)] == 5
+        assert got[("cachesync_cdc_position", lab)] > 0
+        assert got[("cachesync_cdc_lag_seconds", lab)] >= 0
+        assert got[("cachesync_cdc_lag_bytes", lab)] >= 0
+        assert got[("cachesync_cdc_checkpoint_age_seconds", lab)] >= 0
+        wait_for(lambda: "cachesync cdc: read 5 transactions" in d.output(), 10, "the summary line")
+    finally:
+        out = d.close()
+        drop_slot_and_publication(pg_url, slot, slot)
+        cur.execute(f"DROP TABLE {table}")
+        conn.commit()
+        conn.close()
+        r = redis.Redis.from_url(redis_url)
+        r.delete(*[entry_key(namespace, f"k:{i}") for i in range(5)])
+        r.close()
+    assert f"namespace {namespace}" in out and table in out

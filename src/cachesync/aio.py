@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import cache_metrics as _cm
 from . import protocol as P
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, InvalidationError, UsageError
@@ -72,13 +74,15 @@ class AsyncCache:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
                  scheduler: AsyncScheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
-                 **options: Any) -> None:
+                 record_namespace: bool = True, **options: Any) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, aredis, socket_timeout=False)
         self._watchdog = _Watchdog(self.options.socket_timeout)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
+        self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
+        self._unrecorded = record_namespace  # recorded in Redis by the first read (needs a running loop)
         self._flights: dict[str, list[asyncio.Future[P.Entry]]] = {}
         self._fallback: asyncio.Semaphore | None = None
         self._scheduler = scheduler
@@ -136,6 +140,7 @@ class AsyncCache:
             elif t is P.Load:
                 assert loader is not None
                 args = () if eff.keys is None else (eff.keys,)
+                t0 = time.perf_counter() if self._metrics is not None else 0.0
                 try:
                     if eff.fallback:
                         if self._fallback is None:
@@ -146,6 +151,8 @@ class AsyncCache:
                         send = await _call(loader, *args)
                 except Exception as e:
                     throw = e
+                if self._metrics is not None:
+                    self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
             elif t is P.Schedule:
                 self._schedule(eff)
             else:  # pragma: no cover
@@ -178,6 +185,11 @@ class AsyncCache:
         task.add_done_callback(self._tasks.discard)
 
     async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry]]) -> P.Entry:
+        if self._unrecorded:
+            self._unrecorded = False
+            task = asyncio.get_running_loop().create_task(_cm.record_namespace_async(self))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if not self.options.singleflight:
             return await fn()
         waiters = self._flights.get(key)
@@ -188,6 +200,7 @@ class AsyncCache:
             res = await w
             if res is _RETRY:  # the leader was cancelled: one of us leads now
                 return await self._single(key, fn)
+            _cm.joined(self.ctx.stats, res)
             return res
         waiters = self._flights[key] = []
         try:

@@ -326,6 +326,195 @@ def instrument_worker(worker: Any, metrics: Metrics, namespace: str,
                                    f"lag {bus.last_lag:.1f} s")
 
 
+# ---------------------------------------------------------------------------------------------- cdc
+
+CDC_STATS = {
+    "transactions": ("cdc_transactions_applied", "Committed transactions whose keys the CDC reader invalidated"),
+    "changes": ("cdc_changes_applied", "Row changes (events) applied by the CDC reader"),
+    "keys": ("cdc_keys_invalidated", "Keys invalidated (or published) by the CDC reader"),
+    "reconnects": ("cdc_reconnects", "Reconnections of the CDC reader to the database"),
+    "missing_old_image": ("cdc_missing_old_image", "Changes without the old values of key columns"),
+    "skipped": ("cdc_skipped_events", "Events the CDC reader skipped (unusable; logged)"),
+}
+
+
+class _ObservedSource:
+    """The CDC source, seen through: counts the transactions and events read from the log."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.transactions = 0
+        self.changes = 0
+
+    def stream(self, position: Any) -> Any:
+        for txn in self._source.stream(position):
+            self.transactions += 1
+            self.changes += len(txn.changes)
+            yield txn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+
+class _ObservedCheckpoint:
+    def __init__(self, cp: Any) -> None:
+        self._cp = cp
+        self.saved_at: float | None = None
+
+    def save(self, *a: Any, **kw: Any) -> Any:
+        out = self._cp.save(*a, **kw)
+        self.saved_at = time.time()
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cp, name)
+
+
+def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
+                   ready_max_lag: float = DEFAULT_READY_MAX_LAG) -> tuple[dict[str, Check], Callable[[], str]]:
+    """Export the CDC runner's stats, lag, position and checkpoint age; return its readiness checks and summary
+    line. Call before ``runner.run()``."""
+    from .db import POSTGRESQL, connect, dialect_of
+
+    st = runner.stats
+    _stats(metrics, "cachesync", st, CDC_STATS, namespace)
+    src = runner.source = _ObservedSource(runner.source)
+    cp = runner.checkpoint = _ObservedCheckpoint(runner.checkpoint)
+    lab = (namespace,)
+    metrics.observe("cachesync_cdc_transactions_read_total", "Committed transactions read from the log", "counter",
+                    ("namespace",), lambda: [(lab, src.transactions)])
+    metrics.observe("cachesync_cdc_changes_read_total", "Row changes (events) read from the log", "counter",
+                    ("namespace",), lambda: [(lab, src.changes)])
+    metrics.observe("cachesync_cdc_lag_seconds", "Apply time minus commit time of the last applied transaction",
+                    "gauge", ("namespace",),
+                    lambda: [] if st.get("lag_ms") is None else [(lab, st["lag_ms"] / 1000)])
+    metrics.observe("cachesync_cdc_checkpoint_age_seconds", "Seconds since the last checkpoint was saved", "gauge",
+                    ("namespace",), lambda: [] if cp.saved_at is None else [(lab, time.time() - cp.saved_at)])
+
+    def position() -> float | None:
+        pos = st.get("position") or {}
+        v = pos.get("lsn", pos.get("pos"))
+        return None if v is None else float(v)
+
+    metrics.observe("cachesync_cdc_position", "Applied log position (PostgreSQL: LSN; MariaDB: binlog offset)",
+                    "gauge", ("namespace",), lambda: [] if position() is None else [(lab, position() or 0.0)])
+    lock = threading.Lock()
+    conn: list[Any] = []
+    pg = dialect_of(db_url) is POSTGRESQL
+
+    def server_lsn() -> float | None:
+        with lock:
+            try:
+                if not conn:
+                    conn.append(connect(db_url))
+                cur = conn[0].cursor()
+                try:
+                    cur.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn" if pg else "SELECT 1")
+                    v = cur.fetchone()[0]
+                finally:
+                    cur.close()
+                conn[0].commit()
+            except Exception:
+                if conn:
+                    try:
+                        conn.pop().close()
+                    except Exception:
+                        pass
+                raise
+        return float(v) if pg else None
+
+    if pg:
+        metrics.observe("cachesync_cdc_lag_bytes", "PostgreSQL: WAL bytes between the server's position and the "
+                        "applied one", "gauge", ("namespace",),
+                        lambda: [] if position() is None else [(lab, max(0.0, (server_lsn() or 0.0) -
+                                                                         (position() or 0.0)))])
+
+    def db() -> str | None:
+        try:
+            server_lsn()
+        except Exception as e:
+            return f"database {redact_url(db_url)}: {type(e).__name__}"
+        lag = st.get("lag_ms")
+        if lag is not None and lag / 1000 > ready_max_lag:
+            return f"replication lag {lag / 1000:.1f} s (> --ready-max-lag {ready_max_lag:g})"
+        return None
+
+    checks: dict[str, Check] = {"database": db, "redis": _redis_check(runner.cache)}
+    return checks, lambda: (f"cachesync cdc: read {src.transactions} transactions ({src.changes} changes), applied "
+                            f"{st['transactions']} ({st['changes']} changes, {st['keys']} keys), lag "
+                            f"{(st.get('lag_ms') or 0) / 1000:.3f} s, reconnects {st['reconnects']}")
+
+
+# ---------------------------------------------------------------------------------------------- misconfiguration
+
+
+def check_namespace(redis_client: Any, namespace: str, metrics: Metrics, logger: logging.Logger,
+                    what: str) -> bool:
+    """Warn (WARNING) when no cache has recorded ``namespace`` in this Redis within the last week: the daemon
+    would invalidate keys nobody reads. Exports ``cachesync_namespace_seen{namespace}`` (1/0, read at scrape
+    time). Returns whether the namespace is known; Redis errors count as known (the readiness check reports
+    them)."""
+    from .cache_metrics import seen_key
+
+    key = seen_key(namespace)
+
+    def seen() -> bool:
+        try:
+            return bool(redis_client.exists(key))
+        except Exception:
+            return True
+
+    metrics.observe("cachesync_namespace_seen", "1 when a cache recorded this namespace in Redis in the last "
+                    "7 days (0: the daemon invalidates keys no application reads)", "gauge", ("namespace",),
+                    lambda: [((namespace,), 1.0 if seen() else 0.0)])
+    ok = seen()
+    if not ok:
+        logger.warning("cachesync %s: no cache has used namespace %r in this Redis in the last 7 days (no %s key): "
+                       "its invalidations reach no application. Check --namespace (a Cache records its namespace "
+                       "when it starts).", what, namespace, key)
+    return ok
+
+
+def missing_tables(db_url: str, tables: list[str]) -> list[str]:
+    """The tables of ``tables`` the database lacks (each probed with ``SELECT 1 FROM t WHERE 1 = 0``)."""
+    from .db import connect
+
+    conn = connect(db_url)
+    missing = []
+    try:
+        for t in tables:
+            cur = conn.cursor()
+            try:
+                cur.execute(f"SELECT 1 FROM {t} WHERE 1 = 0")
+                cur.fetchall()
+            except Exception:
+                missing.append(t)
+            finally:
+                cur.close()
+            conn.rollback()
+    finally:
+        conn.close()
+    return missing
+
+
+def check_tables(db_url: str, tables: list[str], metrics: Metrics, namespace: str, logger: logging.Logger,
+                 what: str) -> list[str]:
+    """Warn about rule tables the database lacks; export ``cachesync_rules_missing_tables{namespace}``."""
+    try:
+        missing = missing_tables(db_url, tables)
+    except Exception as e:
+        logger.warning("cachesync %s: could not check the rules' tables in %s: %s", what, redact_url(db_url),
+                       type(e).__name__)
+        return []
+    n = float(len(missing))
+    metrics.observe("cachesync_rules_missing_tables", "Tables named by the rules that the database lacks (at start)",
+                    "gauge", ("namespace",), lambda: [((namespace,), n)])
+    if missing:
+        logger.warning("cachesync %s: the rules name tables that %s lacks: %s (their changes can never be seen; "
+                       "check the rules file and --db-url)", what, redact_url(db_url), ", ".join(missing))
+    return missing
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import cache_metrics as _cm
 from . import protocol as P
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, InvalidationError
@@ -54,12 +56,13 @@ class Cache:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
                  scheduler: Scheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
-                 **options: Any) -> None:
+                 record_namespace: bool = True, **options: Any) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, redis)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
+        self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._flights: dict[str, _Flight] = {}
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
@@ -67,6 +70,8 @@ class Cache:
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Sync(self, l1_options, owned_url)
+        if record_namespace:
+            _cm.record_namespace_sync(self)
 
     # ------------------------------------------------------------------ driver
 
@@ -98,6 +103,7 @@ class Cache:
                     throw = P.RedisDown(e)
             elif t is P.Load:
                 assert loader is not None
+                t0 = time.perf_counter() if self._metrics is not None else 0.0
                 try:
                     if eff.fallback:
                         with self._fallback:
@@ -106,6 +112,8 @@ class Cache:
                         send = loader() if eff.keys is None else loader(eff.keys)
                 except Exception as e:
                     throw = e
+                if self._metrics is not None:
+                    self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
             elif t is P.Schedule:
                 self._schedule(eff)
             else:  # pragma: no cover
@@ -134,6 +142,7 @@ class Cache:
                 pass
             if f.exc is not None:
                 raise f.exc
+            _cm.joined(self.ctx.stats, f.result)
             return f.result  # type: ignore[no-any-return]
         try:
             mine.result = fn()

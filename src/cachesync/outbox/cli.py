@@ -40,7 +40,7 @@ def _cache(args: argparse.Namespace) -> Any:
     from ..sync import Cache
 
     url = _need(args.redis_url, "--redis-url", "CACHESYNC_REDIS_URL")
-    return Cache(url, namespace=args.namespace, tombstone_ttl=args.tombstone_ttl)
+    return Cache(url, namespace=args.namespace, tombstone_ttl=args.tombstone_ttl, record_namespace=False)
 
 
 def _bus(url: str, args: argparse.Namespace) -> Any:
@@ -159,6 +159,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
              redact_url(args.bus) if bus else "-", args.table)
     daemon = health.Daemon(args)
     checks, summary = health.instrument_relay(relay, daemon.metrics, args.namespace, daemon.ready_max_lag)
+    if cache is not None:
+        health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "relay")
     try:
         if args.once:
             print(relay.drain())
@@ -189,6 +191,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("cachesync worker %s: namespace %s, redis %s, bus %s (group %s), rules %s", w.consumer,
              args.namespace, redact_url(args.redis_url), redact_url(args.bus), args.group, args.rules or "-")
     daemon = health.Daemon(args)
+    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "worker")
     daemon.start(health.log, *health.instrument_worker(w, daemon.metrics, args.namespace, daemon.ready_max_lag))
     try:
         w.run(_stop_on_signals())
