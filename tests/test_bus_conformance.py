@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cachesync.errors import BadDataError
 from cachesync.bus import Bus, BusError, BusUnavailableError, Invalidation, open_bus
 from test_outbox import free_port, wait_for
 
@@ -87,7 +88,7 @@ class BusConformance:
             Invalidation()
         with pytest.raises(BusError):
             Invalidation("abc")  # type: ignore[arg-type]
-        with pytest.raises(BusError):
+        with pytest.raises(BadDataError):  # data from the wire: not the caller's misuse
             Invalidation.decode(b"not json")
 
 
@@ -242,8 +243,11 @@ class TestRabbitMQBus(BusConformance):
             got = bus.consume("g", "c", 10, 2.0)
             assert [d.message.keys for d in got] == [("p",)]  # the undecodable one went to the dead letters
             bus.dead_letter(got[0], "boom")
-            for _ in range(2):  # inspecting leaves them in place
-                assert [(dl.message.keys, dl.reason, dl.attempts) for dl in bus.dead_letters()] == [(("p",), "boom", 1)]
+            for _ in range(2):  # inspecting leaves them in place; the undecodable one is listed with its body
+                dls = bus.dead_letters()
+                assert [(dl.message.keys, dl.reason, dl.attempts) for dl in dls if dl.message] == [(("p",), "boom", 1)]
+                assert [(dl.body, dl.reason.split(":")[0]) for dl in dls if not dl.message] == [
+                    (b"not json", "BadDataError")]
             ch = conn.channel()
             assert ch.queue_declare(f"{bus.name}.dead", passive=True).method.message_count == 2
             ch.close()

@@ -83,3 +83,10 @@ class InvalidationError(CachesyncError):
         if cause is not None:
             msg += f" ({type(cause).__name__}: {cause})"
         super().__init__(msg)
+
+
+class BadDataError(CachesyncError, ValueError):
+    """Data read from outside (an outbox row, a bus message, a replication event) that cannot be used: not
+    decodable, a field missing or of the wrong type, a non-numeric version, a key the cache refuses. Not the
+    caller's misuse and not retryable: a daemon parks the item (relay), dead-letters it (worker) or records and
+    skips it (cdc), and carries on with the others."""

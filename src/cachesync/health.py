@@ -264,6 +264,7 @@ WORKER_STATS = {
     "messages": ("worker_applied", "Bus messages applied to Redis and acked"),
     "retries": ("worker_retries", "Bus messages nacked for a retry after a failed apply"),
     "dead": ("worker_dead_lettered", "Bus messages moved to the dead-letter stream"),
+    "malformed": ("worker_malformed", "Bus messages that could not be decoded (dead-lettered with their raw body)"),
 }
 
 
@@ -335,6 +336,8 @@ CDC_STATS = {
     "reconnects": ("cdc_reconnects", "Reconnections of the CDC reader to the database"),
     "missing_old_image": ("cdc_missing_old_image", "Changes without the old values of key columns"),
     "skipped": ("cdc_skipped_events", "Events the CDC reader skipped (unusable; logged)"),
+    "undecodable_events": ("cdc_undecodable_events", "MariaDB row events the binlog decoder could not read (every "
+                           "key of their table invalidated)"),
 }
 
 

@@ -40,10 +40,12 @@ def wake_key(ekey: str) -> str:
 
 
 def user_key(ns: str, ekey: str) -> str:
-    """Invert :func:`entry_key`."""
+    """Invert :func:`entry_key`. A plain key has no brace, so its only ``}`` ends the Redis key (``{#a}`` is the
+    key ``#a``); a ``}`` before the end closes a digest tag (``{#<sha1>}a{b`` is the key ``a{b``)."""
     rest = ekey[len(ns) + 4:]
-    if rest.startswith("{#"):
-        return rest[rest.index("}") + 1:]
+    i = rest.find("}")
+    if rest.startswith("{#") and 0 <= i < len(rest) - 1:
+        return rest[i + 1:]
     return rest[1:-1]
 
 

@@ -51,7 +51,13 @@ class TableRule:
     def build(table: str, keys: Iterable[str], version: str | None = None) -> TableRule:
         if not isinstance(table, str) or not table:
             raise RuleError(f"table name must be a non-empty string, got {table!r}")
-        ks = tuple(keys)
+        if isinstance(keys, (str, bytes)):
+            raise RuleError(f"table {table!r}: keys must be a list of key templates, not the string {keys!r} "
+                            f"(write keys = [{keys!r}])")
+        try:
+            ks = tuple(keys)
+        except TypeError:
+            raise RuleError(f"table {table!r}: keys must be a list of key templates, got {keys!r}") from None
         if not ks:
             raise RuleError(f"table {table!r}: no key templates")
         cols: set[str] = set()
@@ -71,7 +77,15 @@ class TableRule:
         if missing:
             raise RuleError(f"table {self.table!r}: row has no column(s) {sorted(missing)} needed by key templates "
                             f"{list(self.keys)} (row columns: {sorted(row)})")
-        return [t.format(**{c: row[c] for c in self.columns}) for t in self.keys]
+        return [self._format(t, row) for t in self.keys]
+
+    def _format(self, template: str, row: Mapping[str, Any]) -> str:
+        """``template`` formatted with ``row``; a value its format spec cannot take raises :class:`RuleError`."""
+        try:
+            return template.format(**{f: row[f] for f in _fields(template)})
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise RuleError(f"table {self.table!r}: key template {template!r} cannot format the row "
+                            f"({type(e).__name__}: {e})") from None
 
     def keys_for_images(self, old: Mapping[str, Any] | None,
                         new: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
@@ -84,7 +98,7 @@ class TableRule:
             fs = _fields(t)
             for row in (old, new):
                 if row is not None and all(f in row for f in fs):
-                    keys.append(t.format(**{f: row[f] for f in fs}))
+                    keys.append(self._format(t, row))
             if old is not None and not all(f in old for f in fs):
                 missing.append(t)
         return list(dict.fromkeys(keys)), missing

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CachesyncError, UsageError
+from ..errors import BadDataError, CachesyncError, UsageError
 
 
 class BusError(UsageError):
@@ -79,16 +80,71 @@ class Invalidation:
 
     @staticmethod
     def decode(data: bytes | str) -> Invalidation:
-        """Inverse of :meth:`encode`; raises :class:`BusError` for a malformed message."""
+        """Inverse of :meth:`encode`; raises :class:`~cachesync.errors.BadDataError` for a malformed message
+        (not UTF-8 JSON, not an object, ``k`` not a list of non-empty strings, ``v`` not a finite number or
+        numeric string, ``t`` not a string, ``o``/``n`` not objects, neither keys nor a table change)."""
         try:
             d = json.loads(data)
             if not isinstance(d, dict):
                 raise ValueError("not a JSON object")
+            ks = d.get("k", [])
+            if not isinstance(ks, list):
+                raise ValueError(f"keys ('k') must be a list of keys, not {type(ks).__name__} {ks!r:.80}")
+            for k in ks:
+                if not isinstance(k, str) or not k:
+                    raise ValueError(f"every key ('k') must be a non-empty string, got {k!r:.80}")
             v = d.get("v")
-            return Invalidation(tuple(d.get("k", ())), None if v is None else str(v), d.get("t"), d.get("o"),
-                                d.get("n"))
-        except (ValueError, TypeError) as e:
-            raise BusError(f"malformed invalidation message {data[:200]!r}: {e}") from None
+            if v is not None:
+                v = checked_version(v)
+            t, o, n = d.get("t"), d.get("o"), d.get("n")
+            if t is not None and not isinstance(t, str):
+                raise ValueError(f"table ('t') must be a string, got {t!r:.80}")
+            for name, img in (("o", o), ("n", n)):
+                if img is not None and not isinstance(img, dict):
+                    raise ValueError(f"row image ({name!r}) must be an object, got {img!r:.80}")
+            return Invalidation(tuple(ks), v, t, o, n)
+        except (ValueError, TypeError, RecursionError, UsageError) as e:  # UnicodeDecodeError is a ValueError
+            raise BadDataError(f"malformed invalidation message {data[:200]!r}: {e}") from None
+
+
+def checked_version(v: Any) -> str:
+    """A version read from outside (a message, an outbox row, a replication event) as the decimal string the
+    scripts compare: ints, finite floats, Decimals, datetimes (epoch microseconds, as
+    :func:`cachesync.protocol.encode_version`) and finite numeric strings; raises
+    :class:`~cachesync.errors.BadDataError` naming the value otherwise (``"abc"``, ``"nan"``, bytes, lists...)."""
+    from ..protocol import encode_version
+
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            v = bytes(v).decode("ascii")
+        except UnicodeDecodeError:
+            raise BadDataError(f"version {bytes(v)[:40]!r} is not a number") from None
+    try:
+        s = encode_version(v)
+    except UsageError as e:
+        raise BadDataError(f"version {v!r:.80} is not a number: {e}") from None
+    try:
+        f = float(s)
+    except (ValueError, OverflowError):
+        raise BadDataError(f"version {v!r:.80} is not a number") from None
+    if not math.isfinite(f):
+        raise BadDataError(f"version {v!r:.80} is not a finite number")
+    return s
+
+
+def checked_keys(keys: Any, max_key_bytes: int) -> list[str]:
+    """Keys read from outside, validated as the cache will (a list of non-empty strings of at most
+    ``max_key_bytes`` UTF-8 bytes); raises :class:`~cachesync.errors.BadDataError` naming the first bad one."""
+    from ..keys import check_key
+
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, (list, tuple)):
+        raise BadDataError(f"keys must be a list of keys, not {type(keys).__name__} {keys!r:.80}")
+    for k in keys:
+        try:
+            check_key(k, max_key_bytes)
+        except UsageError as e:
+            raise BadDataError(str(e)) from None
+    return list(keys)
 
 
 @dataclass
@@ -105,17 +161,21 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A message parked after its last attempt, with the ``reason`` (the last error)."""
+    """A message parked after its last attempt, with the ``reason`` (the last error). ``message`` is ``None``
+    for a message that could not be decoded; ``body`` is then its raw bytes (for an operator to inspect)."""
 
-    message: Invalidation
+    message: Invalidation | None
     reason: str
     attempts: int
+    body: bytes = b""
 
 
 class Bus(abc.ABC):
     """The bus interface (see the module docstring). Implementations are thread-compatible, not thread-safe."""
 
     name: str
+    malformed: int = 0
+    """Messages this bus object found undecodable and dead-lettered itself while consuming (never delivered)."""
 
     @abc.abstractmethod
     def publish(self, batch: Sequence[Invalidation]) -> None:
@@ -184,4 +244,5 @@ def open_bus(url: str, name: str = "cachesync", claim_idle: float = 30.0) -> Bus
     raise BusError(f"bus URL {redact_url(url)!r}: unknown scheme {scheme!r}; use redis://, nats:// or amqp://")
 
 
-__all__ = ["Bus", "BusError", "BusUnavailableError", "DeadLetter", "Delivery", "Invalidation", "open_bus"]
+__all__ = ["Bus", "BusError", "BusUnavailableError", "DeadLetter", "Delivery", "Invalidation", "checked_keys", "checked_version",
+           "open_bus"]

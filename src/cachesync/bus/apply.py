@@ -10,7 +10,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import protocol as P
-from ..errors import InvalidationError
+from ..errors import InvalidationError, UsageError
 from ..keys import entry_key, user_key
 from ..scripts import SCRIPTS
 from ..sync import Cache
@@ -76,22 +76,34 @@ def iter_prefix_keys(cache: Cache, prefixes: Sequence[str]) -> Iterator[str]:
     """Every key of ``cache``'s namespace that starts with one of ``prefixes``, each once (SCAN of the entry
     hashes; ``""`` matches every key). Raises :class:`InvalidationError` when Redis cannot be reached."""
     ns = cache.ctx.ns
+    if isinstance(prefixes, str):
+        raise UsageError(f"prefixes must be a list of key prefixes, not the string {prefixes!r}")
+    ens = _glob_escape(ns)
     pats: set[str] = set()
     for p in dict.fromkeys(prefixes):
-        esc = "".join("\\" + c if c in "*?[]\\" else c for c in p)
-        pats.add(f"cs:{ns}:{{{esc}*")
-        pats.add(f"cs:{ns}:{{#*}}{esc}*")
+        esc = _glob_escape(p)
+        if "{" not in p and "}" not in p:
+            pats.add(f"cs:{ens}:{{{esc}*")  # plain keys (no brace), including those that start with '#'
+        pats.add(f"cs:{ens}:{{#{'?' * 16}}}{esc}*")  # keys with a brace: digest hash tag, then the key
     seen: set[str] = set()
     try:
         for pat in sorted(pats):
             for raw in cache.redis.scan_iter(match=pat, count=1000):
-                rk = raw.decode() if isinstance(raw, bytes) else str(raw)
+                try:
+                    rk = raw.decode() if isinstance(raw, bytes) else str(raw)
+                except UnicodeDecodeError:  # not a cachesync key (those are UTF-8)
+                    continue
                 k = user_key(ns, rk)
                 if entry_key(ns, k) == rk and k not in seen and any(k.startswith(p) for p in prefixes):
                     seen.add(k)  # not a wake list; SCAN may return a key twice
                     yield k
     except (RedisConnectionError, RedisTimeoutError) as e:
         raise InvalidationError([f"{p}*" for p in prefixes], e) from e
+
+
+def _glob_escape(s: str) -> str:
+    """``s`` as a literal in a Redis SCAN MATCH pattern (``* ? [ ] \\`` escaped)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 def prefix_keys(cache: Cache, prefixes: Sequence[str]) -> list[str]:

@@ -15,13 +15,17 @@ synchronous like the rest of the relay and worker.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .._driver import encode_userinfo, redact_url
+from ..errors import BadDataError
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
+
+log = logging.getLogger("cachesync.bus")
 
 T = TypeVar("T")
 
@@ -120,9 +124,12 @@ class NatsJetStreamBus(Bus):
             for m in msgs:
                 md = m.metadata
                 try:
-                    inv = Invalidation.decode(m.data)
-                except BusError as e:
-                    await self._dead(m, m.data, str(e), md.num_delivered)
+                    inv = Invalidation.decode(m.data or b"")
+                except BadDataError as e:  # never decodable: dead-lettered at once, never redelivered
+                    log.error("NATS bus %r: malformed message %s of group %r dead-lettered: %s", self.name,
+                              md.sequence.stream, group, e)
+                    await self._dead(m, m.data or b"", f"BadDataError: {e}", md.num_delivered)
+                    self.malformed += 1
                     continue
                 out.append(Delivery(str(md.sequence.stream), inv, int(md.num_delivered), group, raw=m))
             return out
@@ -161,8 +168,15 @@ class NatsJetStreamBus(Bus):
                 except NotFoundError:
                     break
                 h = m.headers or {}
-                out.append(DeadLetter(Invalidation.decode(m.data or b""), h.get("Cachesync-Reason", ""),
-                                      int(h.get("Cachesync-Attempts", "0"))))
+                try:
+                    msg: Invalidation | None = Invalidation.decode(m.data or b"")
+                except BadDataError:
+                    msg = None
+                try:
+                    attempts = int(h.get("Cachesync-Attempts", "0"))
+                except ValueError:
+                    attempts = 0
+                out.append(DeadLetter(msg, h.get("Cachesync-Reason", ""), attempts, m.data or b""))
                 seq = int(m.seq or 0) + 1
             return out
 

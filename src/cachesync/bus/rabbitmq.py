@@ -33,7 +33,7 @@ Delivery guarantees:
   waits for the next one with a short-lived ``basic.consume`` (prefetch 1, no polling), then takes the rest.
   ``attempts`` is 1 plus the header ``cachesync-attempts`` that ``nack`` sets (a redelivery after a takeover
   keeps the count). A message that is not an :class:`~cachesync.bus.Invalidation` is moved to the dead-letter
-  queue at once (and skipped, with a warning, by ``dead_letters()``).
+  queue at once (``dead_letters()`` lists it with ``message=None`` and its raw ``body``).
 * ``ack`` commits the acks (synchronous: an error is raised, not lost).
 * ``nack(d, delay)`` publishes a copy with ``cachesync-attempts`` and a per-message ``expiration`` of ``delay``
   to the delay queue of the delay's bucket, then acks the original. When the copy expires RabbitMQ dead-letters
@@ -86,6 +86,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from .._driver import encode_userinfo, redact_url, url_secrets
+from ..errors import BadDataError
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 log = logging.getLogger("cachesync.bus.rabbitmq")
@@ -450,11 +451,12 @@ class RabbitMQBus(Bus):
             prior = 0
         try:
             msg = Invalidation.decode(body)
-        except BusError as e:
-            log.warning("RabbitMQ bus %r: undecodable message in group %r moved to %s: %s", self.name, group,
-                        self.dead_queue, e)
+        except BadDataError as e:  # never decodable: dead-lettered at once, never redelivered
+            log.error("RabbitMQ bus %r: malformed message in group %r dead-lettered to %s: %s", self.name, group,
+                      self.dead_queue, e)
+            self.malformed += 1
             link.ch.basic_publish("", self.dead_queue, body, self._props(
-                {_REASON: str(e)[:4000], _ATTEMPTS: prior + 1, _GROUP_H: group}), mandatory=True)
+                {_REASON: f"BadDataError: {e}"[:4000], _ATTEMPTS: prior + 1, _GROUP_H: group}), mandatory=True)
             link.commit()
             link.ch.basic_ack(method.delivery_tag)
             link.ch.tx_commit()
@@ -590,7 +592,6 @@ class RabbitMQBus(Bus):
             tmp = link.conn.channel()  # closed without acking: RabbitMQ puts the messages back in place
             try:
                 out: list[DeadLetter] = []
-                skipped = 0
                 while len(out) < limit:
                     method, props, body = tmp.basic_get(self.dead_queue, auto_ack=False)
                     if method is None:
@@ -598,15 +599,15 @@ class RabbitMQBus(Bus):
                     h = props.headers or {}
                     reason = h.get(_REASON, "")
                     try:
-                        msg = Invalidation.decode(body)
-                    except BusError:
-                        skipped += 1
-                        continue
-                    out.append(DeadLetter(msg, reason.decode() if isinstance(reason, bytes) else str(reason),
-                                          int(h.get(_ATTEMPTS, 0))))
-                if skipped:
-                    log.warning("RabbitMQ bus %r: %d undecodable dead letter(s) in %s not shown", self.name,
-                                skipped, self.dead_queue)
+                        msg: Invalidation | None = Invalidation.decode(body)
+                    except BadDataError:
+                        msg = None
+                    try:
+                        attempts = int(h.get(_ATTEMPTS, 0))
+                    except (TypeError, ValueError):
+                        attempts = 0
+                    out.append(DeadLetter(msg, reason.decode(errors="replace") if isinstance(reason, bytes)
+                                          else str(reason), attempts, bytes(body or b"")))
                 return out
             finally:
                 if tmp.is_open:

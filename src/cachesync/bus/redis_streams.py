@@ -11,6 +11,7 @@ Durability is Redis's: ``publish`` returns once Redis accepted the ``XADD``; run
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +22,10 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._driver import check_redis_url, redact_url, scrub
+from ..errors import BadDataError
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
+
+log = logging.getLogger("cachesync.bus")
 
 _DOWN = (RedisConnectionError, RedisTimeoutError)
 
@@ -116,13 +120,31 @@ class RedisStreamsBus(Bus):
                 raise
         self._groups.add(group)
 
-    @staticmethod
-    def _delivery(group: str, mid: Any, fields: Any) -> Delivery:
+    def _delivery(self, group: str, mid: Any, fields: Any) -> Delivery | None:
         if isinstance(fields, list):
             fields = dict(zip(fields[::2], fields[1::2], strict=False))
         sid = mid.decode() if isinstance(mid, bytes) else str(mid)
-        prior = int(fields.get(b"a", b"0"))
-        return Delivery(sid, Invalidation.decode(fields[b"m"]), prior + 1, group, raw=fields[b"m"])
+        try:
+            prior = int(fields.get(b"a", b"0"))
+        except (TypeError, ValueError):
+            prior = 0
+        body = fields.get(b"m")
+        try:
+            if not isinstance(body, bytes):
+                raise BadDataError(f"stream entry {sid} has no 'm' field (fields: {sorted(fields)!r:.200})")
+            return Delivery(sid, Invalidation.decode(body), prior + 1, group, raw=body)
+        except BadDataError as e:  # never decodable: dead-lettered at once with the raw body, never redelivered
+            log.error("Redis Streams bus %r: malformed message %s of group %r dead-lettered: %s", self.name, sid,
+                      group, e)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.execute_command("XADD", self.dead_key, "*", "m", body if isinstance(body, bytes) else b"",
+                                 "reason", f"BadDataError: {e}", "attempts", prior + 1)
+            pipe.execute_command("XACK", self.stream, group, sid)
+            if self.delete_on_ack:
+                pipe.execute_command("XDEL", self.stream, sid)
+            pipe.execute()
+            self.malformed += 1
+            return None
 
     def consume(self, group: str, consumer: str, max_messages: int = 100, timeout: float = 1.0) -> list[Delivery]:
         if not group or not consumer:
@@ -146,7 +168,7 @@ class RedisStreamsBus(Bus):
                                          self._cursor.get(group, "0-0"), "COUNT", max_messages)
             cur = res[0].decode() if isinstance(res[0], bytes) else str(res[0])
             self._cursor[group] = cur
-            out += [self._delivery(group, mid, f) for mid, f in res[1] if f]
+            out += [d for mid, f in res[1] if f and (d := self._delivery(group, mid, f)) is not None]
             if cur == "0-0":
                 self._next_claim[group] = now + self.claim_idle / 2
         if len(out) < max_messages:
@@ -159,7 +181,7 @@ class RedisStreamsBus(Bus):
                     args += ["BLOCK", max(1, int(wait * 1000))]
             res2 = self.r.execute_command(*args, "STREAMS", self.stream, ">")
             for _stream, entries in res2 or []:
-                out += [self._delivery(group, mid, f) for mid, f in entries]
+                out += [d for mid, f in entries if (d := self._delivery(group, mid, f)) is not None]
         return out
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -204,7 +226,13 @@ class RedisStreamsBus(Bus):
         out = []
         for _mid, f in rows:
             d = f if isinstance(f, dict) else dict(zip(f[::2], f[1::2], strict=False))
-            out.append(DeadLetter(Invalidation.decode(d[b"m"]), d[b"reason"].decode(), int(d[b"attempts"])))
+            body = d.get(b"m", b"")
+            try:
+                msg: Invalidation | None = Invalidation.decode(body)
+            except BadDataError:
+                msg = None
+            out.append(DeadLetter(msg, d.get(b"reason", b"").decode(errors="replace"), int(d.get(b"attempts", 0)),
+                                  body))
         return out
 
     def pending(self, group: str) -> int:

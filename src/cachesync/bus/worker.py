@@ -4,7 +4,10 @@ them to Redis in one pipelined batch, and acks only after applying.
 A failed batch (Redis unreachable) is retried per message with exponential backoff (``backoff * 2**(n-1)``
 seconds, capped at ``max_backoff``); after ``max_attempts`` attempts a message goes to the dead-letter stream
 with the reason. A message that can never be applied (a table change the rules cannot turn into keys) is
-dead-lettered at once. Messages of a dead worker are taken over after the bus's ``claim_idle``.
+dead-lettered at once, and so is a malformed message (:class:`~cachesync.errors.BadDataError`: not JSON, keys
+not a list of strings, a non-numeric version, a key longer than the cache's ``max_key_bytes``, a rule's version
+column that is not a number): the valid messages of the same batch are applied and acked. Messages of a dead
+worker are taken over after the bus's ``claim_idle``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ..errors import InvalidationError, UsageError
+from ..errors import BadDataError, InvalidationError, UsageError
 from ..rules import Rules
 from ..sync import Cache
 from ..outbox._fault import point
-from . import Bus, BusError, BusUnavailableError, Delivery
+from . import Bus, BusError, BusUnavailableError, Delivery, checked_keys, checked_version
 from .apply import apply_invalidations
 
 log = logging.getLogger("cachesync.worker")
@@ -31,6 +34,10 @@ class Worker:
 
     ``consumer`` defaults to ``host:pid``. ``on_retry(delivery, delay, error)`` and ``on_dead(delivery,
     reason)`` are hooks (tests, metrics).
+
+    ``stats``: ``messages``/``keys`` applied and acked, ``retries`` (nacks), ``dead`` (dead-lettered by the worker,
+    for any reason), ``malformed`` (malformed messages: dead-lettered by the worker, or by the bus while decoding,
+    which never delivers them).
     """
 
     def __init__(self, bus: Bus, cache: Cache, rules: Rules | None = None, *, group: str = "cachesync",
@@ -47,7 +54,8 @@ class Worker:
         self.batch_size, self.max_attempts = int(batch_size), int(max_attempts)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.on_retry, self.on_dead = on_retry, on_dead
-        self.stats = {"messages": 0, "keys": 0, "retries": 0, "dead": 0}
+        self.stats = {"messages": 0, "keys": 0, "retries": 0, "dead": 0, "malformed": 0}
+        self._bad = 0
 
     def keys_of(self, d: Delivery) -> list[str]:
         """Every key of a message: its explicit keys plus the rules' keys of its table change."""
@@ -60,7 +68,17 @@ class Worker:
                                    "(--rules)")
             else:
                 keys += self.rules.keys_for(m.table, m.old, m.new)
-        return list(dict.fromkeys(keys))
+        return checked_keys(list(dict.fromkeys(keys)), self.cache.ctx.o.max_key_bytes)
+
+    def version_of(self, d: Delivery) -> str | None:
+        """The message's version, else the rules' version column of its table change (checked to be a number)."""
+        m = d.message
+        if m.version is not None:
+            return checked_version(m.version)
+        if self.rules is not None and m.table:
+            v = self.rules.version_for(m.table, m.new or m.old)
+            return None if v is None else checked_version(v)
+        return None
 
     def delay_for(self, attempts: int) -> float:
         """Backoff before attempt ``attempts + 1``: ``backoff * 2**(attempts-1)`` capped at ``max_backoff``."""
@@ -76,26 +94,36 @@ class Worker:
     def run_once(self, timeout: float = 1.0) -> int:
         """Consume one batch (waiting up to ``timeout`` s) and process it; returns how many messages were acked."""
         ds = self.bus.consume(self.group, self.consumer, self.batch_size, timeout)
+        self._count_malformed()
         if not ds:
             return 0
         point("consumed")
-        good: list[tuple[Delivery, list[str]]] = []
+        good: list[tuple[Delivery, list[str], str | None]] = []
         for d in ds:
             try:
-                ks = self.keys_of(d)
-            except UsageError as e:  # RuleError, BusError: can never succeed
+                good.append((d, self.keys_of(d), self.version_of(d)))
+            except (UsageError, BadDataError) as e:  # RuleError, BusError, bad data: can never succeed
+                self._bad += isinstance(e, BadDataError)
                 self._dead(d, f"{type(e).__name__}: {e}")
-                continue
-            good.append((d, ks))
+        self._count_malformed()
         if not good:
             return 0
-        rules = self.rules
         try:
-            apply_invalidations(self.cache, [(ks, d.message.version or (
-                rules.version_for(d.message.table, d.message.new or d.message.old)
-                if rules is not None and d.message.table else None)) for d, ks in good])
+            try:
+                apply_invalidations(self.cache, [(ks, v) for _, ks, v in good])
+            except (UsageError, BadDataError):  # not expected after the checks: find the bad message(s) one by one
+                ok = []
+                for item in good:
+                    try:
+                        apply_invalidations(self.cache, [(item[1], item[2])])
+                        ok.append(item)
+                    except (UsageError, BadDataError) as e:
+                        self._bad += 1
+                        self._dead(item[0], f"{type(e).__name__}: {e}")
+                self._count_malformed()
+                good = ok
         except InvalidationError as e:
-            for d, _ in good:
+            for d, _, _ in good:
                 if d.attempts >= self.max_attempts:
                     self._dead(d, f"InvalidationError after {d.attempts} attempts: {e}")
                 else:
@@ -106,11 +134,14 @@ class Worker:
                     self.bus.nack(d, delay)
             return 0
         point("applied")
-        self.bus.ack([d for d, _ in good])
+        self.bus.ack([d for d, _, _ in good])
         point("acked")
         self.stats["messages"] += len(good)
-        self.stats["keys"] += sum(len(ks) for _, ks in good)
+        self.stats["keys"] += sum(len(ks) for _, ks, _ in good)
         return len(good)
+
+    def _count_malformed(self) -> None:
+        self.stats["malformed"] = self._bad + int(getattr(self.bus, "malformed", 0))
 
     def run(self, stop: threading.Event | None = None, timeout: float = 1.0) -> None:
         """Work until ``stop`` is set; bus outages are logged and retried with backoff."""

@@ -32,6 +32,8 @@ Every ``stats_interval`` seconds a log line is written and the stats are stored 
 from __future__ import annotations
 
 import abc
+import datetime
+import decimal
 import logging
 import queue
 import string
@@ -41,9 +43,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bus import Bus, BusUnavailableError, Invalidation
+from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..bus.apply import prefix_keys
-from ..errors import CacheUnavailableError, CachesyncError, InvalidationError, UsageError
+from ..errors import BadDataError, CacheUnavailableError, CachesyncError, InvalidationError, UsageError
 from ..rules import Rules, TableRule
 from ..sync import Cache
 from .checkpoint import FileCheckpoint
@@ -191,7 +193,7 @@ class CdcRunner:
             "transactions": 0, "changes": 0, "keys": 0, "batches": 0, "checkpoints": 0, "reconnects": 0,
             "position_lost": 0, "redis_retries": 0, "missing_old_image": 0, "flushed_keys": 0,
             "lag_ms": None, "lag_ms_max": None, "apply_ms": None, "queued": 0, "position": None, "published": 0,
-            "messages": 0,
+            "messages": 0, "skipped": 0,
         }
         self.stats.update(source.counters())
         self._last_stats = time.monotonic()
@@ -216,9 +218,15 @@ class CdcRunner:
         return self.rules.tables.get(ch.table)
 
     def keys_of(self, txn: Transaction) -> tuple[dict[str, Any], list[str]]:
-        """(key -> version or None, prefixes to flush) for one transaction."""
+        """(key -> version or None, prefixes to flush) for one transaction.
+
+        A change (or a key the transaction names itself) that cannot be turned into keys the cache accepts --
+        a key column that is NULL or missing from the row, a version column that is not a number, a key longer
+        than ``max_key_bytes`` -- is recorded and skipped (``stats["skipped"]``, one ERROR line naming the table
+        and the problem); the other changes of the transaction are applied and the checkpoint moves on."""
         keys: dict[str, Any] = {}
         prefixes: list[str] = []
+        maxb = self.cache.ctx.o.max_key_bytes
         for ch in txn.changes:
             rule = self._rule(ch)
             if rule is None:
@@ -226,25 +234,70 @@ class CdcRunner:
             if ch.truncate:
                 prefixes.extend(rule.prefixes())
                 continue
-            ks, missing = rule.keys_for_images(ch.old, ch.new)
+            table = ".".join(p for p in (ch.schema, ch.table) if p)
+            try:
+                ks, missing = rule.keys_for_images(ch.old, ch.new)
+            except UsageError as e:  # RuleError: a value the template cannot format
+                self._skip(table, str(e), ch)
+                continue
+            problems: list[str] = []
+            for t in rule.keys:  # a NULL key column: no such key (not "user:None"); the other templates apply
+                for row in (ch.old, ch.new):
+                    null = sorted({f for f in _fields(t) if row and f in row and row[f] is None})
+                    if null:
+                        problems.append(f"key template {t!r}: column(s) {null} are NULL")
+                        bad = t.format(**{f: row[f] for f in _fields(t)}) if row else None
+                        ks = [k for k in ks if k != bad]
+            if not ks and not missing and not problems:
+                problems.append(f"the row images lack the column(s) {sorted(rule.columns)} of the key templates "
+                                f"{list(rule.keys)}")
+            good: list[str] = []
+            for k in ks:
+                try:
+                    good.append(checked_keys([k], maxb)[0])
+                except BadDataError as e:
+                    problems.append(str(e))
+            ks = good
+            ver = None
+            if rule.version is not None:
+                ver = (ch.new or ch.old or {}).get(rule.version)
+                if ver is not None:
+                    try:
+                        ver = _version(ver)
+                    except BadDataError as e:  # still invalidated, without raising the version floor
+                        problems.append(f"version column {rule.version!r}: {e}; its keys are invalidated "
+                                        "without a version")
+                        ver = None
+            if problems:
+                self._skip(table, "; ".join(problems), ch)
             if missing:
                 self.stats["missing_old_image"] += 1
                 self._warn_missing(rule, ch, missing)
                 if self.on_missing_old_image == "flush":
                     prefixes.extend(TableRule.build(rule.table, missing).prefixes())
-            ver = None
-            if rule.version is not None:
-                ver = (ch.new or ch.old or {}).get(rule.version)
             for k in ks:
                 old = keys.get(k)
                 if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
                     keys[k] = ver
         for k, ver in txn.keys.items():  # keys the transaction named itself (logical messages)
+            try:
+                checked_keys([k], maxb)
+                if ver is not None:
+                    ver = _version(ver)
+            except BadDataError as e:
+                self._skip("(logical message)", str(e), None)
+                continue
             old = keys.get(k)
             if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
                 keys[k] = ver
         prefixes.extend(txn.prefixes)
         return keys, prefixes
+
+    def _skip(self, table: str, problem: str, ch: Change | None) -> None:
+        self.stats["skipped"] += 1
+        what = "" if ch is None else f" ({'update' if ch.old and ch.new else 'insert' if ch.new else 'delete'})"
+        log.error("CDC %s: a change of table %s%s cannot be turned (fully) into cache keys; what cannot is skipped "
+                  "(counted in stats['skipped']): %s", self.source.ident, table, what, problem[:500])
 
     def _warn_missing(self, rule: TableRule, ch: Change, missing: list[str]) -> None:
         if rule.table in self._warned:
@@ -333,7 +386,7 @@ class CdcRunner:
             return
         if self.bus is not None:
             bus = self.bus
-            msgs = [Invalidation(tuple(ks), None if v is None else str(v)) for ks, v in chunks]
+            msgs = [Invalidation(tuple(ks), None if v is None else checked_version(v)) for ks, v in chunks]
             self._retry("publish", lambda: bus.publish(msgs))
             self.stats["published"] += len(msgs)
             return
@@ -531,6 +584,15 @@ class CdcRunner:
                         rest.append(it)
                 self.apply(rest)
                 return None
+
+
+def _version(v: Any) -> Any:
+    """A version column's value checked to be a number (raises :class:`BadDataError`); numbers and datetimes as
+    they are, anything else (numeric text, bytes) as a Decimal, so that versions compare as numbers."""
+    s = checked_version(v)
+    if isinstance(v, (int, float, decimal.Decimal, datetime.datetime)):
+        return v
+    return decimal.Decimal(s)
 
 
 def _gt(a: Any, b: Any) -> bool:

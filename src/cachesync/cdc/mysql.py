@@ -163,12 +163,18 @@ class MySQLSource(Source):
         self._lock = threading.Lock()
         self._reader: Any = None
         self._closed = False
+        self._undecodable = 0
         self.connection_id: int | None = None
         """Server-side id of the current binlog connection (for monitoring and tests)."""
 
     @property
     def ident(self) -> str:
         return f"mysql:{self.host}:{self.port}/{self.db}"
+
+    def counters(self) -> dict[str, int]:
+        """``undecodable_events``: row events the binlog decoder could not read; each invalidated every key of
+        its table instead."""
+        return {"undecodable_events": self._undecodable}
 
     def _settings(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "user": self.user, "password": self.password,
@@ -319,13 +325,23 @@ class MySQLSource(Source):
                     if txn is None:
                         txn = Transaction({}, None)
                     tbl = ev.table
-                    if isinstance(ev, WriteRowsEvent):
-                        txn.changes.extend(Change(ev.schema, tbl, None, r["values"]) for r in ev.rows)
-                    elif isinstance(ev, UpdateRowsEvent):
-                        txn.changes.extend(Change(ev.schema, tbl, r["before_values"], r["after_values"])
-                                           for r in ev.rows)
-                    else:
-                        txn.changes.extend(Change(ev.schema, tbl, r["values"], None) for r in ev.rows)
+                    try:  # the rows are decoded here, from the event already read
+                        if isinstance(ev, WriteRowsEvent):
+                            got = [Change(ev.schema, tbl, None, r["values"]) for r in ev.rows]
+                        elif isinstance(ev, UpdateRowsEvent):
+                            got = [Change(ev.schema, tbl, r["before_values"], r["after_values"]) for r in ev.rows]
+                        else:
+                            got = [Change(ev.schema, tbl, r["values"], None) for r in ev.rows]
+                    except Exception as e:  # a value the binlog decoder cannot read (e.g. an invalid date)
+                        if self._closed:
+                            return
+                        # its rows are unknown: invalidate every key of the table's templates (prefix SCAN)
+                        self._undecodable += 1
+                        log.error("CDC %s: a row event of table %s.%s cannot be decoded (%s: %s); invalidating every "
+                                  "key of the table instead (counted in stats['undecodable_events'])", self.ident,
+                                  ev.schema, tbl, type(e).__name__, str(e)[:300])
+                        got = [Change(ev.schema, tbl, None, None, truncate=True)]
+                    txn.changes.extend(got)
                     continue
                 end = False
                 if isinstance(ev, XidEvent):

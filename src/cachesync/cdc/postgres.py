@@ -327,7 +327,7 @@ class PostgresSource(Source):
             if ver is not None and (isinstance(ver, bool) or not isinstance(ver, (str, int, float))
                                     or not math.isfinite(float(ver))):
                 raise ValueError(f"'version' must be a finite number, a numeric string or null, got {ver!r}")
-        except (ValueError, CachesyncError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, OverflowError, RecursionError, CachesyncError) as e:  # incl. JSON/Unicode errors
             self._counters["messages_malformed"] += 1
             log.error("CDC %s: ignoring a malformed %r logical message at LSN %s (%d bytes: %r): %s", self.ident,
                       m.prefix, lsn_str(m.lsn), len(m.content), m.content[:200], e)

@@ -95,8 +95,10 @@ def cmd_triggers(args: argparse.Namespace) -> int:
                 rule = ob.rules.tables.get(name)
                 if rule is None:
                     raise UsageError(f"no rule for table {name!r}; the rules cover {sorted(ob.rules.tables)}")
-                triggers.check_rule(d, rule, triggers.columns(conn, d, name))
-                stmts = triggers.drop_ddl(d, ob, name) if args.drop else triggers.trigger_ddl(d, ob, rule, args.target)
+                cols = triggers.columns(conn, d, name)
+                triggers.check_rule(d, rule, cols)
+                stmts = (triggers.drop_ddl(d, ob, name) if args.drop
+                         else triggers.trigger_ddl(d, ob, rule, args.target, cols))
                 for s in stmts:
                     print(s + ";")
             return 0

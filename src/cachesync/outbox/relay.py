@@ -36,14 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._driver import redact_url
-from ..bus import Bus, BusUnavailableError, Invalidation
+from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..bus.apply import apply_invalidations, prefix_keys
 from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
-from ..errors import InvalidationError, UsageError
-from ..keys import check_key
+from ..errors import BadDataError, InvalidationError, UsageError
 from ..metrics import Histogram
 from ..sync import Cache
-from . import DEFAULT_TABLE, PARKED, Outbox, OutboxError, check_table, now_ms_sql
+from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, check_table, now_ms_sql
 from ._fault import point
 
 log = logging.getLogger("cachesync.relay")
@@ -74,6 +73,7 @@ class Row:
     version: str | None
     attempts: int
     prefixes: list[str] | None = None  # a capture trigger's TRUNCATE: every key with these prefixes
+    raw: tuple[Any, ...] = ()  # the claimed columns (id, cache_keys, key_version, attempts), to park it
     age_ms: float | None = None  # with metrics: database-clock ms since created_at, at the claim
 
 
@@ -138,7 +138,8 @@ class Relay:
         self.fast = (self.apply and self.listen) if fast is None else (bool(fast) and self.apply and self.listen)
         self.stats = {"batches": 0, "rows": 0, "keys": 0, "applied": 0, "fast": 0, "skipped": 0, "errors": 0,
                       "parked": 0}
-        self._applied: dict[int, None] = {}  # fast path: applied, not yet deleted (insertion order = age)
+        # fast path: applied, not yet deleted (insertion order = age): id -> (keys, version) as applied
+        self._applied: dict[int, Any] = {}
         self._deleted: dict[int, None] = {}  # deleted by this relay's claims lately: a late notification is stale
         self._conn: Any = None
         self._init = init
@@ -233,31 +234,46 @@ class Relay:
 
     # ------------------------------------------------------------------ one batch
 
+    def _max_key_bytes(self) -> int:
+        return self.cache.ctx.o.max_key_bytes if self.cache is not None else _MAX_KEY_BYTES
+
     def _parse(self, raw: list[tuple[Any, ...]]) -> tuple[list[Row], list[tuple[int, str, tuple[Any, ...]]]]:
+        """Claimed rows -> (usable rows, unusable ones with the reason). A row is unusable when its cache_keys is
+        not JSON, not a non-empty list of keys the cache accepts (``max_key_bytes``) or ``{"prefixes": [...]}``,
+        or its key_version is not a number; it is parked, never retried (retrying cannot fix the data)."""
         good, bad = [], []
         for t in raw:
-            rid, keys, ver, attempts = t[:4]
+            rid = t[0]
             age = float(t[4]) if len(t) > 4 and t[4] is not None else None
             try:
+                if len(t) < 4:
+                    raise BadDataError(f"outbox row has {len(t)} column(s), expected id, cache_keys, key_version, "
+                                       "attempts")
+                _, keys, ver, attempts = t[:4]
+                if not isinstance(keys, (str, bytes, bytearray)):
+                    raise BadDataError(f"cache_keys is {type(keys).__name__}, not JSON text")
                 ks = json.loads(keys)
+                ver = None if ver is None else checked_version(ver)
                 if isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
                         isinstance(p, str) for p in ks["prefixes"]):
                     if self.cache is None:
                         raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
                                          "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
                                          "to find them")
-                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], age_ms=age))
+                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], raw=tuple(t), age_ms=age))
                     continue
                 if not isinstance(ks, list) or not ks:
                     raise ValueError("cache_keys is not a non-empty JSON list (or {\"prefixes\": [...]})")
-                for k in ks:
-                    check_key(k, 1 << 20)
-                good.append(Row(int(rid), ks, ver, int(attempts), age_ms=age))
-            except (ValueError, UsageError) as e:
-                bad.append((int(rid), f"{type(e).__name__}: {e}", t))
+                checked_keys(ks, self._max_key_bytes())
+                good.append(Row(int(rid), ks, ver, int(attempts), raw=tuple(t), age_ms=age))
+            except (ValueError, TypeError, RecursionError, UsageError) as e:  # incl. BadDataError, UnicodeDecodeError
+                bad.append((int(rid), f"{type(e).__name__}: {e}", tuple(t)))
         return good, bad
 
-    def _deliver(self, rows: list[Row]) -> None:
+    def _deliver(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
+        """Apply/publish ``rows``; returns the rows found unusable meanwhile (to park; the others were delivered).
+        Raises the delivery errors (Redis, the bus) for the whole batch."""
+        bad: list[tuple[int, str, tuple[Any, ...]]] = []
         t0 = time.monotonic()
         for r in rows:
             if r.prefixes is not None:  # resolved now: the keys present in Redis (also what a bus needs)
@@ -266,10 +282,21 @@ class Relay:
         rows = [r for r in rows if r.keys]
         if self.apply:
             assert self.cache is not None
-            todo = [r for r in rows if r.id not in self._applied]  # the fast path applied the others
+            # the fast path applied the others: only if it applied exactly this row's keys and version (anyone may
+            # NOTIFY the channel: a forged notification with a row's id must not stand in for the row)
+            todo = [r for r in rows if self._applied.get(r.id) != (tuple(r.keys), r.version)]
             if todo:
-                apply_invalidations(self.cache, [(r.keys, r.version) for r in todo])
-            self.stats["applied"] += len(todo)
+                try:
+                    apply_invalidations(self.cache, [(r.keys, r.version) for r in todo])
+                except (UsageError, BadDataError):  # not expected after _parse: find the unusable row(s)
+                    for r in todo:
+                        try:
+                            apply_invalidations(self.cache, [(r.keys, r.version)])
+                        except (UsageError, BadDataError) as e:
+                            bad.append((r.id, f"{type(e).__name__}: {e}", r.raw))
+                    ids = {b[0] for b in bad}
+                    rows = [r for r in rows if r.id not in ids]
+            self.stats["applied"] += len(todo) - len(bad)
         if self.bus is not None:
             self.bus.publish([Invalidation(tuple(r.keys), r.version) for r in rows])
         if self.latency is not None:
@@ -277,6 +304,15 @@ class Relay:
             for r in rows:
                 if r.age_ms is not None:
                     self.latency.observe(max(0.0, r.age_ms / 1000) + extra, self._latency_labels)
+        return bad
+
+    @staticmethod
+    def _drop_bad(rows: list[Row], bad: list[tuple[int, str, tuple[Any, ...]]]) -> list[tuple[int, str, tuple[Any, ...]]]:
+        """Remove the ``bad`` rows from ``rows`` (in place) and return ``bad``."""
+        if bad:
+            ids = {b[0] for b in bad}
+            rows[:] = [r for r in rows if r.id not in ids]
+        return bad
 
     def _ids(self, ids: list[int]) -> str:
         """SQL condition on ``id`` matching exactly ``ids`` (sorted): a range when they are contiguous."""
@@ -310,7 +346,7 @@ class Relay:
             raw.sort()
             rows, bad = self._parse(raw)
             try:
-                self._deliver(rows)
+                bad += self._drop_bad(rows, self._deliver(rows))
             except _DELIVERY_ERRORS as e:
                 cur.execute("ROLLBACK")
                 self._failed(cur, [r.id for r in rows], e)  # autocommit: committed at once
@@ -356,7 +392,7 @@ class Relay:
             point("claimed")
             rows, bad = self._parse(list(raw))
             try:
-                self._deliver(rows)
+                bad += self._drop_bad(rows, self._deliver(rows))
             except _DELIVERY_ERRORS as e:
                 conn.rollback()
                 self._failed(cur, [r.id for r in rows], e)
@@ -398,7 +434,7 @@ class Relay:
             point("claimed")
             rows, bad = self._parse(raw)
             try:
-                self._deliver(rows)
+                bad += self._drop_bad(rows, self._deliver(rows))
             except _DELIVERY_ERRORS as e:
                 self._failed(cur, [r.id for r in rows], e, release=True)
                 conn.commit()
@@ -441,8 +477,7 @@ class Relay:
         if self.fast:
             applied, deleted = self._applied, self._deleted
             for r in rows:
-                if r.id in applied:
-                    del applied[r.id]
+                if applied.pop(r.id, None) == (tuple(r.keys), r.version):
                     self.stats["skipped"] += 1
                 deleted[r.id] = None
             _trim(deleted)
@@ -496,13 +531,14 @@ class Relay:
             return 0
         items: list[tuple[list[str], Any]] = []
         ids: list[int] = []
+        seen: list[tuple[tuple[str, ...], str | None]] = []
         for p in payloads:
             if not p:  # only a wake-up: delayed rows, or too many for one notification
                 self._claim_now = True
                 continue
             try:
                 rows = json.loads(p)
-            except ValueError:  # not ours: ignored
+            except (ValueError, TypeError, RecursionError):  # not ours: ignored
                 continue
             if isinstance(rows, list) and rows and not isinstance(rows[0], list):
                 rows = [rows]  # one row per notification (the trigger); a list of rows is accepted too
@@ -514,25 +550,26 @@ class Relay:
                     if not isinstance(keys, list) or not keys:
                         self._claim_now = True
                         continue  # unusable: the claim path parks it
-                    for k in keys:
-                        check_key(k, 1 << 20)
-                except (ValueError, TypeError, IndexError, KeyError, UsageError):
-                    self._claim_now = True
+                    checked_keys(keys, self._max_key_bytes())
+                    ver = None if ver is None else checked_version(ver)
+                except (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError, UsageError):
+                    self._claim_now = True  # the claim path parks an unusable row
                     continue
                 items.append((keys, ver))
                 ids.append(rid)
+                seen.append((tuple(keys), ver))
         if not items:
             return 0
         assert self.cache is not None
         try:
             apply_invalidations(self.cache, items)
-        except InvalidationError as e:  # the claim that follows retries (attempts, backoff)
+        except (InvalidationError, UsageError, BadDataError) as e:  # the claim that follows retries or parks
             log.debug("cachesync relay: fast path failed, rows left to the claim: %s", e)
             self._claim_now = True
             return 0
         point("fast_applied")
-        for rid in ids:
-            self._applied[rid] = None
+        for rid, what in zip(ids, seen, strict=True):
+            self._applied[rid] = what
         _trim(self._applied)
         self.stats["fast"] += len(ids)
         return len(ids)
@@ -607,7 +644,7 @@ class Relay:
         self.close()
 
 
-def _trim(d: dict[int, None]) -> None:
+def _trim(d: dict[int, Any]) -> None:
     """Forget the oldest ids beyond the memory bound."""
     extra = len(d) - _MEMORY
     if extra > 0:

@@ -18,7 +18,13 @@ The keys computed by the database must be the keys the application computes in P
 columns are checked when the triggers are installed: integer and text columns (and PostgreSQL ``uuid``) only,
 whose SQL text form is Python's ``str()``; a NULL value is formatted as ``None``, like ``str.format`` does.
 Templates with a format spec or conversion (``{id:05d}``, ``{id!r}``) are refused. The version column of a
-rule (any type) is written as its SQL text; a numeric string or number, as everywhere in cachesync.
+rule must be one the triggers can turn into a number, checked at install time (an :class:`OutboxError` names
+the table, the column and its type otherwise): integer and exact/float numeric columns are written as their SQL
+text; timestamp/datetime columns (PostgreSQL ``timestamp``/``timestamptz``, MariaDB ``datetime``/``timestamp``)
+as epoch **microseconds**, the value :func:`cachesync.protocol.encode_version` gives for the same datetime
+(a naive one is taken as UTC, as there). Text, dates, booleans and the rest are refused. A key longer than the
+relay's cache accepts (``max_key_bytes``) is not hashed: the relay parks its row, the CDC runner skips the key
+(both with an ERROR line naming it).
 
 Do not combine the triggers with :func:`cachesync.outbox.sqlalchemy.track` or :meth:`Outbox.record_change` for
 the same tables: each change would be recorded twice (harmless, but twice the work).
@@ -112,10 +118,35 @@ def _needs(template: str, image: str, images: Sequence[str]) -> bool:
     return has_fields or image == images[-1]
 
 
-def _version_sql(d: Dialect, rule: TableRule, image: str) -> str:
+# version columns: SQL types written as their text (a number) / converted from a timestamp to epoch microseconds
+_PG_NUM = re.compile(r"(smallint|integer|bigint|numeric(\(\d+(,\d+)?\))?|real|double precision)")
+_PG_TS = re.compile(r"timestamp(\(\d\))? with(out)? time zone")
+_MY_NUM = {"tinyint", "smallint", "mediumint", "int", "integer", "bigint", "decimal", "numeric", "float", "double"}
+_MY_TS = {"datetime", "timestamp"}
+
+
+def version_kind(d: Dialect, sqltype: str) -> str | None:
+    """How the triggers write a version column of SQL type ``sqltype``: ``"number"`` (its text), ``"timestamp"``
+    (epoch microseconds) or ``None`` (refused: it cannot be turned into a number)."""
+    t = sqltype.lower().strip()
+    if d is POSTGRESQL:
+        return "number" if _PG_NUM.fullmatch(t) else "timestamp" if _PG_TS.fullmatch(t) else None
+    if d is MYSQL:
+        return "number" if t in _MY_NUM else "timestamp" if t in _MY_TS else None
+    u = t.upper()  # SQLite: by affinity (https://sqlite.org/datatype3.html); dates are stored as text there
+    if "DATE" in u or "TIME" in u:
+        return None
+    return "number" if any(x in u for x in ("INT", "REAL", "FLOA", "DOUB", "NUM", "DEC")) else None
+
+
+def _version_sql(d: Dialect, rule: TableRule, image: str, kind: str | None = "number") -> str:
     if rule.version is None:
         return "NULL"
     col = f"{image}.{_qi(d, rule.version)}"
+    if kind == "timestamp":
+        if d is MYSQL:
+            return f"CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col}) AS CHAR)"
+        return f"CAST(CAST(extract(epoch from {col}) * 1000000 AS BIGINT) AS TEXT)"
     return f"CAST({col} AS CHAR)" if d is MYSQL else f"CAST({col} AS TEXT)"
 
 
@@ -169,6 +200,10 @@ def check_rule(d: Dialect, rule: TableRule, cols: dict[str, str]) -> None:
                                   "record such keys from the application instead")
     if rule.version is not None and rule.version not in cols:
         raise OutboxError(f"table {rule.table!r} has no version column {rule.version!r} (columns: {sorted(cols)})")
+    if rule.version is not None and version_kind(d, cols[rule.version]) is None:
+        raise OutboxError(f"table {rule.table!r}: version column {rule.version!r} has type {cols[rule.version]!r}, "
+                          "which capture triggers cannot turn into a number; use an integer, numeric or timestamp "
+                          "column (timestamps are written as epoch microseconds), or no version")
 
 
 # ------------------------------------------------------------------ DDL
@@ -182,9 +217,13 @@ def _check_target(d: Dialect, target: object) -> None:
                           "target='table' (the outbox table and cachesync relay)")
 
 
-def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table") -> list[str]:
-    """The statements that (re)create the capture triggers of ``rule``'s table (idempotent)."""
+def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table",
+                cols: dict[str, str] | None = None) -> list[str]:
+    """The statements that (re)create the capture triggers of ``rule``'s table (idempotent). ``cols`` (column ->
+    SQL type, see :func:`columns`; default: none known, the version column written as its text) tells how the
+    version column is written (:func:`version_kind`)."""
     _check_target(d, target)
+    kind = version_kind(d, cols[rule.version]) if cols and rule.version in cols else "number"
     table = _check_name(rule.table)
     n = _names(ob.table, table)
     qt, ot = _qi(d, table), ob.table
@@ -193,7 +232,7 @@ def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table") 
         branches: list[str] = []
         for ev, (op, images) in events.items():
             keys = _keys_json(d, rule, images)
-            ver = _version_sql(d, rule, "OLD" if ev == "del" else "NEW")
+            ver = _version_sql(d, rule, "OLD" if ev == "del" else "NEW", kind)
             if target == "wal":
                 stmt = (f"PERFORM pg_logical_emit_message(true, {_quote(d, ob.message_prefix)}, "
                         f"json_build_object('keys', {keys}, 'version', {ver})::text);")
@@ -219,7 +258,7 @@ def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table") 
     out: list[str] = []
     for ev, (op, images) in events.items():
         keys = _keys_json(d, rule, images)
-        ver = _version_sql(d, rule, "OLD" if ev == "del" else "NEW")
+        ver = _version_sql(d, rule, "OLD" if ev == "del" else "NEW", kind)
         insert = f"INSERT INTO {ot} (cache_keys, key_version, run_at) VALUES ({keys}, {ver}, 0)"
         out.append(f"DROP TRIGGER IF EXISTS {n[ev]}")
         if d is MYSQL:
@@ -262,8 +301,9 @@ def install(conn: Any, ob: Outbox, rules: Rules | None = None, tables: Sequence[
     stmts: list[str] = []
     try:
         for rule in chosen:
-            check_rule(d, rule, columns(conn, d, _check_name(rule.table)))
-            stmts += trigger_ddl(d, ob, rule, target)
+            cols = columns(conn, d, _check_name(rule.table))
+            check_rule(d, rule, cols)
+            stmts += trigger_ddl(d, ob, rule, target, cols)
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -297,4 +337,4 @@ def uninstall(conn: Any, ob: Outbox, rules: Rules | None = None, tables: Sequenc
 
 
 __all__ = ["DEFAULT_MESSAGE_PREFIX", "TARGETS", "check_rule", "columns", "drop_ddl", "install", "trigger_ddl",
-           "uninstall"]
+           "uninstall", "version_kind"]
