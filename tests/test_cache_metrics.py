@@ -196,3 +196,21 @@ def test_rules_naming_missing_tables_warn(tmp_path, caplog, namespace):
         assert health.check_tables(url, ["present", "absent"], m, namespace, log, "cdc") == ["absent"]
     assert "the rules name tables that" in caplog.text and "absent" in caplog.text
     assert samples(m)[("cachesync_rules_missing_tables", (("namespace", namespace),))] == 1
+
+
+def test_two_caches_share_one_registry(redis_url, namespace):
+    m = PrometheusMetrics()
+    a = cachesync.Cache(redis_url, namespace=namespace + "a", metrics=m, record_namespace=False)
+    b = cachesync.Cache(redis_url, namespace=namespace + "b", metrics=m, record_namespace=False)
+    try:
+        a.get("k", lambda: 1)
+        b.get("k", lambda: 1)
+        b.get("k", lambda: 1)
+        got = samples(m)
+        assert got[("cachesync_cache_requests_total", (("namespace", namespace + "a"), ("outcome", "miss")))] == 1
+        assert got[("cachesync_cache_requests_total", (("namespace", namespace + "b"), ("outcome", "hit")))] == 1
+    finally:
+        a.invalidate("k")
+        b.invalidate("k")
+        a.close()
+        b.close()

@@ -59,8 +59,12 @@ def test_prometheus_counter_gauge_histogram_and_callbacks():
     assert got[("cachesync_backlog_rows", ())] == 7
     stats["rows"] = 9  # read at scrape time
     assert samples(m)[("cachesync_rows_total", (("namespace", "a"),))] == 9
+    m.observe("cachesync_rows_total", "rows", "counter", ("namespace",), lambda: [(("b",), 1)])  # a 2nd source
+    assert samples(m)[("cachesync_rows_total", (("namespace", "b"),))] == 1
     with pytest.raises(UsageError, match="already"):
         m.observe("cachesync_rows_total", "rows", "counter", (), list)
+    with pytest.raises(UsageError, match="already"):
+        m.observe("cachesync_requests_total", "rows", "counter", (), list)
 
 
 def test_two_prometheus_metrics_do_not_collide():

@@ -1,6 +1,6 @@
-"""A cache's metrics (``Cache(metrics=...)``): every increment of the cache's ``stats`` also feeds the metrics
-sink, so the protocol counts once, in one place, and metrics cost nothing when they are off (the stats stay a
-plain dict).
+"""A cache's metrics (``Cache(metrics=...)``): the cache's ``stats`` are exported as counters read at collection
+time, so the protocol counts once, in one place, and a hit costs nothing more with metrics on; the load-duration
+histogram is observed per loader call.
 
 ``stats`` counts per request: a caller that joins another caller's single-flight (same key, same process) adds
 its own outcome (``hits``, ``misses``, ``negative_hits``, ``stale_served``, ``fallback_loads``) and ``joins``;
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .metrics import Counter, Histogram, Metrics
+from .metrics import Histogram, Metrics
 
 # stats key -> (metric name, help, extra label name, extra label value)
 _SINKS: dict[str, tuple[str, str, str, str]] = {
@@ -33,31 +33,23 @@ _SINKS: dict[str, tuple[str, str, str, str]] = {
     "sets_refused": ("cachesync_cache_sets_total", "", "outcome", "refused"),
 }
 
-_REQUEST_OUTCOMES = ("hits", "misses", "negative_hits", "stale_served", "fallback_loads")
+def export_stats(stats: dict[str, int], metrics: Metrics, namespace: str) -> None:
+    """Export the cache's ``stats`` as the counters of :data:`_SINKS`, read at collection time: the hit path
+    pays nothing for metrics (the protocol already counts in ``stats``)."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    helps: dict[str, str] = {}
+    for key, (name, doc, extra, value) in _SINKS.items():
+        groups.setdefault(name, []).append((key, extra, value))
+        helps[name] = helps.get(name) or doc
+    for name, members in groups.items():
+        extra = members[0][1]
+        names = ("namespace", extra) if extra else ("namespace",)
 
+        def read(members: list[tuple[str, str, str]] = members) -> list[tuple[tuple[str, ...], float]]:
+            return [((namespace, value) if extra_ else (namespace,), float(stats.get(key, 0)))
+                    for key, extra_, value in members]
 
-class MeteredStats(dict):  # type: ignore[type-arg]
-    """The cache's ``stats`` dict when metrics are on: an increment also increments the matching counter."""
-
-    __slots__ = ("_sinks",)
-
-    def __init__(self, base: dict[str, int], metrics: Metrics, namespace: str) -> None:
-        super().__init__(base)
-        self.setdefault("joins", 0)
-        helps: dict[str, str] = {}
-        self._sinks: dict[str, tuple[Counter, tuple[str, ...]]] = {}
-        for key, (name, doc, extra, value) in _SINKS.items():
-            helps[name] = helps.get(name) or doc
-            names = ("namespace", extra) if extra else ("namespace",)
-            labels = (namespace, value) if extra else (namespace,)
-            self._sinks[key] = (metrics.counter(name, helps[name], names), labels)
-
-    def __setitem__(self, key: str, value: int) -> None:
-        old = dict.get(self, key, 0)
-        dict.__setitem__(self, key, value)
-        sink = self._sinks.get(key)
-        if sink is not None and value > old:
-            sink[0].inc(value - old, sink[1])
+        metrics.observe(name, helps[name], "counter", names, read)
 
 
 def joined(stats: dict[str, int], entry: Any) -> None:
@@ -78,13 +70,14 @@ def joined(stats: dict[str, int], entry: Any) -> None:
 
 
 def instrument(cache: Any) -> CacheMetrics | None:
-    """When ``cache.options.metrics`` is set: swap the cache's stats for :class:`MeteredStats`, export its L1 and
-    return the :class:`CacheMetrics` (else None, and nothing changes)."""
+    """When ``cache.options.metrics`` is set: export the cache's stats and its L1 and return the
+    :class:`CacheMetrics` (else None, and nothing changes)."""
+    cache.ctx.stats.setdefault("joins", 0)
     m = cache.options.metrics
     if m is None:
         return None
     ns = cache.options.namespace
-    cache.ctx.stats = MeteredStats(cache.ctx.stats, m, ns)
+    export_stats(cache.ctx.stats, m, ns)
     cm = CacheMetrics(m, ns)
     cm.export_l1(cache)
     return cm

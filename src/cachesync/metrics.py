@@ -105,6 +105,32 @@ NOOP = Metrics()
 """Metrics off (the default everywhere)."""
 
 
+def _add_callback(made: dict[str, Any], observed: dict[str, Any], name: str, documentation: str, kind: str,
+                  labelnames: Sequence[str], callback: Callable[[], Iterable[Sample]]) -> bool:
+    """Record ``callback`` under ``name``; several sources (two caches of one process) may share a name when
+    kind and label names agree. Returns True when the name is new."""
+    if name in made:
+        raise UsageError(f"metric {name!r} is already defined as an instrument")
+    got = observed.get(name)
+    if got is None:
+        observed[name] = (documentation, kind, tuple(labelnames), [callback])
+        return True
+    if got[1] != kind or got[2] != tuple(labelnames):
+        raise UsageError(f"metric {name!r} is already defined as a {got[1]} with labels {got[2]}")
+    got[3].append(callback)
+    return False
+
+
+def _read(callbacks: list[Callable[[], Iterable[Sample]]]) -> list[Sample]:
+    out: list[Sample] = []
+    for cb in list(callbacks):
+        try:
+            out.extend(cb())
+        except Exception:  # a failing source (database down) must not break the whole collection
+            pass
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- Prometheus
 
 
@@ -166,7 +192,7 @@ class PrometheusMetrics(Metrics):
         self._pc = prometheus_client
         self.registry = prometheus_client.CollectorRegistry() if registry is None else registry
         self._made: dict[str, Any] = {}
-        self._observed: list[tuple[str, str, str, tuple[str, ...], Callable[[], Iterable[Sample]]]] = []
+        self._observed: dict[str, tuple[str, str, tuple[str, ...], list[Callable[[], Iterable[Sample]]]]] = {}
         self._collector_registered = False
 
     def _get(self, name: str, make: Callable[[], Any]) -> Any:
@@ -197,9 +223,7 @@ class PrometheusMetrics(Metrics):
     def observe(self, name: str, documentation: str, kind: str, labelnames: Sequence[str],
                 callback: Callable[[], Iterable[Sample]]) -> None:
         super().observe(name, documentation, kind, labelnames, callback)
-        if name in self._made or any(o[0] == name for o in self._observed):
-            raise UsageError(f"metric {name!r} is already defined")
-        self._observed.append((name, documentation, kind, tuple(labelnames), callback))
+        _add_callback(self._made, self._observed, name, documentation, kind, labelnames, callback)
         if not self._collector_registered:
             self.registry.register(_Callbacks(self))
             self._collector_registered = True
@@ -221,17 +245,13 @@ class _Callbacks:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        for name, doc, kind, labelnames, cb in list(self._m._observed):
+        for name, (doc, kind, labelnames, cbs) in list(self._m._observed.items()):
             fam: Any
             if kind == "counter":
                 fam = CounterMetricFamily(name.removesuffix("_total"), doc, labels=labelnames)
             else:
                 fam = GaugeMetricFamily(name, doc, labels=labelnames)
-            try:
-                samples = list(cb())
-            except Exception:  # a failing source (database down) must not break the whole scrape
-                samples = []
-            for labels, value in samples:
+            for labels, value in _read(cbs):
                 fam.add_metric(list(labels), float(value))
             yield fam
 
@@ -302,6 +322,7 @@ class OtelMetrics(Metrics):
         self.meter = (meter_provider.get_meter("cachesync", __version__) if meter_provider is not None
                       else otel_metrics.get_meter("cachesync", __version__))
         self._made: dict[str, Any] = {}
+        self._observed: dict[str, tuple[str, str, tuple[str, ...], list[Callable[[], Iterable[Sample]]]]] = {}
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         _check(name, "counter")
@@ -340,10 +361,9 @@ class OtelMetrics(Metrics):
     def observe(self, name: str, documentation: str, kind: str, labelnames: Sequence[str],
                 callback: Callable[[], Iterable[Sample]]) -> None:
         super().observe(name, documentation, kind, labelnames, callback)
-        if name in self._made:
-            raise UsageError(f"metric {name!r} is already defined")
-        self._made[name] = None
-        self._register_observable(name, documentation, kind, callback, tuple(labelnames))
+        if _add_callback(self._made, self._observed, name, documentation, kind, labelnames, callback):
+            cbs = self._observed[name][3]
+            self._register_observable(name, documentation, kind, lambda: _read(cbs), tuple(labelnames))
 
     def _register_observable(self, name: str, documentation: str, kind: str,
                              callback: Callable[[], Iterable[Sample]], labelnames: tuple[str, ...]) -> None:
