@@ -71,8 +71,8 @@ class CacheOptions:
     """TTL of the list that wakes waiters after a fill (internal housekeeping)."""
     metrics: Any = None
     """``None`` (default): metrics off, no cost. A :class:`cachesync.metrics.Metrics` (``PrometheusMetrics()``,
-    ``OtelMetrics()``): every ``stats`` increment also feeds its ``cachesync_cache_*`` / ``cachesync_l1_*``
-    metrics (see docs/operating.md)."""
+    ``OtelMetrics()``): ``stats`` exported as ``cachesync_cache_*`` counters read at collection time, loader
+    durations and the L1's ``cachesync_l1_*`` (see docs/operating.md)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not NAMESPACE_RE.match(self.namespace):

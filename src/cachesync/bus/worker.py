@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import BadDataError, InvalidationError, UsageError
+from .. import tracing
 from ..rules import Rules
 from ..sync import Cache
 from ..outbox._fault import point
@@ -110,7 +111,9 @@ class Worker:
             return 0
         try:
             try:
-                apply_invalidations(self.cache, [(ks, v) for _, ks, v in good])
+                with tracing.span("cachesync.worker.apply", {"cachesync.messages": len(good)},
+                                  next((d.message.traceparent for d, _, _ in good if d.message.traceparent), None)):
+                    apply_invalidations(self.cache, [(ks, v) for _, ks, v in good])
             except (UsageError, BadDataError):  # not expected after the checks: find the bad message(s) one by one
                 ok = []
                 for item in good:

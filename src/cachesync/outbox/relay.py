@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import tracing
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..bus.apply import apply_invalidations, prefix_keys
@@ -271,6 +272,10 @@ class Relay:
         return good, bad
 
     def _deliver(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
+        with tracing.span("cachesync.relay.deliver", {"cachesync.rows": len(rows), "cachesync.table": self.table}):
+            return self._deliver_rows(rows)
+
+    def _deliver_rows(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
         """Apply/publish ``rows``; returns the rows found unusable meanwhile (to park; the others were delivered).
         Raises the delivery errors (Redis, the bus) for the whole batch."""
         bad: list[tuple[int, str, tuple[Any, ...]]] = []
@@ -298,7 +303,8 @@ class Relay:
                     rows = [r for r in rows if r.id not in ids]
             self.stats["applied"] += len(todo) - len(bad)
         if self.bus is not None:
-            self.bus.publish([Invalidation(tuple(r.keys), r.version) for r in rows])
+            tp = tracing.current_traceparent()
+            self.bus.publish([Invalidation(tuple(r.keys), r.version, traceparent=tp) for r in rows])
         if self.latency is not None:
             extra = time.monotonic() - t0
             for r in rows:
