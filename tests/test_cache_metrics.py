@@ -73,7 +73,7 @@ def test_stats_count_requests_that_share_a_singleflight(redis_url, namespace):
         assert results == ["v"] * (n - 1)
         st = c.stats
         assert st["misses"] == n  # one load, but n requests that missed
-        assert st["loads"] == 1 and st["joins"] == n - 1 and st["hits"] == 0
+        assert st["loads"] == 1 and st["singleflight_joins"] == n - 1 and st["hits"] == 0
         got = samples(m)
         lab = ("namespace", namespace)
         assert got[("cachesync_cache_requests_total", (lab, ("outcome", "miss")))] == n
@@ -110,7 +110,7 @@ async def test_async_followers_count_per_request(redis_url, namespace):
             await asyncio.sleep(0)
         gate.set()
         assert await lead == "v" and await asyncio.gather(*followers) == ["v"] * 9
-        assert c.stats["misses"] == 10 and c.stats["joins"] == 9 and c.stats["loads"] == 1
+        assert c.stats["misses"] == 10 and c.stats["singleflight_joins"] == 9 and c.stats["loads"] == 1
         lab = ("namespace", namespace)
         assert samples(m)[("cachesync_cache_requests_total", (lab, ("outcome", "miss")))] == 10
         r = redis.Redis.from_url(redis_url)

@@ -3,7 +3,8 @@ time, so the protocol counts once, in one place, and a hit costs nothing more wi
 histogram is observed per loader call.
 
 ``stats`` counts per request: a caller that joins another caller's single-flight (same key, same process) adds
-its own outcome (``hits``, ``misses``, ``negative_hits``, ``stale_served``, ``fallback_loads``) and ``joins``;
+its own outcome (``hits``, ``misses``, ``negative_hits``, ``stale_served``, ``fallback_loads``; the cache counts
+``singleflight_joins`` itself);
 the per-operation counters (``loads``, ``fills``, ``waits``, ...) count the work done once for all of them.
 """
 
@@ -20,7 +21,7 @@ _SINKS: dict[str, tuple[str, str, str, str]] = {
     "negative_hits": ("cachesync_cache_requests_total", "", "outcome", "negative"),
     "stale_served": ("cachesync_cache_requests_total", "", "outcome", "stale"),
     "fallback_loads": ("cachesync_cache_requests_total", "", "outcome", "fallback"),
-    "joins": ("cachesync_cache_singleflight_joins_total", "Reads that shared another caller's in-flight read",
+    "singleflight_joins": ("cachesync_cache_singleflight_joins_total", "Reads that shared another caller's in-flight read",
               "", ""),
     "loads": ("cachesync_cache_loads_total", "Loader calls", "", ""),
     "fills": ("cachesync_cache_fills_total", "Write-backs of loaded values by outcome", "outcome", "accepted"),
@@ -66,13 +67,11 @@ def joined(stats: dict[str, int], entry: Any) -> None:
     else:
         k = "hits"
     stats[k] = stats.get(k, 0) + 1
-    stats["joins"] = stats.get("joins", 0) + 1
 
 
 def instrument(cache: Any) -> CacheMetrics | None:
     """When ``cache.options.metrics`` is set: export the cache's stats and its L1 and return the
     :class:`CacheMetrics` (else None, and nothing changes)."""
-    cache.ctx.stats.setdefault("joins", 0)
     m = cache.options.metrics
     if m is None:
         return None

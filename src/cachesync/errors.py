@@ -90,3 +90,18 @@ class BadDataError(CachesyncError, ValueError):
     decodable, a field missing or of the wrong type, a non-numeric version, a key the cache refuses. Not the
     caller's misuse and not retryable: a daemon parks the item (relay), dead-letters it (worker) or records and
     skips it (cdc), and carries on with the others."""
+
+
+class RedisCommandError(CachesyncError):
+    """Redis answered a command with an error reply that cachesync could not handle (not a connection problem)."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        self.url = url
+        super().__init__(f"Redis at {url} refused a command: {cause}")
+
+
+class CorruptEntryError(CachesyncError):
+    """A stored entry cannot be read (undecodable value, non-numeric field, foreign Redis type).
+
+    The read flows repair such entries (delete, count in ``stats["corrupt_entries"]``, read as a miss); this is
+    raised only where no repair is possible."""
