@@ -24,6 +24,7 @@ from cachesync.errors import BadDataError
 from cachesync.outbox import PARKED, Outbox
 from cachesync.outbox.relay import Relay
 from cachesync.rules import RuleError, Rules
+from private_servers import PrivatePostgres, private_pg  # noqa: F401 - fixture
 from test_cdc_conformance import Env, tombstoned
 from test_cdc_mysql import TestMariaDBConformance
 from test_cdc_postgres import TestPostgresConformance, menv  # noqa: F401 - fixture
@@ -502,3 +503,27 @@ def test_cdc_mariadb_row_event_the_decoder_cannot_read_flushes_its_table(mysql_u
     finally:
         e.close()
         cache.close()
+
+
+def test_cdc_pgoutput_message_that_cannot_be_decoded_flushes_what_the_rules_cover(
+        private_pg: PrivatePostgres, redis_url: str, namespace: str, tmp_path: Path) -> None:  # noqa: F811
+    """A SQL_ASCII database (private server) stores text that is not UTF-8: pgoutput sends it as is, the decoder
+    refuses it; the runner goes on and, not knowing the rows, invalidates every key the rules cover."""
+    admin = psycopg.connect(private_pg.url, autocommit=True)
+    admin.execute("CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    url = private_pg.url.rsplit("/", 1)[0] + "/ascii"
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    e = Env(_Pg(), url, cache, tmp_path)
+    try:
+        r = e.start()
+        for k in ("u:1", "u:99", "e:zz"):
+            cache.set(k, "cached")
+        e.write(f"INSERT INTO {e.table} VALUES (1, E'\\xff\\xfe@x', 'A')")
+        e.write(f"INSERT INTO {e.table} VALUES (2, 'b@x', 'B')")  # the stream goes on
+        e.wait_keys("u:1", "u:99", "e:zz", "u:2", "e:b@x")
+        assert e.error is None and r.stats["undecodable_messages"] >= 1, r.stats
+    finally:
+        e.close()
+        cache.close()
+        admin.execute("DROP DATABASE IF EXISTS ascii WITH (FORCE)")
+        admin.close()

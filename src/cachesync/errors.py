@@ -85,13 +85,6 @@ class InvalidationError(CachesyncError):
         super().__init__(msg)
 
 
-class BadDataError(CachesyncError, ValueError):
-    """Data read from outside (an outbox row, a bus message, a replication event) that cannot be used: not
-    decodable, a field missing or of the wrong type, a non-numeric version, a key the cache refuses. Not the
-    caller's misuse and not retryable: a daemon parks the item (relay), dead-letters it (worker) or records and
-    skips it (cdc), and carries on with the others."""
-
-
 class RedisCommandError(CachesyncError):
     """Redis answered a command with an error reply that cachesync could not handle (not a connection problem)."""
 
@@ -105,3 +98,10 @@ class CorruptEntryError(CachesyncError):
 
     The read flows repair such entries (delete, count in ``stats["corrupt_entries"]``, read as a miss); this is
     raised only where no repair is possible."""
+
+
+class BadDataError(CachesyncError, ValueError):
+    """Data read from outside (an outbox row, a bus message, a replication event) that cannot be used: not
+    decodable, a field missing or of the wrong type, a non-numeric version, a key the cache refuses. Not the
+    caller's misuse and not retryable: a daemon parks the item (relay), dead-letters it (worker) or records and
+    skips it (cdc), and carries on with the others."""

@@ -338,6 +338,10 @@ CDC_STATS = {
     "skipped": ("cdc_skipped_events", "Events the CDC reader skipped (unusable; logged)"),
     "undecodable_events": ("cdc_undecodable_events", "MariaDB row events the binlog decoder could not read (every "
                            "key of their table invalidated)"),
+    "undecodable_messages": ("cdc_undecodable_messages", "PostgreSQL pgoutput messages the decoder refused (every "
+                             "key the rules cover invalidated)"),
+    "messages_malformed": ("cdc_malformed_messages", "PostgreSQL WAL messages (Outbox.emit) that were malformed "
+                           "(logged and skipped)"),
 }
 
 

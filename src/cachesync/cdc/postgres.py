@@ -40,7 +40,7 @@ from ..keys import check_key
 from ..options import CacheOptions
 from ..rules import Rules
 from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
-from .pgoutput import Decoder, DecodedTransaction, LogicalMessage, RowChange
+from .pgoutput import DecodeError, Decoder, DecodedTransaction, LogicalMessage, RowChange
 
 log = logging.getLogger("cachesync.cdc.postgres")
 _MAX_KEY_BYTES = CacheOptions().max_key_bytes
@@ -113,7 +113,8 @@ class PostgresSource(Source):
             raise CdcConfigError(f"message prefix {message_prefix!r} must be a non-empty string without NUL")
         self.messages = messages
         self.message_prefix = message_prefix
-        self._counters = {"messages_ignored": 0, "messages_malformed": 0}
+        self._counters = {"messages_ignored": 0, "messages_malformed": 0, "undecodable_messages": 0}
+        self._poisoned = False  # a message of the current transaction could not be decoded: flush what rules cover
         self._rule_oids: dict[int, str] = {}  # oid -> rule table name (check(); DDL messages keep it current)
 
     def counters(self) -> dict[str, int]:
@@ -369,6 +370,9 @@ class PostgresSource(Source):
         ddl: list[Change] = []
         flush: list[str] = []
         n = sum(self._message_keys(m, keys, ddl, flush) for m in t.messages)
+        if self._poisoned:  # some of its changes are unknown: every key the rules cover
+            self._poisoned = False
+            flush.extend(p for rule in self.rules.tables.values() for p in rule.prefixes())
         return Transaction({"lsn": t.end_lsn, "lsn_text": lsn_str(t.end_lsn)}, t.commit_time,
                            [self._change(c) for c in t.changes] + ddl, keys=keys, messages=n, prefixes=flush)
 
@@ -426,7 +430,15 @@ class PostgresSource(Source):
                             return
                         raise Disconnected(f"replication connection to {self.url} lost: {e}") from None
                     continue
-                t = decoder.feed(msg.payload)
+                try:
+                    t = decoder.feed(msg.payload)
+                except DecodeError as e:  # e.g. text that is not UTF-8 (a SQL_ASCII database): never fatal
+                    self._counters["undecodable_messages"] += 1
+                    self._poisoned = True
+                    log.error("CDC %s: a pgoutput message cannot be decoded (%s); its transaction will invalidate "
+                              "every key the rules cover (counted in stats['undecodable_messages'])", self.ident,
+                              str(e)[:300])
+                    continue
                 if decoder.nontransactional_messages:
                     self._counters["messages_ignored"] += decoder.nontransactional_messages
                     decoder.nontransactional_messages = 0
