@@ -104,6 +104,7 @@ def test_relay_metrics_move_with_traffic(kind, pg_url, redis_url, namespace, tab
         before = scrape(d.port)
         assert before[("cachesync_relay_delivered_total", lab)] == 0
         assert before[("cachesync_relay_backlog_rows", lab)] == 0
+        assert before[("cachesync_namespace_seen", lab)] == 0  # no cache uses this test's namespace
         for i in range(20):
             ob.record(conn, f"k:{i}")
         conn.commit()
@@ -122,6 +123,7 @@ def test_relay_metrics_move_with_traffic(kind, pg_url, redis_url, namespace, tab
         ob.drop(conn)
         conn.close()
     assert f"namespace {namespace}" in out
+    assert f"no cache has used namespace {namespace!r}" in out  # the loud startup warning
 
 
 class PrivateRedis:
