@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import cache_metrics as _cm
 from . import protocol as P
 from ._types import AsyncCachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
@@ -75,13 +77,15 @@ class AsyncCache:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
                  scheduler: AsyncScheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
-                 **options: Unpack[CacheOptionsKwargs]) -> None:
+                 record_namespace: bool = True, **options: Unpack[CacheOptionsKwargs]) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, aredis, socket_timeout=False)
         self._watchdog = _Watchdog(self.options.socket_timeout)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
+        self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
+        self._unrecorded = record_namespace  # recorded in Redis by the first read (needs a running loop)
         self._flights: dict[str, list[asyncio.Future[P.Entry[Any]]]] = {}
         self._fallback: asyncio.Semaphore | None = None
         self._scheduler = scheduler
@@ -147,6 +151,7 @@ class AsyncCache:
                 elif t is P.Load:
                     assert loader is not None
                     args = () if eff.keys is None else (eff.keys,)
+                    t0 = time.perf_counter() if self._metrics is not None else 0.0
                     try:
                         if eff.fallback:
                             if self._fallback is None:
@@ -157,6 +162,8 @@ class AsyncCache:
                             send = await _call(loader, *args)
                     except BaseException as e:  # incl. CancelledError (request timeout, client disconnect)
                         throw = e
+                    if self._metrics is not None:
+                        self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
                 elif t is P.Schedule:
                     self._schedule(eff)
                 else:  # pragma: no cover
@@ -193,6 +200,11 @@ class AsyncCache:
         task.add_done_callback(self._tasks.discard)
 
     async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry[Any]]]) -> P.Entry[Any]:
+        if self._unrecorded:
+            self._unrecorded = False
+            task = asyncio.get_running_loop().create_task(_cm.record_namespace_async(self))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if not self.options.singleflight:
             return await fn()
         waiters = self._flights.get(key)
@@ -203,6 +215,7 @@ class AsyncCache:
             waiters.append(w)
             res = await w
             if res is not _RETRY and P.follower_accepts(res):
+                _cm.joined(self.ctx.stats, res)  # stats count per request: the follower's own outcome
                 return res
             # the leader was cancelled, or its value may predate a write: read again (lead, or join a newer flight)
             self.ctx.stats["singleflight_retries"] += 1

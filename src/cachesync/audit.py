@@ -402,6 +402,8 @@ def _cmd(args: Any) -> int:
         raise AuditError(f"audit failed talking to {where}: {type(e).__name__}: {e}") from None
     finally:
         cache.close()
+    if args.metrics_file:
+        write_metrics(report, args.namespace, args.metrics_file)
     if args.json:
         print(json.dumps(report.to_dict(), default=str))
     else:
@@ -418,6 +420,38 @@ def _cmd(args: Any) -> int:
         if len(report.stale) > 100:
             print(f"    ... {len(report.stale) - 100} more (--json lists them all)")
     return 0 if report.ok else 1
+
+
+def write_metrics(report: AuditReport, namespace: str, path: str) -> None:
+    """Write the report as Prometheus text to ``path`` (atomically; for node_exporter's textfile collector):
+    ``cachesync_audit_findings{namespace,kind}`` (persistent findings of each kind of :data:`KINDS`),
+    ``cachesync_audit_audited_entries``, ``cachesync_audit_transient_findings`` and
+    ``cachesync_audit_last_run_timestamp_seconds``."""
+    import os
+    import time
+
+    from .metrics import PrometheusMetrics
+
+    m = PrometheusMetrics()
+    by_kind = dict.fromkeys(KINDS, 0)
+    for f in report.stale:
+        by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
+    g = m.gauge("cachesync_audit_findings", "Persistent audit findings by kind (last run)", ("namespace", "kind"))
+    for kind, n in by_kind.items():
+        g.set(n, (namespace, kind))
+    m.gauge("cachesync_audit_audited_entries", "Entries audited (last run)", ("namespace",)).set(
+        report.audited, (namespace,))
+    m.gauge("cachesync_audit_transient_findings", "Findings that resolved during the grace (last run)",
+            ("namespace",)).set(report.transient, (namespace,))
+    m.gauge("cachesync_audit_last_run_timestamp_seconds", "When the last audit finished (Unix time)",
+            ("namespace",)).set(time.time(), (namespace,))
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(m.render())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise AuditError(f"--metrics-file {path!r} cannot be written: {e}") from None
 
 
 def _import_loader(spec: str) -> Callable[[str], Any]:
@@ -465,4 +499,7 @@ The rules-file format (--rules) is described in docs/rules.md.""",
     p.add_argument("--repair", action="store_true",
                    help="invalidate the persistent findings with the row's version (default: report only)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
+    p.add_argument("--metrics-file", default=None,
+                   help="also write the findings by kind as Prometheus text to this file, for node_exporter's "
+                        "textfile collector (default: none; needs the prometheus extra)")
     p.set_defaults(func=_cmd)

@@ -72,6 +72,10 @@ class CacheOptions:
     (no measurable cost on a single-threaded hit, see docs/benchmarks.md)."""
     wake_ttl: float = 10.0
     """TTL of the list that wakes waiters after a fill (internal housekeeping)."""
+    metrics: Any = None
+    """``None`` (default): metrics off, no cost. A :class:`cachesync.metrics.Metrics` (``PrometheusMetrics()``,
+    ``OtelMetrics()``): ``stats`` exported as ``cachesync_cache_*`` counters read at collection time, loader
+    durations and the L1's ``cachesync_l1_*`` (see docs/operating.md)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not NAMESPACE_RE.match(self.namespace):
@@ -95,6 +99,12 @@ class CacheOptions:
         for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
+        if self.metrics is not None:
+            from .metrics import Metrics
+
+            if not isinstance(self.metrics, Metrics):
+                raise ConfigError("metrics", f"must be None or a cachesync.metrics.Metrics (PrometheusMetrics(), "
+                                  f"OtelMetrics()), got {type(self.metrics).__name__}")
         from .protocol import resolve_strategy
 
         resolve_strategy(self.strategy)
@@ -146,6 +156,7 @@ class CacheOptionsKwargs(TypedDict, total=False):
     connect_timeout: float
     max_connections: int | None
     wake_ttl: float
+    metrics: Any
 
 
 def check_positive(name: str, v: object) -> float:

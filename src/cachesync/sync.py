@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import cache_metrics as _cm
 from . import protocol as P
 from ._types import CachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
@@ -70,12 +71,13 @@ class Cache:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
                  scheduler: Scheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
-                 **options: Unpack[CacheOptionsKwargs]) -> None:
+                 record_namespace: bool = True, **options: Unpack[CacheOptionsKwargs]) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, redis)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
+        self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._flights: dict[str, _Flight] = {}
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
@@ -84,6 +86,8 @@ class Cache:
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Sync(self, l1_options, owned_url)
+        if record_namespace:
+            _cm.record_namespace_sync(self)
 
     # ------------------------------------------------------------------ driver
 
@@ -122,6 +126,7 @@ class Cache:
                         throw = e
                 elif t is P.Load:
                     assert loader is not None
+                    t0 = time.perf_counter() if self._metrics is not None else 0.0
                     try:
                         if eff.fallback:
                             with self._fallback:
@@ -130,6 +135,8 @@ class Cache:
                             send = loader() if eff.keys is None else loader(eff.keys)
                     except BaseException as e:  # incl. KeyboardInterrupt: thrown in, so the lease is released
                         throw = e
+                    if self._metrics is not None:
+                        self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
                 elif t is P.Schedule:
                     self._schedule(eff)
                 else:  # pragma: no cover
@@ -176,6 +183,7 @@ class Cache:
             if f.exc is not None and not isinstance(f.exc, (KeyboardInterrupt, SystemExit)):
                 raise f.exc
             if f.exc is None and P.follower_accepts(f.result):
+                _cm.joined(st, f.result)  # stats count per request: the follower's own outcome
                 return f.result  # type: ignore[no-any-return]
             st["singleflight_retries"] += 1  # the leader was interrupted, or its value may predate a write
         try:

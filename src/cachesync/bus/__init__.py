@@ -54,6 +54,8 @@ class Invalidation:
     table: str | None = None
     old: Mapping[str, Any] | None = None
     new: Mapping[str, Any] | None = None
+    traceparent: str | None = field(default=None, compare=False)
+    """W3C trace context of the span that sent it (``cachesync.tracing``; wire field ``tp``, optional)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.keys, str):
@@ -76,6 +78,8 @@ class Invalidation:
                 d["o"] = dict(self.old)
             if self.new is not None:
                 d["n"] = dict(self.new)
+        if self.traceparent is not None:
+            d["tp"] = self.traceparent
         return json.dumps(d, separators=(",", ":"), default=str).encode()
 
     @staticmethod
@@ -102,7 +106,8 @@ class Invalidation:
             for name, img in (("o", o), ("n", n)):
                 if img is not None and not isinstance(img, dict):
                     raise ValueError(f"row image ({name!r}) must be an object, got {img!r:.80}")
-            return Invalidation(tuple(ks), v, t, o, n)
+            tp = d.get("tp")  # optional trace context: anything but a short string is ignored, never fatal
+            return Invalidation(tuple(ks), v, t, o, n, tp if isinstance(tp, str) and len(tp) <= 128 else None)
         except (ValueError, TypeError, RecursionError, UsageError) as e:  # UnicodeDecodeError is a ValueError
             raise BadDataError(f"malformed invalidation message {data[:200]!r}: {e}") from None
 

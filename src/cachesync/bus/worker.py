@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
+from .. import tracing
 from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
 from ..rules import Rules
 from ..sync import Cache
@@ -112,7 +113,9 @@ class Worker:
             return 0
         try:
             try:
-                apply_invalidations(self.cache, [(ks, v) for _, ks, v in good])
+                with tracing.span("cachesync.worker.apply", {"cachesync.messages": len(good)},
+                                  next((d.message.traceparent for d, _, _ in good if d.message.traceparent), None)):
+                    apply_invalidations(self.cache, [(ks, v) for _, ks, v in good])
             except (UsageError, BadDataError):  # not expected after the checks: find the bad message(s) one by one
                 ok = []
                 for item in good:

@@ -10,7 +10,7 @@ import signal
 import zlib
 from typing import Any
 
-from .._driver import DEFAULT_REDIS_URL
+from .._driver import DEFAULT_REDIS_URL, redact_url
 from ..db import MYSQL, POSTGRESQL, dialect_of
 from ..rules import Rules
 from .base import CdcConfigError, CdcRunner, Source
@@ -54,7 +54,7 @@ def cmd_cdc(args: argparse.Namespace) -> int:
     rules = Rules.load(args.rules)
     source = build_source(args, rules)
     path = args.checkpoint or f"cachesync-cdc.{args.namespace}.{source.kind}.json"
-    cache = Cache(args.redis_url, namespace=args.namespace)
+    cache = Cache(args.redis_url, namespace=args.namespace, record_namespace=False)
     bus = None
     if args.bus:
         from ..bus import open_bus
@@ -72,9 +72,20 @@ def cmd_cdc(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     target = f"bus {bus.name!r}" if bus is not None else f"Redis {cache.url} namespace {args.namespace!r}"
     log.warning("CDC %s -> %s, checkpoint %s", source.ident, target, path)
+    from .. import health
+
+    log.info("cachesync cdc: namespace %s, database %s, redis %s, bus %s, rules %s (%s)", args.namespace,
+             redact_url(args.db_url), redact_url(args.redis_url), redact_url(args.bus) if args.bus else "-",
+             args.rules, ", ".join(sorted(rules.tables)))
+    daemon = health.Daemon(args)
+    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "cdc")
+    health.check_tables(args.db_url, sorted(rules.tables), daemon.metrics, args.namespace, log, "cdc")
+    daemon.start(log, *health.instrument_cdc(runner, args.db_url, daemon.metrics, args.namespace,
+                                             daemon.ready_max_lag))
     try:
         runner.run()
     finally:
+        daemon.stop()
         cache.close()
         if bus is not None:
             bus.close()
@@ -149,6 +160,9 @@ The rules-file format (--rules) is described in docs/rules.md.""",
     p.add_argument("--bus-name", default="cachesync", help="bus stream name (default: cachesync)")
     p.add_argument("--on-missing-old-image", choices=("warn", "flush"), default="warn",
                    help="a change without the old values of key columns: warn (default) or flush the templates")
+    from ..health import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_cdc)
     sub = p.add_subparsers(dest="cdc_command", metavar="SUBCOMMAND")
     d = sub.add_parser("drop-slot", help="PostgreSQL: drop the reader's replication slot (releases its WAL)",

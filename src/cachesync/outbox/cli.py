@@ -41,7 +41,7 @@ def _cache(args: argparse.Namespace) -> Any:
     from ..sync import Cache
 
     url = _need(args.redis_url, "--redis-url", "CACHESYNC_REDIS_URL")
-    return Cache(url, namespace=args.namespace, tombstone_ttl=args.tombstone_ttl)
+    return Cache(url, namespace=args.namespace, tombstone_ttl=args.tombstone_ttl, record_namespace=False)
 
 
 def _bus(url: str, args: argparse.Namespace) -> Any:
@@ -156,14 +156,23 @@ def cmd_relay(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, poll_interval=args.poll_interval, listen=not args.no_listen,
                   lease=args.lease, max_backoff=args.max_backoff, fast=not args.no_fast_path,
                   claim_delay=args.claim_delay)
-    log.info("cachesync relay %s: %s -> %s", relay.relay_id, redact_url(url),
-             redact_url(args.bus) if bus else redact_url(args.redis_url))
+    from .. import health
+
+    log.info("cachesync relay %s: namespace %s, database %s, redis %s, bus %s, table %s", relay.relay_id,
+             args.namespace, redact_url(url), redact_url(args.redis_url) if cache is not None else "-",
+             redact_url(args.bus) if bus else "-", args.table)
+    daemon = health.Daemon(args)
+    checks, summary = health.instrument_relay(relay, daemon.metrics, args.namespace, daemon.ready_max_lag)
+    if cache is not None:
+        health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "relay")
     try:
         if args.once:
             print(relay.drain())
         else:
+            daemon.start(health.log, checks, summary)
             relay.run(_stop_on_signals())
     finally:
+        daemon.stop()
         relay.close()
         if bus is not None:
             bus.close()
@@ -181,12 +190,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     rules = Rules.load(args.rules) if args.rules else None
     w = Worker(bus, cache, rules, group=args.group, consumer=args.consumer, batch_size=args.batch_size,
                max_attempts=args.max_attempts, backoff=args.backoff, max_backoff=args.max_backoff)
+    from .. import health
+
+    log.info("cachesync worker %s: namespace %s, redis %s, bus %s (group %s), rules %s", w.consumer,
+             args.namespace, redact_url(args.redis_url), redact_url(args.bus), args.group, args.rules or "-")
+    daemon = health.Daemon(args)
+    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "worker")
+    daemon.start(health.log, *health.instrument_worker(w, daemon.metrics, args.namespace, daemon.ready_max_lag))
     try:
         w.run(_stop_on_signals())
     finally:
+        daemon.stop()
         bus.close()
         cache.close()
     return 0
+
+
+def _health_args(p: argparse.ArgumentParser) -> None:
+    from ..health import add_arguments
+
+    add_arguments(p)
 
 
 RULES_HELP = "rules file (.toml or .py) naming the tables and key templates; format: docs/rules.md"
@@ -298,6 +321,7 @@ def register(subparsers: Any) -> None:
                    help="longest wait in seconds between retries of a failing row or server (default: 5)")
     p.add_argument("--once", action="store_true", help="deliver what is due, print the count and exit "
                                                        "(default: run until SIGTERM/SIGINT)")
+    _health_args(p)
     p.set_defaults(func=cmd_relay)
 
     p = _parser(subparsers, "worker", "consume invalidations from a bus and apply them to Redis")
@@ -317,4 +341,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-attempts", type=int, default=5, help="attempts before dead-lettering (default: 5)")
     p.add_argument("--backoff", type=float, default=0.1, help="first retry delay in seconds, doubled (default: 0.1)")
     p.add_argument("--max-backoff", type=float, default=30.0, help="longest retry wait in seconds (default: 30)")
+    _health_args(p)
     p.set_defaults(func=cmd_worker)

@@ -37,11 +37,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .. import tracing
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..bus.apply import apply_invalidations, prefix_keys
 from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
 from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
+from ..metrics import Histogram
 from ..sync import Cache
 from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, check_table, now_ms_sql
 from ._fault import point
@@ -77,6 +79,7 @@ class Row:
     attempts: int
     prefixes: list[str] | None = None  # a capture trigger's TRUNCATE: every key with these prefixes
     raw: tuple[Any, ...] = ()  # the claimed columns (id, cache_keys, key_version, attempts), to park it
+    age_ms: float | None = None  # with metrics: database-clock ms since created_at, at the claim
 
 
 class Relay:
@@ -147,11 +150,22 @@ class Relay:
         self._init = init
         self._now = now_ms_sql(self.dialect)
         t = self.table
+        self.latency: Histogram | None = None  # set by measure_latency()
+        self._latency_labels: tuple[str, ...] = ()
+        self._age_col = ""
         self._claim_sql = (f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE run_at <= {self._now} "
                            f"ORDER BY id LIMIT {self.batch_size} FOR UPDATE SKIP LOCKED) "
-                           "RETURNING id, cache_keys, key_version, attempts")
+                           "RETURNING id, cache_keys, key_version, attempts" + self._age_col)
         self._due_sql = f"SELECT MIN(run_at) - {self._now} FROM {t} WHERE run_at > 0 AND run_at < {PARKED}"
         self._due: float | None = None  # seconds until the next delayed row, learnt with the last COMMIT
+
+    def measure_latency(self, histogram: Histogram, labels: tuple[str, ...] = ()) -> None:
+        """Observe each delivered row's commit -> invalidated latency in ``histogram``: the row's age at the claim
+        (``created_at``, database clock) plus the local time from the claim to the delivery. Call before
+        :meth:`run`; the table needs the ``created_at`` column (every table ``outbox init`` made since it exists)."""
+        self.latency, self._latency_labels = histogram, labels
+        self._age_col = f", {self._now} - created_at"
+        self._claim_sql = self._claim_sql.removesuffix(self._age_col) + self._age_col
 
     # ------------------------------------------------------------------ connections
 
@@ -235,6 +249,7 @@ class Relay:
         good, bad = [], []
         for t in raw:
             rid = t[0]
+            age = float(t[4]) if len(t) > 4 and t[4] is not None else None
             try:
                 if len(t) < 4:
                     raise BadDataError(f"outbox row has {len(t)} column(s), expected id, cache_keys, key_version, "
@@ -250,20 +265,25 @@ class Relay:
                         raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
                                          "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
                                          "to find them")
-                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], raw=tuple(t)))
+                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], raw=tuple(t), age_ms=age))
                     continue
                 if not isinstance(ks, list) or not ks:
                     raise ValueError("cache_keys is not a non-empty JSON list (or {\"prefixes\": [...]})")
                 checked_keys(ks, self._max_key_bytes())
-                good.append(Row(int(rid), ks, ver, int(attempts), raw=tuple(t)))
+                good.append(Row(int(rid), ks, ver, int(attempts), raw=tuple(t), age_ms=age))
             except (ValueError, TypeError, RecursionError, UsageError) as e:  # incl. BadDataError, UnicodeDecodeError
                 bad.append((int(rid), f"{type(e).__name__}: {e}", tuple(t)))
         return good, bad
 
     def _deliver(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
+        with tracing.span("cachesync.relay.deliver", {"cachesync.rows": len(rows), "cachesync.table": self.table}):
+            return self._deliver_rows(rows)
+
+    def _deliver_rows(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
         """Apply/publish ``rows``; returns the rows found unusable meanwhile (to park; the others were delivered).
         Raises the delivery errors (Redis, the bus) for the whole batch."""
         bad: list[tuple[int, str, tuple[Any, ...]]] = []
+        t0 = time.monotonic()
         for r in rows:
             if r.prefixes is not None:  # resolved now: the keys present in Redis (also what a bus needs)
                 assert self.cache is not None  # _parse parks the row otherwise
@@ -287,7 +307,13 @@ class Relay:
                     rows = [r for r in rows if r.id not in ids]
             self.stats["applied"] += len(todo) - len(bad)
         if self.bus is not None:
-            self.bus.publish([Invalidation(tuple(r.keys), r.version) for r in rows])
+            tp = tracing.current_traceparent()
+            self.bus.publish([Invalidation(tuple(r.keys), r.version, traceparent=tp) for r in rows])
+        if self.latency is not None:
+            extra = time.monotonic() - t0
+            for r in rows:
+                if r.age_ms is not None:
+                    self.latency.observe(max(0.0, r.age_ms / 1000) + extra, self._latency_labels)
         return bad
 
     @staticmethod
@@ -367,7 +393,7 @@ class Relay:
         conn = self._db()
         cur = conn.cursor()
         try:
-            cur.execute(f"SELECT id, cache_keys, key_version, attempts FROM {self.table} WHERE run_at <= {self._now} "
+            cur.execute(f"SELECT id, cache_keys, key_version, attempts{self._age_col} FROM {self.table} WHERE run_at <= {self._now} "
                         f"ORDER BY id LIMIT {self.batch_size} FOR UPDATE SKIP LOCKED")
             raw = cur.fetchall()
             if not raw:
@@ -410,7 +436,7 @@ class Relay:
             cur.execute(f"UPDATE {self.table} SET claimed_until = {self._now} + {self.lease_ms}, claimed_by = ? "
                         f"WHERE id IN (SELECT id FROM {self.table} WHERE run_at <= {self._now} AND claimed_until <= "
                         f"{self._now} ORDER BY id LIMIT {self.batch_size}) "
-                        "RETURNING id, cache_keys, key_version, attempts", (self.relay_id,))
+                        "RETURNING id, cache_keys, key_version, attempts" + self._age_col, (self.relay_id,))
             raw = sorted(cur.fetchall())
             conn.commit()
             if not raw:

@@ -1,0 +1,216 @@
+"""Cache metrics (``metrics=``), per-request ``stats`` under single-flight, the namespace record, and the daemons'
+warning about a namespace no cache uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+import cachesync
+from cachesync import health
+from cachesync.cache_metrics import seen_key
+from cachesync.errors import ConfigError
+from cachesync.metrics import NOOP, PrometheusMetrics
+
+
+def samples(m: PrometheusMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(m.render().decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+class CountingLock:
+    """Wraps a flight's lock; counts the followers that reached it."""
+
+    def __init__(self, real: threading.Lock) -> None:
+        self.real, self.entered = real, 0
+        self.cond = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self.cond:
+            self.entered += 1
+            self.cond.notify_all()
+        self.real.acquire()
+
+    def __exit__(self, *a: object) -> None:
+        self.real.release()
+
+    def release(self) -> None:
+        self.real.release()
+
+
+def test_stats_count_requests_that_share_a_singleflight(redis_url, namespace):
+    m = PrometheusMetrics()
+    c = cachesync.Cache(redis_url, namespace=namespace, metrics=m, ttl_jitter=0.0)
+    n = 100
+    results: list[object] = []
+    threads: list[threading.Thread] = []
+
+    def follower() -> None:
+        results.append(c.get("k", lambda: pytest.fail("a follower must not load")))
+
+    def loader() -> str:
+        fl = c._flights["k"]
+        lock = fl.lock = CountingLock(fl.lock)  # type: ignore[assignment]
+        threads.extend(threading.Thread(target=follower) for _ in range(n - 1))
+        for t in threads:
+            t.start()
+        with lock.cond:  # every follower is blocked on this flight before the leader finishes (forced)
+            assert lock.cond.wait_for(lambda: lock.entered == n - 1, 30)
+        return "v"
+
+    try:
+        assert c.get("k", loader) == "v"
+        for t in threads:
+            t.join(30)
+        assert results == ["v"] * (n - 1)
+        st = c.stats
+        assert st["misses"] == n  # one load, but n requests that missed
+        assert st["loads"] == 1 and st["singleflight_joins"] == n - 1 and st["hits"] == 0
+        got = samples(m)
+        lab = ("namespace", namespace)
+        assert got[("cachesync_cache_requests_total", (lab, ("outcome", "miss")))] == n
+        assert got[("cachesync_cache_singleflight_joins_total", (lab,))] == n - 1
+        assert got[("cachesync_cache_loads_total", (lab,))] == 1
+        assert got[("cachesync_cache_load_seconds_count", (lab,))] == 1
+        assert got[("cachesync_cache_fills_total", (lab, ("outcome", "accepted")))] == 1
+        c.get("k", lambda: "other")  # a plain hit
+        c.invalidate("k")
+        got = samples(m)
+        assert got[("cachesync_cache_requests_total", (lab, ("outcome", "hit")))] == 1
+        assert got[("cachesync_cache_invalidations_total", (lab,))] == 1
+    finally:
+        c.redis.delete(seen_key(namespace))
+        c.invalidate("k")
+        c.close()
+
+
+async def test_async_followers_count_per_request(redis_url, namespace):
+    m = PrometheusMetrics()
+    c = cachesync.AsyncCache(redis_url, namespace=namespace, metrics=m)
+    gate = asyncio.Event()
+
+    async def loader() -> str:
+        await gate.wait()
+        return "v"
+
+    try:
+        lead = asyncio.ensure_future(c.get("k", loader))
+        while "k" not in c._flights:
+            await asyncio.sleep(0)
+        followers = [asyncio.ensure_future(c.get("k", loader)) for _ in range(9)]
+        while len(c._flights["k"]) < 9:  # every follower has joined (forced, not timed)
+            await asyncio.sleep(0)
+        gate.set()
+        assert await lead == "v" and await asyncio.gather(*followers) == ["v"] * 9
+        assert c.stats["misses"] == 10 and c.stats["singleflight_joins"] == 9 and c.stats["loads"] == 1
+        lab = ("namespace", namespace)
+        assert samples(m)[("cachesync_cache_requests_total", (lab, ("outcome", "miss")))] == 10
+        r = redis.Redis.from_url(redis_url)
+        assert r.exists(seen_key(namespace))  # recorded by the first read
+        r.delete(seen_key(namespace))
+        r.close()
+    finally:
+        await c.invalidate("k")
+        await c.aclose()
+
+
+def test_metrics_off_keeps_a_plain_dict(redis_url, namespace):
+    c = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)
+    try:
+        assert type(c.ctx.stats) is dict and c._metrics is None
+    finally:
+        c.close()
+    with pytest.raises(ConfigError, match="metrics"):
+        cachesync.Cache(redis_url, namespace=namespace, metrics="prometheus")
+    c = cachesync.Cache(redis_url, namespace=namespace, metrics=NOOP, record_namespace=False)
+    c.close()
+
+
+def test_l1_metrics_exported(redis_url, namespace):
+    m = PrometheusMetrics()
+    c = cachesync.Cache(redis_url, namespace=namespace, metrics=m, l1=True, record_namespace=False)
+    try:
+        c.get("a", lambda: 1)
+        lab = (("namespace", namespace),)
+        got = samples(m)
+        for name in ("cachesync_l1_hits_total", "cachesync_l1_misses_total", "cachesync_l1_evictions_total",
+                     "cachesync_l1_flushes_total", "cachesync_l1_bypassed_total", "cachesync_l1_subscribed",
+                     "cachesync_l1_entries"):
+            assert (name, lab) in got, name
+    finally:
+        c.invalidate("a")
+        c.close()
+
+
+def wait_recorded(r: redis.Redis, key: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while not r.exists(key):
+        assert time.monotonic() < deadline, "the cache did not record its namespace"
+        time.sleep(0.01)
+
+
+def test_cache_records_namespace_and_daemons_warn_otherwise(redis_url, namespace, caplog):
+    r = redis.Redis.from_url(redis_url)
+    m = PrometheusMetrics()
+    log = logging.getLogger("cachesync.test")
+    try:
+        with caplog.at_level(logging.WARNING, logger="cachesync.test"):
+            assert not health.check_namespace(r, namespace, m, log, "relay")
+        assert f"no cache has used namespace {namespace!r}" in caplog.text
+        assert samples(m)[("cachesync_namespace_seen", (("namespace", namespace),))] == 0
+        c = cachesync.Cache(redis_url, namespace=namespace)
+        wait_recorded(r, seen_key(namespace))
+        assert 0 < r.ttl(seen_key(namespace)) <= 7 * 86400
+        c.close()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cachesync.test"):
+            assert health.check_namespace(r, namespace, PrometheusMetrics(), log, "relay")
+        assert caplog.text == ""
+        assert samples(m)[("cachesync_namespace_seen", (("namespace", namespace),))] == 1
+    finally:
+        r.delete(seen_key(namespace))
+        r.close()
+
+
+def test_rules_naming_missing_tables_warn(tmp_path, caplog, namespace):
+    from cachesync.db import connect
+
+    url = f"sqlite:///{tmp_path}/t.db"
+    conn = connect(url)
+    conn.execute("CREATE TABLE present (id INTEGER PRIMARY KEY)")
+    conn.commit()
+    conn.close()
+    m = PrometheusMetrics()
+    log = logging.getLogger("cachesync.test")
+    with caplog.at_level(logging.WARNING, logger="cachesync.test"):
+        assert health.check_tables(url, ["present", "absent"], m, namespace, log, "cdc") == ["absent"]
+    assert "the rules name tables that" in caplog.text and "absent" in caplog.text
+    assert samples(m)[("cachesync_rules_missing_tables", (("namespace", namespace),))] == 1
+
+
+def test_two_caches_share_one_registry(redis_url, namespace):
+    m = PrometheusMetrics()
+    a = cachesync.Cache(redis_url, namespace=namespace + "a", metrics=m, record_namespace=False)
+    b = cachesync.Cache(redis_url, namespace=namespace + "b", metrics=m, record_namespace=False)
+    try:
+        a.get("k", lambda: 1)
+        b.get("k", lambda: 1)
+        b.get("k", lambda: 1)
+        got = samples(m)
+        assert got[("cachesync_cache_requests_total", (("namespace", namespace + "a"), ("outcome", "miss")))] == 1
+        assert got[("cachesync_cache_requests_total", (("namespace", namespace + "b"), ("outcome", "hit")))] == 1
+    finally:
+        a.invalidate("k")
+        b.invalidate("k")
+        a.close()
+        b.close()
