@@ -21,6 +21,7 @@ from .options import CacheOptions
 from .refresh import AsyncRefreshAhead, AsyncRefresher, RefreshAhead, Refresher, RefreshOptions
 from .protocol import NOT_FOUND, STRATEGIES, Entry, Strategy, Versioned
 from .sync import Cache
+from .writepath import AsyncWritePath, WritePath
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "ConfigError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
     "AsyncBloomFilter", "AsyncRefreshAhead", "AsyncRefresher", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions", "Refresher",
+    "AsyncWritePath", "WritePath",
 ]
