@@ -258,3 +258,153 @@ def test_cli_unreachable_servers(runtime_dir: Path, tmp_path: Path, capsys: pyte
     assert "cannot reach Redis" in capsys.readouterr().err
     assert main(["lab", "--db-url", f"postgresql://root@127.0.0.1:{port}/test"]) == 2
     assert "cannot connect to database" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- report metadata, options, Ctrl-C
+
+
+def test_json_has_schema_version_timestamp_settings(runtime_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cachesync import __version__
+    from cachesync.lab.report import SCHEMA
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert main(["lab", "--json", "--scenario", "4a"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == SCHEMA == 1 and doc["cachesync"] == __version__
+    assert doc["generated"] == "2023-11-14T22:13:20Z"
+    assert doc["settings"] == {"scenarios": ["4a"], "redis_url": "embedded", "db_url": "sqlite (temp dir)"}
+    assert main(["lab", "stress", "--json", "--schedule", "seeded", "--rounds", "10", "--readers", "2", "--writers",
+                 "2", "--keys", "2", "--repeat", "2", "--seed", "5", "--strategies", "delete_then_db"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == 1 and doc["cachesync"] == __version__ and doc["generated"] == "2023-11-14T22:13:20Z"
+    st = doc["settings"]
+    assert st["repeat"] == 2 and st["seeds"] == [5, 6] and st["strategies"] == ["delete_then_db"]
+    assert st["schedule"] == "seeded" and st["rounds"] == 10
+    assert [r["seed"] for r in doc["runs"]] == [5, 6] and doc["results"] == doc["runs"][0]["results"]
+    summ = doc["summary"][0]
+    assert summ["strategy"] == "delete_then_db" and summ["safety"] == "unsafe" and summ["runs"] == 2
+    assert set(summ["stale_read_rate_pct"]) == {"mean", "sd", "min", "max"}
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    assert main(["lab", "--json", "--scenario", "4a"]) == 2
+    assert "SOURCE_DATE_EPOCH must be an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "option"), [
+    (["--readers", "-1"], "--readers"), (["--writers", "0"], "--writers"), (["--keys", "0"], "--keys"),
+    (["--rounds", "-5"], "--rounds"), (["--duration", "-1"], "--duration"), (["--duration", "0"], "--duration"),
+    (["--duration", "nan"], "--duration"), (["--delay-ms", "-2"], "--delay-ms"), (["--delay-ms", "inf"], "--delay-ms"),
+    (["--double-delete-delay", "-0.1"], "--double-delete-delay"), (["--repeat", "0"], "--repeat"),
+    (["--strategies", "nope"], "unknown strategy 'nope'"),
+])
+def test_stress_bad_option_refused_before_anything_starts(argv: list[str], option: str,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import cachesync.lab.cli as labcli
+
+    started: list[str] = []
+    monkeypatch.setattr(labcli, "start_server", lambda: started.append("server"))  # must not be reached
+    threads = threading.active_count()
+    assert main(["lab", "stress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cachesync: error: ") and option in err, err
+    assert started == [] and threading.active_count() == threads
+
+
+def test_output_to_a_pipe_is_not_wrapped(runtime_dir: Path) -> None:
+    """Written to a pipe (COLUMNS unset) every table row stays on one line, whatever its length; the verdict
+    legend follows the summary."""
+    env = dict(os.environ, CACHESYNC_LAB_RUNTIME_DIR=str(runtime_dir))
+    env.pop("COLUMNS", None)
+    for plain in (["--plain"], []):
+        p = subprocess.run([sys.executable, "-m", "cachesync.cli", "lab", "--scenario", "7d", *plain],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        long = [ln for ln in lines if "next attempt (backoff <= 5 s): invalidate.lua (DEL value, void lease, floor "
+                "v2); DELETE the row" in ln]
+        assert long and max(len(ln) for ln in lines) > 120, p.stdout
+        legend = lines.index("Verdicts:")
+        assert [ln.split()[0] for ln in lines[legend + 1:legend + 4]] == ["stale", "transient", "consistent"]
+
+
+@pytest.mark.parametrize("terminal", ["tty", "pipe"])
+def test_ctrl_c_in_stress_ends_cleanly(terminal: str, tmp_path: Path) -> None:
+    """SIGINT while the threads run: exit 130, no traceback, the embedded server stopped, the cursor shown again."""
+    import pty
+    import select
+    import time
+
+    env = dict(os.environ, CACHESYNC_LAB_RUNTIME_DIR=str(tmp_path))
+    env.pop("COLUMNS", None)
+    if terminal == "tty":
+        master, slave = pty.openpty()
+    else:
+        master, slave = os.pipe()
+    argv = [sys.executable, "-m", "cachesync.cli", "lab", "stress", "--duration", "300", "--readers", "2",
+            "--writers", "2", "--keys", "2", "--strategies", "db_then_invalidate,delete_then_db"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    buf = b""
+
+    def read_some(deadline: float) -> bool:
+        ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return False
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the pty's other side closed
+            chunk = b""
+        nonlocal buf
+        buf += chunk
+        return bool(chunk)
+
+    try:
+        deadline = time.monotonic() + 120
+        while b"stress: db_then_invalidate started" not in buf:
+            assert read_some(deadline), buf.decode(errors="replace")
+        (pidfile,) = tmp_path.glob("lab-server-*.json")
+        spid = json.loads(pidfile.read_text())["server_pid"]
+        assert _running(spid)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while read_some(deadline):
+            pass
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = buf.decode(errors="replace")
+    assert rc == 130, text
+    assert "Traceback" not in text and "interrupted" in text, text
+    assert not _running(spid) and list(tmp_path.glob("lab-server-*.json")) == []
+    if terminal == "tty":
+        assert "\x1b[?25l" in text  # the progress bar hid the cursor...
+        assert text.rfind("\x1b[?25h") > text.rfind("\x1b[?25l")  # ...and showed it again
+
+
+def test_strategy_safety_classes() -> None:
+    """The colour classes of the report and the PNG: an unsafe variant is never in the safe class."""
+    from cachesync.lab.report import SAFETY_COLOR, safety
+
+    assert safety("db_then_invalidate", True) == safety("db_then_set_versioned", True) == "safe"
+    assert safety("db_then_invalidate:plain", False) == safety("db_then_invalidate", False) == "unsafe"
+    assert safety("delayed_double_delete", True) == "mitigation"
+    for s in ("delete_then_db", "cache_then_db", "db_then_cache"):
+        assert safety(s, True) == safety(s, False) == "unsafe"
+    assert len(set(SAFETY_COLOR.values())) == 3
+
+
+def test_html_to_an_unwritable_path_is_an_error(runtime_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "no-such-dir" / "r.html"
+    assert main(["lab", "--scenario", "1a", "--plain", "--html", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert "cachesync: error: --html/--plot: cannot write" in err and str(bad) in err
+    assert "[1a]" not in out  # refused before the lab ran
+    assert main(["lab", "stress", "--plot", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err

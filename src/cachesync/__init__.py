@@ -23,7 +23,17 @@ from .protocol import NOT_FOUND, STRATEGIES, Entry, Strategy, Versioned
 from .sync import Cache
 from .writepath import AsyncWritePath, WritePath
 
-__version__ = "0.1.0"
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is its single source)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cachesync")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__: str = _version()
 
 __all__ = [
     "NOT_FOUND", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",

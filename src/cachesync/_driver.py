@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus
 
 from redis.exceptions import ClusterError, RedisClusterException
 
@@ -24,19 +25,117 @@ flows never send a cross-slot command, so a RedisClusterException here is not a 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def redact_url(url: str) -> str:
-    """A URL with its password replaced by ``***`` (safe for logs and error messages)."""
-    try:
-        p = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if p.password is None:
+SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "pwd", "secret", "token", "auth", "api_key", "apikey",
+                               "access_token", "sslpassword", "sslkey_password", "private_key_password"})
+"""Query parameters of a URL whose values are secrets (compared case-insensitively)."""
+
+MASK = "***"
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """(``scheme://``, userinfo, rest from the host on) of a URL with credentials, else None.
+
+    Written by hand rather than with ``urlsplit``: a password may hold unencoded ``/``, ``#``, ``?``, ``%`` or
+    ``@``, which end the netloc for ``urlsplit`` and would leave part of the password in the "path". The
+    userinfo ends at the LAST ``@`` (an ``@`` in a query string makes this over-redact, never leak).
+    """
+    head, sep, rest = url.partition("://")
+    if not sep or rest.startswith("/"):  # sqlite:///path, unix:///path: no authority
+        return None
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    return head + "://", rest[:at], rest[at + 1:]
+
+
+_QUERY_PARAM = re.compile(r"([?&;])([^=&#;?]+)=([^&#;]*)")
+
+
+def url_secrets(url: object) -> list[str]:
+    """Every secret a URL carries, as written and percent-decoded: the password of its userinfo
+    (``user:password@``, ``:password@``) and the values of query parameters such as ``?password=`` (see
+    :data:`SECRET_QUERY_KEYS`). Longest first."""
+    if not isinstance(url, str):
+        return []
+    found: set[str] = set()
+    parts = _split_userinfo(url)
+    tail = url
+    if parts is not None:
+        _, userinfo, tail = parts
+        _user, colon, pw = userinfo.partition(":")
+        if colon and pw:
+            found.update((pw, unquote(pw)))
+            # the pieces between delimiters, which a driver that mis-parsed the URL may echo alone
+            found.update(piece for piece in re.split(r"[/#?@:%]", pw) if len(piece) >= 3)
+    for m in _QUERY_PARAM.finditer(tail):
+        if unquote(m.group(2)).lower() in SECRET_QUERY_KEYS and m.group(3):
+            found.update((m.group(3), unquote_plus(m.group(3)), unquote(m.group(3))))
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def encode_userinfo(url: str) -> str:
+    """``url`` with the user and password of its userinfo percent-encoded where they hold characters a URL parser
+    would take for delimiters (unencoded ``/ # ? @ :`` or a ``%`` not starting an escape), so that drivers parse
+    the host, port and path correctly instead of failing on (and echoing) a piece of the password. Already
+    encoded parts are left as they are."""
+    parts = _split_userinfo(url)
+    if parts is None:
         return url
-    user = p.username or ""
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return urlunsplit((p.scheme, f"{user}:***@{host}", p.path, p.query, p.fragment))
+    scheme, userinfo, tail = parts
+    user, colon, pw = userinfo.partition(":")
+
+    def enc(part: str) -> str:
+        return quote(re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", part), safe="%!$&'()*+,;=-._~")
+
+    return f"{scheme}{enc(user)}{colon}{enc(pw)}@{tail}"
+
+
+def redact_url(url: object) -> str:
+    """A URL with its password and secret query values replaced by ``***``: safe for logs, errors, reprs and CLI
+    output. The one redaction function of cachesync (database, Redis and bus URLs alike). It never raises and never
+    parses the port, so a URL with an out-of-range port or a password holding unencoded ``/ # % @ ?`` is still
+    redacted; a value that is not a string is shown as its type only."""
+    if not isinstance(url, str):
+        return f"<{type(url).__name__}>"
+    out = url
+    parts = _split_userinfo(url)
+    if parts is not None:
+        scheme, userinfo, tail = parts
+        user, colon, _pw = userinfo.partition(":")
+        if colon:
+            out = f"{scheme}{user}:{MASK}@{tail}"
+
+    def mask(m: re.Match[str]) -> str:
+        secret = unquote(m.group(2)).lower() in SECRET_QUERY_KEYS
+        return f"{m.group(1)}{m.group(2)}={MASK}" if secret else m.group(0)
+
+    return scrub(_QUERY_PARAM.sub(mask, out), url)
+
+
+def scrub(text: object, *urls: object, secrets: Iterable[str] = ()) -> str:
+    """``text`` (a message, possibly a driver's own, which may echo a URL or a token of its password) with every
+    secret of ``urls`` (see :func:`url_secrets`) and every string of ``secrets`` replaced by ``***``. Any
+    length counts: a one-letter password mangles the message rather than leak."""
+    out = str(text)
+    tokens = {s for u in urls for s in url_secrets(u)} | {s for s in secrets if s}
+    for tok in sorted(tokens, key=len, reverse=True):
+        out = out.replace(tok, MASK)
+    return out
+
+
+def scrub_exception(e: BaseException, *urls: object) -> BaseException:
+    """``e`` with its message scrubbed of the secrets of ``urls`` (in place: the same exception type, so callers
+    that catch the driver's class still do), and its chained context dropped (it may hold the raw message)."""
+    tokens = [s for u in urls for s in url_secrets(u)]
+    if tokens:
+        try:
+            e.args = tuple(scrub(a, secrets=tokens) if isinstance(a, str) else a for a in e.args)
+        except (AttributeError, TypeError):
+            pass
+        e.__context__ = None
+        e.__cause__ = None
+        e.__suppress_context__ = True
+    return e
 
 
 def check_redis_url(url: object) -> str:
@@ -47,7 +146,7 @@ def check_redis_url(url: object) -> str:
         raise UsageError(f"redis_url {redact_url(url)!r} must start with redis://, rediss:// or unix://")
     if scheme.startswith("valkey"):
         url = "redis" + url[len("valkey"):]
-    return url
+    return encode_userinfo(url)
 
 
 class KeyTemplate:
@@ -112,11 +211,14 @@ def connect(redis_url: str, client: Any, options: Any, lib: Any,
     url = check_redis_url(redis_url)
     kw: dict[str, Any] = dict(socket_timeout=options.socket_timeout if socket_timeout else None,
                               socket_connect_timeout=options.connect_timeout)
-    if options.max_connections is None:
-        pool = lib.ConnectionPool.from_url(url, max_connections=2**31, **kw)
-    else:
-        pool = lib.BlockingConnectionPool.from_url(url, max_connections=options.max_connections,
-                                                   timeout=options.socket_timeout, **kw)
+    try:
+        if options.max_connections is None:
+            pool = lib.ConnectionPool.from_url(url, max_connections=2**31, **kw)
+        else:
+            pool = lib.BlockingConnectionPool.from_url(url, max_connections=options.max_connections,
+                                                       timeout=options.socket_timeout, **kw)
+    except (ValueError, TypeError) as e:  # a bad port, db number or option: redis-py echoes tokens of the URL
+        raise UsageError(f"redis_url {redact_url(redis_url)!r}: {scrub(e, redis_url, url)}") from None
     return lib.Redis.from_pool(pool), redact_url(url), url
 
 

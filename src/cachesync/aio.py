@@ -10,15 +10,15 @@ from typing import Any
 
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
-from .errors import CacheUnavailableError, InvalidationError, UsageError
+from .errors import CacheUnavailableError, RedisCommandError, UsageError
 from .l1 import L1Options
 from .l1_async import L1Async
-from .options import CacheOptions
+from .options import CacheOptions, check_non_negative
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 _RETRY: Any = object()
@@ -83,6 +83,7 @@ class AsyncCache:
         self._fallback: asyncio.Semaphore | None = None
         self._scheduler = scheduler
         self._tasks: set[asyncio.Task[None]] = set()
+        self._undelivered: dict[int, list[str]] = {}  # delayed steps scheduled and not yet delivered
         self.l1: L1Async | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Async(self, l1_options, owned_url)
@@ -117,39 +118,48 @@ class AsyncCache:
     async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
         send: Any = None
         throw: BaseException | None = None
-        while True:
-            try:
-                eff = flow.send(send) if throw is None else flow.throw(throw)
-            except StopIteration as stop:
-                return stop.value
-            except _REDIS_DOWN as e:
-                raise CacheUnavailableError(self.url, e) from e
-            send, throw = None, None
-            t = type(eff)
-            if t is P.Cmd:
+        try:
+            while True:
                 try:
-                    send = await self._command(eff)
-                except NoScriptError:
-                    throw = P.NoScript()
+                    eff = flow.send(send) if throw is None else flow.throw(throw)
+                except StopIteration as stop:
+                    return stop.value
                 except _REDIS_DOWN as e:
-                    throw = P.RedisDown(e)
-            elif t is P.Load:
-                assert loader is not None
-                args = () if eff.keys is None else (eff.keys,)
-                try:
-                    if eff.fallback:
-                        if self._fallback is None:
-                            self._fallback = asyncio.Semaphore(self.options.fallback_concurrency)
-                        async with self._fallback:
+                    raise CacheUnavailableError(self.url, e) from e
+                except P.CommandError as e:
+                    raise RedisCommandError(self.url, e) from None
+                send, throw = None, None
+                t = type(eff)
+                if t is P.Cmd:
+                    try:
+                        send = await self._command(eff)
+                    except NoScriptError:
+                        throw = P.NoScript()
+                    except _REDIS_DOWN as e:
+                        throw = P.RedisDown(e)
+                    except ResponseError as e:
+                        throw = P.CommandError(str(e))
+                    except BaseException as e:  # CancelledError: the flow releases its lease, then re-raises
+                        throw = e
+                elif t is P.Load:
+                    assert loader is not None
+                    args = () if eff.keys is None else (eff.keys,)
+                    try:
+                        if eff.fallback:
+                            if self._fallback is None:
+                                self._fallback = asyncio.Semaphore(self.options.fallback_concurrency)
+                            async with self._fallback:
+                                send = await _call(loader, *args)
+                        else:
                             send = await _call(loader, *args)
-                    else:
-                        send = await _call(loader, *args)
-                except Exception as e:
-                    throw = e
-            elif t is P.Schedule:
-                self._schedule(eff)
-            else:  # pragma: no cover
-                raise AssertionError(f"unknown effect {eff!r}")
+                    except BaseException as e:  # incl. CancelledError (request timeout, client disconnect)
+                        throw = e
+                elif t is P.Schedule:
+                    self._schedule(eff)
+                else:  # pragma: no cover
+                    raise AssertionError(f"unknown effect {eff!r}")
+        finally:
+            flow.close()
 
     def _schedule(self, eff: P.Schedule) -> None:
         async def run() -> None:
@@ -157,14 +167,16 @@ class AsyncCache:
             while True:
                 try:
                     await self._drive(eff.flow_factory())
+                    self._undelivered.pop(id(run), None)
                     return
-                except InvalidationError as e:
+                except Exception as e:  # retried until it succeeds or aclose() gives up: never dropped silently
                     backoff = min(30.0, 0.1 * 2 ** attempt)
-                    log.error("cachesync: delayed invalidation failed (attempt %d), retrying in %.1fs: %s",
-                              attempt + 1, backoff, e)
+                    log.error("cachesync: delayed step for %r failed (attempt %d), retrying in %.1fs: %s",
+                              eff.keys, attempt + 1, backoff, e)
                     attempt += 1
                     await asyncio.sleep(backoff)
 
+        self._undelivered[id(run)] = eff.keys
         if self._scheduler is not None:
             self._scheduler(eff.delay, run)
             return
@@ -181,14 +193,17 @@ class AsyncCache:
         if not self.options.singleflight:
             return await fn()
         waiters = self._flights.get(key)
-        if waiters is not None:
+        while waiters is not None:
             # a follower waits on a future of its own: cancelling it never cancels the leader or the others
+            self.ctx.stats["singleflight_joins"] += 1
             w: asyncio.Future[P.Entry] = asyncio.get_running_loop().create_future()
             waiters.append(w)
             res = await w
-            if res is _RETRY:  # the leader was cancelled: one of us leads now
-                return await self._single(key, fn)
-            return res
+            if res is not _RETRY and P.follower_accepts(res):
+                return res
+            # the leader was cancelled, or its value may predate a write: read again (lead, or join a newer flight)
+            self.ctx.stats["singleflight_retries"] += 1
+            waiters = self._flights.get(key)
         waiters = self._flights[key] = []
         try:
             res = await fn()
@@ -233,6 +248,7 @@ class AsyncCache:
     async def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
                                ttl: float | None = None) -> dict[str, P.Entry]:
         """See :meth:`cachesync.Cache.get_many_entries`."""
+        keys = P.key_list(keys, "get_many")
         if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
             return await self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
                 P.get_many_flow(self.ctx, missing, ttl), loader_many))
@@ -246,6 +262,7 @@ class AsyncCache:
 
     async def invalidate(self, *keys: str, version: Any = None) -> int:
         """See :meth:`cachesync.Cache.invalidate`."""
+        P.star_keys(keys, "invalidate")
         if not keys:
             return 0
         try:
@@ -320,15 +337,28 @@ class AsyncCache:
         except _REDIS_DOWN as e:
             raise CacheUnavailableError(self.url, e) from e
 
-    async def aclose(self) -> None:
-        """Wait for scheduled delayed steps, then close the pool (if this cache created it)."""
+    async def aclose(self, timeout: float | None = None) -> list[str]:
+        """See :meth:`cachesync.Cache.close`: waits for delayed steps and their retries (at most ``timeout``,
+        default ``double_delete_delay + 10`` seconds), closes the pool, and returns (and logs once at ERROR) the
+        keys whose delayed step could not be delivered."""
         if self.l1 is not None:
             await self.l1.aclose()
+        wait = self.options.double_delete_delay + 10.0 if timeout is None else check_non_negative("timeout", timeout)
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            _, late = await asyncio.wait(list(self._tasks), timeout=wait)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
+        undelivered = list(dict.fromkeys(k for ks in self._undelivered.values() for k in ks))
+        self._undelivered.clear()
+        if undelivered:
+            log.error("cachesync: aclose() gave up after %.1fs; delayed steps NOT delivered for keys %r "
+                      "(invalidate them again, or record them in the outbox)", wait, undelivered)
         self._watchdog.stop()
         if self._owns_client:
             await self.redis.aclose()
+        return undelivered
 
     async def __aenter__(self) -> AsyncCache:
         return self

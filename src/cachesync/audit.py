@@ -438,12 +438,23 @@ def _import_loader(spec: str) -> Callable[[str], Any]:
 
 def register(subparsers: Any) -> None:
     """Add ``cachesync audit`` to the ``cachesync`` command line."""
-    p = subparsers.add_parser("audit", help="compare cached entries with their rows by version")
+    import argparse
+
+    p = subparsers.add_parser(
+        "audit", help="compare cached entries with their rows by version",
+        description="Compare cached entries with their rows by version; exit 1 on persistent findings.",
+        epilog="""examples:
+  cachesync audit --redis-url redis://cache:6379/0 --namespace shop --db-url postgresql://app@db/shop --rules rules.toml
+  cachesync audit --namespace shop --db-url sqlite:///app.db --rules rules.toml --pattern 'user:*' --json
+  cachesync audit --namespace shop --loader myapp.cache:load --repair
+
+The rules-file format (--rules) is described in docs/rules.md.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-url", default=None,
                    help="Redis holding the cache (default: $CACHESYNC_REDIS_URL or redis://127.0.0.1:6379/0)")
     p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
     p.add_argument("--db-url", default=None, help="database URL (default: $CACHESYNC_DB_URL)")
-    p.add_argument("--rules", default=None, help="rules file (.toml or .py): tables, key templates, version columns")
+    p.add_argument("--rules", default=None, help="rules file (.toml or .py): tables, key templates, version columns; format: docs/rules.md")
     p.add_argument("--loader", default=None, metavar="MODULE:FUNCTION",
                    help="the application's loader key -> value (or Versioned, NOT_FOUND), to judge entries no "
                         "versioned rule covers by value (default: none)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ._driver import redact_url
+from ._driver import _split_userinfo, encode_userinfo, redact_url, scrub, scrub_exception
 from .errors import UsageError
 
 
@@ -59,16 +59,25 @@ def dialect_of(url: str) -> Dialect:
 
 def connect(url: str, **kwargs: Any) -> Any:
     """A new DB-API connection for ``url`` (autocommit off). Raises :class:`DatabaseURLError` with a clear
-    message for a bad URL or a missing driver; connection errors of the driver propagate."""
+    message for a bad URL or a missing driver; connection errors of the driver propagate, as the driver's own
+    exception type, with every secret of ``url`` scrubbed from their message (drivers echo tokens of the URL)."""
     d = dialect_of(url)
-    p = urlsplit(url)
+    try:
+        return _connect(d, url, **kwargs)
+    except DatabaseURLError:
+        raise
+    except Exception as e:
+        raise scrub_exception(e, url).with_traceback(None) from None
+
+
+def _connect(d: Dialect, url: str, **kwargs: Any) -> Any:
     if d is SQLITE:
         import sqlite3
 
         path = url.split("://", 1)[1]
         path = path[1:] if path.startswith("/") else path
         if not path:
-            raise DatabaseURLError(f"database URL {url!r}: sqlite needs a path (sqlite:///file.db)")
+            raise DatabaseURLError(f"database URL {redact_url(url)!r}: sqlite needs a path (sqlite:///file.db)")
         conn = sqlite3.connect(path, timeout=kwargs.pop("timeout", 30.0), check_same_thread=False, **kwargs)
         conn.execute("PRAGMA journal_mode=WAL") if path != ":memory:" else None
         return conn
@@ -77,16 +86,26 @@ def connect(url: str, **kwargs: Any) -> Any:
             import psycopg
         except ImportError:
             raise DatabaseURLError("postgresql:// needs psycopg: pip install 'cachesync[postgres]'") from None
-        clean = "postgresql://" + url.split("://", 1)[1]
+        clean = encode_userinfo("postgresql://" + url.split("://", 1)[1])
         return psycopg.connect(clean, **kwargs)
     try:
         import pymysql
     except ImportError:
         raise DatabaseURLError("mysql:// needs PyMySQL: pip install 'cachesync[mysql]'") from None
+    # the userinfo is split off by hand: a password may hold unencoded "/", "#", "?" or "@"
+    parts = _split_userinfo(url)
+    user, password, rest = "root", "", url.split("://", 1)[1]
+    if parts is not None:
+        u, _, pw = parts[1].partition(":")
+        user, password, rest = unquote(u) or "root", unquote(pw), parts[2]
+    p = urlsplit("mysql://" + rest)
+    try:
+        port = p.port or 3306
+    except ValueError as e:
+        raise DatabaseURLError(f"database URL {redact_url(url)!r}: {scrub(e, url)}") from None
     q = {k: v[-1] for k, v in parse_qs(p.query).items()}
     db = p.path.lstrip("/")
     if not db:
         raise DatabaseURLError(f"database URL {redact_url(url)!r}: name the database (mysql://user@host/db)")
-    return pymysql.connect(host=p.hostname or "127.0.0.1", port=p.port or 3306, user=unquote(p.username or "root"),
-                           password=unquote(p.password or ""), database=db, autocommit=False,
-                           charset=q.get("charset", "utf8mb4"), **kwargs)
+    return pymysql.connect(host=p.hostname or "127.0.0.1", port=port, user=user, password=password, database=db,
+                           autocommit=False, charset=q.get("charset", "utf8mb4"), **kwargs)

@@ -83,3 +83,18 @@ class InvalidationError(CachesyncError):
         if cause is not None:
             msg += f" ({type(cause).__name__}: {cause})"
         super().__init__(msg)
+
+
+class RedisCommandError(CachesyncError):
+    """Redis answered a command with an error reply that cachesync could not handle (not a connection problem)."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        self.url = url
+        super().__init__(f"Redis at {url} refused a command: {cause}")
+
+
+class CorruptEntryError(CachesyncError):
+    """A stored entry cannot be read (undecodable value, non-numeric field, foreign Redis type).
+
+    The read flows repair such entries (delete, count in ``stats["corrupt_entries"]``, read as a miss); this is
+    raised only where no repair is possible."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +14,14 @@ from .serializers import Serializer, resolve_serializer
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheOptions:
     """Options of :class:`cachesync.Cache` and :class:`cachesync.AsyncCache` (all keyword arguments).
 
-    Durations are in seconds (floats allowed).
+    Durations are in seconds (floats allowed). Frozen: a cache's options cannot change after it is built
+    (``dataclasses.replace(options, ...)`` builds a validated copy).
     """
+
 
     namespace: str = "default"
     """Prefix that isolates this cache's keys and channels (``cs:{namespace}:...``); 1-64 chars of ``[A-Za-z0-9_.:-]``."""
@@ -77,11 +80,9 @@ class CacheOptions:
                      "connect_timeout"):
             check_positive(name, getattr(self, name))
         for name in ("max_wait", "double_delete_delay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(name, f"must be a number >= 0, got {v!r}")
+            check_non_negative(name, getattr(self, name))
         if isinstance(self.ttl_jitter, bool) or not isinstance(self.ttl_jitter, (int, float)) \
-                or not 0 <= self.ttl_jitter <= 1:
+                or not 0 <= self.ttl_jitter <= 1:  # (NaN fails the comparison too)
             raise ConfigError("ttl_jitter", f"must be a fraction between 0 and 1, got {self.ttl_jitter!r}")
         for name in ("max_key_bytes", "max_value_bytes", "fallback_concurrency", "max_connections"):
             v = getattr(self, name)
@@ -97,7 +98,12 @@ class CacheOptions:
         from .protocol import resolve_strategy
 
         resolve_strategy(self.strategy)
-        self.serializer_obj: Serializer = resolve_serializer(self.serializer)
+        self.serializer_obj  # noqa: B018 - resolved (and validated) now, not at the first read
+
+    @functools.cached_property
+    def serializer_obj(self) -> Serializer:
+        """The serializer object that ``serializer`` names (not an option)."""
+        return resolve_serializer(self.serializer)
 
     @classmethod
     def build(cls, **kwargs: Any) -> CacheOptions:
@@ -109,8 +115,20 @@ class CacheOptions:
         return cls(**kwargs)
 
 
+MAX_SECONDS = 100 * 365 * 86400.0
+"""Longest duration or TTL accepted anywhere (100 years): Redis refuses larger expiry times, and a script that
+failed on PEXPIRE after writing would leave a value with no expiry."""
+
+
 def check_positive(name: str, v: object) -> float:
-    """Validate a duration/TTL: a number > 0. Returns it as float."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
-        raise ConfigError(name, f"must be a number > 0 (seconds), got {v!r}")
+    """Validate a duration/TTL: a finite number > 0 and at most :data:`MAX_SECONDS`. Returns it as float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not 0 < v <= MAX_SECONDS:
+        raise ConfigError(name, f"must be a number of seconds > 0 and <= {MAX_SECONDS:.0f} (100 years), got {v!r}")
+    return float(v)
+
+
+def check_non_negative(name: str, v: object) -> float:
+    """Validate a delay: a finite number >= 0 and at most :data:`MAX_SECONDS`. Returns it as float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not 0 <= v <= MAX_SECONDS:
+        raise ConfigError(name, f"must be a number of seconds >= 0 and <= {MAX_SECONDS:.0f}, got {v!r}")
     return float(v)

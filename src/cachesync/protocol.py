@@ -46,17 +46,21 @@ import decimal
 import itertools
 import os
 import random
+import re
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+import logging
 from typing import Any
 
 from .errors import InvalidationError, SerializationError, UnknownStrategyError, UsageError
-from .errors import ValueTooLargeError
+from .errors import CorruptEntryError, ValueTooLargeError
 from .keys import channel, check_key, entry_key, group_by_slot, wake_key
-from .options import CacheOptions, check_positive
+from .options import CacheOptions, check_non_negative, check_positive
 from .scripts import SCRIPTS
+
+log = logging.getLogger("cachesync")
 
 
 class _NotFound:
@@ -153,6 +157,10 @@ class Schedule:
 
 class NoScript(Exception):
     """Thrown into a flow by a driver when Redis answers NOSCRIPT (its script cache was flushed or restarted)."""
+
+
+class CommandError(Exception):
+    """Thrown into a flow by a driver when Redis answers an error reply other than NOSCRIPT (e.g. WRONGTYPE)."""
 
 
 class RedisDown(Exception):
@@ -260,49 +268,89 @@ def resolve_strategy(name: object) -> Strategy:
 
 
 _TOKENS = itertools.count(1)
-_PREFIX = os.urandom(6).hex()
+_PREFIX = os.urandom(8).hex()
+
+
+def _reseed_tokens() -> None:
+    """A forked child draws a new random prefix: workers forked after ``import cachesync`` (gunicorn
+    ``--preload``, uWSGI, Celery prefork, multiprocessing with fork) never share the parent's token sequence,
+    so one worker's voided lease can never be filled through another worker's identical token."""
+    global _TOKENS, _PREFIX
+    _TOKENS = itertools.count(1)
+    _PREFIX = os.urandom(8).hex()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_tokens)
 
 
 def new_token() -> str:
-    """A lease token unique across processes (random per-process prefix + counter)."""
+    """A lease token unique across processes, forked ones included (random per-process prefix + counter)."""
     return f"{_PREFIX}{next(_TOKENS):x}"
 
 
+MAX_EXACT_VERSION = 2**53
+"""Largest integer version the Lua scripts compare exactly (Lua numbers are doubles); larger ones are refused."""
+
+_NUMERIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
 def encode_version(v: Any) -> str:
-    """A version as the decimal string the Lua scripts compare numerically ("" for None)."""
+    """A version as the decimal string the Lua scripts compare numerically ("" for None).
+
+    Refused with :class:`UsageError` naming the value: bools, NaN and infinities (float, Decimal or string),
+    integers beyond +-2**53 (they would compare inexactly in Redis), and anything not numeric.
+    """
     if v is None:
         return ""
     if isinstance(v, bool):
         raise UsageError(f"version must be a number or datetime, not bool ({v!r})")
     if isinstance(v, int):
+        if abs(v) > MAX_EXACT_VERSION:
+            raise UsageError(f"version {v!r} is beyond +-2**53, which Redis cannot compare exactly")
         return str(v)
     if isinstance(v, float):
         if v != v or v in (float("inf"), float("-inf")):
             raise UsageError(f"version must be finite, got {v!r}")
         return repr(v)
     if isinstance(v, decimal.Decimal):
+        if not v.is_finite():
+            raise UsageError(f"version must be finite, got {v!r}")
+        if abs(v) > MAX_EXACT_VERSION:
+            raise UsageError(f"version {v!r} is beyond +-2**53, which Redis cannot compare exactly")
         return str(v)
     if isinstance(v, _dt.datetime):
         if v.tzinfo is None:
             v = v.replace(tzinfo=_dt.UTC)
         return str(int(v.timestamp() * 1_000_000))
     if isinstance(v, str):
-        try:
-            float(v)
-        except ValueError:
-            raise UsageError(f"version string must be numeric, got {v!r}") from None
+        if not _NUMERIC.fullmatch(v):
+            raise UsageError(f"version string must be a finite decimal number, got {v[:40]!r}")
+        if abs(float(v)) > MAX_EXACT_VERSION:
+            raise UsageError(f"version {v[:40]!r} is beyond +-2**53, which Redis cannot compare exactly")
         return v
     raise UsageError(f"version must be int, float, Decimal, datetime or a numeric string, not {type(v).__name__}")
 
 
+CorruptEntry = CorruptEntryError
+"""Raised inside a flow when a stored entry cannot be read (a foreign or damaged field); the flows repair it."""
+
+
 def decode_version(b: bytes | str | None) -> int | float | None:
+    """A stored version field as a number; :class:`CorruptEntry` when the field is not numeric."""
     if b is None:
         return None
-    s = b.decode() if isinstance(b, bytes) else b
     try:
-        return int(s)
-    except ValueError:
-        return float(s)
+        s = b.decode() if isinstance(b, bytes) else b
+        try:
+            return int(s)
+        except ValueError:
+            f = float(s)
+            if f != f or f in (float("inf"), float("-inf")):
+                raise ValueError(s) from None
+            return f
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptEntry(f"version field {b[:40]!r} is not a number") from None
 
 
 class Context:
@@ -322,7 +370,9 @@ class Context:
         self._ekeys: dict[str, str] = {}
         self.stats: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "negative_hits", "stale_served", "loads", "fills", "fills_refused", "waits",
-             "fallback_loads", "invalidations", "redis_errors", "sets", "sets_refused"), 0)
+             "fallback_loads", "invalidations", "redis_errors", "sets", "sets_refused", "corrupt_entries",
+             "singleflight_joins", "singleflight_retries"), 0)
+        self.corrupt_logged: set[str] = set()
 
     # keys
     def ekey(self, key: str) -> str:
@@ -366,12 +416,22 @@ class Context:
         return payload, encode_version(version), "0"
 
     def decode(self, key: str, payload: bytes, negative: bool) -> Any:
+        """A stored payload's value; :class:`SerializationError` when it cannot be decoded."""
         if negative:
             return NOT_FOUND
         try:
             return self.ser.loads(payload)
         except Exception as e:
             raise SerializationError(key, f"stored payload cannot be decoded with {self.ser.name}: {e}") from e
+
+    def decode_stored(self, key: str, payload: bytes, negative: bool) -> Any:
+        """Like :meth:`decode`, raising :class:`CorruptEntry` (which the read flows repair) instead."""
+        if negative:
+            return NOT_FOUND
+        try:
+            return self.ser.loads(payload)
+        except Exception as e:
+            raise CorruptEntry(f"payload cannot be decoded with {self.ser.name}: {type(e).__name__}: {e}") from e
 
     @staticmethod
     def unwrap(value: Any) -> Any:
@@ -408,7 +468,9 @@ def parse_wake(item: bytes | None) -> GetReply | None:
     """A wake-up item carrying the value just stored (``F<neg><version>|<payload>``), as a hit; else None."""
     if not item or item[:1] != b"F":
         return None
-    bar = item.index(b"|")
+    bar = item.find(b"|")
+    if bar < 2:
+        raise CorruptEntry(f"wake-up item {item[:40]!r} has no '|'")
     return GetReply(HIT, item[bar + 1:], decode_version(item[2:bar] or None), "n" if item[1:2] == b"1" else "")
 
 
@@ -420,22 +482,74 @@ def _interleave(ekeys: Sequence[str]) -> list[str]:
     return ks
 
 
+# --------------------------------------------------------------------------- key arguments
+
+
+def key_list(keys: object, fn: str) -> list[str]:
+    """An iterable of keys as a list; a single string (which would be read character by character) is refused."""
+    if isinstance(keys, (str, bytes, bytearray, memoryview)):
+        shown = keys[:40] if isinstance(keys, str) else bytes(keys[:40])
+        raise UsageError(f"{fn}() takes an iterable of keys, not the single string {shown!r}: wrap it in a list")
+    try:
+        return list(keys)  # type: ignore[call-overload]
+    except TypeError:
+        raise UsageError(f"{fn}() takes an iterable of keys, got {type(keys).__name__}") from None
+
+
+def star_keys(keys: Sequence[object], fn: str) -> None:
+    """Keys given as ``fn(*keys)``: a list or tuple passed as one argument is refused with a clear message."""
+    for k in keys:
+        if isinstance(k, (list, tuple, set, frozenset, dict)):
+            raise UsageError(f"{fn}() takes keys as separate arguments, got a {type(k).__name__}: "
+                             f"call {fn}(*keys)")
+
+
 # --------------------------------------------------------------------------- read flows
 
 
 def _hit(ctx: Context, key: str, r: GetReply) -> Entry:
+    """A hit's Entry; :class:`CorruptEntry` when its payload cannot be decoded."""
     neg = r.flags == "n"
+    assert r.payload is not None
+    value = ctx.decode_stored(key, r.payload, neg)
     st = ctx.stats
     if neg:
         st["negative_hits"] += 1
     else:
         st["hits"] += 1
-    assert r.payload is not None
-    return Entry(ctx.decode(key, r.payload, neg), r.version, r.flags == "s")
+    return Entry(value, r.version, r.flags == "s")
+
+
+def _repair(ctx: Context, key: str, ek: str, problem: object) -> Flow:
+    """A corrupted or foreign entry (undecodable value, non-numeric field, wrong Redis type) is deleted, counted
+    and logged once per key; the read goes on as a miss (lease, load, fill). Deleting is always safe: a lease
+    it removes can no longer fill, and the next fill replaces the entry."""
+    ctx.stats["corrupt_entries"] += 1
+    if key not in ctx.corrupt_logged:
+        if len(ctx.corrupt_logged) < 10_000:
+            ctx.corrupt_logged.add(key)
+        log.warning("cachesync: namespace %r key %r: corrupted or foreign entry (%s); deleted, read as a miss",
+                    ctx.ns, key, problem)
+    try:
+        yield Cmd(("DEL", ek))
+    except (RedisDown, CommandError):
+        pass
+
+
+def _release(ctx: Context, keys: list[str], token: str) -> Flow:
+    """Give up a lease (no-op if the token does not hold it): waiters here and in other processes retry at once."""
+    try:
+        yield from script("release", keys, [token, ctx.wake_ms])
+    except (RedisDown, CommandError):
+        pass
 
 
 def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
-    """Read one key: hit, or lease + load + fill, or wait for the lease holder."""
+    """Read one key: hit, or lease + load + fill, or wait for the lease holder.
+
+    Cancellation-safe: whatever is thrown into the flow while it may hold a lease (a loader's exception,
+    ``asyncio.CancelledError``, ``KeyboardInterrupt``) releases the lease first, so that waiters retry at once.
+    """
     ek = ctx.ekey(key)
     if ttl is not None:
         check_positive("ttl", ttl)
@@ -444,13 +558,21 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
         f = yield Cmd(("HMGET", ek, "v", "ver", "n", "s"))
     except RedisDown as e:
         return (yield from _fallback_one(ctx, e))
+    except CommandError as e:  # WRONGTYPE: a foreign key where the entry belongs
+        yield from _repair(ctx, key, ek, e)
+        f = (None, None, None, None)
     if f[0] is not None and f[3] is None:
-        return _hit(ctx, key, GetReply(HIT, f[0], decode_version(f[1]), "n" if f[2] == b"1" else ""))
+        try:
+            return _hit(ctx, key, GetReply(HIT, f[0], decode_version(f[1]), "n" if f[2] == b"1" else ""))
+        except CorruptEntry as e:
+            yield from _repair(ctx, key, ek, e)
+            f = (None, None, None, None)
     keys = [ek, wake_key(ek)]
     token = new_token()
     args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
     waited = 0.0
     o = ctx.o
+    repaired = 0
     while True:
         if ctx.mode == "P" and f[0] is None:
             reply = [MISS, None, None, None]  # plain cache-aside: a miss loads without a lease
@@ -459,15 +581,29 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
                 reply = yield from script("get", keys, args)
             except RedisDown as e:
                 return (yield from _fallback_one(ctx, e))
-        r = parse_get(reply)[0]
-        if r.code == HIT:
-            if r.flags == "s":  # plain mode: a stale-marked value counts as a hit
+            except GeneratorExit:
+                raise
+            except BaseException:  # cancelled while get.lua may have granted us the lease
+                yield from _release(ctx, keys, token)
+                raise
+        try:
+            r = parse_get(reply)[0]
+            if r.code == HIT:
+                if r.flags == "s":  # plain mode: a stale-marked value counts as a hit
+                    ctx.stats["stale_served"] += 1
+                return _hit(ctx, key, r)
+            if r.code == WAIT and o.serve_stale and r.payload is not None:
+                entry = Entry(ctx.decode_stored(key, r.payload, False), r.version, True)
                 ctx.stats["stale_served"] += 1
-            return _hit(ctx, key, r)
+                return entry
+        except CorruptEntry as e:
+            if r.code == LEASED or repaired > 2:  # pragma: no cover - get.lua only leases an entry it can read
+                raise
+            repaired += 1
+            yield from _repair(ctx, key, ek, e)
+            f = (None,)
+            continue
         if r.code == WAIT:
-            if o.serve_stale and r.payload is not None:
-                ctx.stats["stale_served"] += 1
-                return Entry(ctx.decode(key, r.payload, False), r.version, True)
             remaining = o.max_wait - waited
             if remaining <= 0:
                 ctx.stats["loads"] += 1
@@ -476,9 +612,13 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
             ctx.stats["waits"] += 1
             elapsed, item = yield from wait(ctx, [keys[1]], min(r.wait_s, remaining) + 0.001)
             waited += elapsed
-            hit = parse_wake(item)
-            if hit is not None:  # the lease holder's fill woke us with the value itself
-                return _hit(ctx, key, hit)
+            hit = None
+            try:
+                hit = parse_wake(item)
+                if hit is not None:  # the lease holder's fill woke us with the value itself
+                    return _hit(ctx, key, hit)
+            except CorruptEntry:
+                pass  # an unreadable wake-up item: read again
             f = (None,)
             continue
         # LEASED (we hold the lease) or MISS (plain mode)
@@ -487,22 +627,39 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
         try:
             value = yield Load()
             payload, ver, neg = ctx.encode(key, value)
+            ttl_ms = ctx.ttl_ms(ttl, neg == "1")
+        except GeneratorExit:
+            raise
         except BaseException:
             if r.code == LEASED:
-                try:
-                    yield from script("release", keys, [token, ctx.wake_ms])
-                except RedisDown:
-                    pass
+                yield from _release(ctx, keys, token)
             raise
         try:
             codes = yield from script("fill", keys, [token if r.code == LEASED else "", ctx.wake_ms, payload, ver,
-                                              ctx.ttl_ms(ttl, neg == "1"), neg])
+                                              ttl_ms, neg])
         except RedisDown:
             ctx.stats["redis_errors"] += 1
             return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader")
+        except GeneratorExit:
+            raise
+        except BaseException:  # cancelled while fill.lua ran: the lease may still be ours
+            if r.code == LEASED:
+                yield from _release(ctx, keys, token)
+            raise
         ok = int(codes[0]) == 1
         ctx.stats["fills" if ok else "fills_refused"] += 1
         return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader", filled=ok)
+
+
+def follower_accepts(entry: Entry) -> bool:
+    """Read-your-writes through singleflight: may a reader that joined another caller's flight take its result?
+
+    Only a hit or a value whose fill Redis accepted. A fill is accepted only while its lease is intact, so no
+    invalidation came between the leader's lease and its fill; a value loaded without an accepted fill (refused,
+    uncached fallback, a waiter's own load) may predate a write whose invalidation returned before the follower's
+    read began, so the follower reads again. Both drivers apply this rule.
+    """
+    return entry.source == "cache" or entry.filled
 
 
 def _fallback_one(ctx: Context, e: RedisDown) -> Flow:
@@ -512,6 +669,11 @@ def _fallback_one(ctx: Context, e: RedisDown) -> Flow:
     ctx.stats["fallback_loads"] += 1
     value = yield Load(fallback=True)
     return Entry(ctx.unwrap(value), source="fallback")
+
+
+def _release_many(ctx: Context, eks: list[str], idxs: list[int], token: str) -> Flow:
+    for group in _groups(ctx, [eks[i] for i in idxs]):
+        yield from _release(ctx, _interleave([eks[idxs[j]] for j in group]), token)
 
 
 def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
@@ -526,29 +688,39 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
     pending = list(range(len(ukeys)))
     waited = 0.0
     o = ctx.o
+    repairs = 0
     while pending:
         leased: list[int] = []
         plain: list[int] = []
         waiting: list[tuple[int, float]] = []
+        corrupt: list[int] = []
+        asked: list[int] = []
         try:
             for group in _groups(ctx, [eks[i] for i in pending]):
                 idxs = [pending[j] for j in group]
+                asked.extend(idxs)
                 reply = yield from script("get", _interleave([eks[i] for i in idxs]), args)
                 for i, r in zip(idxs, parse_get(reply), strict=True):
                     k = ukeys[i]
-                    if r.code == HIT:
-                        result[k] = _hit(ctx, k, r)
-                    elif r.code == WAIT:
-                        if o.serve_stale and r.payload is not None:
-                            ctx.stats["stale_served"] += 1
-                            result[k] = Entry(ctx.decode(k, r.payload, False), r.version, True)
+                    try:
+                        if r.code == HIT:
+                            result[k] = _hit(ctx, k, r)
+                        elif r.code == WAIT:
+                            if o.serve_stale and r.payload is not None:
+                                result[k] = Entry(ctx.decode_stored(k, r.payload, False), r.version, True)
+                                ctx.stats["stale_served"] += 1
+                            else:
+                                waiting.append((i, r.wait_s))
+                        elif r.code == LEASED:
+                            leased.append(i)
                         else:
-                            waiting.append((i, r.wait_s))
-                    elif r.code == LEASED:
-                        leased.append(i)
-                    else:
-                        plain.append(i)
+                            plain.append(i)
+                    except CorruptEntry as e:
+                        corrupt.append(i)
+                        yield from _repair(ctx, k, eks[i], e)
         except RedisDown as e:
+            if leased:
+                yield from _release_many(ctx, eks, leased, token)
             ctx.stats["redis_errors"] += 1
             if o.on_redis_error == "fail":
                 raise e.cause from None
@@ -558,6 +730,11 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
             for k in missing:
                 result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="fallback")
             break
+        except GeneratorExit:
+            raise
+        except BaseException:  # cancelled: release whatever get.lua may have leased to us in this round
+            yield from _release_many(ctx, eks, asked, token)
+            raise
         mine = leased + plain
         if mine:
             ctx.stats["misses"] += len(mine)
@@ -567,13 +744,12 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
                 if not isinstance(values, Mapping):
                     raise UsageError(f"loader_many must return a mapping of key -> value, got {type(values).__name__}")
                 enc = {i: ctx.encode(ukeys[i], values.get(ukeys[i], NOT_FOUND)) for i in mine}
+                ttls = {i: ctx.ttl_ms(ttl, enc[i][2] == "1") for i in mine}
+            except GeneratorExit:
+                raise
             except BaseException:
                 if leased:
-                    try:
-                        for group in _groups(ctx, [eks[i] for i in leased]):
-                            yield from script("release", _interleave([eks[leased[j]] for j in group]), [token, ctx.wake_ms])
-                    except RedisDown:
-                        pass
+                    yield from _release_many(ctx, eks, leased, token)
                 raise
             for sub, tok in ((leased, token), (plain, "")):
                 if not sub:
@@ -583,18 +759,31 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
                     fargs: list[Any] = [tok, ctx.wake_ms]
                     for i in idxs:
                         payload, ver, neg = enc[i]
-                        fargs += [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg]
+                        fargs += [payload, ver, ttls[i], neg]
                     try:
                         codes = yield from script("fill", _interleave([eks[i] for i in idxs]), fargs)
                     except RedisDown:
                         ctx.stats["redis_errors"] += 1
                         codes = [0] * len(idxs)
+                    except GeneratorExit:
+                        raise
+                    except BaseException:
+                        if tok:
+                            yield from _release_many(ctx, eks, sub, token)
+                        raise
                     for i, c in zip(idxs, codes, strict=True):
                         ok = int(c) == 1
                         ctx.stats["fills" if ok else "fills_refused"] += 1
                         k = ukeys[i]
                         result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), decode_version(enc[i][1] or None),
                                           source="loader", filled=ok)
+        if corrupt and repairs < 3:  # repaired entries are read again at once (they now take a lease)
+            repairs += 1
+            pending = corrupt + [i for i, _ in waiting]
+            if not waiting:
+                continue
+        elif corrupt:  # pragma: no cover - an entry that stays corrupt after three repairs
+            raise CorruptEntry(f"entries of {[ukeys[i] for i in corrupt]!r} stay unreadable")
         if not waiting:
             break
         remaining = o.max_wait - waited
@@ -610,7 +799,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
         wks = [wake_key(eks[waiting[j][0]]) for j in first]
         elapsed, _ = yield from wait(ctx, wks, min(min(w for _, w in waiting), remaining) + 0.001)
         waited += elapsed
-        pending = [i for i, _ in waiting]
+        pending = [i for i, _ in waiting] + (corrupt if corrupt and repairs <= 3 else [])
     return {k: result[k] for k in ukeys}
 
 
@@ -625,6 +814,7 @@ def _groups(ctx: Context, ekeys: list[str]) -> list[list[int]]:
 
 def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> Flow:
     """Invalidate keys (one script per slot group). Raises :class:`InvalidationError` naming what is left."""
+    star_keys(keys, "invalidate")
     ukeys = list(dict.fromkeys(keys))
     eks = [ctx.ekey(k) for k in ukeys]
     ver = encode_version(version)
@@ -683,6 +873,7 @@ class WritePlan:
 
     def __init__(self, ctx: Context, keys: Sequence[str], strategy: str | None, value: Any, version: Any,
                  ttl: float | None, delay: float | None) -> None:
+        star_keys(keys, "write")
         if not keys:
             raise UsageError("write() needs at least one cache key")
         self.ctx = ctx
@@ -693,9 +884,7 @@ class WritePlan:
         self.value = value
         self.version = version
         self.ttl = ttl
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0):
-            raise UsageError(f"delay must be a number of seconds >= 0, got {delay!r}")
-        self.delay = ctx.o.double_delete_delay if delay is None else float(delay)
+        self.delay = ctx.o.double_delete_delay if delay is None else check_non_negative("delay", delay)
         if SP in self.strategy.before and value is MISSING:
             raise UsageError(f"strategy {self.strategy.name} updates the cache before the database: pass value=")
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
-from .errors import CacheUnavailableError, InvalidationError
+from .errors import CacheUnavailableError, RedisCommandError
 from .l1 import L1Options
 from .l1_sync import L1Sync
-from .options import CacheOptions
+from .options import CacheOptions, check_non_negative
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 
@@ -34,6 +35,18 @@ class _Flight:
         self.lock.acquire()
         self.result: Any = None
         self.exc: BaseException | None = None
+
+
+class _Pending:
+    """A delayed step (e.g. the second delete of ``delayed_double_delete``) not yet delivered."""
+
+    __slots__ = ("keys", "done", "timer", "abandoned")
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.done = threading.Event()
+        self.timer: Any = None
+        self.abandoned = False
 
 
 def _thread_scheduler(delay: float, fn: Callable[[], None]) -> threading.Timer:
@@ -63,7 +76,8 @@ class Cache:
         self._flights: dict[str, _Flight] = {}
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
-        self._timers: list[Any] = []
+        self._pending: set[_Pending] = set()
+        self._pending_lock = threading.Lock()
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Sync(self, l1_options, owned_url)
@@ -80,61 +94,87 @@ class Cache:
     def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
         send: Any = None
         throw: BaseException | None = None
-        while True:
-            try:
-                eff = flow.send(send) if throw is None else flow.throw(throw)
-            except StopIteration as stop:
-                return stop.value
-            except _REDIS_DOWN as e:
-                raise CacheUnavailableError(self.url, e) from e
-            send, throw = None, None
-            t = type(eff)
-            if t is P.Cmd:
+        try:
+            while True:
                 try:
-                    send = self._command(eff)
-                except NoScriptError:
-                    throw = P.NoScript()
+                    eff = flow.send(send) if throw is None else flow.throw(throw)
+                except StopIteration as stop:
+                    return stop.value
                 except _REDIS_DOWN as e:
-                    throw = P.RedisDown(e)
-            elif t is P.Load:
-                assert loader is not None
-                try:
-                    if eff.fallback:
-                        with self._fallback:
+                    raise CacheUnavailableError(self.url, e) from e
+                except P.CommandError as e:
+                    raise RedisCommandError(self.url, e) from None
+                send, throw = None, None
+                t = type(eff)
+                if t is P.Cmd:
+                    try:
+                        send = self._command(eff)
+                    except NoScriptError:
+                        throw = P.NoScript()
+                    except _REDIS_DOWN as e:
+                        throw = P.RedisDown(e)
+                    except ResponseError as e:
+                        throw = P.CommandError(str(e))
+                    except BaseException as e:  # KeyboardInterrupt, SystemExit: the flow releases what it holds
+                        throw = e
+                elif t is P.Load:
+                    assert loader is not None
+                    try:
+                        if eff.fallback:
+                            with self._fallback:
+                                send = loader() if eff.keys is None else loader(eff.keys)
+                        else:
                             send = loader() if eff.keys is None else loader(eff.keys)
-                    else:
-                        send = loader() if eff.keys is None else loader(eff.keys)
-                except Exception as e:
-                    throw = e
-            elif t is P.Schedule:
-                self._schedule(eff)
-            else:  # pragma: no cover
-                raise AssertionError(f"unknown effect {eff!r}")
+                    except BaseException as e:  # incl. KeyboardInterrupt: thrown in, so the lease is released
+                        throw = e
+                elif t is P.Schedule:
+                    self._schedule(eff)
+                else:  # pragma: no cover
+                    raise AssertionError(f"unknown effect {eff!r}")
+        finally:
+            flow.close()
 
-    def _schedule(self, eff: P.Schedule, attempt: int = 0, delay: float | None = None) -> None:
-        def run() -> None:
+    def _schedule(self, eff: P.Schedule) -> None:
+        pending = _Pending(eff.keys)
+        with self._pending_lock:
+            self._pending.add(pending)
+
+        def run(attempt: int) -> None:
+            if pending.abandoned:
+                return
             try:
                 self._drive(eff.flow_factory())
-            except InvalidationError as e:
+            except Exception as e:  # retried until it succeeds or close() gives up: never dropped silently
+                if pending.abandoned:
+                    return
                 backoff = min(30.0, 0.1 * 2 ** attempt)
-                log.error("cachesync: delayed invalidation failed (attempt %d), retrying in %.1fs: %s",
-                          attempt + 1, backoff, e)
-                self._schedule(eff, attempt + 1, backoff)
+                log.error("cachesync: delayed step for %r failed (attempt %d), retrying in %.1fs: %s",
+                          eff.keys, attempt + 1, backoff, e)
+                pending.timer = self._scheduler(backoff, lambda: run(attempt + 1))
+                return
+            with self._pending_lock:
+                self._pending.discard(pending)
+            pending.done.set()
 
-        self._timers = [t for t in self._timers if getattr(t, "is_alive", lambda: False)()]
-        self._timers.append(self._scheduler(eff.delay if delay is None else delay, run))
+        pending.timer = self._scheduler(eff.delay, lambda: run(0))
 
     def _single(self, key: str, fn: Callable[[], P.Entry]) -> P.Entry:
         if not self.options.singleflight:
             return fn()
-        mine = _Flight()
-        f = self._flights.setdefault(key, mine)  # atomic: exactly one caller becomes the leader
-        if f is not mine:
+        st = self.ctx.stats
+        while True:
+            mine = _Flight()
+            f = self._flights.setdefault(key, mine)  # atomic: exactly one caller becomes the leader
+            if f is mine:
+                break
+            st["singleflight_joins"] += 1
             with f.lock:  # wait for the leader
                 pass
-            if f.exc is not None:
+            if f.exc is not None and not isinstance(f.exc, (KeyboardInterrupt, SystemExit)):
                 raise f.exc
-            return f.result  # type: ignore[no-any-return]
+            if f.exc is None and P.follower_accepts(f.result):
+                return f.result  # type: ignore[no-any-return]
+            st["singleflight_retries"] += 1  # the leader was interrupted, or its value may predate a write
         try:
             mine.result = fn()
             return mine.result  # type: ignore[no-any-return]
@@ -178,6 +218,7 @@ class Cache:
     def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
                          ttl: float | None = None) -> dict[str, P.Entry]:
         """Like :meth:`get_many`, returning :class:`Entry` objects."""
+        keys = P.key_list(keys, "get_many")
         if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
             return self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
                 P.get_many_flow(self.ctx, missing, ttl), loader_many))
@@ -196,6 +237,7 @@ class Cache:
         filled. Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys when
         Redis cannot be reached.
         """
+        P.star_keys(keys, "invalidate")
         if not keys:
             return 0
         try:
@@ -274,15 +316,36 @@ class Cache:
         except _REDIS_DOWN as e:
             raise CacheUnavailableError(self.url, e) from e
 
-    def close(self) -> None:
-        """Wait for scheduled delayed steps, then close the connection pool (if this cache created it)."""
+    def close(self, timeout: float | None = None) -> list[str]:
+        """Wait for pending delayed steps *and their retries*, then close the pool (if this cache created it).
+
+        ``timeout`` (default ``double_delete_delay + 10`` seconds) bounds the wait. Returns the keys whose
+        delayed step could still not be delivered (empty when everything was delivered); they are also logged
+        once at ERROR, so that no scheduled second delete is ever dropped silently.
+        """
         if self.l1 is not None:
             self.l1.close()
-        for t in list(self._timers):
-            if isinstance(t, threading.Timer):
-                t.join()
+        wait = self.options.double_delete_delay + 10.0 if timeout is None else check_non_negative("timeout", timeout)
+        deadline = time.monotonic() + wait
+        with self._pending_lock:
+            pending = list(self._pending)
+        for p in pending:
+            p.done.wait(max(0.0, deadline - time.monotonic()))
+        undelivered: list[str] = []
+        with self._pending_lock:
+            for p in list(self._pending):
+                p.abandoned = True
+                if isinstance(p.timer, threading.Timer):
+                    p.timer.cancel()
+                undelivered.extend(p.keys)
+            self._pending.clear()
+        undelivered = list(dict.fromkeys(undelivered))
+        if undelivered:
+            log.error("cachesync: close() gave up after %.1fs; delayed steps NOT delivered for keys %r "
+                      "(invalidate them again, or record them in the outbox)", wait, undelivered)
         if self._owns_client:
             self.redis.close()
+        return undelivered
 
     def __enter__(self) -> Cache:
         return self

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from .._driver import redact_url
+from .._driver import encode_userinfo, redact_url
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class NatsJetStreamBus(Bus):
         self._thread.start()
         self._subs: dict[str, Any] = {}
         try:
-            self.nc = self._run(nats.connect(url, connect_timeout=timeout, max_reconnect_attempts=-1,
+            self.nc = self._run(nats.connect(encode_userinfo(url), connect_timeout=timeout, max_reconnect_attempts=-1,
                                              allow_reconnect=True, reconnect_time_wait=0.2))
         except BusUnavailableError:
             self._stop()

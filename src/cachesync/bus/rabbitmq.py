@@ -83,9 +83,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from .._driver import redact_url
+from .._driver import encode_userinfo, redact_url, url_secrets
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 log = logging.getLogger("cachesync.bus.rabbitmq")
@@ -264,8 +264,9 @@ class RabbitMQBus(Bus):
         if isinstance(groups, str):
             raise BusError(f"groups must be a list of group names, not the string {groups!r}")
         self.url = redact_url(url)
+        self._secrets = url_secrets(url)
+        url = encode_userinfo(url)  # a password's unencoded "/" or "#" would end the host part for the parser
         parts = urlsplit(url)
-        self._secrets = [s for s in {parts.password, unquote(parts.password or "")} if s]
         try:
             params = pika.URLParameters(url)
         except (ValueError, TypeError, SyntaxError) as e:

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._driver import check_redis_url, redact_url
+from .._driver import check_redis_url, redact_url, scrub
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 _DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -77,8 +77,11 @@ class RedisStreamsBus(Bus):
         self.delete_on_ack = delete_on_ack
         self.maxlen = maxlen
         self.socket_timeout = socket_timeout
-        self.r: Any = redis.Redis.from_url(url, protocol=2, socket_timeout=socket_timeout,
-                                      socket_connect_timeout=socket_timeout)
+        try:
+            self.r: Any = redis.Redis.from_url(url, protocol=2, socket_timeout=socket_timeout,
+                                          socket_connect_timeout=socket_timeout)
+        except (ValueError, TypeError) as e:  # redis-py echoes tokens of the URL (e.g. a bad port)
+            raise BusError(f"bus URL {self.url!r}: {scrub(e, url)}") from None
         self._nack = self.r.register_script(_NACK)
         self._promote = self.r.register_script(_PROMOTE)
         self._groups: set[str] = set()

@@ -115,10 +115,18 @@ def register(subparsers: Any) -> None:
     """Add ``cdc`` (and its ``drop-slot`` subcommand) to the ``cachesync`` command line."""
     p = subparsers.add_parser(
         "cdc", help="invalidate cache keys from the MariaDB binlog or PostgreSQL logical decoding",
-        description="Follow committed changes of the rule tables and invalidate their keys in Redis.")
+        description="Follow committed changes of the rule tables and invalidate their keys in Redis.",
+        epilog="""examples:
+  cachesync cdc --db-url mysql://repl:pw@db:3306/shop --rules rules.toml --namespace shop
+  cachesync cdc --db-url postgresql://repl@db:5432/shop --rules rules.toml --redis-url redis://cache:6379/0
+  cachesync cdc --db-url postgresql://repl@db/shop --rules rules.toml --bus nats://bus:4222
+  cachesync cdc drop-slot --db-url postgresql://repl@db/shop --namespace shop
+
+The rules-file format (--rules) is described in docs/rules.md.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db-url", help="mysql://user:pass@host:3306/db or postgresql://user@host:5432/db (required)")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help=f"Redis URL (default {DEFAULT_REDIS_URL})")
-    p.add_argument("--rules", help="rules file, .toml or .py (required)")
+    p.add_argument("--rules", help="rules file, .toml or .py; format: docs/rules.md (required)")
     p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
     p.add_argument("--server-id", type=int, default=None,
                    help="MariaDB/MySQL: replica server_id, unique per reader (default: 1000 + crc32(namespace))")
@@ -143,7 +151,12 @@ def register(subparsers: Any) -> None:
                    help="a change without the old values of key columns: warn (default) or flush the templates")
     p.set_defaults(func=cmd_cdc)
     sub = p.add_subparsers(dest="cdc_command", metavar="SUBCOMMAND")
-    d = sub.add_parser("drop-slot", help="PostgreSQL: drop the reader's replication slot (releases its WAL)")
+    d = sub.add_parser("drop-slot", help="PostgreSQL: drop the reader's replication slot (releases its WAL)",
+                       description="PostgreSQL: drop the reader's replication slot (releases its WAL).",
+                       epilog="examples:\n  cachesync cdc drop-slot --db-url postgresql://repl@db/shop --namespace shop\n"
+                              "  cachesync cdc drop-slot --db-url postgresql://repl@db/shop --slot old_slot "
+                              "--drop-publication",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--db-url", required=True, help="postgresql://user@host:5432/db")
     d.add_argument("--namespace", default="default", help="namespace, for the default names (default: default)")
     d.add_argument("--slot", default=None, help="slot to drop (default: cachesync_<namespace>)")
@@ -151,7 +164,12 @@ def register(subparsers: Any) -> None:
     d.add_argument("--drop-publication", action="store_true", help="also drop the publication (default: keep)")
     d.set_defaults(func=cmd_drop_slot)
     t = sub.add_parser("ddl-triggers", help="PostgreSQL: event triggers that send DROP TABLE / ALTER TABLE ... "
-                                            "RENAME to the reader as logical messages")
+                                            "RENAME to the reader as logical messages",
+                       description="PostgreSQL: event triggers that send DROP TABLE / ALTER TABLE ... RENAME to "
+                                   "cachesync cdc as logical messages.",
+                       epilog="examples:\n  cachesync cdc ddl-triggers --db-url postgresql://postgres@db/shop\n"
+                              "  cachesync cdc ddl-triggers --db-url postgresql://postgres@db/shop --drop",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--db-url", required=True, help="postgresql://user@host:5432/db (a superuser)")
     t.add_argument("--message-prefix", default="cachesync",
                    help="prefix of the messages, the reader's --message-prefix (default: cachesync)")

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .._driver import redact_url
+from .._driver import encode_userinfo, redact_url, scrub
 from ..db import MYSQL, dialect_of
 from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
 
@@ -146,9 +146,12 @@ class MySQLSource(Source):
             raise CdcConfigError(f"database URL {redact_url(db_url)!r} is not a mysql:// or mariadb:// URL")
         if not isinstance(server_id, int) or not 1 <= server_id < 2**32:
             raise CdcConfigError(f"server_id must be an integer in 1..4294967295, got {server_id!r}")
-        p = urlsplit(db_url)
+        p = urlsplit(encode_userinfo(db_url))  # a password may hold unencoded "/", "#", "?" or "@"
         self.url = redact_url(db_url)
-        self.host, self.port = p.hostname or "127.0.0.1", p.port or 3306
+        try:
+            self.host, self.port = p.hostname or "127.0.0.1", p.port or 3306
+        except ValueError as e:
+            raise CdcConfigError(f"database URL {self.url!r}: {scrub(e, db_url)}") from None
         self.user, self.password = unquote(p.username or "root"), unquote(p.password or "")
         self.db = p.path.lstrip("/")
         if not self.db:
@@ -180,8 +183,12 @@ class MySQLSource(Source):
         except pymysql.err.OperationalError as e:
             code = e.args[0] if e.args else 0
             if code in ACCESS_ERRORS:
-                raise CdcConfigError(f"cannot log in to {self.url}: {e.args[-1]}") from None
-            raise Disconnected(f"cannot connect to {self.url}: {e.args[-1]}") from None
+                raise CdcConfigError(f"cannot log in to {self.url}: {self._scrub(e.args[-1])}") from None
+            raise Disconnected(f"cannot connect to {self.url}: {self._scrub(e.args[-1])}") from None
+
+    def _scrub(self, msg: object) -> str:
+        """A driver message without the password (a driver may echo it)."""
+        return scrub(msg, secrets=[self.password] if self.password else [])
 
     def check(self) -> None:
         """Binlog settings (:func:`check_settings`) and the replication privileges of the user."""

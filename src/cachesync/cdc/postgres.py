@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .._driver import redact_url
+from .._driver import encode_userinfo, redact_url, scrub
 from ..db import POSTGRESQL, dialect_of
 from ..errors import CachesyncError
 from ..keys import check_key
@@ -65,7 +65,7 @@ def check_wal_level(wal_level: str) -> list[str]:
 
 
 def _dsn(url: str) -> str:
-    return "postgresql://" + url.split("://", 1)[1]
+    return encode_userinfo("postgresql://" + url.split("://", 1)[1])
 
 
 def _ident_ok(name: str, what: str) -> str:
@@ -93,8 +93,11 @@ class PostgresSource(Source):
             raise CdcConfigError(f"database URL {redact_url(db_url)!r} is not a postgresql:// URL")
         self.dsn = _dsn(db_url)
         self.url = redact_url(db_url)
-        p = urlsplit(db_url)
-        self.host, self.port, self.db = p.hostname or "localhost", p.port or 5432, p.path.lstrip("/") or "?"
+        p = urlsplit(self.dsn)  # userinfo percent-encoded: a password's "/" or "#" does not end the netloc
+        try:
+            self.host, self.port, self.db = p.hostname or "localhost", p.port or 5432, p.path.lstrip("/") or "?"
+        except ValueError as e:
+            raise CdcConfigError(f"database URL {self.url!r}: {scrub(e, db_url)}") from None
         self.user = unquote(p.username or "")
         self.rules = rules
         self.slot = _ident_ok(slot, "slot name")
@@ -127,6 +130,7 @@ class PostgresSource(Source):
             conn = psycopg2.connect(self.dsn, connect_timeout=max(1, int(self.connect_timeout)), **kw)
         except psycopg2.OperationalError as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = scrub(msg, self.dsn)  # libpq may echo a token of the URL
             if "authentication" in msg or "permission" in msg or "no pg_hba.conf entry" in msg:
                 raise CdcConfigError(f"cannot log in to {self.url}: {msg}") from None
             raise Disconnected(f"cannot connect to {self.url}: {msg}") from None
@@ -379,7 +383,8 @@ class PostgresSource(Source):
             conn = psycopg2.connect(self.dsn, connection_factory=LogicalReplicationConnection,
                                     connect_timeout=max(1, int(self.connect_timeout)))
         except psycopg2.OperationalError as e:
-            raise Disconnected(f"cannot open a replication connection to {self.url}: {str(e).strip()}") from None
+            raise Disconnected(f"cannot open a replication connection to {self.url}: "
+                               f"{scrub(str(e).strip(), self.dsn)}") from None
         decoder = Decoder()
         options = {"proto_version": "1", "publication_names": self.publication}
         if self.messages:

@@ -10,6 +10,7 @@ from .scenarios import ScenarioResult
 from .stress import StressConfig, StressResult
 
 VERDICT_STYLE = {"consistent": "green", "transient": "yellow", "stale": "bold red"}
+SAFETY_STYLE = {"safe": "blue", "mitigation": "dark_orange", "unsafe": "bold red"}
 
 
 def have_rich() -> bool:
@@ -20,11 +21,47 @@ def have_rich() -> bool:
     return True
 
 
-def term_width() -> int:
-    """The terminal's width (``COLUMNS`` first), at least 60."""
+NO_WRAP = 10_000
+"""The width used when stdout is a file or a pipe and ``COLUMNS`` is unset: tables are never wrapped or cut."""
+
+
+def term_width(out: TextIO | None = None) -> int:
+    """``COLUMNS`` when set; else the terminal's width when ``out`` (stdout) is a terminal; else no limit
+    (:data:`NO_WRAP`: output written to a file or a pipe keeps whole lines). At least 60."""
+    import os
     import shutil
 
+    cols = os.environ.get("COLUMNS", "")
+    if cols.isdigit() and int(cols) > 0:
+        return max(60, int(cols))
+    stream = out or sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty:
+        return NO_WRAP
     return max(60, shutil.get_terminal_size((100, 24)).columns)
+
+
+VERDICT_LEGEND = (
+    ("stale", "the cache ends holding a value other than the database's (until the TTL or the next write)"),
+    ("transient", "the cache ends consistent, but a read returned an out-of-date value (or nothing), or a value "
+                  "never committed"),
+    ("consistent", "every read returned the committed value and the cache ends equal to the database"),
+)
+
+
+def render_legend(plain: bool = False, out: TextIO | None = None) -> None:
+    """The verdicts explained, after the summary."""
+    import textwrap
+
+    out = out or sys.stdout
+    w = term_width(out)
+    print(file=out)
+    print("Verdicts:", file=out)
+    for name, text in VERDICT_LEGEND:
+        print(textwrap.fill(f"{name:<10}  {text}", w, initial_indent="  ", subsequent_indent=" " * 14), file=out)
 
 
 # columns that may wrap, by header; the others keep their natural width
@@ -47,7 +84,7 @@ def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: Tex
     """A plain-text table fitting ``width`` columns: long cells wrap onto continuation lines (never cut)."""
     import textwrap
 
-    widths = _fit(headers, rows, width or term_width())
+    widths = _fit(headers, rows, width or term_width(out))
 
     def lines(cells: Sequence[str]) -> list[str]:
         parts = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] for c, w in zip(cells, widths, strict=True)]
@@ -76,7 +113,7 @@ def render_scenario(r: ScenarioResult, plain: bool = False, out: TextIO | None =
     if plain or not have_rich():
         import textwrap
 
-        w = term_width()
+        w = term_width(out)
         print(textwrap.fill(f"[{r.id}] {r.title}", w, subsequent_indent="     "), file=out)
         print(textwrap.fill(variant, w, initial_indent="     ", subsequent_indent="       "), file=out)
         _plain_table(headers, scenario_rows(r), out, w)
@@ -91,7 +128,7 @@ def render_scenario(r: ScenarioResult, plain: bool = False, out: TextIO | None =
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(file=out, width=term_width())
+    con = Console(file=out, width=term_width(out))
     con.print(f"[bold][{r.id}] {r.title}[/]", highlight=False)
     con.print(f"[dim]{variant}[/]", highlight=False)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
@@ -126,7 +163,7 @@ def render_summary(results: Sequence[ScenarioResult], plain: bool = False, out: 
         print("Summary", file=out)
         _plain_table(headers, rows, out)
         print(file=out)
-        print(textwrap.fill(foot, term_width()), file=out)
+        print(textwrap.fill(foot, term_width(out)), file=out)
         return
     from rich import box
     from rich.console import Console
@@ -138,19 +175,28 @@ def render_summary(results: Sequence[ScenarioResult], plain: bool = False, out: 
     for r, row in zip(results, rows, strict=True):
         row[4] = f"[{VERDICT_STYLE.get(r.verdict, '')}]{r.verdict}[/]"
         t.add_row(*row)
-    con = Console(file=out, width=term_width())
+    con = Console(file=out, width=term_width(out))
     con.print(t)
     con.print(f"[dim]{foot}[/]", highlight=False)
 
 
-STRESS_HEADERS = ["strategy", "leases", "reads", "writes", "stale reads", "longest stale ms",
+STRESS_HEADERS = ["strategy", "leases", "safety", "reads", "writes", "stale reads", "stale %", "longest stale ms",
                   "inconsistent keys", "DB loads", "errors"]
 
 
 def stress_rows(results: Sequence[StressResult]) -> list[list[str]]:
-    return [[r.strategy, "on" if r.leases else "off", str(r.reads), str(r.writes), str(r.stale_reads),
-             f"{r.longest_stale_ms:.1f}", str(r.inconsistent_keys), str(r.db_loads), str(r.errors)]
+    from .report import rate, safety
+
+    return [[r.strategy, "on" if r.leases else "off", safety(r.strategy, r.leases), str(r.reads), str(r.writes),
+             str(r.stale_reads), f"{rate(r):.1f}", f"{r.longest_stale_ms:.1f}", str(r.inconsistent_keys),
+             str(r.db_loads), str(r.errors)]
             for r in results]
+
+
+STRESS_LEGEND = ("stale % = stale reads per 100 reads (a read older than the newest commit before it began); "
+                 "inconsistent keys = cached value != row after every thread stopped; safety: safe (no race "
+                 "leaves the cache stale), mitigation (narrows the window), unsafe (some races leave it stale "
+                 "until the TTL).")
 
 
 def render_stress(results: Sequence[StressResult], cfg: StressConfig, plain: bool = False,
@@ -164,7 +210,7 @@ def render_stress(results: Sequence[StressResult], cfg: StressConfig, plain: boo
                  f"strategy, seed {cfg.seed}, delay <= {cfg.delay_ms} ms")
     if plain or not have_rich():
         print(title, file=out)
-        _plain_table(STRESS_HEADERS, stress_rows(results), out)
+        _plain_table(STRESS_HEADERS, stress_rows(results), out, term_width(out))
         return
     from rich.console import Console
     from rich.table import Table
@@ -173,8 +219,30 @@ def render_stress(results: Sequence[StressResult], cfg: StressConfig, plain: boo
     for h in STRESS_HEADERS:
         t.add_column(h, justify="left" if h in ("strategy", "leases") else "right")
     for row in stress_rows(results):
+        row[2] = f"[{SAFETY_STYLE.get(row[2], '')}]{row[2]}[/]"
         t.add_row(*row)
-    Console(file=out, width=term_width()).print(t)
+    Console(file=out, width=term_width(out)).print(t)
+
+
+def render_stress_summary(runs: Sequence[Sequence[StressResult]], plain: bool = False,
+                          out: TextIO | None = None) -> None:
+    """Over repeated runs: mean +- standard deviation per strategy; then the legend of the measures."""
+    import textwrap
+
+    from .report import stress_summary
+
+    out = out or sys.stdout
+    if len(runs) > 1:
+        rows = [[s["strategy"], "on" if s["leases"] else "off", s["safety"],
+                 f"{s['stale_read_rate_pct']['mean']:.1f} +- {s['stale_read_rate_pct']['sd']:.1f}",
+                 f"{s['inconsistent_keys']['mean']:.1f} +- {s['inconsistent_keys']['sd']:.1f}",
+                 f"{s['longest_stale_ms']['mean']:.1f} +- {s['longest_stale_ms']['sd']:.1f}"]
+                for s in stress_summary(runs)]
+        print(f"\nOver {len(runs)} runs (mean +- standard deviation)", file=out)
+        _plain_table(["strategy", "leases", "safety", "stale %", "inconsistent keys", "longest stale ms"], rows,
+                     out, term_width(out))
+    print(file=out)
+    print(textwrap.fill(STRESS_LEGEND, term_width(out)), file=out)
 
 
 class Progress:
@@ -186,6 +254,7 @@ class Progress:
         self._bar: Any = None
         self._tasks: dict[str, Any] = {}
         self._done: set[str] = set()
+        self._started: set[str] = set()
 
     def __enter__(self) -> Progress:
         if not self.plain:
@@ -198,6 +267,12 @@ class Progress:
         return self
 
     def update(self, label: str, fraction: float) -> None:
+        if label not in self._started:  # the strategy's threads are running (a marker for Ctrl-C tests too)
+            self._started.add(label)
+            if self._bar is not None:
+                self._bar.console.print(f"stress: {label} started", highlight=False)
+            else:
+                print(f"stress: {label} started", file=sys.stderr, flush=True)
         if self._bar is not None:
             self._bar.update(self._tasks[label], completed=fraction)
         elif fraction >= 1.0 and label not in self._done:
@@ -209,29 +284,55 @@ class Progress:
             self._bar.__exit__(None, None, None)
 
 
-def plot_stress(results: Sequence[StressResult], path: str) -> None:
-    """A PNG with one bar chart per measure, strategies side by side."""
+def plot_stress(runs: Sequence[Sequence[StressResult]], path: str, cfg: StressConfig | None = None) -> None:
+    """A PNG: stale-read rate, inconsistent keys, longest stale window and DB loads per read, one bar per strategy
+    coloured by safety, error bars (+-1 standard deviation) over repeated runs, a legend and the run settings."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         from .embedded import LabError
 
         raise LabError("--plot needs matplotlib: pip install 'cachesync[plot]'") from None
-    labels = [r.strategy + ("" if r.leases else "") for r in results]
-    measures = [("stale reads", [r.stale_reads for r in results]),
-                ("longest stale window (ms)", [r.longest_stale_ms for r in results]),
-                ("keys inconsistent after quiescence", [r.inconsistent_keys for r in results]),
-                ("DB loads", [r.db_loads for r in results])]
-    fig, axes = plt.subplots(len(measures), 1, figsize=(10, 2.6 * len(measures)), constrained_layout=True)
-    for ax, (name, vals) in zip(axes, measures, strict=True):
-        colors = ["tab:red" if n in ("delete_then_db", "cache_then_db", "db_then_cache") else "tab:blue"
-                  for n in (r.strategy for r in results)]
-        ax.bar(labels, vals, color=colors)
-        ax.set_title(name)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.suptitle("cachesync lab stress")
-    fig.savefig(path, dpi=100)
+    import statistics
+
+    from .report import SAFETY, SAFETY_COLOR, rate, safety, settings_line
+
+    first = runs[0]
+    labels = [r.strategy for r in first]
+    colors = [SAFETY_COLOR[safety(r.strategy, r.leases)] for r in first]
+
+    def series(f: Any) -> tuple[list[float], list[float]]:
+        vals = [[float(f(run[i])) for run in runs] for i in range(len(first))]
+        return ([statistics.fmean(v) for v in vals], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals])
+
+    keys = cfg.keys if cfg else None
+    measures = [("stale-read rate (% of reads)", series(rate)),
+                (f"keys inconsistent after quiescence{f' (of {keys})' if keys else ''}",
+                 series(lambda r: r.inconsistent_keys)),
+                ("longest stale window (ms)", series(lambda r: r.longest_stale_ms)),
+                ("DB loads per read", series(lambda r: r.db_loads / r.reads if r.reads else 0.0))]
+    fig, axes = plt.subplots(len(measures), 1, figsize=(10, 2.7 * len(measures) + 1.2), constrained_layout=True)
+    for ax, (name, (mean, sd)) in zip(axes, measures, strict=True):
+        low = [min(m, d) for m, d in zip(mean, sd, strict=True)]  # an error bar never below 0
+        ax.barh(labels, mean, color=colors, xerr=[low, sd] if len(runs) > 1 else None, capsize=4,
+                error_kw={"elinewidth": 1.2, "ecolor": "#111827"})
+        ax.invert_yaxis()
+        ax.set_title(name, loc="left", fontsize=11)
+        ax.tick_params(axis="y", labelsize=9)
+        ax.grid(axis="x", color="#e5e7eb")
+        ax.set_axisbelow(True)
+        for y, (m, s) in enumerate(zip(mean, sd, strict=True)):
+            ax.text(m + s, y, f" {m:.3g}" + (f" \u00b1 {s:.2g}" if len(runs) > 1 else ""), va="center", fontsize=8)
+    fig.legend(handles=[Patch(color=SAFETY_COLOR[k], label=v) for k, v in SAFETY.items()], loc="outside lower center",
+               ncol=1, fontsize=9, frameon=False)
+    sub = settings_line(cfg, len(runs)) if cfg else ""
+    err = "; error bars: \u00b11 standard deviation over the runs" if len(runs) > 1 else ""
+    import textwrap
+
+    fig.suptitle("cachesync lab stress\n" + textwrap.fill(f"{sub}{err}", 120), fontsize=10)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)

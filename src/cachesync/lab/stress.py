@@ -62,6 +62,23 @@ class StressConfig:
     rounds: int = 300
     """Operations per strategy with ``schedule="seeded"``."""
 
+    def validate(self) -> None:
+        """:class:`LabError` naming the first bad option (run before any server or thread starts)."""
+        import math
+
+        for name in ("readers", "writers", "keys", "rounds"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise LabError(f"--{name} must be an integer >= 1, got {v!r}")
+        for name, v in (("duration", self.duration), ("delay-ms", self.delay_ms),
+                        ("double-delete-delay", self.double_delete_delay)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "duration" and v == 0):
+                want = "> 0" if name == "duration" else ">= 0"
+                raise LabError(f"--{name} must be a finite number {want}, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise LabError(f"--schedule: unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        self.plan()
+
     def plan(self) -> list[tuple[str, str, bool]]:
         names = self.strategies or (*P.STRATEGIES, "db_then_invalidate:plain")
         out = []
@@ -191,21 +208,30 @@ def _run_one(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strategy:
 
     threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(cfg.writers)]
     threads += [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(cfg.readers)]
-    for t in threads:
-        t.start()
-    t0 = time.monotonic()
-    while True:
-        elapsed = time.monotonic() - t0
-        if progress:
-            progress(label, min(1.0, elapsed / cfg.duration))
-        if elapsed >= cfg.duration:
-            break
-        time.sleep(min(0.1, cfg.duration - elapsed))  # the run's wall-clock budget (workload, not sync)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    for c in caches:  # joins pending delayed deletes: invalidations drain
-        c.close()
+    completed = False
+    try:
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - t0
+            if progress:
+                progress(label, min(1.0, elapsed / cfg.duration))
+            if elapsed >= cfg.duration:
+                break
+            time.sleep(min(0.1, cfg.duration - elapsed))  # the run's wall-clock budget (workload, not sync)
+        completed = True
+    finally:
+        # also on Ctrl-C (KeyboardInterrupt in this thread): stop and join every thread and close every Cache
+        # before the interpreter (and the embedded server) goes away under them
+        stop.set()
+        for t in threads:
+            if t.ident is not None:
+                t.join(60)
+        for c in caches:  # joins pending delayed deletes: invalidations drain
+            c.close()
+        if not completed:
+            _drop_namespace(redis_url, ns)
     _judge_keys(redis_url, db, ns, keys, res)
     res.longest_stale_ms = round(res.longest_stale_ms, 2)
     return res
@@ -241,6 +267,11 @@ class _PausedRead:
         self._thread.start()
         if not self._loaded.wait(30):
             raise LabError("a paused reader never reached its load")
+
+    def abandon(self) -> None:
+        """Let the paused loader return and wait for the thread (cleanup after an error or Ctrl-C)."""
+        self._resume.set()
+        self._thread.join(30)
 
     def finish(self) -> P.Entry:
         self._resume.set()
@@ -355,13 +386,17 @@ def _run_seeded(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strate
         op.enter()
         floor = track.latest[key]
         pr = _PausedRead(readers[r][0], key, loader_of(r, key))
-        op.commit()
-        op.exit()
-        if fire_before_fill:
+        try:
+            op.commit()
+            op.exit()
+            if fire_before_fill:
+                op.fire_delayed()
+            judge(key, pr.finish(), floor, time.monotonic())
             op.fire_delayed()
-        judge(key, pr.finish(), floor, time.monotonic())
-        op.fire_delayed()
+        finally:
+            pr.abandon()
 
+    completed = False
     try:
         for n in range(cfg.rounds):
             key = rng.choice(keys)
@@ -397,12 +432,28 @@ def _run_seeded(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strate
                 raise
             except Exception:
                 res.errors += 1
+        completed = True
     finally:
         for c in caches:
             c.close()
+        if not completed:
+            _drop_namespace(redis_url, ns)
     _judge_keys(redis_url, db, ns, keys, res)
     res.longest_stale_ms = round(res.longest_stale_ms, 2)
     return res
+
+
+def _drop_namespace(redis_url: str, ns: str) -> None:
+    """Delete a run's keys after an error or Ctrl-C (best effort: Redis may be what failed)."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5) as r:
+            found = list(r.scan_iter(match=f"cs:{ns}:*", count=500))
+            if found:
+                r.delete(*found)
+    except redis.RedisError:
+        pass
 
 
 def _judge_keys(redis_url: str, db: LabDB, ns: str, keys: list[str], res: StressResult) -> None:
@@ -429,14 +480,8 @@ SCHEDULES = ("free", "seeded")
 def run_stress(redis_url: str, db_url: str, cfg: StressConfig,
                progress: Callable[[str, float], None] | None = None) -> list[StressResult]:
     """Run every strategy of ``cfg`` in turn; returns one :class:`StressResult` each."""
+    cfg.validate()
     plan = cfg.plan()
-    for name in ("readers", "writers", "keys", "rounds"):
-        if getattr(cfg, name) < 1:
-            raise LabError(f"--{name} must be at least 1")
-    if cfg.duration <= 0:
-        raise LabError("--duration must be > 0")
-    if cfg.schedule not in SCHEDULES:
-        raise LabError(f"unknown schedule {cfg.schedule!r}; choose from {', '.join(SCHEDULES)}")
     import redis
 
     try:

@@ -14,15 +14,34 @@
 --
 -- Reply: an array with one code per key:
 --   1 accepted, 0 refused (lease lost), -1 refused (older than the version floor)
+--
+-- Validates every argument of every key before the first write (an error reply, nothing changed): TTLs are
+-- numbers in (0, 1e13] ms, versions "" or numeric, negative flags "0"/"1". A foreign key (wrong type) is
+-- deleted and holds no lease; non-numeric floor or waiter fields count as absent.
 local token = ARGV[1]
 local wake_ms = tonumber(ARGV[2])
+if not wake_ms or wake_ms <= 0 or wake_ms > 1e13 or #ARGV ~= 2 + (#KEYS / 2) * 4 then
+  return redis.error_reply('ERR cachesync fill.lua: bad arguments (wake ms or argument count)')
+end
+for i = 1, #KEYS, 2 do
+  local j = 3 + (i - 1) * 2
+  local ttl, ver, neg = tonumber(ARGV[j + 2]), ARGV[j + 1], ARGV[j + 3]
+  if not ttl or ttl <= 0 or ttl > 1e13 or (ver ~= '' and not (tonumber(ver) and tonumber(ver) == tonumber(ver) and math.abs(tonumber(ver)) < 1e300)) or (neg ~= '0' and neg ~= '1') then
+    return redis.error_reply('ERR cachesync fill.lua: bad TTL, version or negative flag for ' .. KEYS[i])
+  end
+end
 local out = {}
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local j = 3 + (i - 1) * 2
   local payload, ver, ttl, neg = ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2]), ARGV[j + 3]
-  local f = redis.call('HMGET', k, 'lt', 'fl', 'w')
-  local lt, fl, w = f[1], f[2], f[3]
+  local f = redis.pcall('HMGET', k, 'lt', 'fl', 'w')
+  if f.err then
+    redis.call('DEL', k)
+    f = {}
+  end
+  local lt, fl, w = f[1], f[2], tonumber(f[3])
+  if fl and not tonumber(fl) then fl = nil end
   if token ~= '' and lt ~= token then
     out[#out + 1] = 0
   elseif ver ~= '' and fl and tonumber(ver) < tonumber(fl) then
@@ -41,11 +60,11 @@ for i = 1, #KEYS, 2 do
     redis.call('PEXPIRE', k, ttl)
     out[#out + 1] = 1
   end
-  if w and tonumber(w) > 0 and out[#out] ~= 0 then
+  if w and w > 0 and out[#out] ~= 0 then
     -- wake every registered waiter, and turn items still pending from earlier wake-ups into this one
     local item = '0'
     if out[#out] == 1 then item = 'F' .. neg .. ver .. '|' .. payload end
-    local n = tonumber(w) + redis.call('LLEN', KEYS[i + 1])
+    local n = w + redis.call('LLEN', KEYS[i + 1])
     redis.call('DEL', KEYS[i + 1])
     for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], item) end
     redis.call('PEXPIRE', KEYS[i + 1], wake_ms)

@@ -17,17 +17,30 @@
 --   2, token, stale payload|false, version|false   the caller now holds the lease
 --   3, wait ms, stale payload|false, version|false  another holder; wait for it
 --   0, false, false, false            miss in plain mode (no lease taken)
+--
+-- Validates before it mutates: a bad ARGV is an error reply before any write. A foreign key (wrong Redis
+-- type) where an entry belongs is deleted and read as a miss; non-numeric lease/waiter fields are ignored
+-- (an unreadable lease deadline counts as expired).
+local lease_ms = tonumber(ARGV[2])
+local wake_ms = tonumber(ARGV[4])
+if not lease_ms or lease_ms <= 0 or lease_ms > 1e13 or not wake_ms or wake_ms <= 0 or wake_ms > 1e13
+    or (ARGV[3] ~= 'L' and ARGV[3] ~= 'P') or ARGV[1] == '' then
+  return redis.error_reply('ERR cachesync get.lua: bad arguments (token, lease ms, mode, wake ms)')
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local token = ARGV[1]
-local lease_ms = tonumber(ARGV[2])
 local mode = ARGV[3]
-local wake_ms = tonumber(ARGV[4])
 local out = {}
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
-  local f = redis.call('HMGET', k, 'v', 'ver', 'n', 's', 'lt', 'ld')
-  local v, ver, neg, stale, lt, ld = f[1], f[2], f[3], f[4], f[5], f[6]
+  local f = redis.pcall('HMGET', k, 'v', 'ver', 'n', 's', 'lt', 'ld', 'w')
+  if f.err then  -- WRONGTYPE: not one of our hashes
+    redis.call('DEL', k)
+    f = {}
+  end
+  local v, ver, neg, stale, lt, ld = f[1], f[2], f[3], f[4], f[5], tonumber(f[6])
+  if f[7] and not tonumber(f[7]) then redis.call('HDEL', k, 'w') end
   if v and stale ~= '1' then
     local flags = ''
     if neg == '1' then flags = 'n' end
@@ -38,10 +51,10 @@ for i = 1, #KEYS, 2 do
     else
       out[#out + 1] = 0; out[#out + 1] = false; out[#out + 1] = false; out[#out + 1] = false
     end
-  elseif lt and ld and tonumber(ld) > now then
+  elseif lt and ld and ld > now then
     redis.call('HINCRBY', k, 'w', 1)
     redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
-    out[#out + 1] = 3; out[#out + 1] = tonumber(ld) - now; out[#out + 1] = v or false; out[#out + 1] = ver or false
+    out[#out + 1] = 3; out[#out + 1] = ld - now; out[#out + 1] = v or false; out[#out + 1] = ver or false
   else
     redis.call('HSET', k, 'lt', token, 'ld', now + lease_ms)
     local pttl = redis.call('PTTL', k)

@@ -5,16 +5,21 @@
 -- ARGV[1] = lease token, ARGV[2] = wake list TTL in ms
 --
 -- Reply: the number of leases released.
+local wake_ms = tonumber(ARGV[2])
+if not wake_ms or wake_ms <= 0 or wake_ms > 1e13 or ARGV[1] == '' then
+  return redis.error_reply('ERR cachesync release.lua: bad arguments (token, wake ms)')
+end
 local n = 0
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
-  local f = redis.call('HMGET', k, 'lt', 'w')
-  if f[1] == ARGV[1] then
+  local f = redis.pcall('HMGET', k, 'lt', 'w')
+  if not f.err and f[1] == ARGV[1] then
     redis.call('HDEL', k, 'lt', 'ld', 'w')
     n = n + 1
-    if f[2] and tonumber(f[2]) > 0 then
-      for _ = 1, tonumber(f[2]) do redis.call('RPUSH', KEYS[i + 1], '0') end
-      redis.call('PEXPIRE', KEYS[i + 1], tonumber(ARGV[2]))
+    local w = tonumber(f[2])
+    if w and w > 0 then
+      for _ = 1, w do redis.call('RPUSH', KEYS[i + 1], '0') end
+      redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
     end
   end
 end

@@ -9,10 +9,21 @@
 -- ARGV[6] = pub/sub channel to announce the changed entry key on ("" = none), so L1 copies drop it
 --
 -- Reply: 1 stored, -1 refused (older than the version floor)
+--
+-- Validates before it mutates (error reply, nothing changed); a foreign key (wrong type) is replaced.
 local k = KEYS[1]
 local payload, ver, ttl, neg, wake_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local f = redis.call('HMGET', k, 'fl', 'w')
-local fl, w = f[1], f[2]
+if not ttl or ttl <= 0 or ttl > 1e13 or not wake_ms or wake_ms <= 0 or wake_ms > 1e13
+    or (ver ~= '' and not (tonumber(ver) and tonumber(ver) == tonumber(ver) and math.abs(tonumber(ver)) < 1e300)) or (neg ~= '0' and neg ~= '1') then
+  return redis.error_reply('ERR cachesync set.lua: bad TTL, version, negative flag or wake ms for ' .. k)
+end
+local f = redis.pcall('HMGET', k, 'fl', 'w')
+if f.err then
+  redis.call('DEL', k)
+  f = {}
+end
+local fl, w = f[1], tonumber(f[2])
+if fl and not tonumber(fl) then fl = nil end
 local res = 1
 if ver ~= '' and fl and tonumber(ver) < tonumber(fl) then
   res = -1
@@ -29,12 +40,12 @@ else
   if newfl then redis.call('HSET', k, 'fl', newfl) end
   redis.call('PEXPIRE', k, ttl)
 end
-if w and tonumber(w) > 0 then
+if w and w > 0 then
   -- wake every waiter with the stored value ("F" .. neg .. version .. "|" .. payload) or "0" (retry);
   -- items still pending from earlier wake-ups are replaced as well
   local item = '0'
   if res == 1 then item = 'F' .. neg .. ver .. '|' .. payload end
-  local n = tonumber(w) + redis.call('LLEN', KEYS[2])
+  local n = w + redis.call('LLEN', KEYS[2])
   redis.call('DEL', KEYS[2])
   for _ = 1, n do redis.call('RPUSH', KEYS[2], item) end
   redis.call('PEXPIRE', KEYS[2], wake_ms)

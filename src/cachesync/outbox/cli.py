@@ -17,6 +17,7 @@ from .._driver import DEFAULT_REDIS_URL, log, redact_url
 from ..errors import CachesyncError, UsageError
 from . import DEFAULT_TABLE, Outbox, check_table
 
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
@@ -46,7 +47,7 @@ def _cache(args: argparse.Namespace) -> Any:
 def _bus(url: str, args: argparse.Namespace) -> Any:
     from ..bus import open_bus
 
-    return open_bus(url, args.bus_name, claim_idle=args.claim_idle)
+    return open_bus(url, args.bus_name, claim_idle=getattr(args, "claim_idle", 30.0))
 
 
 def _connect(url: str) -> Any:
@@ -81,7 +82,8 @@ def cmd_triggers(args: argparse.Namespace) -> int:
 
     url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
     if not args.rules:
-        raise UsageError("--rules is required: the rules file (.toml or .py) naming the tables and key templates")
+        raise UsageError("--rules is required: the rules file (.toml or .py) naming the tables and key templates "
+                         "(format: docs/rules.md)")
     d = dialect_of(url)
     ob = Outbox(check_table(args.table), dialect=d, rules=Rules.load(args.rules),
                 message_prefix=args.message_prefix)
@@ -150,7 +152,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     cache = _cache(args) if (bus is None or args.apply) else None
     relay = Relay(url, cache, bus=bus, apply=(bus is None or args.apply), table=args.table,
                   batch_size=args.batch_size, poll_interval=args.poll_interval, listen=not args.no_listen,
-                  lease=args.lease, max_backoff=args.max_backoff or 5.0, fast=not args.no_fast_path,
+                  lease=args.lease, max_backoff=args.max_backoff, fast=not args.no_fast_path,
                   claim_delay=args.claim_delay)
     log.info("cachesync relay %s: %s -> %s", relay.relay_id, redact_url(url),
              redact_url(args.bus) if bus else redact_url(args.redis_url))
@@ -176,7 +178,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cache = _cache(args)
     rules = Rules.load(args.rules) if args.rules else None
     w = Worker(bus, cache, rules, group=args.group, consumer=args.consumer, batch_size=args.batch_size,
-               max_attempts=args.max_attempts, backoff=args.backoff, max_backoff=args.max_backoff or 30.0)
+               max_attempts=args.max_attempts, backoff=args.backoff, max_backoff=args.max_backoff)
     try:
         w.run(_stop_on_signals())
     finally:
@@ -185,38 +187,75 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, db: bool, cache: bool, bus: bool) -> None:
-    if db:
-        p.add_argument("--db-url", default=_env("CACHESYNC_DB_URL"),
-                       help="database URL: sqlite:///f.db, postgresql://..., mysql://... (default: $CACHESYNC_DB_URL)")
-        p.add_argument("--table", default=DEFAULT_TABLE, help=f"outbox table (default: {DEFAULT_TABLE})")
-    if cache:
-        p.add_argument("--redis-url", default=_env("CACHESYNC_REDIS_URL", DEFAULT_REDIS_URL),
-                       help=f"Redis holding the cache (default: $CACHESYNC_REDIS_URL or {DEFAULT_REDIS_URL})")
-        p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
-        p.add_argument("--tombstone-ttl", type=float, default=10.0,
-                       help="seconds a tombstone of an invalidated key lives (default: 10)")
-    if bus:
-        p.add_argument("--bus-name", default="cachesync",
-                       help="stream name (Redis) / stream and subject prefix (NATS) (default: cachesync)")
-        p.add_argument("--claim-idle", type=float, default=30.0,
-                       help="seconds before a dead consumer's messages are taken over (default: 30)")
-        p.add_argument("--max-backoff", type=float, default=None,
-                       help="longest retry wait in seconds (default: relay 5, worker 30)")
+RULES_HELP = "rules file (.toml or .py) naming the tables and key templates; format: docs/rules.md"
+
+EPILOGS = {
+    "init": """examples:
+  cachesync outbox init --db-url sqlite:///app.db
+  CACHESYNC_DB_URL=postgresql://app@db/shop cachesync outbox init --no-notify""",
+    "triggers": """examples:
+  cachesync outbox triggers --db-url postgresql://app@db/shop --rules rules.toml
+  cachesync outbox triggers --db-url mysql://root@db/shop --rules rules.toml --only users --print
+  cachesync outbox triggers --db-url postgresql://app@db/shop --rules rules.toml --target wal
+  cachesync outbox triggers --db-url postgresql://app@db/shop --rules rules.toml --drop
+
+The rules-file format (tables, key templates, version columns) is described in docs/rules.md.""",
+    "status": """examples:
+  cachesync outbox status --db-url postgresql://app@db/shop
+  cachesync outbox status --db-url sqlite:///app.db --json""",
+    "relay": """examples:
+  cachesync relay --db-url postgresql://app@db/shop --redis-url redis://cache:6379/0 --namespace shop
+  cachesync relay --db-url sqlite:///app.db --once          deliver what is due and exit
+  cachesync relay --db-url mysql://root@db/shop --bus nats://bus:4222 --bus-name shop
+
+Passwords are better given in $CACHESYNC_DB_URL / $CACHESYNC_REDIS_URL / $CACHESYNC_BUS_URL.""",
+    "worker": """examples:
+  cachesync worker --bus redis://cache:6379/0 --redis-url redis://cache:6379/0 --namespace shop
+  cachesync worker --bus amqp://guest:guest@mq:5672/%2F --rules rules.toml --group shop-cache
+
+The rules-file format (--rules) is described in docs/rules.md.""",
+}
+
+
+def _parser(subparsers: Any, name: str, help: str, epilog_key: str | None = None) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                                                       epilog=EPILOGS[epilog_key or name],
+                                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p
+
+
+def _db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db-url", default=_env("CACHESYNC_DB_URL"),
+                   help="database URL: sqlite:///f.db, postgresql://..., mysql://... (default: $CACHESYNC_DB_URL)")
+    p.add_argument("--table", default=DEFAULT_TABLE, help=f"outbox table (default: {DEFAULT_TABLE})")
+
+
+def _redis(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=_env("CACHESYNC_REDIS_URL", DEFAULT_REDIS_URL),
+                   help=f"Redis holding the cache (default: $CACHESYNC_REDIS_URL or {DEFAULT_REDIS_URL})")
+    p.add_argument("--namespace", default="default", help="cache namespace (default: default)")
+    p.add_argument("--tombstone-ttl", type=float, default=10.0,
+                   help="seconds a tombstone of an invalidated key lives (default: 10)")
 
 
 def register(subparsers: Any) -> None:
-    """Add ``outbox init``, ``relay`` and ``worker`` to the ``cachesync`` command line."""
-    ob = subparsers.add_parser("outbox", help="transactional outbox administration")
+    """Add ``outbox init|status|triggers``, ``relay`` and ``worker`` to the ``cachesync`` command line."""
+    ob = subparsers.add_parser("outbox", help="transactional outbox administration",
+                               description="Transactional outbox administration: create the table, inspect it, "
+                                           "install capture triggers.",
+                               epilog="examples:\n  cachesync outbox init --db-url sqlite:///app.db\n"
+                                      "  cachesync outbox status --db-url sqlite:///app.db\n"
+                                      "  cachesync outbox triggers --db-url sqlite:///app.db --rules rules.toml",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     obsub = ob.add_subparsers(dest="outbox_command", metavar="COMMAND")
-    p = obsub.add_parser("init", help="create the outbox table (idempotent)")
-    _common(p, True, False, False)
+    p = _parser(obsub, "init", "create the outbox table (idempotent)")
+    _db(p)
     p.add_argument("--no-notify", action="store_true",
                    help="PostgreSQL: no NOTIFY trigger (relays poll; cheaper writes) (default: NOTIFY on)")
     p.set_defaults(func=cmd_init)
-    p = obsub.add_parser("triggers", help="install capture triggers that record every change of the ruled tables")
-    _common(p, True, False, False)
-    p.add_argument("--rules", default=None, help="rules file (.toml or .py) naming the tables and key templates")
+    p = _parser(obsub, "triggers", "install capture triggers that record every change of the ruled tables")
+    _db(p)
+    p.add_argument("--rules", default=None, help=RULES_HELP + " (required)")
     p.add_argument("--only", action="append", default=None, metavar="TABLE",
                    help="only this table of the rules (repeatable; default: every table of the rules)")
     p.add_argument("--target", choices=["table", "wal"], default="table",
@@ -227,16 +266,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--drop", action="store_true", help="drop the triggers instead (default: install)")
     p.add_argument("--print", action="store_true", help="print the SQL instead of running it (default: run)")
     p.set_defaults(func=cmd_triggers)
-    p = obsub.add_parser("status", help="pending rows, oldest age, rows being retried and parked rows")
-    _common(p, True, False, False)
+    p = _parser(obsub, "status", "pending rows, oldest age, rows being retried and parked rows")
+    _db(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
     p.set_defaults(func=cmd_status)
 
-    p = subparsers.add_parser("relay", help="move outbox rows to Redis and/or a bus")
-    _common(p, True, True, True)
+    p = _parser(subparsers, "relay", "move outbox rows to Redis and/or a bus")
+    _db(p)
+    _redis(p)
     p.add_argument("--bus", default=_env("CACHESYNC_BUS_URL"),
                    help="publish to this bus (redis://..., nats://... or amqp://...) instead of applying "
-                        "(default: none)")
+                        "(default: $CACHESYNC_BUS_URL or none)")
+    p.add_argument("--bus-name", default="cachesync",
+                   help="with --bus: stream name (Redis) / stream and subject prefix (NATS) / exchange (RabbitMQ) "
+                        "(default: cachesync)")
     p.add_argument("--apply", action="store_true", help="with --bus: also apply to Redis (default: off)")
     p.add_argument("--batch-size", type=int, default=500, help="rows per batch (default: 500)")
     p.add_argument("--poll-interval", type=float, default=None,
@@ -249,18 +292,27 @@ def register(subparsers: Any) -> None:
                    help="PostgreSQL fast path: seconds to keep applying notifications before claiming (deleting) the "
                         "rows applied (default: 0.1; 0 = after every notification)")
     p.add_argument("--lease", type=float, default=30.0, help="SQLite claim lease in seconds (default: 30)")
-    p.add_argument("--once", action="store_true", help="deliver what is due, print the count and exit")
-    p.set_defaults(func=cmd_relay, _relay=True)
+    p.add_argument("--max-backoff", type=float, default=5.0,
+                   help="longest wait in seconds between retries of a failing row or server (default: 5)")
+    p.add_argument("--once", action="store_true", help="deliver what is due, print the count and exit "
+                                                       "(default: run until SIGTERM/SIGINT)")
+    p.set_defaults(func=cmd_relay)
 
-    p = subparsers.add_parser("worker", help="consume invalidations from a bus and apply them to Redis")
-    _common(p, False, True, True)
+    p = _parser(subparsers, "worker", "consume invalidations from a bus and apply them to Redis")
+    _redis(p)
     p.add_argument("--bus", default=_env("CACHESYNC_BUS_URL", DEFAULT_REDIS_URL),
                    help=f"bus URL, redis://..., nats://... or amqp://... (default: $CACHESYNC_BUS_URL or "
                         f"{DEFAULT_REDIS_URL})")
-    p.add_argument("--rules", default=None, help="rules file (.toml or .py) to fan table changes out to keys")
+    p.add_argument("--bus-name", default="cachesync",
+                   help="stream name (Redis) / stream and subject prefix (NATS) / exchange (RabbitMQ) "
+                        "(default: cachesync)")
+    p.add_argument("--claim-idle", type=float, default=30.0,
+                   help="seconds before a dead consumer's messages are taken over (default: 30)")
+    p.add_argument("--rules", default=None, help=RULES_HELP + ", to fan table changes out to keys (default: none)")
     p.add_argument("--group", default="cachesync", help="consumer group (default: cachesync)")
     p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
     p.add_argument("--batch-size", type=int, default=100, help="messages per batch (default: 100)")
     p.add_argument("--max-attempts", type=int, default=5, help="attempts before dead-lettering (default: 5)")
     p.add_argument("--backoff", type=float, default=0.1, help="first retry delay in seconds, doubled (default: 0.1)")
+    p.add_argument("--max-backoff", type=float, default=30.0, help="longest retry wait in seconds (default: 30)")
     p.set_defaults(func=cmd_worker)
