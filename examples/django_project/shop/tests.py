@@ -132,3 +132,12 @@ class IntegrationTests(TransactionTestCase):
             cur.execute(f"SELECT count(*) FROM {get_outbox().table}")
             self.assertEqual(cur.fetchone()[0], 0)
         self.assertTrue(invalidated(f"article:{a.pk}"))
+
+    def test_audit_management_command_uses_the_settings_rules(self) -> None:
+        from cachesync.contrib.django.management.commands.cachesync_audit import Command as AuditCommand
+
+        a = Article.objects.create(slug="a", title="A")
+        cached_get(Article, id=a.pk)
+        with self.assertRaises(SystemExit) as ex:
+            AuditCommand().run_from_argv(["manage.py", "cachesync_audit", "--grace", "0"])
+        self.assertEqual(ex.exception.code, 0)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -10,6 +13,7 @@ from urllib.parse import quote
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from cachesync.rules import Rules
 from ...core import settings_value
 
 
@@ -29,9 +33,23 @@ def database_url(alias: str = "default") -> str:
     return f"{scheme}://{auth}{db.get('HOST') or '127.0.0.1'}{port}/{db['NAME']}"
 
 
+def _rules_file() -> str | None:
+    """``CACHESYNC["RULES"]`` as a file for the CLI: the path as given, or a dict written to a temporary .py file."""
+    spec = settings_value("RULES")
+    if spec is None or isinstance(spec, str):
+        return spec
+    if isinstance(spec, Rules):
+        spec = {t: {"keys": list(r.keys), "version": r.version} for t, r in spec.tables.items()}
+    fd, path = tempfile.mkstemp(prefix="cachesync-rules-", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"RULES = {dict(spec)!r}\n")
+    atexit.register(os.unlink, path)
+    return path
+
+
 class CliCommand(BaseCommand):
     """``python manage.py cachesync_<cmd> [cachesync <cmd> flags]``; ``--db-url``, ``--redis-url``,
-    ``--namespace``, ``--table`` (relay) and ``--rules`` (when ``CACHESYNC["RULES"]`` is a file) default to the
+    ``--namespace``, ``--table`` (relay) and ``--rules`` (``CACHESYNC["RULES"]``; a dict is written to a temporary file) default to the
     settings; ``--database ALIAS`` (default ``default``) picks the database."""
 
     cli: list[str] = []
@@ -47,7 +65,7 @@ class CliCommand(BaseCommand):
         given = {a.split("=", 1)[0] for a in rest if a.startswith("--")}
         values: dict[str, Callable[[], Any]] = {"--db-url": lambda: database_url(alias), "--redis-url": lambda: settings_value("REDIS_URL"),
                   "--namespace": lambda: settings_value("NAMESPACE"), "--table": lambda: settings_value("OUTBOX_TABLE"),
-                  "--rules": lambda: settings_value("RULES")}
+                  "--rules": _rules_file}
         out = list(self.cli)
         for flag in self.defaults:
             if flag not in given:
