@@ -8,8 +8,10 @@ from .errors import (
     CacheUnavailableError,
     CachesyncError,
     ConfigError,
+    CorruptEntryError,
     InvalidationError,
     InvalidKeyError,
+    RedisCommandError,
     SerializationError,
     UnknownStrategyError,
     UsageError,
@@ -37,7 +39,7 @@ __version__: str = _version()
 
 __all__ = [
     "NOT_FOUND", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",
-    "ConfigError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
+    "ConfigError", "CorruptEntryError", "RedisCommandError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
     "AsyncBloomFilter", "AsyncRefreshAhead", "AsyncRefresher", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions", "Refresher",
     "AsyncWritePath", "WritePath",

@@ -491,7 +491,7 @@ def key_list(keys: object, fn: str) -> list[str]:
         shown = keys[:40] if isinstance(keys, str) else bytes(keys[:40])
         raise UsageError(f"{fn}() takes an iterable of keys, not the single string {shown!r}: wrap it in a list")
     try:
-        return list(keys)  # type: ignore[call-overload]
+        return list(keys)  # type: ignore[call-overload, no-any-return]
     except TypeError:
         raise UsageError(f"{fn}() takes an iterable of keys, got {type(keys).__name__}") from None
 

@@ -18,15 +18,16 @@
 -- Validates every argument of every key before the first write (an error reply, nothing changed): TTLs are
 -- numbers in (0, 1e13] ms, versions "" or numeric, negative flags "0"/"1". A foreign key (wrong type) is
 -- deleted and holds no lease; non-numeric floor or waiter fields count as absent.
+local function bad_ms(x) return not x or x ~= x or x <= 0 or x > 1e13 end  -- NaN fails x == x
 local token = ARGV[1]
 local wake_ms = tonumber(ARGV[2])
-if not wake_ms or wake_ms <= 0 or wake_ms > 1e13 or #ARGV ~= 2 + (#KEYS / 2) * 4 then
+if bad_ms(wake_ms) or #ARGV ~= 2 + (#KEYS / 2) * 4 then
   return redis.error_reply('ERR cachesync fill.lua: bad arguments (wake ms or argument count)')
 end
 for i = 1, #KEYS, 2 do
   local j = 3 + (i - 1) * 2
   local ttl, ver, neg = tonumber(ARGV[j + 2]), ARGV[j + 1], ARGV[j + 3]
-  if not ttl or ttl <= 0 or ttl > 1e13 or (ver ~= '' and not (tonumber(ver) and tonumber(ver) == tonumber(ver) and math.abs(tonumber(ver)) < 1e300)) or (neg ~= '0' and neg ~= '1') then
+  if bad_ms(ttl) or (ver ~= '' and not (tonumber(ver) and tonumber(ver) == tonumber(ver) and math.abs(tonumber(ver)) < 1e300)) or (neg ~= '0' and neg ~= '1') then
     return redis.error_reply('ERR cachesync fill.lua: bad TTL, version or negative flag for ' .. KEYS[i])
   end
 end

@@ -21,9 +21,10 @@
 -- Validates before it mutates: a bad ARGV is an error reply before any write. A foreign key (wrong Redis
 -- type) where an entry belongs is deleted and read as a miss; non-numeric lease/waiter fields are ignored
 -- (an unreadable lease deadline counts as expired).
+local function bad_ms(x) return not x or x ~= x or x <= 0 or x > 1e13 end  -- NaN fails x == x
 local lease_ms = tonumber(ARGV[2])
 local wake_ms = tonumber(ARGV[4])
-if not lease_ms or lease_ms <= 0 or lease_ms > 1e13 or not wake_ms or wake_ms <= 0 or wake_ms > 1e13
+if bad_ms(lease_ms) or bad_ms(wake_ms)
     or (ARGV[3] ~= 'L' and ARGV[3] ~= 'P') or ARGV[1] == '' then
   return redis.error_reply('ERR cachesync get.lua: bad arguments (token, lease ms, mode, wake ms)')
 end

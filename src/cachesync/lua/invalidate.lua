@@ -17,8 +17,11 @@ local had = 0
 local names = {}
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
-  local f = redis.call('HMGET', k, 'v', 'ver', 'fl', 'w')
-  local v, vver, fl, w = f[1], f[2], f[3], f[4]
+  local f = redis.pcall('HMGET', k, 'v', 'ver', 'fl', 'w')
+  if f.err then f = {} end  -- a foreign key (wrong type) where an entry belongs: replaced by the tombstone
+  local v, vver, fl, w = f[1], f[2], f[3], tonumber(f[4])
+  if vver and not tonumber(vver) then vver = nil end
+  if fl and not tonumber(fl) then fl = nil end
   if v then had = had + 1 end
   local newfl = fl
   for _, c in ipairs({vver, ver}) do
@@ -37,7 +40,7 @@ for i = 1, #KEYS, 2 do
   end
   -- wake waiters with "0" (retry); a value item still pending from an earlier fill is now stale: replace it
   local n = redis.call('LLEN', KEYS[i + 1])
-  if w then n = n + tonumber(w) end
+  if w then n = n + w end
   if n > 0 then
     redis.call('DEL', KEYS[i + 1])
     for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], '0') end

@@ -5,8 +5,9 @@
 -- ARGV[1] = lease token, ARGV[2] = wake list TTL in ms
 --
 -- Reply: the number of leases released.
+local function bad_ms(x) return not x or x ~= x or x <= 0 or x > 1e13 end  -- NaN fails x == x
 local wake_ms = tonumber(ARGV[2])
-if not wake_ms or wake_ms <= 0 or wake_ms > 1e13 or ARGV[1] == '' then
+if bad_ms(wake_ms) or ARGV[1] == '' then
   return redis.error_reply('ERR cachesync release.lua: bad arguments (token, wake ms)')
 end
 local n = 0

@@ -11,9 +11,10 @@
 -- Reply: 1 stored, -1 refused (older than the version floor)
 --
 -- Validates before it mutates (error reply, nothing changed); a foreign key (wrong type) is replaced.
+local function bad_ms(x) return not x or x ~= x or x <= 0 or x > 1e13 end  -- NaN fails x == x
 local k = KEYS[1]
 local payload, ver, ttl, neg, wake_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-if not ttl or ttl <= 0 or ttl > 1e13 or not wake_ms or wake_ms <= 0 or wake_ms > 1e13
+if bad_ms(ttl) or bad_ms(wake_ms)
     or (ver ~= '' and not (tonumber(ver) and tonumber(ver) == tonumber(ver) and math.abs(tonumber(ver)) < 1e300)) or (neg ~= '0' and neg ~= '1') then
   return redis.error_reply('ERR cachesync set.lua: bad TTL, version, negative flag or wake ms for ' .. k)
 end
