@@ -234,3 +234,25 @@ async def test_async_session_end_to_end_asyncpg(env, acache, namespace):
     finally:
         sync.uninstall(maker)
         await aengine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_install_on_an_async_session_and_class_refused(env, acache):
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine, sync, ob, relay = env
+    aengine = create_async_engine(engine.url.set(drivername="postgresql+asyncpg"))
+    try:
+        with pytest.raises(OutboxError, match="async_sessionmaker"):
+            sync.install(AsyncSession)
+        async with AsyncSession(aengine) as s:
+            sync.install(s)
+            async with s.begin():
+                s.add(User(id=5, email="e@x", version=1))
+            sync.uninstall(s)
+        assert relay.drain() == 1
+        async with AsyncSession(aengine) as s, s.begin():  # not installed: nothing recorded
+            s.add(User(id=6, email="f@x", version=1))
+        assert relay.drain() == 0
+    finally:
+        await aengine.dispose()
