@@ -256,3 +256,23 @@ async def test_install_on_an_async_session_and_class_refused(env, acache):
         assert relay.drain() == 0
     finally:
         await aengine.dispose()
+
+
+def test_bulk_insert_recorded_from_the_new_rows(env, cache):
+    from sqlalchemy import insert, literal_column
+
+    engine, sync, ob, relay = env
+    sync.install(Session)
+    try:
+        fill(cache, "user:1", "user:2", "user:3", "users:count", "user_by_email:c@x")
+        with Session(engine) as s, s.begin():
+            s.execute(insert(User), [{"id": 1, "email": "a@x", "version": 1}, {"id": 2, "email": "b@x", "version": 1}])
+        assert relay.drain() == 2 and invalidated(cache, "user:1") and invalidated(cache, "user:2")
+        assert not invalidated(cache, "user:3")
+        with Session(engine) as s, s.begin():
+            s.execute(insert(User).values(id=3, email="c@x", version=1))
+        assert relay.drain() == 1 and invalidated(cache, "user_by_email:c@x")
+        with Session(engine) as s, s.begin(), pytest.raises(OutboxError, match="bulk INSERT into ruled table"):
+            s.execute(insert(User).values(id=literal_column("4"), email="d@x", version=1))
+    finally:
+        sync.uninstall(Session)

@@ -14,6 +14,9 @@ automatically:
   An UPDATE that sets a key column to an SQL expression (not a plain value) cannot be turned into keys: it
   raises :class:`OutboxError` unless the statement carries ``execution_options(cachesync_keys=[...])``
   (explicit keys, which always take precedence). Statements on tables without a rule are ignored.
+* Bulk ``insert(Model)`` (``.values(...)`` with plain values, or ``session.execute(insert(Model), [dicts])``):
+  keys from the new rows; an INSERT whose key columns are not all plain values (``from_select``, SQL
+  expressions, multi-row ``.values([...])``) is refused (``strict=True``) or logged, as below.
 * Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE through the session (``do_orm_execute``): the changed
   table is read from the SQL. A ruled table whose keys are constants (no ``{column}`` fields) is recorded; a
   ruled table whose keys need column values cannot be turned into keys from raw SQL: with ``strict=True``
@@ -214,9 +217,51 @@ class OutboxSync:
             raise OutboxError(msg + " (OutboxSync(strict=True) refuses unrecorded writes)")
         log.warning("%s; NOT recorded in the outbox (strict=False)", msg)
 
+    def _insert(self, state: Any) -> None:
+        """Bulk ``insert(Model)`` (``.values(...)`` or a list of parameter dicts): keys from the new rows."""
+        stmt = state.statement
+        table = stmt.table
+        name = getattr(table, "name", None)
+        if self._explicit(state) or name is None or not self.rules.covers(name):
+            return
+        rule = self.rules.tables[name]
+        if not rule.columns:
+            self._rec(state.session, state.session.connection(), list(rule.keys), None)
+            return
+        by_key = {}
+        mapper = getattr(state.bind_mapper, "column_attrs", None) and state.bind_mapper
+        if mapper is not None:
+            by_key = {prop.key: prop.columns[0].name for prop in mapper.column_attrs}
+        rows: list[dict[str, Any]] = []
+        values = getattr(stmt, "_values", None)
+        params = state.parameters
+        if values and not getattr(stmt, "_multi_values", None) and not getattr(stmt, "select", None):
+            row = {}
+            for k, v in values.items():
+                if not (isinstance(v, BindParameter) and v.callable is None):
+                    row = {}
+                    break
+                row[getattr(k, "name", k)] = v.value
+            rows = [row] if row else []
+        elif params:
+            for p in params if isinstance(params, list) else [params]:
+                rows.append({by_key.get(k, k): v for k, v in p.items()})
+        if not rows or any(not rule.columns <= set(r) for r in rows):
+            self._unrecorded(f"bulk INSERT into ruled table {name!r}: the new rows' key columns "
+                             f"({', '.join(sorted(rule.columns))}) are not all plain values")
+            return
+        conn = state.session.connection()
+        for r in rows:
+            keys = self.rules.keys_for(name, None, r)
+            if keys:
+                self._rec(state.session, conn, keys, self.rules.version_for(name, r))
+
     def _do_orm_execute(self, state: Any) -> None:
         if isinstance(state.statement, TextClause):
             self._text(state)
+            return
+        if state.is_insert:
+            self._insert(state)
             return
         if not (state.is_update or state.is_delete):
             return
