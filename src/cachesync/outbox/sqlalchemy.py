@@ -236,7 +236,7 @@ class OutboxSync:
         values = getattr(stmt, "_values", None)
         params = state.parameters
         if values and not getattr(stmt, "_multi_values", None) and not getattr(stmt, "select", None):
-            row = {}
+            row: dict[str, Any] = {}
             for k, v in values.items():
                 if not (isinstance(v, BindParameter) and v.callable is None):
                     row = {}
