@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,13 +21,19 @@ from cachesync.contrib.fastapi import CacheSync
 from cachesync.db import connect
 from cachesync.outbox import Outbox
 from cachesync.outbox.relay import Relay
-from test_outbox import free_port
+from test_outbox import free_port, private_redis  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def server(pg_url, redis_url, namespace):
+    with serve(pg_url, redis_url, namespace) as s:
+        yield s
+
+
+@contextmanager
+def serve(pg_url, redis_url, namespace):
     suffix = uuid.uuid4().hex[:8]
     users, table = f"fa_users_{suffix}", f"cachesync_outbox_fa{suffix}"
     ob = Outbox(table)
@@ -49,9 +56,11 @@ def server(pg_url, redis_url, namespace):
                 proc.kill()
                 raise AssertionError("uvicorn did not start")
             time.sleep(0.05)
-    yield base, ob, conn
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield base, ob, conn
+    finally:
+        proc.terminate()
+        proc.wait(10)
     cur = conn.cursor()
     cur.execute(f"DROP TABLE IF EXISTS {users}")
     conn.commit()
@@ -114,3 +123,23 @@ async def test_cached_endpoint_not_found_answers_and_lifespan(redis_url, namespa
         cs.cache  # noqa: B018  closed at shutdown
     with pytest.raises(cachesync.ConfigError):
         CacheSync(redis_url, ttl_jiter=0.1)
+
+
+def test_put_succeeds_with_redis_down_and_the_relay_delivers(pg_url, private_redis, namespace):
+    with serve(pg_url, private_redis.url, namespace) as (base, ob, conn), httpx.Client(base_url=base, timeout=30) as http:
+        assert http.put("/users/7", json={"email": "a@x"}).status_code == 200
+        assert http.get("/users/7").json()["email"] == "a@x"
+        private_redis.stop()
+        r = http.put("/users/7", json={"email": "b@x"})
+        assert r.status_code == 200, r.text  # committed: not a 500 because Redis is down
+        assert r.json()["version"] == 2
+        assert ob.pending(conn) == 2
+        private_redis.start()
+        cache = cachesync.Cache(private_redis.url, namespace=namespace)
+        relay = Relay(pg_url, cache, table=ob.table)
+        try:
+            assert relay.drain() == 2
+        finally:
+            relay.close()
+            cache.close()
+        assert http.get("/users/7").json()["email"] == "b@x"
