@@ -125,7 +125,7 @@ async def test_cached_endpoint_not_found_answers_and_lifespan(redis_url, namespa
         CacheSync(redis_url, ttl_jiter=0.1)
 
 
-def test_put_succeeds_with_redis_down_and_the_relay_delivers(pg_url, private_redis, namespace):
+def test_put_succeeds_with_redis_down_and_the_relay_delivers(pg_url, private_redis, namespace):  # noqa: F811
     with serve(pg_url, private_redis.url, namespace) as (base, ob, conn), httpx.Client(base_url=base, timeout=30) as http:
         assert http.put("/users/7", json={"email": "a@x"}).status_code == 200
         assert http.get("/users/7").json()["email"] == "a@x"
