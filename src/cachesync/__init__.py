@@ -21,7 +21,7 @@ from .bloom import AsyncBloomFilter, BloomFilter
 from .l1 import L1Options
 from .options import CacheOptions
 from .refresh import AsyncRefreshAhead, AsyncRefresher, RefreshAhead, Refresher, RefreshOptions
-from .protocol import NOT_FOUND, STRATEGIES, Entry, Strategy, Versioned
+from .protocol import NOT_FOUND, STRATEGIES, Entry, NotFound, Strategy, Versioned
 from .sync import Cache
 from .writepath import AsyncWritePath, WritePath
 
@@ -38,7 +38,7 @@ def _version() -> str:
 __version__: str = _version()
 
 __all__ = [
-    "NOT_FOUND", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",
+    "NOT_FOUND", "NotFound", "STRATEGIES", "AsyncCache", "Cache", "CacheOptions", "CacheUnavailableError", "CachesyncError",
     "ConfigError", "CorruptEntryError", "RedisCommandError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
     "AsyncBloomFilter", "AsyncRefreshAhead", "AsyncRefresher", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions", "Refresher",

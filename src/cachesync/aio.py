@@ -6,7 +6,7 @@ import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -14,11 +14,14 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
+from ._types import AsyncCachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, RedisCommandError, UsageError
 from .l1 import L1Options
 from .l1_async import L1Async
-from .options import CacheOptions, check_non_negative
+from .options import CacheOptions, CacheOptionsKwargs, check_non_negative
+
+T = TypeVar("T")
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 _RETRY: Any = object()
@@ -72,14 +75,14 @@ class AsyncCache:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
                  scheduler: AsyncScheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
-                 **options: Any) -> None:
+                 **options: Unpack[CacheOptionsKwargs]) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, aredis, socket_timeout=False)
         self._watchdog = _Watchdog(self.options.socket_timeout)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
-        self._flights: dict[str, list[asyncio.Future[P.Entry]]] = {}
+        self._flights: dict[str, list[asyncio.Future[P.Entry[Any]]]] = {}
         self._fallback: asyncio.Semaphore | None = None
         self._scheduler = scheduler
         self._tasks: set[asyncio.Task[None]] = set()
@@ -189,14 +192,14 @@ class AsyncCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry]]) -> P.Entry:
+    async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry[Any]]]) -> P.Entry[Any]:
         if not self.options.singleflight:
             return await fn()
         waiters = self._flights.get(key)
         while waiters is not None:
             # a follower waits on a future of its own: cancelling it never cancels the leader or the others
             self.ctx.stats["singleflight_joins"] += 1
-            w: asyncio.Future[P.Entry] = asyncio.get_running_loop().create_future()
+            w: asyncio.Future[P.Entry[Any]] = asyncio.get_running_loop().create_future()
             waiters.append(w)
             res = await w
             if res is not _RETRY and P.follower_accepts(res):
@@ -224,11 +227,39 @@ class AsyncCache:
 
     # ------------------------------------------------------------------ reads
 
+    @overload
+    async def get(self, key: str, loader: Callable[[], Awaitable[P.Versioned[T] | P.NotFound]],
+                  ttl: float | None = None) -> T | P.NotFound: ...
+
+    @overload
+    async def get(self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None) -> T | P.NotFound: ...
+
+    @overload
+    async def get(self, key: str, loader: Callable[[], P.Versioned[T] | P.NotFound],
+                  ttl: float | None = None) -> T | P.NotFound: ...
+
+    @overload
+    async def get(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> T | P.NotFound: ...
+
     async def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """See :meth:`cachesync.Cache.get`; ``loader`` may be a coroutine function."""
         return (await self.get_entry(key, loader, ttl)).value
 
-    async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry:
+    @overload
+    async def get_entry(self, key: str, loader: Callable[[], Awaitable[P.Versioned[T] | P.NotFound]],
+                        ttl: float | None = None) -> P.Entry[T]: ...
+
+    @overload
+    async def get_entry(self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None) -> P.Entry[T]: ...
+
+    @overload
+    async def get_entry(self, key: str, loader: Callable[[], P.Versioned[T] | P.NotFound],
+                        ttl: float | None = None) -> P.Entry[T]: ...
+
+    @overload
+    async def get_entry(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> P.Entry[T]: ...
+
+    async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """See :meth:`cachesync.Cache.get_entry`."""
         l1 = self.l1
         if l1 is not None:
@@ -239,6 +270,24 @@ class AsyncCache:
                 key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
         return await self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))
 
+    @overload
+    async def get_many(self, keys: Iterable[str],
+                       loader_many: Callable[[list[str]], Awaitable[Mapping[str, P.Versioned[T] | P.NotFound]]],
+                       ttl: float | None = None) -> dict[str, T | P.NotFound]: ...
+
+    @overload
+    async def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Awaitable[Mapping[str, T]]],
+                       ttl: float | None = None) -> dict[str, T | P.NotFound]: ...
+
+    @overload
+    async def get_many(self, keys: Iterable[str],
+                       loader_many: Callable[[list[str]], Mapping[str, P.Versioned[T] | P.NotFound]],
+                       ttl: float | None = None) -> dict[str, T | P.NotFound]: ...
+
+    @overload
+    async def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, T]],
+                       ttl: float | None = None) -> dict[str, T | P.NotFound]: ...
+
     async def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
                        ttl: float | None = None) -> dict[str, Any]:
         """See :meth:`cachesync.Cache.get_many`; ``loader_many`` may be a coroutine function."""
@@ -246,7 +295,7 @@ class AsyncCache:
         return {k: e.value for k, e in entries.items()}
 
     async def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
-                               ttl: float | None = None) -> dict[str, P.Entry]:
+                               ttl: float | None = None) -> dict[str, P.Entry[Any]]:
         """See :meth:`cachesync.Cache.get_many_entries`."""
         keys = P.key_list(keys, "get_many")
         if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
@@ -300,7 +349,7 @@ class AsyncCache:
             if self.l1 is not None:
                 self.l1.invalidate_local(plan.keys)
 
-    def cached(self, template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Any]:
+    def cached(self, template: str, ttl: float | None = None) -> AsyncCachedDecorator:
         """See :meth:`cachesync.Cache.cached`; decorates a coroutine function."""
         def deco(fn: Callable[..., Any]) -> Any:
             if not inspect.iscoroutinefunction(fn):
@@ -318,7 +367,7 @@ class AsyncCache:
             wrapper.invalidate = invalidate  # type: ignore[attr-defined]
             return wrapper
 
-        return deco
+        return cast(AsyncCachedDecorator, deco)
 
     # ------------------------------------------------------------------ misc
 

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from .errors import ConfigError
 from .serializers import Serializer, resolve_serializer
@@ -118,6 +118,34 @@ class CacheOptions:
 MAX_SECONDS = 100 * 365 * 86400.0
 """Longest duration or TTL accepted anywhere (100 years): Redis refuses larger expiry times, and a script that
 failed on PEXPIRE after writing would leave a value with no expiry."""
+
+
+class CacheOptionsKwargs(TypedDict, total=False):
+    """The keyword arguments of ``Cache(...)``/``AsyncCache(...)``: one per :class:`CacheOptions` field, so that a
+    misspelt option is a type error (and, at run time, a :class:`ConfigError` naming it)."""
+
+    namespace: str
+    default_ttl: float
+    negative_ttl: float
+    ttl_jitter: float
+    lease_ttl: float
+    max_wait: float
+    tombstone_ttl: float
+    strategy: str
+    double_delete_delay: float
+    serializer: str | Serializer
+    max_key_bytes: int
+    max_value_bytes: int
+    on_redis_error: Literal["load", "fail"]
+    fallback_concurrency: int
+    serve_stale: bool
+    leases: bool
+    singleflight: bool
+    broadcast_invalidations: bool
+    socket_timeout: float
+    connect_timeout: float
+    max_connections: int | None
+    wake_ttl: float
 
 
 def check_positive(name: str, v: object) -> float:

@@ -50,9 +50,10 @@ import re
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+import enum
 from enum import Enum
 import logging
-from typing import Any
+from typing import Any, Final, Generic, TypeVar
 
 from .errors import InvalidationError, SerializationError, UnknownStrategyError, UsageError
 from .errors import CorruptEntryError, ValueTooLargeError
@@ -63,15 +64,10 @@ from .scripts import SCRIPTS
 log = logging.getLogger("cachesync")
 
 
-class _NotFound:
-    """The loader's answer for "the row does not exist" (cached as a negative entry)."""
+class NotFound(enum.Enum):
+    """The type of :data:`NOT_FOUND` (usable in ``isinstance`` and ``Literal[NotFound.NOT_FOUND]``)."""
 
-    _inst: _NotFound | None = None
-
-    def __new__(cls) -> _NotFound:
-        if cls._inst is None:
-            cls._inst = super().__new__(cls)
-        return cls._inst
+    NOT_FOUND = "NOT_FOUND"
 
     def __repr__(self) -> str:
         return "NOT_FOUND"
@@ -79,33 +75,33 @@ class _NotFound:
     def __bool__(self) -> bool:
         return False
 
-    def __reduce__(self) -> str:
-        return "NOT_FOUND"
 
-
-NOT_FOUND: Any = _NotFound()
+NOT_FOUND: Final = NotFound.NOT_FOUND
 """Return this from a loader when the row does not exist; ``get`` returns it for a negative entry."""
 
 MISSING: Any = object()
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True, slots=True)
-class Versioned:
+class Versioned(Generic[T]):
     """A loader's (or writer's) value with its version: ``return Versioned(row, row.version)``.
 
     ``version`` is an int, float, Decimal, datetime or a numeric string
     (compared numerically in Redis, exact up to 2**53).
     """
 
-    value: Any
+    value: T
     version: Any
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(Generic[T]):
     """What a read returns in full (``get_entry``)."""
 
-    value: Any
+    value: T | NotFound
     """The value, or ``NOT_FOUND``."""
     version: int | float | None = None
     stale: bool = False
@@ -507,7 +503,7 @@ def star_keys(keys: Sequence[object], fn: str) -> None:
 # --------------------------------------------------------------------------- read flows
 
 
-def _hit(ctx: Context, key: str, r: GetReply) -> Entry:
+def _hit(ctx: Context, key: str, r: GetReply) -> Entry[Any]:
     """A hit's Entry; :class:`CorruptEntry` when its payload cannot be decoded."""
     neg = r.flags == "n"
     assert r.payload is not None
@@ -651,7 +647,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
         return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader", filled=ok)
 
 
-def follower_accepts(entry: Entry) -> bool:
+def follower_accepts(entry: Entry[Any]) -> bool:
     """Read-your-writes through singleflight: may a reader that joined another caller's flight take its result?
 
     Only a hit or a value whose fill Redis accepted. A fill is accepted only while its lease is intact, so no
@@ -684,7 +680,7 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
     eks = [ctx.ekey(k) for k in ukeys]
     token = new_token()
     args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
-    result: dict[str, Entry] = {}
+    result: dict[str, Entry[Any]] = {}
     pending = list(range(len(ukeys)))
     waited = 0.0
     o = ctx.o

@@ -86,7 +86,7 @@ class RefreshState:
         self.o = options
         self.clock = clock
         self.rand = rand
-        self.entry: P.Entry | None = None
+        self.entry: P.Entry[Any] | None = None
         self.fetched_at = 0.0
         self.expiry = 0.0
         self.delta = 0.0
@@ -112,7 +112,7 @@ class RefreshState:
             self.refreshing = True
             return (self.inv, now)
 
-    def success(self, token: tuple[int, float], entry: P.Entry) -> None:
+    def success(self, token: tuple[int, float], entry: P.Entry[Any]) -> None:
         inv0, t0 = token
         with self._lock:
             now = self.clock()
@@ -124,7 +124,7 @@ class RefreshState:
             self.refreshing = False
             self.refreshes += 1
 
-    def failure(self, exc: BaseException) -> P.Entry:
+    def failure(self, exc: BaseException) -> P.Entry[Any]:
         """The last good entry if it is young enough (logged), else re-raise ``exc``."""
         with self._lock:
             self.refreshing = False
@@ -197,7 +197,7 @@ class RefreshAhead:
         cache.ctx.ekey(key)
         _attach(cache, self.state)
 
-    def get_entry(self) -> P.Entry:
+    def get_entry(self) -> P.Entry[Any]:
         """The held entry, refreshed first when it is due (see the module docstring)."""
         return self.cache._drive(refresh_flow(self.cache.ctx, self.state), self.loader)  # type: ignore
 
@@ -205,7 +205,7 @@ class RefreshAhead:
         """The value (never "no value" because of a cache miss)."""
         return self.get_entry().value
 
-    def refresh(self) -> P.Entry:
+    def refresh(self) -> P.Entry[Any]:
         """Refresh now (unless a refresh is running); what a :class:`Refresher` calls."""
         return self.cache._drive(refresh_flow(self.cache.ctx, self.state, True), self.loader)  # type: ignore
 
@@ -222,7 +222,7 @@ class AsyncRefreshAhead:
         cache.ctx.ekey(key)
         _attach(cache, self.state)
 
-    async def get_entry(self) -> P.Entry:
+    async def get_entry(self) -> P.Entry[Any]:
         """See :meth:`RefreshAhead.get_entry`."""
         if self.cache.l1 is not None:
             self.cache.l1.start()
@@ -232,7 +232,7 @@ class AsyncRefreshAhead:
         """See :meth:`RefreshAhead.get`."""
         return (await self.get_entry()).value
 
-    async def refresh(self) -> P.Entry:
+    async def refresh(self) -> P.Entry[Any]:
         """See :meth:`RefreshAhead.refresh`."""
         return await self.cache._drive(refresh_flow(self.cache.ctx, self.state, True), self.loader)  # type: ignore
 

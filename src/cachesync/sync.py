@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -14,11 +14,14 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol as P
+from ._types import CachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, RedisCommandError
 from .l1 import L1Options
 from .l1_sync import L1Sync
-from .options import CacheOptions, check_non_negative
+from .options import CacheOptions, CacheOptionsKwargs, check_non_negative
+
+T = TypeVar("T")
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 
@@ -67,7 +70,7 @@ class Cache:
 
     def __init__(self, redis_url: str = DEFAULT_REDIS_URL, *, client: Any = None,
                  scheduler: Scheduler | None = None, l1: L1Options | bool | Mapping[str, Any] | None = None,
-                 **options: Any) -> None:
+                 **options: Unpack[CacheOptionsKwargs]) -> None:
         self.options = CacheOptions.build(**options)
         l1_options = L1Options.build(l1)
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, redis)
@@ -158,7 +161,7 @@ class Cache:
 
         pending.timer = self._scheduler(eff.delay, lambda: run(0))
 
-    def _single(self, key: str, fn: Callable[[], P.Entry]) -> P.Entry:
+    def _single(self, key: str, fn: Callable[[], P.Entry[Any]]) -> P.Entry[Any]:
         if not self.options.singleflight:
             return fn()
         st = self.ctx.stats
@@ -187,6 +190,13 @@ class Cache:
 
     # ------------------------------------------------------------------ reads
 
+    @overload
+    def get(self, key: str, loader: Callable[[], P.Versioned[T] | P.NotFound],
+            ttl: float | None = None) -> T | P.NotFound: ...
+
+    @overload
+    def get(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> T | P.NotFound: ...
+
     def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """The cached value of ``key``, loading it with ``loader()`` on a miss (leased, single-flight).
 
@@ -195,7 +205,14 @@ class Cache:
         """
         return self.get_entry(key, loader, ttl).value
 
-    def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry:
+    @overload
+    def get_entry(self, key: str, loader: Callable[[], P.Versioned[T] | P.NotFound],
+                  ttl: float | None = None) -> P.Entry[T]: ...
+
+    @overload
+    def get_entry(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> P.Entry[T]: ...
+
+    def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
         l1 = self.l1
         if l1 is not None:
@@ -206,6 +223,15 @@ class Cache:
                 key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
         return self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))  # type: ignore
 
+    @overload
+    def get_many(self, keys: Iterable[str],
+                 loader_many: Callable[[list[str]], Mapping[str, P.Versioned[T] | P.NotFound]],
+                 ttl: float | None = None) -> dict[str, T | P.NotFound]: ...
+
+    @overload
+    def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, T]],
+                 ttl: float | None = None) -> dict[str, T | P.NotFound]: ...
+
     def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
                  ttl: float | None = None) -> dict[str, Any]:
         """Values of many keys: one round trip to read, one ``loader_many(missing_keys)`` call, one to fill.
@@ -215,8 +241,17 @@ class Cache:
         entries = self.get_many_entries(keys, loader_many, ttl)
         return {k: e.value for k, e in entries.items()}
 
+    @overload
+    def get_many_entries(self, keys: Iterable[str],
+                         loader_many: Callable[[list[str]], Mapping[str, P.Versioned[T] | P.NotFound]],
+                         ttl: float | None = None) -> dict[str, P.Entry[T]]: ...
+
+    @overload
+    def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, T]],
+                         ttl: float | None = None) -> dict[str, P.Entry[T]]: ...
+
     def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Mapping[str, Any]],
-                         ttl: float | None = None) -> dict[str, P.Entry]:
+                         ttl: float | None = None) -> dict[str, P.Entry[Any]]:
         """Like :meth:`get_many`, returning :class:`Entry` objects."""
         keys = P.key_list(keys, "get_many")
         if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
@@ -281,7 +316,7 @@ class Cache:
             if self.l1 is not None:
                 self.l1.invalidate_local(plan.keys)
 
-    def cached(self, template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Any]:
+    def cached(self, template: str, ttl: float | None = None) -> CachedDecorator:
         """Decorator: ``@cache.cached("user:{user_id}")`` caches the function's result under the formatted key.
 
         The wrapper has ``.key(*args, **kwargs)`` and ``.invalidate(*args, **kwargs)``.
@@ -297,7 +332,7 @@ class Cache:
             wrapper.invalidate = lambda *a, **kw: self.invalidate(kt.format(*a, **kw))  # type: ignore
             return wrapper
 
-        return deco
+        return cast(CachedDecorator, deco)
 
     # ------------------------------------------------------------------ misc
 

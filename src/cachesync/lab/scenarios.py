@@ -335,7 +335,7 @@ class Reader:
         self._loaded = threading.Event()
         self._resume = threading.Event()
         self._done = threading.Event()
-        self._entry: P.Entry | None = None
+        self._entry: P.Entry[Any] | None = None
         self._exc: BaseException | None = None
         self._loaded_value: str | None = None
         self._start_committed: str | None = None

@@ -243,7 +243,7 @@ class _PausedRead:
     def __init__(self, cache: Cache, key: str, loader: Callable[[], Any]) -> None:
         self._loaded = threading.Event()
         self._resume = threading.Event()
-        self.entry: P.Entry | None = None
+        self.entry: P.Entry[Any] | None = None
         self.exc: BaseException | None = None
         self.hit = False
 
@@ -273,7 +273,7 @@ class _PausedRead:
         self._resume.set()
         self._thread.join(30)
 
-    def finish(self) -> P.Entry:
+    def finish(self) -> P.Entry[Any]:
         self._resume.set()
         self._thread.join(30)
         if self._thread.is_alive():
@@ -349,7 +349,7 @@ def _run_seeded(redis_url: str, db: LabDB, cfg: StressConfig, label: str, strate
 
         return loader
 
-    def judge(key: str, e: P.Entry, floor: int, t0: float) -> None:
+    def judge(key: str, e: P.Entry[Any], floor: int, t0: float) -> None:
         res.reads += 1
         with track.lock:
             ver = track.version_of[key].get(str(e.value))
