@@ -141,3 +141,25 @@ class IntegrationTests(TransactionTestCase):
         with self.assertRaises(SystemExit) as ex:
             AuditCommand().run_from_argv(["manage.py", "cachesync_audit", "--grace", "0"])
         self.assertEqual(ex.exception.code, 0)
+
+    def test_record_for_unseen_writes_and_lax_mode(self) -> None:
+        from django.conf import settings
+        from django.test import override_settings
+
+        from cachesync.contrib.django import record
+
+        fill("custom:1")
+        with transaction.atomic():
+            record("custom:1", version=3)
+            self.assertFalse(invalidated("custom:1"))
+        self.assertTrue(invalidated("custom:1"))
+        a = Article.objects.create(slug="a", title="A")
+        fill(f"article:{a.pk}")
+        with override_settings(CACHESYNC={**settings.CACHESYNC, "STRICT": False}):
+            Article.objects.filter(pk=a.pk).update(slug=F("title"))  # the slug key is skipped, the others recorded
+        self.assertTrue(invalidated(f"article:{a.pk}"))
+        from cachesync import ConfigError
+        from cachesync.contrib.django import settings_value
+
+        with override_settings(CACHESYNC={**settings.CACHESYNC, "TYPO": 1}), self.assertRaisesRegex(ConfigError, "TYPO"):
+            settings_value("NAMESPACE")  # also checked when the app starts (AppConfig.ready)

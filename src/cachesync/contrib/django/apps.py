@@ -12,6 +12,7 @@ class CachesyncConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        from .core import connect_signals
+        from .core import connect_signals, settings_value
 
+        settings_value("RULES")  # an unknown CACHESYNC key fails at start-up, naming it
         connect_signals()
