@@ -184,7 +184,7 @@ def test_value_marked_stale_by_serve_stale_is_not_a_finding(world: World, redis_
 
 def test_loader_judges_entries_no_versioned_rule_covers(world: World) -> None:
     """With the application's loader, values cached without a version (or under keys no rule names) are
-    compared by value, through the serializer's round trip (a tuple and a list are the same value)."""
+    compared by value, through the serializer's round trip (which gives back tuples as tuples)."""
     db = {"cfg:a": {"x": (1, 2)}, "cfg:b": {"x": 1}, "cfg:d": None, "cfg:n": {"late": True}}
 
     def loader(key: str) -> object:
@@ -192,7 +192,7 @@ def test_loader_judges_entries_no_versioned_rule_covers(world: World) -> None:
         return NOT_FOUND if v is None else v
 
     for k in ("cfg:a", "cfg:b", "cfg:d", "cfg:n"):
-        world.cache.get(k, lambda k=k: NOT_FOUND if k == "cfg:n" else {"x": [1, 2]} if k == "cfg:a" else {"x": 1})
+        world.cache.get(k, lambda k=k: NOT_FOUND if k == "cfg:n" else {"x": (1, 2)} if k == "cfg:a" else {"x": 1})
     db["cfg:b"] = {"x": 2}  # changed, the invalidation lost
     r = Auditor(world.cache, loader=loader, grace=0).run(pattern="cfg:*")
     got = {(f.key, f.kind) for f in r.stale}

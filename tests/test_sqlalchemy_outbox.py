@@ -131,3 +131,148 @@ def test_bulk_update_and_delete(env, cache):
         assert invalidated(cache, "custom")
     finally:
         sync.uninstall(Session)
+
+
+def test_write_path_invalidates_orm_keys_at_once(env, cache):
+    from cachesync import WritePath
+
+    engine, sync, ob, relay = env
+    with Session(engine) as s, s.begin():
+        s.add(User(id=1, email="a@x", version=1))
+    relay.drain()
+    sync.install(Session)
+    try:
+        fill(cache, "user:1", "user_by_email:a@x", "user_by_email:b@x")
+        wp = WritePath(cache, "orm")
+        with Session(engine) as s, wp.write(s):
+            u = s.get(User, 1)
+            u.email, u.version = "b@x", 2
+        assert all(invalidated(cache, k) for k in ["user:1", "user_by_email:a@x", "user_by_email:b@x"])
+        assert cache.peek("user:1")["fl"] in (b"2", "2", 2)
+        assert relay.drain() == 1  # and durably recorded by OutboxSync
+    finally:
+        sync.uninstall(Session)
+
+
+def test_raw_text_dml_strict_refused_constant_keys_recorded(env, cache, caplog):
+    from sqlalchemy import text
+
+    engine, sync, ob, relay = env
+    with Session(engine) as s, s.begin():
+        s.add(User(id=1, email="a@x", version=1))
+    relay.drain()
+    sync.install(Session)
+    try:
+        with Session(engine) as s, s.begin(), pytest.raises(OutboxError, match=f"ruled table '{USERS}'.*cachesync_keys"):
+            s.execute(text(f"UPDATE {USERS} SET email = 'z@x' WHERE id = 1"))
+        with Session(engine) as s:
+            assert s.get(User, 1).email == "a@x"  # refused before it ran
+        fill(cache, "user:1")
+        with Session(engine) as s, s.begin():  # explicit keys pass
+            s.execute(text(f"UPDATE {USERS} SET email = 'z@x' WHERE id = 1").execution_options(cachesync_keys=["user:1"]))
+            s.execute(text(f"SELECT * FROM {USERS}"))  # reads are never refused
+            s.execute(text("WITH x AS (SELECT 1 AS a) SELECT a FROM x"))
+        assert relay.drain() == 1 and invalidated(cache, "user:1")
+        with Session(engine) as s, s.begin(), pytest.raises(OutboxError, match="cannot tell which table"):
+            s.execute(text("UPDATE (SELECT 1) SET a = 1"))
+    finally:
+        sync.uninstall(Session)
+    lax = OutboxSync(sync.rules, ob, strict=False).install(Session)
+    try:
+        with caplog.at_level("WARNING", logger="cachesync.outbox"), Session(engine) as s, s.begin():
+            s.execute(text(f"update {USERS} set email = 'q@x' where id = 1"))
+        assert "NOT recorded" in caplog.text and USERS in caplog.text
+    finally:
+        lax.uninstall(Session)
+    const = OutboxSync(Rules({USERS: {"keys": ["users:all"]}}), ob).install(Session)
+    try:
+        fill(cache, "users:all")
+        with Session(engine) as s, s.begin():
+            s.execute(text(f"DELETE FROM {USERS} WHERE id = 1"))
+        assert relay.drain() == 1 and invalidated(cache, "users:all")
+    finally:
+        const.uninstall(Session)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_async_session_end_to_end_asyncpg(env, acache, namespace):
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from cachesync import AsyncWritePath
+
+    engine, sync, ob, relay = env
+    url = engine.url.set(drivername="postgresql+asyncpg")
+    aengine = create_async_engine(url)
+    maker = async_sessionmaker(aengine, expire_on_commit=False)
+    sync.install(maker)
+    try:
+        async with maker() as s, s.begin():
+            s.add(User(id=1, email="a@x", version=1))
+        assert relay.drain() == 1
+        await acache.set("user:1", "old")
+        await acache.set("user_by_email:a@x", "old")
+        wp = AsyncWritePath(acache, "orm")
+        async with maker() as s:
+            async with wp.write(s) as w:
+                u = (await s.execute(select(User).where(User.id == 1))).scalar_one()
+                u.email, u.version = "b@x", 2
+            assert w.invalidated
+        for k in ("user:1", "user_by_email:a@x", "user_by_email:b@x"):
+            e = await acache.peek(k)
+            assert e is not None and "v" not in e, k
+        assert relay.drain() == 1  # recorded in the same transaction as the ORM change
+        async with maker() as s:  # rolled back: nothing recorded
+            u = (await s.execute(select(User).where(User.id == 1))).scalar_one()
+            u.email = "zzz@x"
+            await s.flush()
+            await s.rollback()
+        assert relay.drain() == 0
+        async with maker() as s, s.begin():  # bulk statements through AsyncSession
+            await s.execute(delete(User).where(User.id == 1))
+        assert relay.drain() == 1
+    finally:
+        sync.uninstall(maker)
+        await aengine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_install_on_an_async_session_and_class_refused(env, acache):
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine, sync, ob, relay = env
+    aengine = create_async_engine(engine.url.set(drivername="postgresql+asyncpg"))
+    try:
+        with pytest.raises(OutboxError, match="async_sessionmaker"):
+            sync.install(AsyncSession)
+        async with AsyncSession(aengine) as s:
+            sync.install(s)
+            async with s.begin():
+                s.add(User(id=5, email="e@x", version=1))
+            sync.uninstall(s)
+        assert relay.drain() == 1
+        async with AsyncSession(aengine) as s, s.begin():  # not installed: nothing recorded
+            s.add(User(id=6, email="f@x", version=1))
+        assert relay.drain() == 0
+    finally:
+        await aengine.dispose()
+
+
+def test_bulk_insert_recorded_from_the_new_rows(env, cache):
+    from sqlalchemy import insert, literal_column
+
+    engine, sync, ob, relay = env
+    sync.install(Session)
+    try:
+        fill(cache, "user:1", "user:2", "user:3", "users:count", "user_by_email:c@x")
+        with Session(engine) as s, s.begin():
+            s.execute(insert(User), [{"id": 1, "email": "a@x", "version": 1}, {"id": 2, "email": "b@x", "version": 1}])
+        assert relay.drain() == 2 and invalidated(cache, "user:1") and invalidated(cache, "user:2")
+        assert not invalidated(cache, "user:3")
+        with Session(engine) as s, s.begin():
+            s.execute(insert(User).values(id=3, email="c@x", version=1))
+        assert relay.drain() == 1 and invalidated(cache, "user_by_email:c@x")
+        with Session(engine) as s, s.begin(), pytest.raises(OutboxError, match="bulk INSERT into ruled table"):
+            s.execute(insert(User).values(id=literal_column("4"), email="d@x", version=1))
+    finally:
+        sync.uninstall(Session)

@@ -23,6 +23,7 @@ from .options import CacheOptions
 from .refresh import AsyncRefreshAhead, AsyncRefresher, RefreshAhead, Refresher, RefreshOptions
 from .protocol import NOT_FOUND, STRATEGIES, Entry, NotFound, Strategy, Versioned
 from .sync import Cache
+from .writepath import AsyncWritePath, WritePath
 
 def _version() -> str:
     """The installed distribution's version (pyproject.toml is its single source)."""
@@ -41,4 +42,5 @@ __all__ = [
     "ConfigError", "CorruptEntryError", "RedisCommandError", "Entry", "InvalidKeyError", "InvalidationError", "SerializationError", "Strategy",
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
     "AsyncBloomFilter", "AsyncRefreshAhead", "AsyncRefresher", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions", "Refresher",
+    "AsyncWritePath", "WritePath",
 ]

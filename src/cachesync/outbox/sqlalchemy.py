@@ -14,22 +14,43 @@ automatically:
   An UPDATE that sets a key column to an SQL expression (not a plain value) cannot be turned into keys: it
   raises :class:`OutboxError` unless the statement carries ``execution_options(cachesync_keys=[...])``
   (explicit keys, which always take precedence). Statements on tables without a rule are ignored.
+* Bulk ``insert(Model)`` (``.values(...)`` with plain values, or ``session.execute(insert(Model), [dicts])``):
+  keys from the new rows; an INSERT whose key columns are not all plain values (``from_select``, SQL
+  expressions, multi-row ``.values([...])``) is refused (``strict=True``) or logged, as below.
+* Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE through the session (``do_orm_execute``): the changed
+  table is read from the SQL. A ruled table whose keys are constants (no ``{column}`` fields) is recorded; a
+  ruled table whose keys need column values cannot be turned into keys from raw SQL: with ``strict=True``
+  (the default) the statement is refused with :class:`OutboxError` before it runs, with ``strict=False`` it runs
+  and a WARNING says it was not recorded. ``execution_options(cachesync_keys=[...])`` (``[]``: affects no cached
+  key) records explicit keys and always passes. Statements run on ``session.connection().execute()`` or on an
+  engine bypass the session's events and are not seen.
+* Async: ``install(async_sessionmaker)`` listens on the maker's sync session class (one is created and set as
+  its ``sync_session_class`` when it has none); ``install(async_session)`` on its ``sync_session``.
+* Every recorded ``(keys, version)`` is also listed in ``session.info["cachesync_recorded"]`` for
+  :class:`cachesync.WritePath`, which invalidates them right after the commit.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, TextClause
 
 from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect
 from ..rules import Rules
+from ..writepath import ORM_RECORDED
 from . import Outbox, OutboxError
 
+log = logging.getLogger("cachesync.outbox")
+_DML_START = re.compile(r"\s*(?:/\*.*?\*/\s*)*(UPDATE|DELETE|INSERT|REPLACE|MERGE|WITH)\b", re.I | re.S)
+_DML_TABLE = re.compile(r"\b(?:UPDATE|DELETE\s+FROM|INSERT\s+(?:IGNORE\s+)?INTO|REPLACE\s+INTO|MERGE\s+INTO)\s+"
+                        r"(?:ONLY\s+)?([`\"]?[A-Za-z_][\w.]*[`\"]?)", re.I)
 _DIALECTS = {"postgresql": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL, "sqlite": SQLITE}
 
 
@@ -69,22 +90,50 @@ class OutboxSync:
     """Automatic invalidations for ORM changes. ``OutboxSync(rules, outbox=None)``; rules are keyed by table
     name and use column names. ``install(target)`` listens on a Session, a sessionmaker or a Session class."""
 
-    def __init__(self, rules: Rules, outbox: Outbox | None = None) -> None:
+    def __init__(self, rules: Rules, outbox: Outbox | None = None, *, strict: bool = True) -> None:
         if not isinstance(rules, Rules):
             raise OutboxError(f"OutboxSync needs cachesync.rules.Rules, got {type(rules).__name__}")
         self.rules = rules
         self.outbox = outbox or Outbox()
+        self.strict = strict
 
-    def install(self, target: Session | sessionmaker[Any] | type[Session]) -> OutboxSync:
-        """Listen for flushes and bulk statements on ``target``; returns self."""
-        event.listen(target, "after_flush", self._after_flush)
-        event.listen(target, "do_orm_execute", self._do_orm_execute)
+    @staticmethod
+    def _target(target: Any) -> Any:
+        """The sync-side target of ``target``: an ``async_sessionmaker`` / ``AsyncSession`` (class or instance)
+        listens through its sync session class / sync session (SQLAlchemy's events live on the sync side)."""
+        if isinstance(target, sessionmaker):
+            return target
+        cls_name = type(target).__name__
+        if cls_name == "async_sessionmaker":
+            sync_cls = target.kw.get("sync_session_class")
+            if sync_cls is None:  # give this maker its own sync Session class so that listening stays local to it
+                sync_cls = type("CachesyncSyncSession", (Session,), {})
+                target.configure(sync_session_class=sync_cls)
+            return sync_cls
+        if cls_name == "AsyncSession":
+            return target.sync_session
+        if isinstance(target, type) and target.__name__ == "AsyncSession":
+            raise OutboxError("install() on the AsyncSession class itself is not supported; pass the "
+                              "async_sessionmaker (or an AsyncSession instance)")
+        return target
+
+    def install(self, target: Session | sessionmaker[Any] | type[Session] | Any) -> OutboxSync:
+        """Listen for flushes and bulk statements on ``target`` (a Session, sessionmaker, Session class, or an
+        ``async_sessionmaker`` / ``AsyncSession``); returns self."""
+        t = self._target(target)
+        event.listen(t, "after_flush", self._after_flush)
+        event.listen(t, "do_orm_execute", self._do_orm_execute)
         return self
 
-    def uninstall(self, target: Session | sessionmaker[Any] | type[Session]) -> None:
+    def uninstall(self, target: Session | sessionmaker[Any] | type[Session] | Any) -> None:
         """Stop listening on ``target``."""
-        event.remove(target, "after_flush", self._after_flush)
-        event.remove(target, "do_orm_execute", self._do_orm_execute)
+        t = self._target(target)
+        event.remove(t, "after_flush", self._after_flush)
+        event.remove(t, "do_orm_execute", self._do_orm_execute)
+
+    def _rec(self, session: Session, conn: Connection, keys: list[str], version: Any) -> None:
+        _execute(conn, self.outbox, keys, version, 0.0, None)
+        session.info.setdefault(ORM_RECORDED, []).append((keys, version))
 
     # ------------------------------------------------------------------ ORM unit of work
 
@@ -126,28 +175,107 @@ class OutboxSync:
         conn = session.connection()
         for keys, version in items:
             _execute(conn, self.outbox, keys, version, 0.0, None)
+        session.info.setdefault(ORM_RECORDED, []).extend(items)
 
     # ------------------------------------------------------------------ bulk statements
 
+    def _explicit(self, state: Any) -> bool:
+        explicit = state.execution_options.get("cachesync_keys")
+        if explicit is None:
+            return False
+        if isinstance(explicit, str):
+            raise OutboxError("execution_options(cachesync_keys=...) takes a list of keys, not a string")
+        if explicit:
+            self._rec(state.session, state.session.connection(), list(explicit), None)
+        return True
+
+    def _text(self, state: Any) -> None:
+        """A raw ``text()`` statement: recorded when its keys are known, else refused (strict) or logged."""
+        sql = state.statement.text
+        if not _DML_START.match(sql) or self._explicit(state):
+            return
+        tables = [m.group(1).strip('`"').rsplit(".", 1)[-1] for m in _DML_TABLE.finditer(sql)]
+        if not tables:
+            if _DML_START.match(sql).group(1).upper() == "WITH":  # type: ignore[union-attr]
+                return  # a WITH ... SELECT
+            self._unrecorded(f"raw SQL {sql[:80]!r}: cannot tell which table it changes")
+            return
+        for name in dict.fromkeys(tables):
+            if not self.rules.covers(name):
+                continue
+            rule = self.rules.tables[name]
+            if rule.columns:
+                self._unrecorded(f"raw SQL changes ruled table {name!r} whose keys need column values "
+                                 f"({', '.join(sorted(rule.columns))}) that a text() statement does not reveal")
+            else:
+                self._rec(state.session, state.session.connection(), list(rule.keys), None)
+
+    def _unrecorded(self, problem: str) -> None:
+        msg = (f"cachesync OutboxSync: {problem}; pass .execution_options(cachesync_keys=[...]) (the keys it "
+               "affects, or [] for none), or use the ORM update()/delete() constructs")
+        if self.strict:
+            raise OutboxError(msg + " (OutboxSync(strict=True) refuses unrecorded writes)")
+        log.warning("%s; NOT recorded in the outbox (strict=False)", msg)
+
+    def _insert(self, state: Any) -> None:
+        """Bulk ``insert(Model)`` (``.values(...)`` or a list of parameter dicts): keys from the new rows."""
+        stmt = state.statement
+        table = stmt.table
+        name = getattr(table, "name", None)
+        if self._explicit(state) or name is None or not self.rules.covers(name):
+            return
+        rule = self.rules.tables[name]
+        if not rule.columns:
+            self._rec(state.session, state.session.connection(), list(rule.keys), None)
+            return
+        by_key = {}
+        mapper = getattr(state.bind_mapper, "column_attrs", None) and state.bind_mapper
+        if mapper is not None:
+            by_key = {prop.key: prop.columns[0].name for prop in mapper.column_attrs}
+        rows: list[dict[str, Any]] = []
+        values = getattr(stmt, "_values", None)
+        params = state.parameters
+        if values and not getattr(stmt, "_multi_values", None) and not getattr(stmt, "select", None):
+            row: dict[str, Any] = {}
+            for k, v in values.items():
+                if not (isinstance(v, BindParameter) and v.callable is None):
+                    row = {}
+                    break
+                row[getattr(k, "name", k)] = v.value
+            rows = [row] if row else []
+        elif params:
+            for p in params if isinstance(params, list) else [params]:
+                rows.append({by_key.get(k, k): v for k, v in p.items()})
+        if not rows or any(not rule.columns <= set(r) for r in rows):
+            self._unrecorded(f"bulk INSERT into ruled table {name!r}: the new rows' key columns "
+                             f"({', '.join(sorted(rule.columns))}) are not all plain values")
+            return
+        conn = state.session.connection()
+        for r in rows:
+            keys = self.rules.keys_for(name, None, r)
+            if keys:
+                self._rec(state.session, conn, keys, self.rules.version_for(name, r))
+
     def _do_orm_execute(self, state: Any) -> None:
+        if isinstance(state.statement, TextClause):
+            self._text(state)
+            return
+        if state.is_insert:
+            self._insert(state)
+            return
         if not (state.is_update or state.is_delete):
             return
         stmt = state.statement
         table = stmt.table
         name = getattr(table, "name", None)
-        explicit = state.execution_options.get("cachesync_keys")
-        conn = state.session.connection()
-        if explicit is not None:
-            if isinstance(explicit, str):
-                raise OutboxError("execution_options(cachesync_keys=...) takes a list of keys, not a string")
-            if explicit:
-                _execute(conn, self.outbox, list(explicit), None, 0.0, None)
+        if self._explicit(state):
             return
+        conn = state.session.connection()
         if name is None or not self.rules.covers(name):
             return
         rule = self.rules.tables[name]
         if not rule.columns:
-            _execute(conn, self.outbox, list(rule.keys), None, 0.0, None)
+            self._rec(state.session, conn, list(rule.keys), None)
             return
         sets: Mapping[Any, Any] = getattr(stmt, "_values", None) or {}
         set_values: dict[str, Any] = {}
@@ -174,7 +302,7 @@ class OutboxSync:
             new = None if state.is_delete else {**old, **set_values}
             keys = self.rules.keys_for(name, old, new)
             if keys:
-                _execute(conn, self.outbox, keys, self.rules.version_for(name, new or old), 0.0, None)
+                self._rec(state.session, conn, keys, self.rules.version_for(name, new or old))
 
 
 __all__ = ["OutboxSync", "record"]

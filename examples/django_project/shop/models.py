@@ -1,0 +1,16 @@
+from django.db import models
+
+from cachesync.contrib.django import CachesyncManager
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=50)
+
+
+class Article(models.Model):
+    slug = models.CharField(max_length=100, unique=True)
+    title = models.CharField(max_length=200)
+    version = models.IntegerField(default=1)
+    tags = models.ManyToManyField(Tag, related_name="articles")
+
+    objects = CachesyncManager()  # bulk QuerySet.update() records its rows' keys too

@@ -1,0 +1,1 @@
+"""Framework integrations: :mod:`cachesync.contrib.fastapi` (FastAPI / Starlette), :mod:`cachesync.contrib.django`."""

@@ -1,0 +1,328 @@
+"""Settings, the cache, signals, the bulk-update queryset and the ``cached`` helpers (see the package docstring).
+
+Settings (``CACHESYNC = {...}``; every key optional except ``RULES`` for automatic invalidation):
+
+=========================  ==============================  ================================================
+key                        default                         meaning
+=========================  ==============================  ================================================
+``REDIS_URL``              ``"redis://127.0.0.1:6379/0"``  the cache's Redis
+``NAMESPACE``              ``"default"``                   the cache namespace
+``RULES``                  ``None``                        a dict (as :class:`cachesync.rules.Rules`) or a
+                                                           path to a rules file (.toml/.py)
+``OUTBOX_TABLE``           ``"cachesync_outbox"``          the outbox table (created by ``migrate``)
+``OPTIONS``                ``{}``                          :class:`cachesync.CacheOptions` fields
+``ON_INVALIDATION_ERROR``  ``"log"``                       ``"log"`` or ``"raise"`` (see WritePath)
+``STRICT``                 ``True``                        ``QuerySet.update()`` setting a key column to an
+                                                           expression raises instead of guessing
+=========================  ==============================  ================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from django.conf import settings
+from django.db import connections, models, router, transaction
+from django.db.models import signals
+from django.http import Http404
+
+from ...errors import ConfigError
+from ...outbox import Outbox, OutboxError
+from ...protocol import NOT_FOUND, Versioned
+from ...rules import Rules, TableRule
+from ...sync import Cache
+from ...writepath import WritePath
+
+DEFAULTS: dict[str, Any] = {
+    "REDIS_URL": "redis://127.0.0.1:6379/0", "NAMESPACE": "default", "RULES": None,
+    "OUTBOX_TABLE": "cachesync_outbox", "OPTIONS": {}, "ON_INVALIDATION_ERROR": "log", "STRICT": True,
+}
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {}
+
+
+def settings_value(name: str) -> Any:
+    """``settings.CACHESYNC[name]`` or its default; an unknown key in ``CACHESYNC`` is a :class:`ConfigError`."""
+    conf = getattr(settings, "CACHESYNC", {}) or {}
+    unknown = sorted(set(conf) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError("CACHESYNC", f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    return conf.get(name, DEFAULTS[name])
+
+
+def _get(name: str, build: Callable[[], Any]) -> Any:
+    with _lock:
+        if name not in _state:
+            _state[name] = build()
+        return _state[name]
+
+
+def reset() -> None:
+    """Forget the cache, rules and write path built from the settings (closes the cache); for tests."""
+    with _lock:
+        c = _state.pop("cache", None)
+        _state.clear()
+    if c is not None:
+        c.close()
+
+
+def get_cache() -> Cache:
+    """The process's :class:`cachesync.Cache`, built from the settings on first use."""
+    return _get("cache", lambda: Cache(settings_value("REDIS_URL"), namespace=settings_value("NAMESPACE"),  # type: ignore[no-any-return]
+                                       **settings_value("OPTIONS")))
+
+
+def get_rules() -> Rules | None:
+    """The :class:`~cachesync.rules.Rules` of ``CACHESYNC["RULES"]`` (``None`` when not set)."""
+    def build() -> Rules | None:
+        spec = settings_value("RULES")
+        if spec is None or isinstance(spec, Rules):
+            return spec
+        return Rules.load(spec) if isinstance(spec, str) else Rules(spec)
+    return _get("rules", build)  # type: ignore[no-any-return]
+
+
+def get_outbox() -> Outbox:
+    return _get("outbox", lambda: Outbox(settings_value("OUTBOX_TABLE"), rules=get_rules()))  # type: ignore[no-any-return]
+
+
+def get_write_path() -> WritePath:
+    """The :class:`cachesync.WritePath` used after commits (its ``invalidate_committed``)."""
+    return _get("wp", lambda: WritePath(get_cache(), get_outbox(),  # type: ignore[no-any-return]
+                                        on_invalidation_error=settings_value("ON_INVALIDATION_ERROR")))
+
+
+def dialect_for(connection: Any) -> Any:
+    from ...db import MYSQL, POSTGRESQL, SQLITE
+
+    try:
+        return {"postgresql": POSTGRESQL, "mysql": MYSQL, "sqlite": SQLITE}[connection.vendor]
+    except KeyError:
+        raise OutboxError(f"cachesync supports PostgreSQL, MySQL/MariaDB and SQLite, not {connection.vendor!r}") from None
+
+
+def record(*keys: str, version: Any = None, using: str = "default") -> None:
+    """Record ``keys`` in the outbox in the current transaction of database ``using`` and invalidate them once
+    it commits (``transaction.on_commit``). The building block of the signals; call it for writes cachesync
+    does not see (raw SQL, ``bulk_create``)."""
+    _record([(list(keys), version)], using)
+
+
+def _record(groups: list[tuple[list[str], Any]], using: str) -> None:
+    groups = [(k, v) for k, v in groups if k]
+    if not groups:
+        return
+    ob = get_outbox()
+    conn = connections[using]
+    d = dialect_for(conn)
+    with conn.cursor() as cur:
+        for keys, version in groups:
+            sql, params = ob.insert_sql(d, ob.rows_for(keys, version))
+            cur.execute(sql.replace("?", "%s"), params)
+    wp = get_write_path()
+    transaction.on_commit(functools.partial(wp.invalidate_committed, groups), using=using)
+
+
+# ---------------------------------------------------------------------------- row images
+
+def _rule(model: type[models.Model]) -> TableRule | None:
+    rules = get_rules()
+    return None if rules is None else rules.tables.get(model._meta.db_table)
+
+
+def _image(instance: models.Model) -> dict[str, Any]:
+    return {str(f.column): getattr(instance, f.attname) for f in instance._meta.concrete_fields}
+
+
+def _attnames(model: type[models.Model], cols: Iterable[str]) -> dict[str, str]:
+    by_col = {str(f.column): f.attname for f in model._meta.concrete_fields}
+    missing = [c for c in cols if c not in by_col]
+    if missing:
+        raise OutboxError(f"rule for table {model._meta.db_table!r} names column(s) {missing} the model "
+                          f"{model.__name__} does not have (columns: {sorted(by_col)})")
+    return {c: by_col[c] for c in cols}
+
+
+def _rule_cols(rule: TableRule) -> list[str]:
+    return sorted(rule.columns | ({rule.version} if rule.version else set()))
+
+
+def _groups(model: type[models.Model], old: Mapping[str, Any] | None,
+            new: Mapping[str, Any] | None) -> list[tuple[list[str], Any]]:
+    rules = get_rules()
+    assert rules is not None
+    table = model._meta.db_table
+    keys = rules.keys_for(table, old, new)
+    return [(keys, rules.version_for(table, new if new is not None else old))] if keys else []
+
+
+# ---------------------------------------------------------------------------- signals
+
+def _pre_save(sender: type[models.Model], instance: models.Model, raw: bool = False, using: str = "default",
+              **kw: Any) -> None:
+    rule = _rule(sender)
+    if rule is None or instance._state.adding or instance.pk is None or not rule.columns:
+        return
+    names = _attnames(sender, rule.columns)
+    row = sender._base_manager.using(using).filter(pk=instance.pk).values(*names.values()).first()
+    instance._cachesync_old = None if row is None else {c: row[a] for c, a in names.items()}  # type: ignore[attr-defined]
+
+
+def _post_save(sender: type[models.Model], instance: models.Model, created: bool = False, raw: bool = False,
+               using: str = "default", **kw: Any) -> None:
+    if _rule(sender) is None:
+        return
+    old = None if created else getattr(instance, "_cachesync_old", None)
+    instance.__dict__.pop("_cachesync_old", None)
+    _record(_groups(sender, old, _image(instance)), using)
+
+
+def _post_delete(sender: type[models.Model], instance: models.Model, using: str = "default", **kw: Any) -> None:
+    if _rule(sender) is None:
+        return
+    _record(_groups(sender, _image(instance), None), using)
+
+
+def _m2m_changed(sender: type[models.Model], instance: models.Model, action: str, reverse: bool,
+                 model: type[models.Model], pk_set: set[Any] | None, using: str = "default", **kw: Any) -> None:
+    if action == "pre_clear":  # remember what is cleared: post_clear has no pk_set
+        through = sender._meta
+        src, dst = _through_fields(sender, type(instance), model, reverse)
+        instance._cachesync_cleared = list(  # type: ignore[attr-defined]
+            sender._base_manager.using(using).filter(**{src.attname: instance.pk}).values_list(dst.attname, flat=True))
+        del through
+        return
+    if action not in ("post_add", "post_remove", "post_clear"):
+        return
+    groups: list[tuple[list[str], Any]] = []
+    if _rule(type(instance)) is not None:
+        groups += _groups(type(instance), _image(instance), _image(instance))
+    if _rule(sender) is not None:
+        src, dst = _through_fields(sender, type(instance), model, reverse)
+        pks = instance.__dict__.pop("_cachesync_cleared", []) if action == "post_clear" else (pk_set or ())
+        for pk in pks:
+            row = {src.column: instance.pk, dst.column: pk}
+            groups += _groups(sender, row, None)
+    if _rule(model) is not None and pk_set:
+        for obj in model._base_manager.using(using).filter(pk__in=pk_set):
+            groups += _groups(model, _image(obj), _image(obj))
+    _record(groups, using)
+
+
+def _through_fields(through: type[models.Model], inst_model: type[models.Model], other: type[models.Model],
+                    reverse: bool) -> tuple[Any, Any]:
+    fks = [f for f in through._meta.concrete_fields if f.is_relation]
+    src = next(f for f in fks if f.related_model is inst_model)
+    dst = next(f for f in fks if f.related_model is other and f is not src)
+    return src, dst
+
+
+def connect_signals() -> None:
+    """Listen for saves, deletes and m2m changes of every model (a model without a rule is ignored)."""
+    signals.pre_save.connect(_pre_save, dispatch_uid="cachesync_pre_save")
+    signals.post_save.connect(_post_save, dispatch_uid="cachesync_post_save")
+    signals.post_delete.connect(_post_delete, dispatch_uid="cachesync_post_delete")
+    signals.m2m_changed.connect(_m2m_changed, dispatch_uid="cachesync_m2m_changed")
+
+
+# ---------------------------------------------------------------------------- bulk update
+
+class CachesyncQuerySet(models.QuerySet[Any]):
+    """A QuerySet whose ``update()`` records the affected rows' keys (old and new) in the same transaction."""
+
+    def update(self, **kwargs: Any) -> int:
+        rule = _rule(self.model)
+        if rule is None:
+            return super().update(**kwargs)
+        using = self.db
+        with transaction.atomic(using=using, savepoint=False):
+            if not rule.columns:
+                n = super().update(**kwargs)
+                _record([(list(rule.keys), None)], using)
+                return n
+            meta = self.model._meta
+            set_values: dict[str, Any] = {}
+            for name, v in kwargs.items():
+                col = meta.get_field(name).column  # type: ignore[union-attr]
+                expr = hasattr(v, "resolve_expression")
+                if col in rule.columns and expr:
+                    if settings_value("STRICT"):
+                        raise OutboxError(
+                            f"cannot derive cache keys for {self.model.__name__}.objects.update(): it sets key "
+                            f"column {col!r} to an expression; set a plain value, or call "
+                            "cachesync.contrib.django.record(...) with the keys and CACHESYNC['STRICT']=False")
+                    continue
+                if col in rule.columns or col == rule.version:
+                    set_values[col] = None if expr else v
+            names = _attnames(self.model, _rule_cols(rule))
+            qs = self.select_for_update() if connections[using].vendor in ("postgresql", "mysql") else self
+            rows = [{c: r[a] for c, a in names.items()} for r in qs.values(*names.values())]
+            n = super().update(**kwargs)
+            groups: list[tuple[list[str], Any]] = []
+            for old in rows:
+                groups += _groups(self.model, old, {**old, **set_values})
+            _record(groups, using)
+            return n
+
+    update.alters_data = True  # type: ignore[attr-defined]
+
+
+CachesyncManager = models.Manager.from_queryset(CachesyncQuerySet)
+"""``objects = CachesyncManager()``: a manager whose querysets record bulk ``update()`` (see CachesyncQuerySet)."""
+
+
+# ---------------------------------------------------------------------------- reads
+
+def cached(template: str, ttl: float | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@cached("article:{pk}", ttl=60)`` on a function (a view helper, a queryset helper) returning JSON-able
+    data, a :class:`~cachesync.Versioned` or :data:`~cachesync.NOT_FOUND`; ``NOT_FOUND`` raises ``Http404``."""
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        from ..._driver import KeyTemplate
+
+        kt = KeyTemplate(template, fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            v = get_cache().get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+            if v is NOT_FOUND:
+                raise Http404(f"no object for {kt.format(*args, **kwargs)!r}")
+            return v
+
+        wrapper.key = kt.format  # type: ignore[attr-defined]
+        return wrapper
+    return deco
+
+
+def cached_get(model: type[models.Model], ttl: float | None = None, *, instance: bool = False,
+               **lookup: Any) -> Any:
+    """One row of ``model`` through the cache, keyed by its rule: the first key template whose fields are exactly
+    ``lookup``'s column names (``cached_get(Article, id=5)`` -> ``"article:{id}"``). Returns the row as a dict of
+    column values (``instance=True``: a model instance); raises ``Http404`` when there is no such row (cached
+    negatively). The rule's version column is the cached version."""
+    rule = _rule(model)
+    if rule is None:
+        raise ConfigError("RULES", f"no rule for table {model._meta.db_table!r} of {model.__name__}")
+    from ...rules import _fields
+
+    template = next((t for t in rule.keys if set(_fields(t)) == set(lookup)), None)
+    if template is None:
+        raise ConfigError("RULES", f"no key template of table {model._meta.db_table!r} is keyed by exactly "
+                          f"{sorted(lookup)} (templates: {list(rule.keys)})")
+    names = {str(f.column): f.attname for f in model._meta.concrete_fields}
+    by_attn = {names[c]: v for c, v in lookup.items()}
+
+    def load() -> Any:
+        row = model._base_manager.using(router.db_for_read(model)).filter(**by_attn).values(*names.values()).first()
+        if row is None:
+            return NOT_FOUND
+        out = {c: row[a] for c, a in names.items()}
+        return Versioned(out, out.get(rule.version)) if rule.version else out
+
+    v = get_cache().get(template.format(**lookup), load, ttl)
+    if v is NOT_FOUND:
+        raise Http404(f"no {model.__name__} with {lookup}")
+    return model(**{names[c]: x for c, x in v.items()}) if instance else v
