@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
+import weakref
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -144,8 +146,9 @@ class L1:
         self.bytes = 0
         self.hits = self.misses = self.bypassed = self.fills = self.fills_dropped = 0
         self.invalidations = self.messages = self.evictions = self.expirations = self.flushes = 0
-        self.subscription_losses = self.subscribes = 0
+        self.subscription_losses = self.subscribes = self.malformed_messages = self.subscriber_deaths = 0
         self.last_loss_reason = ""
+        _ALL.add(self)
 
     # ---------------------------------------------------------------- reads
 
@@ -272,11 +275,24 @@ class L1:
             fn(ks)
 
     def on_message(self, data: bytes | str) -> None:
-        """A message from the namespace channel: entry keys joined by newlines."""
-        text = data.decode("utf-8", "surrogatepass") if isinstance(data, bytes) else data
+        """A message from the namespace channel: entry keys joined by newlines.
+
+        Never raises: a message that cannot be read (non-UTF-8 bytes, an entry key with no closing brace, any
+        other surprise) is counted in ``malformed_messages``, logged (the first, then every 1000th) and answered
+        by flushing the whole L1, since the keys it meant cannot be known."""
         self.messages += 1
-        prefix = f"cs:{self.ns}:"
-        self.invalidate(user_key(self.ns, ek) for ek in text.split("\n") if ek.startswith(prefix))
+        try:
+            text = data.decode("utf-8", "surrogatepass") if isinstance(data, bytes) else data
+            prefix = f"cs:{self.ns}:"
+            keys = [user_key(self.ns, ek) for ek in text.split("\n") if ek.startswith(prefix)]
+        except Exception as e:
+            self.malformed_messages += 1
+            if self.malformed_messages % 1000 == 1:
+                log.error("cachesync L1 (namespace %s): unreadable invalidation message (%s: %s; %d so far); "
+                          "L1 flushed", self.ns, type(e).__name__, e, self.malformed_messages)
+            self.clear("malformed message")
+            return
+        self.invalidate(keys)
 
     def clear(self, reason: str = "clear") -> None:
         """Flush every L1 copy and void every in-flight fill."""
@@ -334,6 +350,27 @@ class L1:
         for fn in self._state_listeners:
             fn(False)
 
+    def subscriber_died(self, e: BaseException) -> None:
+        """The subscriber thread/task ended on an unexpected error: bypass (never "up" while deaf) until the
+        driver's restarted subscription confirms again."""
+        self.subscriber_deaths += 1
+        log.error("cachesync L1 (namespace %s): subscriber died (%s: %s); L1 flushed and bypassed, restarting it",
+                  self.ns, type(e).__name__, e)
+        self.on_subscription_lost(f"subscriber died: {type(e).__name__}")
+
+    def forked(self) -> None:
+        """In a child forked from the process that built this L1: its subscriber does not exist here, so the L1
+        is flushed and bypassed for good in the child (reads go to Redis)."""
+        self.enabled = False
+        self.closed = True
+        self.state = "closed"
+        self.last_loss_reason = "forked: no subscriber in this process; build a new cache in the child"
+        self._lock = threading.Lock()
+        self._data.clear()
+        self.bytes = 0
+        self._seq += 1
+        self._flush_seq = self._seq
+
     def close(self) -> None:
         """Stop for good: the subscription flow ends, the L1 is flushed and bypassed."""
         self.closed = True
@@ -352,6 +389,7 @@ class L1:
             "state": self.state, "enabled": self.enabled, "entries": len(self._data), "bytes": self.bytes,
             "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed, "fills": self.fills,
             "fills_dropped": self.fills_dropped, "invalidations": self.invalidations, "messages": self.messages,
+            "malformed_messages": self.malformed_messages, "subscriber_deaths": self.subscriber_deaths,
             "evictions": self.evictions, "expirations": self.expirations, "flushes": self.flushes,
             "subscription_losses": self.subscription_losses, "subscribes": self.subscribes,
             "last_loss_reason": self.last_loss_reason,
@@ -404,6 +442,18 @@ class Sleep:
     """Pause ``seconds`` (return early when the L1 is closed)."""
 
     seconds: float
+
+
+_ALL: weakref.WeakSet[L1] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for core in list(_ALL):
+        core.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SubscriptionLost(Exception):

@@ -114,6 +114,20 @@ class L1Async:
         await self._pool.disconnect()
 
     async def _run(self) -> None:
+        """The subscriber task: restarted (after bypassing the L1) whenever it fails unexpectedly."""
+        while not self.core.closed:
+            try:
+                await self._run_once()
+                return
+            except Exception as e:  # never "up" while deaf
+                self.core.subscriber_died(e)
+                if self._conn is not None:
+                    conn, self._conn = self._conn, None
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect()
+                await asyncio.sleep(0.2)
+
+    async def _run_once(self) -> None:
         flow = subscription_flow(self.core)
         send: Any = None
         throw: BaseException | None = None

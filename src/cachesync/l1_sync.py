@@ -183,6 +183,22 @@ class L1Sync:
         return None
 
     def _run(self) -> None:
+        """The subscriber thread: restarted (after bypassing the L1) whenever it fails unexpectedly."""
+        while not self.core.closed:
+            try:
+                self._run_once()
+                return
+            except Exception as e:  # never "up" while deaf
+                self.core.subscriber_died(e)
+                if self._conn is not None:
+                    conn, self._conn = self._conn, None
+                    try:
+                        conn.disconnect()
+                    except Exception:  # noqa: S110
+                        pass
+                self._stop.wait(0.2)
+
+    def _run_once(self) -> None:
         flow = subscription_flow(self.core)
         send: Any = None
         throw: BaseException | None = None

@@ -1,0 +1,146 @@
+"""An L1 that cannot go deaf: malformed channel messages, a subscriber that dies, a fork (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cachesync
+from cachesync.keys import channel, entry_key
+from cachesync.l1 import L1, L1Options
+
+
+def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def l1cache(redis_url: str, namespace: str) -> Iterator[cachesync.Cache]:
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    assert c.l1 is not None and c.l1.wait_ready(5)
+    yield c
+    c.close()
+
+
+MALFORMED = [b"\xff\xfe\xfd", "cs:{ns}:{#abcdef", b"cs:{ns}:{#" + b"\x80" * 10, b"\x00" * 70000]
+
+
+def test_malformed_messages_never_deafen_the_l1(l1cache: cachesync.Cache, r: redis.Redis, namespace: str,
+                                                redis_url: str) -> None:
+    assert l1cache.l1 is not None
+    core = l1cache.l1.core
+    l1cache.get("a", lambda: "v1")
+    assert "a" in core
+    seen = core.messages
+    for m in MALFORMED:
+        r.publish(channel(namespace), m.replace("{ns}", namespace) if isinstance(m, str)
+                  else m.replace(b"{ns}", namespace.encode()))
+    _until(lambda: core.messages == seen + len(MALFORMED), "the malformed messages to be read")
+    assert core.stats["malformed_messages"] == 2  # the two that are not UTF-8; the others name no entry of ours
+    assert "a" not in core  # flushed to be safe
+    assert core.stats["state"] == "up" and core.stats["subscriber_deaths"] == 0
+    # still hears genuine invalidations
+    l1cache.get("b", lambda: "v1")
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    other.set("b", "v2")
+    _until(lambda: "b" not in core, "the genuine invalidation after the malformed ones")
+    assert l1cache.get("b", lambda: "x") == "v2"
+    other.close()
+
+
+def test_a_dying_subscriber_bypasses_the_l1_and_restarts(l1cache: cachesync.Cache, redis_url: str,
+                                                         namespace: str) -> None:
+    assert l1cache.l1 is not None
+    core = l1cache.l1.core
+    boom = [True]
+
+    def listener(keys: Any) -> None:
+        if boom and keys is not None:
+            boom.clear()
+            raise RuntimeError("a listener bug kills the subscriber")
+
+    core.add_listener(listener)
+    l1cache.get("k", lambda: "v1")
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    other.invalidate("unrelated")
+    _until(lambda: core.stats["subscriber_deaths"] == 1, "the subscriber to die")
+    assert "k" not in core  # flushed: nothing served while it could miss invalidations
+    _until(lambda: core.stats["state"] == "up", "the restarted subscription")
+    l1cache.get("k", lambda: "v1")
+    other.set("k", "v2")
+    _until(lambda: "k" not in core, "an invalidation heard by the restarted subscriber")
+    other.close()
+
+
+def test_a_forked_child_never_serves_from_the_inherited_l1(l1cache: cachesync.Cache, redis_url: str,
+                                                           namespace: str) -> None:
+    l1cache.get("k", lambda: "v1")
+    rd, wr = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rd)
+            os.read(go_r, 1)  # the parent has written v2 (the child's L1 has no subscriber to hear it)
+            e = l1cache.get_entry("k", lambda: "loader")
+            assert l1cache.l1 is not None
+            os.write(wr, f"{e.value}|{e.source}|{l1cache.l1.core.stats['state']}".encode())
+        finally:
+            os._exit(0)
+    os.close(wr)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    other.set("k", "v2")
+    os.write(go_w, b"g")
+    out = os.read(rd, 1000).decode()
+    os.waitpid(pid, 0)
+    assert out == "v2|cache|closed", out
+    other.close()
+
+
+async def test_async_malformed_messages_never_deafen_the_l1(redis_url: str, namespace: str,
+                                                            r: redis.Redis) -> None:
+    a = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    b = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert a.l1 is not None and await a.l1.wait_ready(5)
+        core = a.l1.core
+        await a.get("k", lambda: "v1")
+        r.publish(channel(namespace), b"\xff\xfe")
+        r.publish(channel(namespace), b"cs:" + namespace.encode() + b":{#\x80\x81")
+        for _ in range(5000):
+            if core.stats["malformed_messages"] == 2:
+                break
+            await asyncio.sleep(0.002)
+        assert core.stats["malformed_messages"] == 2 and core.stats["state"] == "up"
+        await a.get("k", lambda: "v1")
+        await b.set("k", "v2")
+        for _ in range(5000):
+            if "k" not in core:
+                break
+            await asyncio.sleep(0.002)
+        assert await a.get("k", lambda: "x") == "v2"
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300)))
+def test_any_message_applies_or_counts_as_malformed(data: bytes | str) -> None:
+    core = L1(L1Options.build(True), "ns")  # type: ignore[arg-type]
+    core.on_message(data)  # never raises
+    assert core.messages == 1
+    core.on_message(entry_key("ns", "k"))
+    assert core.stats["invalidations"] >= 1
