@@ -40,3 +40,12 @@ async def acache(redis_url: str, namespace: str) -> AsyncIterator[cachesync.Asyn
     c = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0)
     yield c
     await c.aclose()
+
+
+@pytest.fixture
+def l1cache(redis_url: str, namespace: str) -> Iterator[cachesync.Cache]:
+    """A cache with an L1 whose subscription is up."""
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    assert c.l1 is not None and c.l1.wait_ready(5)
+    yield c
+    c.close()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,14 +22,6 @@ def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.002)
-
-
-@pytest.fixture
-def l1cache(redis_url: str, namespace: str) -> Iterator[cachesync.Cache]:
-    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
-    assert c.l1 is not None and c.l1.wait_ready(5)
-    yield c
-    c.close()
 
 
 MALFORMED = [b"\xff\xfe\xfd", "cs:{ns}:{#abcdef", b"cs:{ns}:{#" + b"\x80" * 10, b"\x00" * 70000]
