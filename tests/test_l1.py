@@ -202,7 +202,7 @@ def test_fill_race_redis_hit_then_invalidation_before_the_l1_fill(l1cache: cache
         read_done, release = threading.Event(), threading.Event()
 
         def fetch() -> P.Entry:
-            e = l1cache._drive(P.get_flow(l1cache.ctx, "k", None), lambda: "unused")
+            e = l1cache.run(P.get_flow(l1cache.ctx, "k", None), lambda: "unused")
             read_done.set()
             release.wait(10)
             return e  # type: ignore[no-any-return]

@@ -144,12 +144,14 @@ class LuaVsModel(RuleBasedStateMachine):
         out = self.call("set", self.keys(k), v, "" if ver is None else ver, 600000, "0", 60000, "")
         assert out == self.model.set(k, v, ver)
 
-    @rule(ks=st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True), ver=versions,
-          mode=st.sampled_from("ds"))
-    def invalidate(self, ks: list[str], ver: int | None, mode: str) -> None:
+    @rule(ks=st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True),
+          vers=st.lists(versions, min_size=2, max_size=2), mode=st.sampled_from("ds"))
+    def invalidate(self, ks: list[str], vers: list[int | None], mode: str) -> None:
+        """One call for a batch, each key with its own version (the model applies them key by key)."""
         keys = [x for k in ks for x in self.keys(k)]
-        out = self.call("invalidate", keys, 600000, "" if ver is None else ver, mode, 60000, "")
-        assert out == self.model.invalidate(ks, ver, mode)
+        args = ["" if v is None else v for v in vers[:len(ks)]]
+        out = self.call("invalidate", keys, 600000, mode, 60000, "", *args)
+        assert out == sum(self.model.invalidate([k], v, mode) for k, v in zip(ks, vers, strict=False))
 
     @rule(k=st.sampled_from(KEYS), token=st.sampled_from(TOKENS))
     def release(self, k: str, token: str) -> None:

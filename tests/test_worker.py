@@ -76,11 +76,15 @@ def test_retry_with_backoff_then_dead_letter(bus, namespace):
 
 
 def test_unusable_message_dead_lettered_at_once(bus, cache):
+    """A change the rules can only partly turn into keys: the keys it can form are invalidated, then the message
+    is dead-lettered at once naming what could not (not retried, not silently acked)."""
+    cache.set("user_by_email:no-id@x", "cached")
     w = Worker(bus, cache, RULES, group="g")
     bus.publish([Invalidation(table="users", new={"email": "no-id@x"})])  # rule needs {id}
     drain(w, lambda: w.stats["dead"] == 1)
     (dl,) = bus.dead_letters()
-    assert "RuleError" in dl.reason and "id" in dl.reason
+    assert "BadDataError" in dl.reason and "['id']" in dl.reason and "user:{id}" in dl.reason
+    assert cache.peek("user_by_email:no-id@x").get("v") is None and w.stats["skipped"] == 1
 
 
 def test_takeover_of_dead_consumer(bus, cache):

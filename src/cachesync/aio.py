@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, Unpack, cast, overload
 
@@ -18,7 +18,8 @@ from . import cache_metrics as _cm
 from . import protocol as P
 from ._types import AsyncCachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
-from .errors import CacheUnavailableError, RedisCommandError, UsageError
+from .errors import CacheUnavailableError, InvalidationError, RedisCommandError, UsageError
+from .keys import prefix_scan
 from .l1 import L1Options
 from .l1_async import L1Async
 from .options import CacheOptions, CacheOptionsKwargs, check_non_negative
@@ -122,7 +123,25 @@ class AsyncCache:
             del wd.inflight[task]
             wd.expired.discard(task)
 
-    async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+    async def _batch(self, eff: P.Batch) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for args in eff.cmds:
+            pipe.execute_command(*args)
+        res = await pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        for r in res:
+            if isinstance(r, _REDIS_DOWN):
+                raise r
+            out.append(P.CommandError(str(r)) if isinstance(r, Exception) else r)
+        return out
+
+    async def run(self, flow: P.Flow[T], loader: Callable[..., Any] | None = None) -> T:
+        """Run a protocol flow (:mod:`cachesync.protocol`, or an add-on's, e.g. :mod:`cachesync.bloom`) to its
+        result: the one way any code drives this cache. Its ``Cmd`` effects go to Redis, ``Load`` effects call
+        ``loader`` (awaited when it returns an awaitable), ``Schedule`` effects become background steps. An
+        unreachable Redis raises :class:`CacheUnavailableError` unless the flow handles it; an error reply raises
+        :class:`RedisCommandError`.
+        """
         send: Any = None
         throw: BaseException | None = None
         try:
@@ -130,7 +149,7 @@ class AsyncCache:
                 try:
                     eff = flow.send(send) if throw is None else flow.throw(throw)
                 except StopIteration as stop:
-                    return stop.value
+                    return cast(T, stop.value)
                 except _REDIS_DOWN as e:
                     raise CacheUnavailableError(self.url, e) from e
                 except P.CommandError as e:
@@ -147,6 +166,13 @@ class AsyncCache:
                     except ResponseError as e:
                         throw = P.CommandError(str(e))
                     except BaseException as e:  # CancelledError: the flow releases its lease, then re-raises
+                        throw = e
+                elif t is P.Batch:
+                    try:
+                        send = await self._batch(eff)
+                    except _REDIS_DOWN as e:
+                        throw = P.RedisDown(e)
+                    except BaseException as e:
                         throw = e
                 elif t is P.Load:
                     assert loader is not None
@@ -176,7 +202,7 @@ class AsyncCache:
             attempt = 0
             while True:
                 try:
-                    await self._drive(eff.flow_factory())
+                    await self.run(eff.flow_factory())
                     self._undelivered.pop(id(run), None)
                     return
                 except Exception as e:  # retried until it succeeds or aclose() gives up: never dropped silently
@@ -279,9 +305,9 @@ class AsyncCache:
             e = l1.core.lookup(key)
             if e is not None:
                 return e  # type: ignore[no-any-return]
-            return await self._single(key, lambda: l1.load(  # type: ignore[no-any-return]
-                key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
-        return await self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))
+            return await self._single(key, lambda: l1.load(
+                key, ttl, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader)))
+        return await self._single(key, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader))
 
     @overload
     async def get_many(self, keys: Iterable[str],
@@ -312,13 +338,13 @@ class AsyncCache:
         """See :meth:`cachesync.Cache.get_many_entries`."""
         keys = P.key_list(keys, "get_many")
         if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
-            return await self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
+            return await self.l1.get_many(keys, ttl, lambda missing: self.run(
                 P.get_many_flow(self.ctx, missing, ttl), loader_many))
-        return await self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore
+        return await self.run(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)
 
     async def peek(self, key: str) -> dict[str, Any] | None:
         """See :meth:`cachesync.Cache.peek`."""
-        return await self._drive(P.peek_flow(self.ctx, key))  # type: ignore[no-any-return]
+        return await self.run(P.peek_flow(self.ctx, key))
 
     # ------------------------------------------------------------------ writes
 
@@ -328,15 +354,39 @@ class AsyncCache:
         if not keys:
             return 0
         try:
-            return await self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+            return await self.run(P.invalidate_flow(self.ctx, keys, version))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local(keys)
 
+    async def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
+        """See :meth:`cachesync.Cache.invalidate_many`."""
+        versions = P.merge_invalidations(items)
+        try:
+            return await self.run(P.invalidate_many_flow(self.ctx, versions))
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local(list(versions))
+
+    async def keys_with_prefix(self, *prefixes: str) -> AsyncIterator[str]:
+        """See :meth:`cachesync.Cache.keys_with_prefix`."""
+        P.star_keys(prefixes, "keys_with_prefix")
+        pats, match = prefix_scan(self.ctx.ns, prefixes)
+        seen: set[str] = set()
+        try:
+            for pat in pats:
+                async for raw in self.redis.scan_iter(match=pat, count=1000):
+                    k = match(raw)
+                    if k is not None and k not in seen:
+                        seen.add(k)
+                        yield k
+        except _REDIS_DOWN as e:
+            raise InvalidationError([f"{p}*" for p in prefixes], e) from e
+
     async def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """See :meth:`cachesync.Cache.set`."""
         try:
-            return await self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+            return await self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local((key,))
@@ -346,18 +396,18 @@ class AsyncCache:
                     ttl: float | None = None, delay: float | None = None) -> AsyncIterator[P.WritePlan]:
         """See :meth:`cachesync.Cache.write` (``async with cache.write(...) as w:``)."""
         plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
-        await self._drive(plan.before())
+        await self.run(plan.before())
         try:
             yield plan
         except BaseException:
             try:
-                await self._drive(plan.after(failed=True))
+                await self.run(plan.after(failed=True))
             finally:
                 if self.l1 is not None:
                     self.l1.invalidate_local(plan.keys)
             raise
         try:
-            await self._drive(plan.after(failed=False))
+            await self.run(plan.after(failed=False))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local(plan.keys)

@@ -51,7 +51,6 @@ from typing import Any
 from . import protocol as P
 from .db import connect, dialect_of
 from .errors import UsageError
-from .bus.apply import iter_prefix_keys
 from .rules import Rules, TableRule
 from .sync import Cache
 
@@ -190,22 +189,13 @@ class Auditor:
         return None
 
     def _keys(self, pattern: str) -> Iterator[str]:
-        for key in iter_prefix_keys(self.cache, [_literal_prefix(pattern)]):
+        for key in self.cache.keys_with_prefix(_literal_prefix(pattern)):
             if pattern == "*" or fnmatch.fnmatchcase(key, pattern):
                 yield key
 
     def _entries(self, keys: Sequence[str]) -> list[tuple[bool, int | float | None, bool, bytes | None]]:
         """Per key: (has a value, its version, negative entry, the stored payload)."""
-        pipe = self.cache.redis.pipeline(transaction=False)
-        for k in keys:
-            pipe.hmget(self.cache.ctx.ekey(k), "v", "ver", "n", "s")
-        out = []
-        for v, ver, n, stale in pipe.execute():
-            # a value marked stale by an invalidation (serve_stale) is known to be old: not judged, like a tombstone
-            has_value = v is not None and stale not in (b"1", "1")
-            out.append((has_value, P.decode_version(ver) if ver not in (None, b"") else None,
-                        n in (b"1", "1"), v if has_value else None))
-        return out
+        return self.cache.run(P.peek_values_flow(self.cache.ctx, keys))
 
     def _by_loader(self, key: str, entry: tuple[bool, int | float | None, bool, bytes | None]
                    ) -> tuple[str | None, Any]:
@@ -351,10 +341,9 @@ class Auditor:
                     else:
                         report.transient += 1
             if repair:
-                for f in report.stale:
-                    version = f.db_version if f.kind in ("stale", "ahead") else None
-                    self.cache.invalidate(f.key, version=version)
-                    report.repaired.append(f.key)
+                self.cache.invalidate_many([([f.key], f.db_version if f.kind in ("stale", "ahead") else None)
+                                            for f in report.stale])
+                report.repaired.extend(f.key for f in report.stale)
         finally:
             if conn is not None:
                 conn.close()

@@ -21,14 +21,19 @@ filter share a hash tag.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
 from .errors import ConfigError
 from .options import check_positive
+
+if TYPE_CHECKING:
+    from .aio import AsyncCache
+    from .sync import Cache
 
 log = logging.getLogger("cachesync.bloom")
 
@@ -82,7 +87,7 @@ class BloomCore:
         return bytes(buf)
 
 
-def add_flow(core: BloomCore, items: Iterable[object]) -> P.Flow:
+def add_flow(core: BloomCore, items: Iterable[object]) -> P.Flow[bool]:
     offs = [o for it in items for o in core.offsets(it)]
     if not offs:
         return False
@@ -92,7 +97,7 @@ def add_flow(core: BloomCore, items: Iterable[object]) -> P.Flow:
         raise e.cause from None
 
 
-def check_flow(core: BloomCore, items: list[object]) -> P.Flow:
+def check_flow(core: BloomCore, items: list[object]) -> P.Flow[list[bool]]:
     args: list[Any] = [core.k]
     for it in items:
         args += core.offsets(it)
@@ -106,7 +111,7 @@ def check_flow(core: BloomCore, items: list[object]) -> P.Flow:
     return [bool(int(x)) for x in reply]
 
 
-def rebuild_flow(core: BloomCore, items: Iterable[object]) -> P.Flow:
+def rebuild_flow(core: BloomCore, items: Iterable[object]) -> P.Flow[bool]:
     token = P.new_token()
     building, scratch = f"{core.key}:b:{token}", f"{core.key}:s:{token}"
     keys = [core.key, building, core.marker, scratch]
@@ -127,19 +132,19 @@ class BloomFilter:
     ``BloomFilter(cache, name, expected_items=1_000_000, fp_rate=0.01, rebuild_timeout=600.0)``.
     """
 
-    def __init__(self, cache: Any, name: str, expected_items: int = 1_000_000, fp_rate: float = 0.01,
+    def __init__(self, cache: Cache, name: str, expected_items: int = 1_000_000, fp_rate: float = 0.01,
                  rebuild_timeout: float = 600.0) -> None:
         self.cache = cache
         self.core = BloomCore(cache.options.namespace, name, expected_items, fp_rate, rebuild_timeout)
 
     def add(self, *items: object) -> bool:
         """Set the bits of ``items`` (call after committing new rows). False if the filter is not built yet."""
-        return self.cache._drive(add_flow(self.core, items))  # type: ignore[no-any-return]
+        return self.cache.run(add_flow(self.core, items))
 
     def might_contain_many(self, items: Iterable[object]) -> list[bool]:
         """For each item: False = certainly absent, True = maybe present (also when there is no filter yet
         or Redis is unreachable)."""
-        return self.cache._drive(check_flow(self.core, list(items)))  # type: ignore[no-any-return]
+        return self.cache.run(check_flow(self.core, list(items)))
 
     def might_contain(self, item: object) -> bool:
         """False = certainly absent; True = maybe present."""
@@ -147,7 +152,7 @@ class BloomFilter:
 
     def rebuild(self, items: Iterable[object]) -> bool:
         """Build a new filter from ``items`` (e.g. every id in the table) and swap it in with RENAME."""
-        return self.cache._drive(rebuild_flow(self.core, items))  # type: ignore[no-any-return]
+        return self.cache.run(rebuild_flow(self.core, items))
 
     def guard(self, item: object, loader: Callable[[], Any]) -> Callable[[], Any]:
         """A loader that answers ``NOT_FOUND`` without calling ``loader`` when ``item`` is certainly absent:
@@ -166,18 +171,18 @@ class BloomFilter:
 class AsyncBloomFilter:
     """:class:`BloomFilter` for a :class:`cachesync.AsyncCache` (same flows, awaited)."""
 
-    def __init__(self, cache: Any, name: str, expected_items: int = 1_000_000, fp_rate: float = 0.01,
+    def __init__(self, cache: AsyncCache, name: str, expected_items: int = 1_000_000, fp_rate: float = 0.01,
                  rebuild_timeout: float = 600.0) -> None:
         self.cache = cache
         self.core = BloomCore(cache.options.namespace, name, expected_items, fp_rate, rebuild_timeout)
 
     async def add(self, *items: object) -> bool:
         """See :meth:`BloomFilter.add`."""
-        return await self.cache._drive(add_flow(self.core, items))  # type: ignore[no-any-return]
+        return await self.cache.run(add_flow(self.core, items))
 
     async def might_contain_many(self, items: Iterable[object]) -> list[bool]:
         """See :meth:`BloomFilter.might_contain_many`."""
-        return await self.cache._drive(check_flow(self.core, list(items)))  # type: ignore[no-any-return]
+        return await self.cache.run(check_flow(self.core, list(items)))
 
     async def might_contain(self, item: object) -> bool:
         """See :meth:`BloomFilter.might_contain`."""
@@ -185,7 +190,16 @@ class AsyncBloomFilter:
 
     async def rebuild(self, items: Iterable[object]) -> bool:
         """See :meth:`BloomFilter.rebuild`."""
-        return await self.cache._drive(rebuild_flow(self.core, items))  # type: ignore[no-any-return]
+        return await self.cache.run(rebuild_flow(self.core, items))
+
+    def guard(self, item: object, loader: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+        """See :meth:`BloomFilter.guard`; the guarded loader is a coroutine function (``loader`` may be one)."""
+        async def guarded() -> Any:
+            if not await self.might_contain(item):
+                return P.NOT_FOUND
+            got = loader()
+            return (await got) if inspect.isawaitable(got) else got
+        return guarded
 
     async def get(self, item: object, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """See :meth:`BloomFilter.get`."""

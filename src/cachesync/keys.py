@@ -10,8 +10,9 @@ brace is tagged by a digest instead (``cs:ns:{#<sha1>}k``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 
-from .errors import InvalidKeyError
+from .errors import InvalidKeyError, UsageError
 
 
 def check_key(key: object, max_bytes: int) -> str:
@@ -47,6 +48,43 @@ def user_key(ns: str, ekey: str) -> str:
     if rest.startswith("{#") and 0 <= i < len(rest) - 1:
         return rest[i + 1:]
     return rest[1:-1]
+
+
+def _glob_escape(s: str) -> str:
+    """``s`` as a literal in a Redis SCAN MATCH pattern (``* ? [ ] \\`` escaped)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+def prefix_scan(ns: str, prefixes: Sequence[str]) -> tuple[list[str], Callable[[bytes | str], str | None]]:
+    """What finding the keys of namespace ``ns`` that start with one of ``prefixes`` takes: the ``SCAN MATCH``
+    patterns (entry hashes of plain keys, and of keys with a brace under their digest tag), and a function that
+    turns one scanned Redis key into the cache key, or ``None`` when it is not a matching entry (a wake list,
+    a foreign or non-UTF-8 key). ``""`` matches every key."""
+    if isinstance(prefixes, str):
+        raise UsageError(f"prefixes must be a list of key prefixes, not the string {prefixes!r}")
+    ps = list(dict.fromkeys(prefixes))
+    for p in ps:
+        if not isinstance(p, str):
+            raise UsageError(f"a key prefix must be a str, not {type(p).__name__}: {p!r}")
+    ens = _glob_escape(ns)
+    pats: set[str] = set()
+    for p in ps:
+        esc = _glob_escape(p)
+        if "{" not in p and "}" not in p:
+            pats.add(f"cs:{ens}:{{{esc}*")  # plain keys (no brace), including those that start with '#'
+        pats.add(f"cs:{ens}:{{#{'?' * 16}}}{esc}*")  # keys with a brace: digest hash tag, then the key
+
+    def match(raw: bytes | str) -> str | None:
+        try:
+            rk = raw.decode() if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:  # not a cachesync key (those are UTF-8)
+            return None
+        k = user_key(ns, rk)
+        if entry_key(ns, k) == rk and any(k.startswith(p) for p in ps):
+            return k
+        return None
+
+    return sorted(pats), match
 
 
 def channel(ns: str) -> str:

@@ -44,11 +44,12 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import itertools
+import math
 import os
 import random
 import re
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 import enum
 from enum import Enum
@@ -56,7 +57,7 @@ import logging
 from typing import Any, Final, Generic, TypeVar
 
 from .errors import InvalidationError, SerializationError, UnknownStrategyError, UsageError
-from .errors import CorruptEntryError, ValueTooLargeError
+from .errors import BadDataError, CorruptEntryError, InvalidKeyError, ValueTooLargeError
 from .keys import channel, check_key, entry_key, group_by_slot, wake_key
 from .options import CacheOptions, check_non_negative, check_positive
 from .scripts import SCRIPTS
@@ -151,6 +152,15 @@ class Schedule:
     keys: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Run several plain Redis commands in one pipelined round trip (not a transaction); send back their replies
+    in order, an error reply as a :class:`CommandError` in its place. Keyed commands only (they are routed by
+    key on a cluster)."""
+
+    cmds: tuple[tuple[Any, ...], ...]
+
+
 class NoScript(Exception):
     """Thrown into a flow by a driver when Redis answers NOSCRIPT (its script cache was flushed or restarted)."""
 
@@ -167,7 +177,8 @@ class RedisDown(Exception):
         super().__init__(str(cause))
 
 
-Flow = Generator[Any, Any, Any]
+Flow = Generator[Any, Any, T]
+"""A flow that returns a ``T``: drive it with :meth:`Cache.run` / :meth:`AsyncCache.run` (``Flow[int]``...)."""
 
 HIT, LEASED, WAIT, MISS = 1, 2, 3, 0
 
@@ -175,7 +186,7 @@ HIT, LEASED, WAIT, MISS = 1, 2, 3, 0
 # --------------------------------------------------------------------------- sub-flows
 
 
-def script(name: str, keys: list[str], args: list[Any]) -> Flow:
+def script(name: str, keys: list[str], args: list[Any]) -> Flow[Any]:
     """Run Lua script ``name`` (``EVALSHA``; on NOSCRIPT, ``SCRIPT LOAD`` where the keys live, then again)."""
     s = SCRIPTS[name]
     cmd = ("EVALSHA", s.sha, len(keys), *keys, *args)
@@ -186,7 +197,7 @@ def script(name: str, keys: list[str], args: list[Any]) -> Flow:
         return (yield Cmd(cmd))
 
 
-def wait(ctx: Context, wake_keys: list[str], timeout: float) -> Flow:
+def wait(ctx: Context, wake_keys: list[str], timeout: float) -> Flow[tuple[float, Any]]:
     """Block on the wake lists (one ``BLPOP`` of at most 80 % of the socket timeout; callers loop for longer).
 
     Returns ``(seconds waited, popped item or None)``.
@@ -308,6 +319,8 @@ def encode_version(v: Any) -> str:
     if isinstance(v, float):
         if v != v or v in (float("inf"), float("-inf")):
             raise UsageError(f"version must be finite, got {v!r}")
+        if abs(v) > MAX_EXACT_VERSION:
+            raise UsageError(f"version {v!r} is beyond +-2**53, which Redis cannot compare exactly")
         return repr(v)
     if isinstance(v, decimal.Decimal):
         if not v.is_finite():
@@ -318,7 +331,11 @@ def encode_version(v: Any) -> str:
     if isinstance(v, _dt.datetime):
         if v.tzinfo is None:
             v = v.replace(tzinfo=_dt.UTC)
-        return str(int(v.timestamp() * 1_000_000))
+        us = int(v.timestamp() * 1_000_000)
+        if abs(us) > MAX_EXACT_VERSION:  # after the year 2255 (epoch microseconds beyond 2**53)
+            raise UsageError(f"version {v!r} is beyond +-2**53 epoch microseconds, which Redis cannot compare "
+                             "exactly")
+        return str(us)
     if isinstance(v, str):
         if not _NUMERIC.fullmatch(v):
             raise UsageError(f"version string must be a finite decimal number, got {v[:40]!r}")
@@ -347,6 +364,42 @@ def decode_version(b: bytes | str | None) -> int | float | None:
             return f
     except (ValueError, UnicodeDecodeError):
         raise CorruptEntry(f"version field {b[:40]!r} is not a number") from None
+
+
+def checked_version(v: Any) -> str:
+    """A version read from outside (a message, an outbox row, a replication event) as the decimal string the
+    scripts compare: ints, finite floats, Decimals, datetimes (epoch microseconds, as
+    :func:`encode_version`) and finite numeric strings; raises
+    :class:`~cachesync.errors.BadDataError` naming the value otherwise (``"abc"``, ``"nan"``, bytes, lists...)."""
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            v = bytes(v).decode("ascii")
+        except UnicodeDecodeError:
+            raise BadDataError(f"version {bytes(v)[:40]!r} is not a number") from None
+    try:
+        s = encode_version(v)
+    except UsageError as e:
+        raise BadDataError(f"version {v!r:.80} is not a number: {e}") from None
+    try:
+        f = float(s)
+    except (ValueError, OverflowError):
+        raise BadDataError(f"version {v!r:.80} is not a number") from None
+    if not math.isfinite(f):
+        raise BadDataError(f"version {v!r:.80} is not a finite number")
+    return s
+
+
+def checked_keys(keys: Any, max_key_bytes: int) -> list[str]:
+    """Keys read from outside, validated as the cache will (a list of non-empty strings of at most
+    ``max_key_bytes`` UTF-8 bytes); raises :class:`~cachesync.errors.BadDataError` naming the first bad one."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, (list, tuple)):
+        raise BadDataError(f"keys must be a list of keys, not {type(keys).__name__} {keys!r:.80}")
+    for k in keys:
+        try:
+            check_key(k, max_key_bytes)
+        except UsageError as e:
+            raise BadDataError(str(e)) from None
+    return list(keys)
 
 
 class Context:
@@ -516,7 +569,7 @@ def _hit(ctx: Context, key: str, r: GetReply) -> Entry[Any]:
     return Entry(value, r.version, r.flags == "s")
 
 
-def _repair(ctx: Context, key: str, ek: str, problem: object) -> Flow:
+def _repair(ctx: Context, key: str, ek: str, problem: object) -> Flow[Any]:
     """A corrupted or foreign entry (undecodable value, non-numeric field, wrong Redis type) is deleted, counted
     and logged once per key; the read goes on as a miss (lease, load, fill). Deleting is always safe: a lease
     it removes can no longer fill, and the next fill replaces the entry."""
@@ -532,7 +585,7 @@ def _repair(ctx: Context, key: str, ek: str, problem: object) -> Flow:
         pass
 
 
-def _release(ctx: Context, keys: list[str], token: str) -> Flow:
+def _release(ctx: Context, keys: list[str], token: str) -> Flow[Any]:
     """Give up a lease (no-op if the token does not hold it): waiters here and in other processes retry at once."""
     try:
         yield from script("release", keys, [token, ctx.wake_ms])
@@ -540,7 +593,7 @@ def _release(ctx: Context, keys: list[str], token: str) -> Flow:
         pass
 
 
-def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
+def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
     """Read one key: hit, or lease + load + fill, or wait for the lease holder.
 
     Cancellation-safe: whatever is thrown into the flow while it may hold a lease (a loader's exception,
@@ -658,7 +711,7 @@ def follower_accepts(entry: Entry[Any]) -> bool:
     return entry.source == "cache" or entry.filled
 
 
-def _fallback_one(ctx: Context, e: RedisDown) -> Flow:
+def _fallback_one(ctx: Context, e: RedisDown) -> Flow[Entry[Any]]:
     ctx.stats["redis_errors"] += 1
     if ctx.o.on_redis_error == "fail":
         raise e.cause
@@ -667,12 +720,12 @@ def _fallback_one(ctx: Context, e: RedisDown) -> Flow:
     return Entry(ctx.unwrap(value), source="fallback")
 
 
-def _release_many(ctx: Context, eks: list[str], idxs: list[int], token: str) -> Flow:
+def _release_many(ctx: Context, eks: list[str], idxs: list[int], token: str) -> Flow[Any]:
     for group in _groups(ctx, [eks[i] for i in idxs]):
         yield from _release(ctx, _interleave([eks[idxs[j]] for j in group]), token)
 
 
-def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
+def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[dict[str, Entry[Any]]]:
     """Read a batch: one ``get.lua`` per slot group, one ``loader_many`` call for all leased keys, one fill."""
     ukeys = list(dict.fromkeys(keys))
     if ttl is not None:
@@ -808,28 +861,71 @@ def _groups(ctx: Context, ekeys: list[str]) -> list[list[int]]:
 # --------------------------------------------------------------------------- write flows
 
 
-def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> Flow:
-    """Invalidate keys (one script per slot group). Raises :class:`InvalidationError` naming what is left."""
-    star_keys(keys, "invalidate")
-    ukeys = list(dict.fromkeys(keys))
+INVALIDATE_CHUNK: Final = 500
+"""Keys per ``invalidate.lua`` call: a bigger batch is split (and, on a cluster, grouped by slot first)."""
+
+
+def merge_invalidations(items: Iterable[tuple[Sequence[str], Any]], fn: str = "invalidate_many") -> dict[str, str]:
+    """Key -> encoded version ("" = unknown) for a batch of ``(keys, version)`` pairs, each key once.
+
+    A key named by several pairs keeps its highest version (the floor only ever rises, so this is what
+    applying the pairs one by one would leave). A pair's ``keys`` must be a list or tuple of keys, not a string.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        try:
+            keys, version = item
+        except (TypeError, ValueError):
+            raise UsageError(f"{fn}() takes (keys, version) pairs, got {item!r}") from None
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise UsageError(f"{fn}() takes a list of keys per (keys, version) pair, not {keys!r}")
+        ver = encode_version(version)
+        for k in keys:
+            if not isinstance(k, str):
+                raise InvalidKeyError(k, f"keys must be str, not {type(k).__name__} (in {fn}())")
+            old = out.get(k)
+            if old is None or (ver != "" and (old == "" or float(ver) > float(old))):
+                out[k] = ver
+    return out
+
+
+def invalidate_many_flow(ctx: Context, versions: Mapping[str, str]) -> Flow[int]:
+    """Invalidate a batch: ``versions`` maps each key to its encoded committed version ("" = unknown), as
+    :func:`merge_invalidations` returns it. One ``invalidate.lua`` call per slot group and
+    :data:`INVALIDATE_CHUNK` keys, each key with its own version. The one invalidation path: ``invalidate``,
+    ``invalidate_many``, the write strategies, the relay, the workers, CDC and the auditor all come here.
+
+    Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys not yet invalidated
+    when Redis cannot be reached (those already done stay done, which is harmless: invalidation is idempotent).
+    """
+    ukeys = list(versions)
+    if not ukeys:
+        return 0
     eks = [ctx.ekey(k) for k in ukeys]
-    ver = encode_version(version)
-    mode = "s" if ctx.o.serve_stale else "d"
+    head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel]
     done: set[int] = set()
     had = 0
     for group in _groups(ctx, eks):
-        try:
-            had += int((yield from script("invalidate", _interleave([eks[i] for i in group]),
-                                   [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel])))
-        except RedisDown as e:
-            ctx.stats["redis_errors"] += 1
-            raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
-        done.update(group)
+        for c in range(0, len(group), INVALIDATE_CHUNK):
+            chunk = group[c:c + INVALIDATE_CHUNK]
+            try:
+                had += int((yield from script("invalidate", _interleave([eks[i] for i in chunk]),
+                                              [*head, *(versions[ukeys[i]] for i in chunk)])))
+            except RedisDown as e:
+                ctx.stats["redis_errors"] += 1
+                raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
+            done.update(chunk)
     ctx.stats["invalidations"] += len(ukeys)
     return had
 
 
-def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any, guarded: bool) -> Flow:
+def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> Flow[int]:
+    """Invalidate keys after a write that committed ``version``: :func:`invalidate_many_flow` of one pair."""
+    star_keys(keys, "invalidate")
+    return invalidate_many_flow(ctx, merge_invalidations([(keys, version)], "invalidate"))
+
+
+def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any, guarded: bool) -> Flow[bool]:
     """A writer stores a value (voids leases; refuses an older version when ``guarded``)."""
     ek = ctx.ekey(key)
     if version is not None:
@@ -849,7 +945,7 @@ def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any
 
 
 def steps_flow(ctx: Context, steps: Sequence[Step], keys: Sequence[str], value: Any, version: Any,
-               ttl: float | None) -> Flow:
+               ttl: float | None) -> Flow[None]:
     """Run a strategy's steps for ``keys``."""
     for step in steps:
         if step is Step.INVALIDATE:
@@ -890,10 +986,10 @@ class WritePlan:
         if version is not None:
             self.version = version
 
-    def before(self) -> Flow:
+    def before(self) -> Flow[None]:
         return steps_flow(self.ctx, self.strategy.before, self.keys, self.value, self.version, self.ttl)
 
-    def after(self, failed: bool) -> Flow:
+    def after(self, failed: bool) -> Flow[None]:
         s = self.strategy
         steps = s.on_error if failed else s.after
         yield from steps_flow(self.ctx, steps, self.keys, self.value, self.version, self.ttl)
@@ -902,7 +998,28 @@ class WritePlan:
             yield Schedule(self.delay, lambda: steps_flow(ctx, s.delayed, keys, MISSING, version, None), keys)
 
 
-def peek_flow(ctx: Context, key: str) -> Flow:
+def peek_values_flow(ctx: Context, keys: Sequence[str]
+                     ) -> Flow[list[tuple[bool, int | float | None, bool, bytes | None]]]:
+    """Per key, without side effects (for audits): (holds a value, its version, negative entry, the stored
+    payload). A value stale-marked by an invalidation (``serve_stale``) counts as no value: it is known to be
+    old. One pipelined round trip."""
+    replies = yield Batch(tuple(("HMGET", ctx.ekey(k), "v", "ver", "n", "s") for k in keys))
+    out: list[tuple[bool, int | float | None, bool, bytes | None]] = []
+    for r in replies:
+        if isinstance(r, CommandError):  # a foreign key (wrong type) where an entry belongs: no value
+            out.append((False, None, False, None))
+            continue
+        v, ver, n, stale = r
+        has_value = v is not None and stale not in (b"1", "1")
+        try:
+            dver = decode_version(ver) if ver not in (None, b"") else None
+        except CorruptEntryError:
+            dver = None
+        out.append((has_value, dver, n in (b"1", "1"), v if has_value else None))
+    return out
+
+
+def peek_flow(ctx: Context, key: str) -> Flow[dict[str, Any] | None]:
     """Read an entry's raw state without taking a lease (for audits and the lab)."""
     ek = ctx.ekey(key)
     reply = yield from script("peek", [ek], [])

@@ -33,11 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
 from .errors import ConfigError
 from .options import check_positive
+
+if TYPE_CHECKING:
+    from .aio import AsyncCache
+    from .sync import Cache
 
 log = logging.getLogger("cachesync.refresh")
 
@@ -156,7 +160,7 @@ class RefreshState:
                 "served_last_good": self.served_last_good}
 
 
-def refresh_flow(ctx: P.Context, st: RefreshState, force: bool = False) -> P.Flow:
+def refresh_flow(ctx: P.Context, st: RefreshState, force: bool = False) -> P.Flow[P.Entry[Any]]:
     """Serve the held value, or refresh it by reading through (Redis, then the loader) first."""
     token = st.begin(force)
     if token is None:
@@ -175,7 +179,7 @@ def refresh_flow(ctx: P.Context, st: RefreshState, force: bool = False) -> P.Flo
     return entry
 
 
-def _attach(cache: Any, st: RefreshState) -> None:
+def _attach(cache: Cache | AsyncCache, st: RefreshState) -> None:
     l1 = getattr(cache, "l1", None)
     if l1 is not None:
         l1.core.add_listener(st.on_invalidate)
@@ -188,7 +192,7 @@ class RefreshAhead:
     then ``plan.get()`` on every use. ``options`` is a :class:`RefreshOptions` (or pass its fields as keywords);
     ``clock`` and ``rand`` are injectable for tests."""
 
-    def __init__(self, cache: Any, key: str, loader: Callable[[], Any], options: RefreshOptions | None = None, *,
+    def __init__(self, cache: Cache, key: str, loader: Callable[[], Any], options: RefreshOptions | None = None, *,
                  clock: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
                  **kw: Any) -> None:
         self.cache = cache
@@ -199,7 +203,7 @@ class RefreshAhead:
 
     def get_entry(self) -> P.Entry[Any]:
         """The held entry, refreshed first when it is due (see the module docstring)."""
-        return self.cache._drive(refresh_flow(self.cache.ctx, self.state), self.loader)  # type: ignore
+        return self.cache.run(refresh_flow(self.cache.ctx, self.state), self.loader)
 
     def get(self) -> Any:
         """The value (never "no value" because of a cache miss)."""
@@ -207,13 +211,13 @@ class RefreshAhead:
 
     def refresh(self) -> P.Entry[Any]:
         """Refresh now (unless a refresh is running); what a :class:`Refresher` calls."""
-        return self.cache._drive(refresh_flow(self.cache.ctx, self.state, True), self.loader)  # type: ignore
+        return self.cache.run(refresh_flow(self.cache.ctx, self.state, True), self.loader)
 
 
 class AsyncRefreshAhead:
     """:class:`RefreshAhead` for a :class:`cachesync.AsyncCache`; the loader may be a coroutine function."""
 
-    def __init__(self, cache: Any, key: str, loader: Callable[[], Any], options: RefreshOptions | None = None, *,
+    def __init__(self, cache: AsyncCache, key: str, loader: Callable[[], Any], options: RefreshOptions | None = None, *,
                  clock: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
                  **kw: Any) -> None:
         self.cache = cache
@@ -226,7 +230,7 @@ class AsyncRefreshAhead:
         """See :meth:`RefreshAhead.get_entry`."""
         if self.cache.l1 is not None:
             self.cache.l1.start()
-        return await self.cache._drive(refresh_flow(self.cache.ctx, self.state), self.loader)  # type: ignore
+        return await self.cache.run(refresh_flow(self.cache.ctx, self.state), self.loader)
 
     async def get(self) -> Any:
         """See :meth:`RefreshAhead.get`."""
@@ -234,7 +238,7 @@ class AsyncRefreshAhead:
 
     async def refresh(self) -> P.Entry[Any]:
         """See :meth:`RefreshAhead.refresh`."""
-        return await self.cache._drive(refresh_flow(self.cache.ctx, self.state, True), self.loader)  # type: ignore
+        return await self.cache.run(refresh_flow(self.cache.ctx, self.state, True), self.loader)
 
 
 # --------------------------------------------------------------------------- background refresher
@@ -327,7 +331,7 @@ def background_flow(core: BackgroundCore) -> Generator[Any, Any, None]:
         yield WaitFor(max(0.0, min(core.max_interval, nxt - now)))
 
 
-def _watch(cache: Any, core: BackgroundCore) -> None:
+def _watch(cache: Cache | AsyncCache, core: BackgroundCore) -> None:
     l1 = getattr(cache, "l1", None)
     if l1 is not None:
         l1.core.add_listener(core.on_invalidate)
@@ -339,7 +343,7 @@ class Refresher:
     ``r.close()`` (or ``with Refresher(cache) as r:``) stops it. ``max_interval`` (1.0 s): longest sleep between
     checks; ``retry_interval`` (1.0 s): pause after a failed refresh of a key."""
 
-    def __init__(self, cache: Any, *, max_interval: float = 1.0, retry_interval: float = 1.0,
+    def __init__(self, cache: Cache, *, max_interval: float = 1.0, retry_interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.core = BackgroundCore(max_interval=max_interval, retry_interval=retry_interval, clock=clock)
         self._wake = threading.Event()
@@ -399,7 +403,7 @@ class AsyncRefresher:
     """:class:`Refresher` for :class:`AsyncRefreshAhead` keys of a :class:`cachesync.AsyncCache`: a task on the
     running loop (created by the constructor, so build it inside the loop); ``await r.aclose()`` stops it."""
 
-    def __init__(self, cache: Any, *, max_interval: float = 1.0, retry_interval: float = 1.0,
+    def __init__(self, cache: AsyncCache, *, max_interval: float = 1.0, retry_interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.core = BackgroundCore(max_interval=max_interval, retry_interval=retry_interval, clock=clock)
         self._loop = asyncio.get_running_loop()

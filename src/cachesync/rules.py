@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import BadDataError, UsageError
 
 
 class RuleError(UsageError):
@@ -103,6 +103,51 @@ class TableRule:
                 missing.append(t)
         return list(dict.fromkeys(keys)), missing
 
+    def resolve(self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None,
+                max_key_bytes: int) -> RowKeys:
+        """What one change of this table means for the cache: THE place row changes become keys (the outbox's
+        ``record_change``, the workers and CDC all call it). Each template is formatted with each image that has
+        its columns, exactly as ``str.format`` would (a NULL column formats as ``None``, as in the application's
+        own f-strings and in the capture triggers' SQL); a template that neither image can form, a value the template cannot format, a key the cache refuses and a version
+        column that is not a number are ``problems`` (named; the rest still applies). ``missing_old``: the
+        templates the old image lacks columns for (pass ``old={}`` when an old image is expected but was not
+        sent, e.g. PostgreSQL without ``REPLICA IDENTITY FULL``)."""
+        from .protocol import checked_keys, checked_version
+
+        keys: list[str] = []
+        problems: list[str] = []
+        missing: list[str] = []
+        if old is None and new is None:
+            problems.append(f"table {self.table!r}: a change needs an old or a new row image")
+        for t in self.keys:
+            fs = _fields(t)
+            formed = False
+            for row in (old, new):
+                if row is None or not all(f in row for f in fs):
+                    continue
+                formed = True
+                try:
+                    k = self._format(t, row)
+                    keys.append(checked_keys([k], max_key_bytes)[0])
+                except (RuleError, BadDataError) as e:
+                    problems.append(str(e))
+            if old is not None and not all(f in old for f in fs):
+                missing.append(t)
+            if not formed and t not in missing and (old is not None or new is not None):
+                have = sorted({c for r in (old, new) if r is not None for c in r})
+                problems.append(f"table {self.table!r}: the row images lack the column(s) "
+                                f"{sorted(set(fs) - set(have))} of key template {t!r}")
+        version: str | None = None
+        if self.version is not None:
+            raw = (new or old or {}).get(self.version)
+            if raw is not None:
+                try:
+                    version = checked_version(raw)
+                except BadDataError as e:
+                    problems.append(f"version column {self.version!r}: {e}; its keys are invalidated without a "
+                                    "version")
+        return RowKeys(list(dict.fromkeys(keys)), version, missing, problems)
+
     def prefixes(self) -> list[str]:
         """The literal part of each template before its first field (for "invalidate everything")."""
         out = []
@@ -114,6 +159,18 @@ class TableRule:
                     break
             out.append(lit)
         return out
+
+
+@dataclass(frozen=True)
+class RowKeys:
+    """What one row change means for the cache (:meth:`TableRule.resolve`): the ``keys`` to invalidate, the
+    checked ``version`` (a decimal string, or None), the templates the old image could not form
+    (``missing_old``), and what could not be turned into keys (``problems``: bad data, each named)."""
+
+    keys: list[str]
+    version: str | None
+    missing_old: list[str]
+    problems: list[str]
 
 
 class Rules:
@@ -162,28 +219,19 @@ class Rules:
     def covers(self, table: str) -> bool:
         return table in self.tables
 
-    def keys_for(self, table: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
-        """Every key a change of ``table`` affects: the templates formatted with the old and the new image.
-
-        A table without a rule affects no key. A row image lacking a key column raises :class:`RuleError`
-        unless the other image has it (e.g. PostgreSQL sends only the key columns of the old row).
-        """
+    def keys_for(self, table: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None,
+                 max_key_bytes: int = 1 << 20) -> list[str]:
+        """Every key a change of ``table`` affects: the templates formatted with the old and the new image
+        (:meth:`TableRule.resolve`). A table without a rule affects no key; a NULL key column forms no key.
+        A problem (a template neither image has the columns of, a value it cannot format, no image at all)
+        raises :class:`RuleError` naming it."""
         rule = self.tables.get(table)
         if rule is None:
             return []
-        keys: list[str] = []
-        images = [r for r in (old, new) if r is not None]
-        if not images:
-            raise RuleError(f"table {table!r}: a change needs an old or a new row image")
-        errors = []
-        for row in images:
-            try:
-                keys.extend(rule.keys_for_row(row))
-            except RuleError as e:
-                errors.append(e)
-        if errors and len(errors) == len(images):
-            raise errors[0]
-        return list(dict.fromkeys(keys))
+        rk = rule.resolve(old, new, max_key_bytes)
+        if rk.problems:
+            raise RuleError("; ".join(rk.problems))
+        return rk.keys
 
     def version_for(self, table: str, row: Mapping[str, Any] | None) -> Any:
         rule = self.tables.get(table)

@@ -236,7 +236,7 @@ def resolve_serializer(spec: str | Serializer) -> Serializer:
         except KeyError:
             raise ConfigError("serializer", f"unknown serializer {spec!r}; known: json, msgpack, pickle") from None
         try:
-            out: Serializer = cls()  # type: ignore[assignment]
+            out: Serializer = cls()
             return out
         except ImportError as e:
             raise ConfigError("serializer", f"{spec!r} needs a package that is not installed: {e}") from e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, Unpack, cast, overload
 
@@ -17,7 +17,8 @@ from . import cache_metrics as _cm
 from . import protocol as P
 from ._types import CachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
-from .errors import CacheUnavailableError, RedisCommandError
+from .errors import CacheUnavailableError, InvalidationError, RedisCommandError
+from .keys import prefix_scan
 from .l1 import L1Options
 from .l1_sync import L1Sync
 from .options import CacheOptions, CacheOptionsKwargs, check_non_negative
@@ -98,7 +99,24 @@ class Cache:
             return r.execute_command(*eff.args, target_nodes=nodes)
         return self.redis.execute_command(*eff.args)
 
-    def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+    def _batch(self, eff: P.Batch) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for args in eff.cmds:
+            pipe.execute_command(*args)
+        res = pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        for r in res:
+            if isinstance(r, _REDIS_DOWN):
+                raise r
+            out.append(P.CommandError(str(r)) if isinstance(r, Exception) else r)
+        return out
+
+    def run(self, flow: P.Flow[T], loader: Callable[..., Any] | None = None) -> T:
+        """Run a protocol flow (:mod:`cachesync.protocol`, or an add-on's, e.g. :mod:`cachesync.bloom`) to its
+        result: the one way any code drives this cache. Its ``Cmd`` effects go to Redis, ``Load`` effects call
+        ``loader``, ``Schedule`` effects become background steps. An unreachable Redis raises
+        :class:`CacheUnavailableError` unless the flow handles it; an error reply raises :class:`RedisCommandError`.
+        """
         send: Any = None
         throw: BaseException | None = None
         try:
@@ -106,7 +124,7 @@ class Cache:
                 try:
                     eff = flow.send(send) if throw is None else flow.throw(throw)
                 except StopIteration as stop:
-                    return stop.value
+                    return cast(T, stop.value)
                 except _REDIS_DOWN as e:
                     raise CacheUnavailableError(self.url, e) from e
                 except P.CommandError as e:
@@ -123,6 +141,13 @@ class Cache:
                     except ResponseError as e:
                         throw = P.CommandError(str(e))
                     except BaseException as e:  # KeyboardInterrupt, SystemExit: the flow releases what it holds
+                        throw = e
+                elif t is P.Batch:
+                    try:
+                        send = self._batch(eff)
+                    except _REDIS_DOWN as e:
+                        throw = P.RedisDown(e)
+                    except BaseException as e:
                         throw = e
                 elif t is P.Load:
                     assert loader is not None
@@ -153,7 +178,7 @@ class Cache:
             if pending.abandoned:
                 return
             try:
-                self._drive(eff.flow_factory())
+                self.run(eff.flow_factory())
             except Exception as e:  # retried until it succeeds or close() gives up: never dropped silently
                 if pending.abandoned:
                     return
@@ -227,9 +252,9 @@ class Cache:
             e = l1.core.lookup(key)
             if e is not None:
                 return e  # type: ignore[no-any-return]
-            return self._single(key, lambda: l1.load(  # type: ignore[no-any-return]
-                key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
-        return self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))  # type: ignore
+            return self._single(key, lambda: l1.load(
+                key, ttl, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader)))
+        return self._single(key, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader))
 
     @overload
     def get_many(self, keys: Iterable[str],
@@ -263,13 +288,13 @@ class Cache:
         """Like :meth:`get_many`, returning :class:`Entry` objects."""
         keys = P.key_list(keys, "get_many")
         if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
-            return self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
+            return self.l1.get_many(keys, ttl, lambda missing: self.run(
                 P.get_many_flow(self.ctx, missing, ttl), loader_many))
-        return self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore[no-any-return]
+        return self.run(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)
 
     def peek(self, key: str) -> dict[str, Any] | None:
         """The raw entry of ``key`` (fields ``value``, ``ver``, ``lt``, ``fl``, ``ti`` ...) without side effects."""
-        return self._drive(P.peek_flow(self.ctx, key))  # type: ignore[no-any-return]
+        return self.run(P.peek_flow(self.ctx, key))
 
     # ------------------------------------------------------------------ writes
 
@@ -284,15 +309,46 @@ class Cache:
         if not keys:
             return 0
         try:
-            return self._drive(P.invalidate_flow(self.ctx, keys, version))  # type: ignore[no-any-return]
+            return self.run(P.invalidate_flow(self.ctx, keys, version))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local(keys)
 
+    def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
+        """Invalidate a batch of ``(keys, version)`` pairs, each key with its own committed version, exactly as
+        :meth:`invalidate` does for each pair: one ``invalidate.lua`` call per 500 keys (per slot group on a
+        cluster). A key named twice keeps its highest version. What the relay, the workers, CDC and the auditor
+        call. Returns how many keys held a value; raises :class:`InvalidationError` naming the keys not yet
+        invalidated when Redis cannot be reached (idempotent: retry the whole batch).
+        """
+        versions = P.merge_invalidations(items)
+        try:
+            return self.run(P.invalidate_many_flow(self.ctx, versions))
+        finally:
+            if self.l1 is not None:
+                self.l1.invalidate_local(list(versions))
+
+    def keys_with_prefix(self, *prefixes: str) -> Iterator[str]:
+        """Every cached key of this namespace that starts with one of ``prefixes`` (``""``: every key), each
+        once, found by ``SCAN`` (on every primary of a cluster); for prefix invalidations. Raises
+        :class:`InvalidationError` naming the prefixes when Redis cannot be reached."""
+        P.star_keys(prefixes, "keys_with_prefix")
+        pats, match = prefix_scan(self.ctx.ns, prefixes)
+        seen: set[str] = set()
+        try:
+            for pat in pats:
+                for raw in self.redis.scan_iter(match=pat, count=1000):
+                    k = match(raw)
+                    if k is not None and k not in seen:
+                        seen.add(k)  # SCAN may return a key twice
+                        yield k
+        except _REDIS_DOWN as e:
+            raise InvalidationError([f"{p}*" for p in prefixes], e) from e
+
     def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """Store a writer's new value; voids leases. With ``version``, refuses (returns False) to go backwards."""
         try:
-            return self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
+            return self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local((key,))
@@ -308,18 +364,18 @@ class Cache:
         (the safe strategies invalidate, in case the commit happened) and the exception propagates.
         """
         plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
-        self._drive(plan.before())
+        self.run(plan.before())
         try:
             yield plan
         except BaseException:
             try:
-                self._drive(plan.after(failed=True))
+                self.run(plan.after(failed=True))
             finally:
                 if self.l1 is not None:
                     self.l1.invalidate_local(plan.keys)
             raise
         try:
-            self._drive(plan.after(failed=False))
+            self.run(plan.after(failed=False))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local(plan.keys)

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import abc
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol import checked_keys, checked_version  # noqa: F401 (re-exported: they moved)
 from ..errors import BadDataError, CachesyncError, UsageError
 
 
@@ -112,44 +112,6 @@ class Invalidation:
             raise BadDataError(f"malformed invalidation message {data[:200]!r}: {e}") from None
 
 
-def checked_version(v: Any) -> str:
-    """A version read from outside (a message, an outbox row, a replication event) as the decimal string the
-    scripts compare: ints, finite floats, Decimals, datetimes (epoch microseconds, as
-    :func:`cachesync.protocol.encode_version`) and finite numeric strings; raises
-    :class:`~cachesync.errors.BadDataError` naming the value otherwise (``"abc"``, ``"nan"``, bytes, lists...)."""
-    from ..protocol import encode_version
-
-    if isinstance(v, (bytes, bytearray)):
-        try:
-            v = bytes(v).decode("ascii")
-        except UnicodeDecodeError:
-            raise BadDataError(f"version {bytes(v)[:40]!r} is not a number") from None
-    try:
-        s = encode_version(v)
-    except UsageError as e:
-        raise BadDataError(f"version {v!r:.80} is not a number: {e}") from None
-    try:
-        f = float(s)
-    except (ValueError, OverflowError):
-        raise BadDataError(f"version {v!r:.80} is not a number") from None
-    if not math.isfinite(f):
-        raise BadDataError(f"version {v!r:.80} is not a finite number")
-    return s
-
-
-def checked_keys(keys: Any, max_key_bytes: int) -> list[str]:
-    """Keys read from outside, validated as the cache will (a list of non-empty strings of at most
-    ``max_key_bytes`` UTF-8 bytes); raises :class:`~cachesync.errors.BadDataError` naming the first bad one."""
-    from ..keys import check_key
-
-    if isinstance(keys, (str, bytes)) or not isinstance(keys, (list, tuple)):
-        raise BadDataError(f"keys must be a list of keys, not {type(keys).__name__} {keys!r:.80}")
-    for k in keys:
-        try:
-            check_key(k, max_key_bytes)
-        except UsageError as e:
-            raise BadDataError(str(e)) from None
-    return list(keys)
 
 
 @dataclass

@@ -26,7 +26,6 @@ from ..rules import Rules
 from ..sync import Cache
 from ..outbox._fault import point
 from . import Bus, BusError, BusUnavailableError, Delivery, checked_keys, checked_version
-from .apply import apply_invalidations
 
 log = logging.getLogger("cachesync.worker")
 
@@ -39,7 +38,8 @@ class Worker:
     reason)`` are hooks (tests, metrics).
 
     ``stats``: ``messages``/``keys`` applied and acked, ``retries`` (nacks), ``dead`` (dead-lettered by the worker,
-    for any reason), ``malformed`` (malformed messages: dead-lettered by the worker, or by the bus while decoding,
+    for any reason), ``skipped`` (messages part of whose table change the rules could not turn into keys: the rest
+    was applied, then the message dead-lettered with the reason), ``malformed`` (malformed messages: dead-lettered by the worker, or by the bus while decoding,
     which never delivers them).
     """
 
@@ -57,31 +57,48 @@ class Worker:
         self.batch_size, self.max_attempts = int(batch_size), int(max_attempts)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.on_retry, self.on_dead = on_retry, on_dead
-        self.stats = {"messages": 0, "keys": 0, "retries": 0, "dead": 0, "malformed": 0}
+        self.stats = {"messages": 0, "keys": 0, "retries": 0, "dead": 0, "malformed": 0, "skipped": 0}
         self._bad = 0
 
-    def keys_of(self, d: Delivery) -> list[str]:
-        """Every key of a message: its explicit keys plus the rules' keys of its table change."""
+    def resolve(self, d: Delivery) -> tuple[list[str], str | None]:
+        """A message's keys (its explicit keys plus the rules' keys of its table change,
+        :meth:`cachesync.rules.TableRule.resolve`) and version (the message's, else the rule's version column).
+        A message left with no key at all raises :class:`BadDataError` (the worker dead-letters it)."""
+        keys, version, _ = self._resolve(d)
+        return keys, version
+
+    def _resolve(self, d: Delivery) -> tuple[list[str], str | None, str]:
+        """:meth:`resolve` plus what the rules could not turn into keys ("" = nothing): the worker applies the
+        rest, then dead-letters the message with that reason (``stats["skipped"]``), so nothing is hidden."""
         m = d.message
-        keys = list(m.keys)
+        maxb = self.cache.options.max_key_bytes
+        keys = checked_keys(list(m.keys), maxb)
+        version = None if m.version is None else checked_version(m.version)
+        problem = ""
         if m.table is not None:
+            rule = None if self.rules is None else self.rules.tables.get(m.table)
             if self.rules is None:
                 if not keys:
                     raise BusError(f"message for table {m.table!r} has no keys and the worker has no rules "
                                    "(--rules)")
-            else:
-                keys += self.rules.keys_for(m.table, m.old, m.new)
-        return checked_keys(list(dict.fromkeys(keys)), self.cache.ctx.o.max_key_bytes)
+            elif rule is not None:
+                rk = rule.resolve(m.old, m.new, maxb)
+                if rk.problems:
+                    problem = "; ".join(rk.problems)
+                    if not keys and not rk.keys:
+                        raise BadDataError(f"message {d.id}: {problem}")
+                keys += rk.keys
+                if version is None:
+                    version = rk.version
+        return list(dict.fromkeys(keys)), version, problem
+
+    def keys_of(self, d: Delivery) -> list[str]:
+        """The keys of :meth:`resolve`."""
+        return self.resolve(d)[0]
 
     def version_of(self, d: Delivery) -> str | None:
-        """The message's version, else the rules' version column of its table change (checked to be a number)."""
-        m = d.message
-        if m.version is not None:
-            return checked_version(m.version)
-        if self.rules is not None and m.table:
-            v = self.rules.version_for(m.table, m.new or m.old)
-            return None if v is None else checked_version(v)
-        return None
+        """The version of :meth:`resolve`."""
+        return self.resolve(d)[1]
 
     def delay_for(self, attempts: int) -> float:
         """Backoff before attempt ``attempts + 1``: ``backoff * 2**(attempts-1)`` capped at ``max_backoff``."""
@@ -102,9 +119,13 @@ class Worker:
             return 0
         point("consumed")
         good: list[tuple[Delivery, list[str], str | None]] = []
+        partial: dict[int, str] = {}  # id(delivery) -> what its rules could not turn into keys
         for d in ds:
             try:
-                good.append((d, self.keys_of(d), self.version_of(d)))
+                keys, version, problem = self._resolve(d)
+                good.append((d, keys, version))
+                if problem:
+                    partial[id(d)] = problem
             except (UsageError, BadDataError) as e:  # RuleError, BusError, bad data: can never succeed
                 self._bad += isinstance(e, BadDataError)
                 self._dead(d, f"{type(e).__name__}: {e}")
@@ -115,12 +136,12 @@ class Worker:
             try:
                 with tracing.span("cachesync.worker.apply", {"cachesync.messages": len(good)},
                                   next((d.message.traceparent for d, _, _ in good if d.message.traceparent), None)):
-                    apply_invalidations(self.cache, [(ks, v) for _, ks, v in good])
+                    self.cache.invalidate_many([(ks, v) for _, ks, v in good])
             except (UsageError, BadDataError):  # not expected after the checks: find the bad message(s) one by one
                 ok = []
                 for item in good:
                     try:
-                        apply_invalidations(self.cache, [(item[1], item[2])])
+                        self.cache.invalidate_many([(item[1], item[2])])
                         ok.append(item)
                     except (UsageError, BadDataError) as e:
                         self._bad += 1
@@ -139,7 +160,11 @@ class Worker:
                     self.bus.nack(d, delay)
             return 0
         point("applied")
-        self.bus.ack([d for d, _, _ in good])
+        self.bus.ack([d for d, _, _ in good if id(d) not in partial])
+        for d, _, _ in good:  # applied what could be; the rest goes to the dead letters, never silently dropped
+            if id(d) in partial:
+                self.stats["skipped"] += 1
+                self._dead(d, f"BadDataError: applied its other keys; {partial[id(d)]}")
         point("acked")
         self.stats["messages"] += len(good)
         self.stats["keys"] += sum(len(ks) for _, ks, _ in good)

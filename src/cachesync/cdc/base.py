@@ -32,11 +32,8 @@ Every ``stats_interval`` seconds a log line is written and the stats are stored 
 from __future__ import annotations
 
 import abc
-import datetime
-import decimal
 import logging
 import queue
-import string
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -46,7 +43,6 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
-from ..bus.apply import prefix_keys
 from ..errors import (
     BadDataError,
     CacheUnavailableError,
@@ -149,10 +145,6 @@ class Source(abc.ABC):
 _END = object()
 
 
-def _fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-
-
 class CdcRunner:
     """Applies a :class:`Source`'s transactions to a :class:`Cache` and checkpoints them.
 
@@ -233,9 +225,9 @@ class CdcRunner:
         a key column that is NULL or missing from the row, a version column that is not a number, a key longer
         than ``max_key_bytes`` -- is recorded and skipped (``stats["skipped"]``, one ERROR line naming the table
         and the problem); the other changes of the transaction are applied and the checkpoint moves on."""
-        keys: dict[str, Any] = {}
+        keys: dict[str, str | None] = {}
         prefixes: list[str] = []
-        maxb = self.cache.ctx.o.max_key_bytes
+        maxb = self.cache.options.max_key_bytes
         for ch in txn.changes:
             rule = self._rule(ch)
             if rule is None:
@@ -243,62 +235,24 @@ class CdcRunner:
             if ch.truncate:
                 prefixes.extend(rule.prefixes())
                 continue
-            table = ".".join(p for p in (ch.schema, ch.table) if p)
-            try:
-                ks, missing = rule.keys_for_images(ch.old, ch.new)
-            except UsageError as e:  # RuleError: a value the template cannot format
-                self._skip(table, str(e), ch)
-                continue
-            problems: list[str] = []
-            for t in rule.keys:  # a NULL key column: no such key (not "user:None"); the other templates apply
-                for row in (ch.old, ch.new):
-                    null = sorted({f for f in _fields(t) if row and f in row and row[f] is None})
-                    if null:
-                        problems.append(f"key template {t!r}: column(s) {null} are NULL")
-                        bad = t.format(**{f: row[f] for f in _fields(t)}) if row else None
-                        ks = [k for k in ks if k != bad]
-            if not ks and not missing and not problems:
-                problems.append(f"the row images lack the column(s) {sorted(rule.columns)} of the key templates "
-                                f"{list(rule.keys)}")
-            good: list[str] = []
-            for k in ks:
-                try:
-                    good.append(checked_keys([k], maxb)[0])
-                except BadDataError as e:
-                    problems.append(str(e))
-            ks = good
-            ver = None
-            if rule.version is not None:
-                ver = (ch.new or ch.old or {}).get(rule.version)
-                if ver is not None:
-                    try:
-                        ver = _version(ver)
-                    except BadDataError as e:  # still invalidated, without raising the version floor
-                        problems.append(f"version column {rule.version!r}: {e}; its keys are invalidated "
-                                        "without a version")
-                        ver = None
-            if problems:
-                self._skip(table, "; ".join(problems), ch)
-            if missing:
+            rk = rule.resolve(ch.old, ch.new, maxb)
+            if rk.problems:
+                self._skip(".".join(p for p in (ch.schema, ch.table) if p), "; ".join(rk.problems), ch)
+            if rk.missing_old:
                 self.stats["missing_old_image"] += 1
-                self._warn_missing(rule, ch, missing)
+                self._warn_missing(rule, ch, rk.missing_old)
                 if self.on_missing_old_image == "flush":
-                    prefixes.extend(TableRule.build(rule.table, missing).prefixes())
-            for k in ks:
-                old = keys.get(k)
-                if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
-                    keys[k] = ver
+                    prefixes.extend(TableRule.build(rule.table, rk.missing_old).prefixes())
+            for k in rk.keys:
+                _merge(keys, k, rk.version)
         for k, ver in txn.keys.items():  # keys the transaction named itself (logical messages)
             try:
                 checked_keys([k], maxb)
-                if ver is not None:
-                    ver = _version(ver)
+                ver = None if ver is None else checked_version(ver)
             except BadDataError as e:
                 self._skip("(logical message)", str(e), None)
                 continue
-            old = keys.get(k)
-            if k not in keys or (ver is not None and (old is None or _gt(ver, old))):
-                keys[k] = ver
+            _merge(keys, k, ver)
         prefixes.extend(txn.prefixes)
         return keys, prefixes
 
@@ -339,9 +293,9 @@ class CdcRunner:
 
     def flush_prefixes(self, prefixes: list[str]) -> int:
         """Invalidate every key in the namespace that starts with one of ``prefixes`` (SCAN); returns how many."""
-        keys = self._retry("SCAN", lambda: prefix_keys(self.cache, prefixes))
-        for i in range(0, len(keys), self.batch_max_keys):
-            self._invalidate([(keys[i:i + self.batch_max_keys], None)])
+        cache = self.cache
+        keys = self._retry("SCAN", lambda: list(cache.keys_with_prefix(*prefixes)))
+        self._invalidate(dict.fromkeys(keys))
         self.stats["flushed_keys"] += len(keys)
         return len(keys)
 
@@ -351,23 +305,18 @@ class CdcRunner:
             raise self._cp_error
         if not txns:
             return
-        keys: dict[str, Any] = {}
+        keys: dict[str, str | None] = {}
         prefixes: list[str] = []
         for t in txns:
             ks, ps = self.keys_of(t)
             for k, v in ks.items():
-                if k not in keys or (v is not None and (keys[k] is None or _gt(v, keys[k]))):
-                    keys[k] = v
+                _merge(keys, k, v)
             prefixes.extend(ps)
             self.stats["changes"] += len(t.changes)
             self.stats["messages"] += t.messages
         if prefixes:
             self.flush_prefixes(prefixes)
-        by_ver: dict[Any, list[str]] = {}
-        for k, v in keys.items():
-            by_ver.setdefault(v, []).append(k)
-        self._invalidate([(group[i:i + self.batch_max_keys], v) for v, group in by_ver.items()
-                          for i in range(0, len(group), self.batch_max_keys)])
+        self._invalidate(keys)
         now_wall, now = time.time(), time.monotonic()
         pos = txns[-1].position
         if self.checkpoint_in_background:
@@ -388,19 +337,25 @@ class CdcRunner:
             st["lag_ms_max"] = lag if st["lag_ms_max"] is None else max(st["lag_ms_max"], round(lag, 3))
         st["apply_ms"] = round((now - txns[0].received) * 1000, 3)
 
-    def _invalidate(self, chunks: list[tuple[list[str], Any]]) -> None:
-        """Invalidate ``(keys, version)`` chunks in Redis, or publish them on the bus (one call); retried until
-        accepted. Returns only once Redis/the bus holds them: the checkpoint may then move past them."""
-        if not chunks:
+    def _invalidate(self, keys: Mapping[str, str | None]) -> None:
+        """Invalidate ``keys`` (key -> checked version) in Redis (:meth:`Cache.invalidate_many`: one script call
+        per 500 keys, each with its version), or publish them on the bus (one message per version and
+        ``batch_max_keys`` keys); retried until accepted. Returns only once Redis/the bus holds them: the
+        checkpoint may then move past them."""
+        if not keys:
             return
         if self.bus is not None:
             bus = self.bus
-            msgs = [Invalidation(tuple(ks), None if v is None else checked_version(v)) for ks, v in chunks]
+            by_ver: dict[str | None, list[str]] = {}
+            for k, v in keys.items():
+                by_ver.setdefault(v, []).append(k)
+            msgs = [Invalidation(tuple(group[i:i + self.batch_max_keys]), v) for v, group in by_ver.items()
+                    for i in range(0, len(group), self.batch_max_keys)]
             self._retry("publish", lambda: bus.publish(msgs))
             self.stats["published"] += len(msgs)
             return
-        for ks, v in chunks:
-            self._retry("invalidate", self.cache.invalidate, *ks, version=v)
+        cache = self.cache
+        self._retry("invalidate", lambda: cache.invalidate_many([([k], v) for k, v in keys.items()]))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -595,20 +550,8 @@ class CdcRunner:
                 return None
 
 
-def _version(v: Any) -> Any:
-    """A version column's value checked to be a number (raises :class:`BadDataError`); numbers and datetimes as
-    they are, anything else (numeric text, bytes) as a Decimal, so that versions compare as numbers."""
-    s = checked_version(v)
-    if isinstance(v, (int, float, decimal.Decimal, datetime.datetime)):
-        return v
-    return decimal.Decimal(s)
-
-
-def _gt(a: Any, b: Any) -> bool:
-    try:
-        return bool(a > b)
-    except TypeError:
-        try:
-            return float(a) > float(b)
-        except (TypeError, ValueError):
-            return False
+def _merge(keys: dict[str, str | None], k: str, ver: str | None) -> None:
+    """Add key ``k`` with checked version ``ver`` to ``keys``, keeping the highest version (None = unknown)."""
+    old = keys.get(k)
+    if k not in keys or (ver is not None and (old is None or float(ver) > float(old))):
+        keys[k] = ver

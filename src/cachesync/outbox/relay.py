@@ -40,7 +40,6 @@ from redis.exceptions import RedisError
 from .. import tracing
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
-from ..bus.apply import apply_invalidations, prefix_keys
 from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
 from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
 from ..metrics import Histogram
@@ -287,7 +286,7 @@ class Relay:
         for r in rows:
             if r.prefixes is not None:  # resolved now: the keys present in Redis (also what a bus needs)
                 assert self.cache is not None  # _parse parks the row otherwise
-                r.keys = prefix_keys(self.cache, r.prefixes)
+                r.keys = list(self.cache.keys_with_prefix(*r.prefixes))
         rows = [r for r in rows if r.keys]
         if self.apply:
             assert self.cache is not None
@@ -296,11 +295,11 @@ class Relay:
             todo = [r for r in rows if self._applied.get(r.id) != (tuple(r.keys), r.version)]
             if todo:
                 try:
-                    apply_invalidations(self.cache, [(r.keys, r.version) for r in todo])
+                    self.cache.invalidate_many([(r.keys, r.version) for r in todo])
                 except (UsageError, BadDataError):  # not expected after _parse: find the unusable row(s)
                     for r in todo:
                         try:
-                            apply_invalidations(self.cache, [(r.keys, r.version)])
+                            self.cache.invalidate_many([(r.keys, r.version)])
                         except (UsageError, BadDataError) as e:
                             bad.append((r.id, f"{type(e).__name__}: {e}", r.raw))
                     ids = {b[0] for b in bad}
@@ -572,7 +571,7 @@ class Relay:
             return 0
         assert self.cache is not None
         try:
-            apply_invalidations(self.cache, items)
+            self.cache.invalidate_many(items)
         except (InvalidationError, RedisCommandError, RedisError, UsageError, BadDataError) as e:  # the claim
             # that follows retries or parks
             log.debug("cachesync relay: fast path failed, rows left to the claim: %s", e)

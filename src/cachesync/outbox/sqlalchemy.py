@@ -141,7 +141,7 @@ class OutboxSync:
     def _images(obj: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
         state = inspect(obj)
         mapper = state.mapper
-        table = mapper.persist_selectable.name  # type: ignore[attr-defined]
+        table = mapper.persist_selectable.name
         old: dict[str, Any] = {}
         new: dict[str, Any] = {}
         for prop in mapper.column_attrs:

@@ -247,7 +247,7 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             meta = self.model._meta
             set_values: dict[str, Any] = {}
             for name, v in kwargs.items():
-                col = meta.get_field(name).column  # type: ignore[union-attr]
+                col = meta.get_field(name).column
                 expr = hasattr(v, "resolve_expression")
                 if col in rule.columns and expr:
                     if settings_value("STRICT"):

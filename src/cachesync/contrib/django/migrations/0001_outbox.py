@@ -24,5 +24,5 @@ def drop(apps: Any, schema_editor: Any) -> None:
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies = []  # type: ignore[var-annotated]
+    dependencies = []
     operations = [migrations.RunPython(create, drop, atomic=False)]

@@ -1,0 +1,105 @@
+"""The one invalidation path: ``Cache.invalidate_many`` / ``AsyncCache.invalidate_many`` (what the relay, the
+workers, CDC and the auditor call), ``keys_with_prefix``, and ``Cache.run`` for add-on flows."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import redis
+
+import cachesync
+from cachesync import protocol as P
+from cachesync.errors import InvalidationError, InvalidKeyError, UsageError
+
+
+def floor(cache: cachesync.Cache, key: str) -> bytes | None:
+    e = cache.peek(key)
+    return None if e is None else e.get("fl")
+
+
+def test_each_key_gets_its_own_version_in_one_script_call(cache: cachesync.Cache, r: redis.Redis) -> None:
+    for k in ("a", "b", "c"):
+        cache.set(k, "v")
+    cache.invalidate("warm-up")  # the script is loaded (a first EVALSHA may meet NOSCRIPT)
+    calls: list[int] = []
+    real = cache.redis.execute_command
+
+    def counting(*args: object, **kw: object) -> object:
+        if args and args[0] == "EVALSHA":
+            calls.append(1)
+        return real(*args, **kw)
+
+    cache.redis.execute_command = counting  # type: ignore[method-assign]
+    try:
+        assert cache.invalidate_many([(["a", "b"], 5), (["c"], None), (["a"], 9)]) == 3
+    finally:
+        cache.redis.execute_command = real  # type: ignore[method-assign]
+    assert len(calls) == 1  # one batch, one script call
+    assert floor(cache, "a") == b"9"  # a key named twice keeps its highest version
+    assert floor(cache, "b") == b"5" and floor(cache, "c") is None
+    assert cache.get("a", lambda: P.Versioned("old", 8)) == "old"  # loaded, but the fill is refused (8 < 9)
+    assert cache.peek("a").get("v") is None
+
+
+def test_big_batches_are_chunked(cache: cachesync.Cache) -> None:
+    keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK * 2 + 7)]
+    for k in keys[:3]:
+        cache.set(k, "v")
+    assert cache.invalidate_many([(keys, 1)]) == 3
+    assert all(floor(cache, k) == b"1" for k in (keys[0], keys[-1]))
+    assert cache.stats["invalidations"] == len(keys)
+
+
+@pytest.mark.parametrize("items, err, what", [
+    ([("user:1", 1)], UsageError, "list of keys"),  # a string where the keys belong
+    ([(["a"], "abc")], UsageError, "abc"),
+    ([(["a"], float("nan"))], UsageError, "finite"),
+    ([([1], None)], InvalidKeyError, "str"),
+    ([(["a"],)], UsageError, "pairs"),
+    ([(["x" * 2000], None)], InvalidKeyError, "max_key_bytes"),
+])
+def test_bad_batches_are_refused_before_anything_is_sent(cache: cachesync.Cache, items: object,
+                                                         err: type[Exception], what: str) -> None:
+    cache.set("a", "v")
+    with pytest.raises(err, match=what):
+        cache.invalidate_many(items)  # type: ignore[arg-type]
+    assert cache.peek("a").get("v") is not None  # nothing applied
+
+
+def test_unreachable_redis_names_the_keys(redis_url: str, namespace: str) -> None:
+    c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, socket_timeout=0.2)
+    try:
+        with pytest.raises(InvalidationError) as ei:
+            c.invalidate_many([(["a", "b"], 1)])
+        assert set(ei.value.keys) == {"a", "b"}
+    finally:
+        c.close()
+
+
+def test_keys_with_prefix_and_the_old_module_is_gone(cache: cachesync.Cache) -> None:
+    for k in ("p:1", "p:2", "q:1"):
+        cache.set(k, "v")
+    assert sorted(cache.keys_with_prefix("p:")) == ["p:1", "p:2"]
+    assert sorted(cache.keys_with_prefix("p:", "q")) == ["p:1", "p:2", "q:1"]
+    with pytest.raises(UsageError):
+        list(cache.keys_with_prefix(["p:"]))  # type: ignore[arg-type]
+    with pytest.raises(ImportError):
+        importlib.import_module("cachesync.bus.apply")  # one invalidation path: no private second one
+
+
+def test_run_drives_any_flow(cache: cachesync.Cache) -> None:
+    cache.set("a", "v")
+    got = cache.run(P.peek_values_flow(cache.ctx, ["a", "missing"]))
+    assert got[0][0] is True and got[1] == (False, None, False, None)
+
+
+async def test_async_twin(acache: cachesync.AsyncCache) -> None:
+    await acache.set("a", "v")
+    await acache.set("p:1", "v")
+    assert await acache.invalidate_many([(["a"], 3), (["a", "b"], 2)]) == 1
+    e = await acache.peek("a")
+    assert e is not None and e.get("fl") == b"3"
+    assert [k async for k in acache.keys_with_prefix("p:")] == ["p:1"]
+    with pytest.raises(UsageError):
+        await acache.invalidate_many([("a", 1)])
