@@ -125,6 +125,39 @@ async def test_cached_endpoint_not_found_answers_and_lifespan(redis_url, namespa
         CacheSync(redis_url, ttl_jiter=0.1)
 
 
+async def test_plain_starlette_app(redis_url, namespace):
+    """Starlette without FastAPI: ``lifespan=cs.lifespan`` runs the cache in the app's loop
+    (``request.app.state.cachesync``); ``cs.cached`` on a helper (Starlette endpoints return Responses) answers
+    NOT_FOUND with Starlette's own HTTPException -> 404."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    cs = CacheSync(redis_url, namespace=namespace)
+    db = {1: {"id": 1}}
+    loads: list[int] = []
+
+    @cs.cached("s:{item_id}")
+    async def load(item_id: int) -> object:
+        loads.append(item_id)
+        return db.get(item_id, NOT_FOUND)
+
+    async def item(request: Request) -> JSONResponse:
+        assert request.app.state.cachesync is cs.cache
+        return JSONResponse(await load(int(request.path_params["item_id"])))
+
+    app = Starlette(routes=[Route("/s/{item_id}", item)], lifespan=cs.lifespan)
+    async with cs.lifespan(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            assert (await http.get("/s/1")).json() == {"id": 1}
+            assert (await http.get("/s/1")).json() == {"id": 1}
+            assert (await http.get("/s/2")).status_code == 404
+            assert (await http.get("/s/2")).status_code == 404  # cached negatively
+        assert loads == [1, 2]
+        await cs.cache.invalidate("s:1", "s:2")
+
+
 def test_put_succeeds_with_redis_down_and_the_relay_delivers(pg_url, private_redis, namespace):  # noqa: F811
     with serve(pg_url, private_redis.url, namespace) as (base, ob, conn), httpx.Client(base_url=base, timeout=30) as http:
         assert http.put("/users/7", json={"email": "a@x"}).status_code == 200

@@ -91,6 +91,25 @@ def test_scenario_details(lab_results: dict[str, ScenarioResult]) -> None:
     assert any("capture trigger" in s.action for s in res["7e"].steps)
     assert any(s.actor == "relay" and s.result.startswith("FAILED") for s in res["7e"].steps)
     assert (res["7e"].db_final, res["7e"].cache_final) == ("99", "99") and res["7e"].stale_reads == 0
+    # 7f: the production write path: read-your-writes while Redis is up; Redis blinks after the second commit:
+    # the failed invalidation is logged (not raised: the request succeeds) and the relay delivers it later
+    f = res["7f"]
+    after_first = [s for s in f.steps if s.actor == "reader C"][1]
+    assert after_first.result.startswith("got 99") and "STALE" not in after_first.result
+    failed = [s for s in f.steps if s.actor == "writer A" and s.result.startswith("FAILED")]
+    assert len(failed) == 1 and "logged 1 WARNING" in failed[0].result and "answers 200" in failed[0].result
+    assert f.costs["logged_failures"] == 1 and f.stale_reads == 0
+    assert any(s.actor == "relay" and s.result.startswith("FAILED") for s in f.steps)
+    assert f.steps[-2].actor == "relay" and f.steps[-2].result.startswith("done (1 row delivered")
+    assert (f.db_final, f.cache_final) == ("98", "98")
+    # 7g: outbox only: durable, but the first read after the write is stale until the relay runs
+    g = res["7g"]
+    assert [s for s in g.steps if s.actor == "reader C"][1].result == "got 100 [STALE READ]"
+    assert g.stale_reads == 1 and (g.db_final, g.cache_final) == ("98", "98")
+    # 7h: invalidation in the request only: the blink fails the request and leaves the cache stale
+    h = res["7h"]
+    assert any("answers 500" in s.result for s in h.steps) and not any(s.actor == "relay" for s in h.steps)
+    assert (h.db_final, h.cache_final) == ("98", "99")
     for r in res.values():
         assert [s.t for s in r.steps] == [f"T{i}" for i in range(1, len(r.steps) + 1)]
 
@@ -196,6 +215,15 @@ def test_cli_json_zero_config(runtime_dir: Path, capsys: pytest.CaptureFixture[s
         assert {"t", "actor", "action", "result", "db", "cache"} <= set(s["steps"][0])
     assert [s["verdict"] for s in doc["scenarios"]] == ["stale", "consistent", "stale"]
     assert set(runtime_dir.glob("lab-server-*.json")) == before  # its embedded server was stopped
+
+
+def test_write_path_warning_is_shown_in_the_timeline_not_on_stderr(runtime_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """7f's failed invalidation is logged by WritePath; the lab shows it as the step's result, not as a log line."""
+    assert main(["lab", "--scenario", "7f", "--plain"]) == 0
+    out, err = capsys.readouterr()
+    assert "logged 1 WARNING" in out and "verdict: CONSISTENT" in out
+    assert "invalidation after a successful commit failed" not in out + err
 
 
 def test_cli_human_output_with_real_servers(redis_url: str, pg_url: str,

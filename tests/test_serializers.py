@@ -108,3 +108,48 @@ def test_pydantic_model_serializer(redis_url, namespace):
     assert many.loads(many.dumps([u, u])) == [u, u]
     with pytest.raises(cachesync.ConfigError, match="pydantic v2 BaseModel"):
         pydantic(dict)
+
+
+try:  # module level: msgspec resolves the (postponed) annotations in the module's namespace
+    import msgspec as _msgspec
+except ImportError:  # pragma: no cover - the msgspec extra is part of [all]
+    _msgspec = None
+
+if _msgspec is not None:
+    class Address(_msgspec.Struct):
+        city: str
+
+    class Customer(_msgspec.Struct):
+        id: int
+        ref: uuid.UUID
+        seen: dt.datetime
+        tags: list[str]
+        address: Address | None = None
+
+
+def test_msgspec_struct_serializer(redis_url, namespace):
+    """A msgspec Struct round-trips through a real Redis as the same type; anything else is refused."""
+    pytest.importorskip("msgspec")
+    from cachesync.serializers import msgspec as msgspec_serializer
+
+    u = Customer(id=1, ref=uuid.UUID(int=7), seen=dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC),
+                 tags=["a", "b"], address=Address("Oslo"))
+    c = cachesync.Cache(redis_url, namespace=namespace, serializer=msgspec_serializer(Customer))
+    try:
+        assert c.get("c:1", lambda: u) == u
+        got = c.get("c:1", lambda: pytest.fail("hit expected"))
+        assert type(got) is Customer and got == u and type(got.address) is Address and type(got.ref) is uuid.UUID
+        assert c.get("c:1v", lambda: cachesync.Versioned(u, 3)) == u  # a versioned fill
+        assert c.get("c:1v", lambda: pytest.fail("hit expected")) == u
+        with pytest.raises(SerializationError, match="stores Customer instances, got dict"):
+            c.get("c:2", lambda: {"id": 2})
+        assert c.get("c:3", lambda: cachesync.NOT_FOUND) is cachesync.NOT_FOUND
+        assert c.get("c:3", lambda: pytest.fail("negative hit expected")) is cachesync.NOT_FOUND
+    finally:
+        c.close()
+    many = msgspec_serializer(list[Customer])
+    assert many.loads(many.dumps([u, u])) == [u, u]
+    with pytest.raises(TypeError, match="does not decode back as"):
+        many.dumps([u, {"id": 2}])
+    with pytest.raises(cachesync.ConfigError, match="cannot decode"):
+        msgspec_serializer(object())

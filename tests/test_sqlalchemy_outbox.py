@@ -228,6 +228,13 @@ async def test_async_session_end_to_end_asyncpg(env, acache, namespace):
             await s.flush()
             await s.rollback()
         assert relay.drain() == 0
+        from sqlalchemy import text
+
+        with pytest.raises(OutboxError, match=f"ruled table '{USERS}'.*cachesync_keys"):  # raw SQL: strict refuses
+            async with maker() as s, s.begin():
+                await s.execute(text(f"UPDATE {USERS} SET email = 'z@x' WHERE id = 1"))
+        async with maker() as s:
+            assert (await s.get(User, 1)).email == "b@x"  # refused before it ran
         async with maker() as s, s.begin():  # bulk statements through AsyncSession
             await s.execute(delete(User).where(User.id == 1))
         assert relay.drain() == 1
@@ -276,3 +283,16 @@ def test_bulk_insert_recorded_from_the_new_rows(env, cache):
             s.execute(insert(User).values(id=literal_column("4"), email="d@x", version=1))
     finally:
         sync.uninstall(Session)
+
+
+def test_sqlalchemy_extra_brings_greenlet() -> None:
+    """AsyncSession needs greenlet; the ``sqlalchemy`` extra must install it (it is not always a dependency of
+    SQLAlchemy itself)."""
+    import tomllib
+    from pathlib import Path
+
+    import greenlet  # noqa: F401  installed by the extra
+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    assert any(r.replace(" ", "").startswith("greenlet>=") for r in extras["sqlalchemy"]), extras["sqlalchemy"]

@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
+
 import cachesync
 from cachesync import NOT_FOUND, NotFound
 from cachesync.options import CacheOptions, CacheOptionsKwargs
@@ -37,6 +39,32 @@ def test_misuse_is_a_type_error() -> None:
     want = {i for i, line in enumerate((CASES / "bad_usage.py").read_text().splitlines(), 1) if "  # E:" in line}
     got = {int(m.group(1)) for m in re.finditer(r"bad_usage\.py:(\d+): error", out)}
     assert got == want, out
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_fastapi_example_type_checks_strict() -> None:
+    out = _mypy(EXAMPLES / "fastapi_app" / "app.py")
+    assert "Success" in out, out
+
+
+def test_django_example_type_checks_strict(tmp_path: Path) -> None:
+    """The example project (settings, models with CachesyncManager, views, its tests) under mypy --strict with
+    the django-stubs plugin."""
+    pytest.importorskip("mypy_django_plugin")
+    ini = tmp_path / "mypy.ini"
+    ini.write_text("[mypy]\nstrict = True\nexplicit_package_bases = True\nplugins = mypy_django_plugin.main\n\n"
+                   "[mypy.plugins.django-stubs]\ndjango_settings_module = project.settings\n")
+    project = EXAMPLES / "django_project"
+    import os
+
+    env = {**os.environ, "MYPYPATH": str(project), "PYTHONPATH": str(project)}
+    r = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--config-file", str(ini),
+                        "--follow-imports=silent", "project", "shop", "manage.py"], cwd=project, env=env,
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Success" in out, out
 
 
 def test_typed_kwargs_name_every_option() -> None:

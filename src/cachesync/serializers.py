@@ -167,17 +167,43 @@ def pydantic(model: type[Any], *, many: bool = False) -> ModelSerializer:
 
 
 class MsgspecSerializer:
-    """A msgspec JSON serializer for one type: ``serializers.msgspec(Struct)`` (needs ``msgspec``)."""
+    """A msgspec JSON serializer for one type: ``serializers.msgspec(Struct)`` (needs ``msgspec``).
+
+    ``typ`` is a class (a ``msgspec.Struct``, a dataclass...: ``dumps`` takes instances of it) or any type msgspec
+    decodes (``list[User]``: ``dumps`` checks that the value decodes back as that type). Anything else is refused
+    with a ``TypeError`` (the cache raises :class:`cachesync.SerializationError` naming the key) before it is
+    stored; ``loads`` validates with ``msgspec.json.Decoder(typ)``.
+    """
 
     def __init__(self, typ: Any) -> None:
-        import msgspec as m  # type: ignore[import-not-found]
+        from .errors import ConfigError
 
-        self.name = f"msgspec:{getattr(typ, '__qualname__', typ)}"
+        try:
+            import msgspec as m  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise ConfigError("serializer", "msgspec() needs the msgspec package: pip install cachesync[msgspec]"
+                              ) from None
+        self.typ = typ
+        self._label = typ.__qualname__ if isinstance(typ, type) else repr(typ)
+        self.name = f"msgspec:{self._label}"
         self._enc = m.json.Encoder()
-        self._dec = m.json.Decoder(typ)
+        try:
+            self._dec = m.json.Decoder(typ)
+        except TypeError as e:
+            raise ConfigError("serializer", f"msgspec() cannot decode {typ!r}: {e}") from None
+        self._errors: tuple[type[BaseException], ...] = (m.ValidationError, m.DecodeError)
 
     def dumps(self, value: Any) -> bytes:
-        out: bytes = self._enc.encode(value)
+        if isinstance(self.typ, type):
+            if not isinstance(value, self.typ):
+                raise TypeError(f"{self.name} stores {self._label} instances, got {type(value).__name__}")
+            out: bytes = self._enc.encode(value)
+            return out
+        out = self._enc.encode(value)
+        try:
+            self._dec.decode(out)
+        except self._errors as e:
+            raise TypeError(f"{self.name}: the value does not decode back as {self._label}: {e}") from None
         return out
 
     def loads(self, data: bytes) -> Any:

@@ -6,6 +6,8 @@ from cachesync.contrib.django import CachesyncManager
 class Tag(models.Model):
     name = models.CharField(max_length=50)
 
+    objects = CachesyncManager()  # no unique field but the pk: bulk_create(ignore_conflicts=True) is refused
+
 
 class Article(models.Model):
     slug = models.CharField(max_length=100, unique=True)

@@ -22,6 +22,14 @@ def invalidated(key: str) -> bool:
     return e is not None and "ti" in e and "v" not in e
 
 
+def floor(key: str) -> str:
+    """The version floor an invalidation left on ``key``."""
+    e = get_cache().peek(key)
+    assert e is not None and "fl" in e, e
+    fl = e["fl"]
+    return fl.decode() if isinstance(fl, bytes) else str(fl)
+
+
 def fill(*keys: str) -> None:
     for k in keys:
         get_cache().set(k, "cached")
@@ -50,7 +58,7 @@ class IntegrationTests(TransactionTestCase):
             self.assertFalse(invalidated(f"article:{a.pk}"))  # not before the commit
         for k in (f"article:{a.pk}", "article_slug:a", "article_slug:b"):  # old and new keys
             self.assertTrue(invalidated(k), k)
-        self.assertIn(get_cache().peek(f"article:{a.pk}")["fl"], (b"2", "2"))
+        self.assertEqual(floor(f"article:{a.pk}"), "2")
 
     def test_rollback_records_and_invalidates_nothing(self) -> None:
         a = Article.objects.create(slug="a", title="A")
@@ -94,6 +102,62 @@ class IntegrationTests(TransactionTestCase):
             Article.objects.update(slug=F("title"))
         self.assertEqual(Article.objects.get(pk=b.pk).slug, "b")  # refused before it ran
 
+    def test_bulk_create_records_the_new_rows_keys(self) -> None:
+        """bulk_create sends no signals (the cacheops complaint): CachesyncManager records the inserted rows' keys,
+        e.g. a negatively cached slug lookup and a list key, in the same transaction."""
+        fill("article_slug:n1", "article_slug:n2", "articles:all")
+        with transaction.atomic():
+            made = Article.objects.bulk_create([Article(slug="n1", title="N1"), Article(slug="n2", title="N2")])
+            self.assertFalse(invalidated("article_slug:n1"))  # not before the commit
+        self.assertTrue(all(a.pk is not None for a in made))
+        for k in ("article_slug:n1", "article_slug:n2", "articles:all", *(f"article:{a.pk}" for a in made)):
+            self.assertTrue(invalidated(k), k)
+        self.assertIn("article_slug:n2", outbox_keys())
+        n = len(outbox_keys())
+        with self.assertRaises(RuntimeError), transaction.atomic():
+            Article.objects.bulk_create([Article(slug="n3", title="N3")])
+            raise RuntimeError
+        self.assertEqual(len(outbox_keys()), n)  # rolled back with the insert
+
+    def test_bulk_create_with_conflicts(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        fill(f"article:{a.pk}", "article_slug:new")
+        # ignore_conflicts: the conflicting row is unchanged (not invalidated), the inserted one is
+        Article.objects.bulk_create([Article(slug="a", title="ignored"), Article(slug="new", title="N")],
+                                    ignore_conflicts=True)
+        self.assertFalse(invalidated(f"article:{a.pk}"))
+        self.assertTrue(invalidated("article_slug:new"))
+        self.assertEqual(Article.objects.get(pk=a.pk).title, "A")
+        # update_conflicts (an upsert): the updated row is invalidated, with its version as the floor
+        fill(f"article:{a.pk}")
+        unique = None if connection.vendor == "mysql" else ["slug"]  # MySQL/MariaDB: ON DUPLICATE KEY, no fields
+        Article.objects.bulk_create([Article(slug="a", title="upserted", version=5)], update_conflicts=True,
+                                    update_fields=["title", "version"], unique_fields=unique)
+        self.assertEqual(Article.objects.get(pk=a.pk).title, "upserted")
+        self.assertTrue(invalidated(f"article:{a.pk}"))
+        self.assertEqual(floor(f"article:{a.pk}"), "5")
+        # no unique value to find the rows by (Tag has only its auto pk): refused loudly, nothing inserted
+        n = Tag.objects.count()
+        with self.assertRaisesRegex(OutboxError, r"bulk_create\(ignore_conflicts/update_conflicts=True\)"):
+            Tag.objects.bulk_create([Tag(name="t")], ignore_conflicts=True)
+        self.assertEqual(Tag.objects.count(), n)
+
+    def test_bulk_update_records_old_and_new_keys(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        b = Article.objects.create(slug="b", title="B")
+        c = Article.objects.create(slug="c", title="C")
+        fill(f"article:{a.pk}", f"article:{b.pk}", f"article:{c.pk}", "article_slug:a", "article_slug:a2",
+             "article_slug:b")
+        a.slug, a.version = "a2", F("version") + 1
+        b.title = "B2"
+        with transaction.atomic():
+            self.assertEqual(Article.objects.bulk_update([a, b], ["slug", "title", "version"]), 2)
+            self.assertFalse(invalidated(f"article:{a.pk}"))
+        for k in (f"article:{a.pk}", "article_slug:a", "article_slug:a2", f"article:{b.pk}", "article_slug:b"):
+            self.assertTrue(invalidated(k), k)
+        self.assertFalse(invalidated(f"article:{c.pk}"))
+        self.assertEqual(floor(f"article:{a.pk}"), "2")  # F() resolved: read after the UPDATE
+
     def test_m2m_changes(self) -> None:
         a = Article.objects.create(slug="a", title="A")
         t1, t2 = Tag.objects.create(name="x"), Tag.objects.create(name="y")
@@ -132,6 +196,37 @@ class IntegrationTests(TransactionTestCase):
             cur.execute(f"SELECT count(*) FROM {get_outbox().table}")
             self.assertEqual(cur.fetchone()[0], 0)
         self.assertTrue(invalidated(f"article:{a.pk}"))
+
+    def test_cdc_and_worker_management_commands_take_their_defaults_from_the_settings(self) -> None:
+        import contextlib
+        import io
+
+        from django.conf import settings
+
+        from cachesync.contrib.django.management.commands.cachesync_cdc import Command as CdcCommand
+        from cachesync.contrib.django.management.commands.cachesync_worker import Command as WorkerCommand
+        from cachesync.rules import Rules
+
+        argv = CdcCommand().argv(["--slot", "s1"])
+        self.assertEqual(argv[0], "cdc")
+        opts = dict(zip(argv[1::2], argv[2::2], strict=True))
+        self.assertEqual(opts["--db-url"], database_url())
+        self.assertEqual(opts["--redis-url"], settings.CACHESYNC["REDIS_URL"])
+        self.assertEqual(opts["--namespace"], settings.CACHESYNC["NAMESPACE"])
+        self.assertEqual(opts["--slot"], "s1")  # passed through
+        self.assertEqual(set(Rules.load(opts["--rules"]).tables), set(settings.CACHESYNC["RULES"]))
+        argv = WorkerCommand().argv(["--namespace", "other", "--database", "default"])
+        self.assertEqual(argv[0], "worker")
+        self.assertNotIn("--db-url", argv)  # the worker reads a bus, not the database
+        self.assertEqual(argv.count("--namespace"), 1)  # a given flag wins over the setting
+        self.assertEqual(argv[argv.index("--namespace") + 1], "other")
+        self.assertNotIn("--database", argv)
+        for cmd, name in ((CdcCommand, "cdc"), (WorkerCommand, "worker")):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as ex:
+                cmd().run_from_argv(["manage.py", f"cachesync_{name}", "--help"])
+            self.assertEqual(ex.exception.code, 0)
+            self.assertIn(f"usage: cachesync {name}", out.getvalue())
 
     def test_audit_management_command_uses_the_settings_rules(self) -> None:
         from cachesync.contrib.django.management.commands.cachesync_audit import Command as AuditCommand

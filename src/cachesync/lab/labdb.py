@@ -68,6 +68,17 @@ class Session:
                 cur.close()
         return int(row[0])
 
+    def update_open(self, key: str, value: str) -> int:
+        """UPDATE the row and return its new version, leaving the transaction open for the caller to commit
+        (e.g. :meth:`cachesync.WritePath.write`); the caller holds :attr:`lock`."""
+        cur = self.conn.cursor()
+        try:
+            cur.execute(self._q("UPDATE {t} SET val = ?, version = version + 1 WHERE k = ?"), (value, key))
+            cur.execute(self._q("SELECT version FROM {t} WHERE k = ?"), (key,))
+            return int(cur.fetchone()[0])
+        finally:
+            cur.close()
+
     def update_with_outbox(self, key: str, value: str, outbox: Any) -> int:
         """UPDATE the row and record its invalidation in ``outbox`` (a :class:`cachesync.outbox.Outbox`) in the
         same transaction; COMMIT. Returns the new version."""

@@ -155,7 +155,7 @@ def render_summary(results: Sequence[ScenarioResult], plain: bool = False, out: 
     rows = [[r.id, r.variant, r.strategy, "on" if r.leases else "off", r.verdict, str(r.db_final),
              str(r.cache_final)] for r in results]
     real = f"this run's table {table}" if table else "this run's table cachesync_lab_<random>"
-    foot = (f"t in the SQL above is {real} (t_ob: its outbox, 7d and 7e); both are created for the run and dropped at "
+    foot = (f"t in the SQL above is {real} (t_ob: its outbox, 7d-7g); both are created for the run and dropped at "
             "the end, like the Redis namespace lab<random>.")
     if plain or not have_rich():
         import textwrap

@@ -18,6 +18,7 @@ After every step the timeline records the database's and the cache's value. The 
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -664,6 +665,157 @@ def t_delete_fails_outbox(tl: Timeline, capture: bool = False) -> None:
             outbox.drop(admin.conn)
 
 
+class _Warnings(logging.Handler):
+    """Collects the WARNING records a step logs (shown in the timeline instead of on stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _CommitHook:
+    """A DB-API connection whose ``commit()`` records a timeline step right after the real COMMIT (so the step
+    shows the cache as it was between the commit and the invalidation that follows)."""
+
+    def __init__(self, conn: Any, on_commit: Callable[[], None]) -> None:
+        self._conn = conn
+        self._on_commit = on_commit
+
+    def cursor(self) -> Any:
+        return self._conn.cursor()
+
+    def commit(self) -> None:
+        self._conn.commit()
+        self._on_commit()
+
+    def rollback(self) -> None:
+        self._conn.rollback()
+
+
+def t_write_path(tl: Timeline, mode: str) -> None:
+    """Scenarios 7f-7h: the production write path against each of its two halves, on one timeline.
+
+    ``mode``: ``"writepath"`` (7f, :class:`cachesync.WritePath`: the outbox row in the UPDATE's transaction,
+    COMMIT, invalidate at once; an invalidation failing after the commit is logged and left to the relay),
+    ``"outbox"`` (7g: the outbox row only; the relay invalidates) or ``"request"`` (7h: invalidate in the request
+    after the COMMIT, no outbox). First write with Redis up: does the next read see it? Second write with Redis
+    unreachable from the moment of the COMMIT until after the write ("a blink"): does the request succeed, and is
+    the invalidation still delivered once Redis is back?
+    """
+    from ..outbox import Outbox
+    from ..outbox.relay import Relay
+    from ..writepath import WritePath
+
+    lab = tl.lab
+    tl.session("setup").insert(tl.key, "100")
+    tl.history.append("100")
+    Reader(tl, "reader C").read()
+    outbox = None if mode == "request" else Outbox(f"{lab.db.table}_ob", dialect=lab.db.dialect)
+    admin = tl.session("outbox admin")
+    if outbox is not None:
+        with admin.lock:
+            outbox.init(admin.conn)
+    down = f"redis://127.0.0.1:{closed_port()}/0"
+    up_cache = tl.cache(leases=tl.leases)
+    down_cache = tl.cache(leases=tl.leases, url=down)
+    relays: list[Relay] = []
+    writer = tl.session("writer A")
+    version = 0  # of the last write
+
+    def relay_step(cache: Cache, action: str) -> None:
+        assert outbox is not None
+        relay = Relay(lab.db_url, cache, table=outbox.table, listen=False, init=False)
+        relays.append(relay)
+        tl.costs["relay_attempts"] = tl.costs.get("relay_attempts", 0) + 1
+        try:
+            n = relay.drain()
+        except InvalidationError:
+            attempts = [a for a, _ in admin.outbox_rows(outbox)]
+            tl.step("relay", f"{action}claim the row; invalidate.lua",
+                    f"FAILED: Redis unreachable; row kept (attempts={attempts[0] if attempts else '?'})")
+            return
+        left = len(admin.outbox_rows(outbox))
+        tl.step("relay", f"{action}claim the row; invalidate.lua (DEL value, void lease, floor v{version}); "
+                "DELETE the row", f"done ({n} row delivered, {left} left)")
+
+    def write(value: str, blink: bool) -> None:
+        nonlocal version
+        cache = down_cache if blink else up_cache
+        sql = f"UPDATE t SET val='{value}', version=version+1 WHERE k=?; "
+        if mode == "writepath":
+            def committed() -> None:
+                tl.history.append(value)
+                tl.step("writer A", f"wp.write(conn): {sql}INSERT INTO t_ob (keys, version); COMMIT",
+                        f"committed v{version} + 1 outbox row")
+                if blink:
+                    tl.step("cache", "Redis becomes unreachable (a blink) right after the COMMIT", "down")
+
+            assert outbox is not None
+            wp = WritePath(cache, outbox=outbox)
+            caught = _Warnings()
+            logger = logging.getLogger("cachesync.writepath")
+            logger.addHandler(caught)
+            propagate, logger.propagate = logger.propagate, False  # the timeline shows it; not on stderr too
+            try:
+                with writer.lock, wp.write(_CommitHook(writer.conn, committed)) as w:
+                    version = writer.update_open(tl.key, value)
+                    w.add(tl.key, version=version)
+            finally:
+                logger.propagate = propagate
+                logger.removeHandler(caught)
+            if w.invalidated:
+                result = "done; the request answers 200"
+            else:
+                tl.costs["logged_failures"] = tl.costs.get("logged_failures", 0) + len(caught.records)
+                result = (f"FAILED: Redis unreachable; logged {len(caught.records)} WARNING (keys, Redis URL), "
+                          "left to the outbox relay; the request answers 200 (its commit stands)")
+            tl.step("writer A", "after commit: invalidate.lua (DEL value, void lease)", result)
+        else:
+            if mode == "outbox":
+                version = writer.update_with_outbox(tl.key, value, outbox)
+                action = f"{sql}INSERT INTO t_ob (keys, version); COMMIT"
+            else:
+                version = writer.update(tl.key, value)
+                action = f"{sql}COMMIT"
+            tl.history.append(value)
+            tl.step("writer A", action, f"committed v{version}" + (" + 1 outbox row" if outbox else ""))
+            if blink:
+                tl.step("cache", "Redis becomes unreachable (a blink) right after the COMMIT", "down")
+            if mode == "request":
+                try:
+                    cache.invalidate(tl.key, version=version)
+                    result = "done; the request answers 200"
+                except InvalidationError as e:
+                    result = (f"FAILED: Redis unreachable ({type(e).__name__}); the request answers 500 although "
+                              "its commit stands; nothing delivers the invalidation later")
+                tl.step("writer A", "after commit: invalidate.lua (DEL value, void lease)", result)
+        tl.costs["db_writes"] += 1
+
+    try:
+        write("99", blink=False)
+        Reader(tl, "reader C").read()
+        if outbox is not None:
+            relay_step(up_cache, "")
+            Reader(tl, "reader C").read()
+        write("98", blink=True)
+        Reader(tl, "reader D", url=down).read()
+        if outbox is not None:
+            relay_step(down_cache, "")
+            relay_step(up_cache, "Redis is back; next attempt (backoff <= 5 s): ")
+        else:
+            tl.step("cache", "Redis is back", "up")
+        Reader(tl, "reader C").read()
+    finally:
+        for r in relays:
+            r.close()
+        if outbox is not None:
+            with admin.lock:
+                outbox.drop(admin.conn)
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -674,7 +826,8 @@ GROUP_TITLES = {
     4: "Update DB then delete cache: a reader hits the old value before the delete",
     5: "Update DB then delete cache: a reader that missed writes the old value back after the delete",
     6: "Push-system incident: delete cache, update DB; a push service refreshing on a timer gets no plan",
-    7: "The cache delete fails (Redis unreachable): stale until the TTL, a retry or the outbox relay",
+    7: "The cache delete fails (Redis unreachable): stale until the TTL, a retry, the outbox relay; the production "
+       "write path",
 }
 
 
@@ -759,6 +912,18 @@ VARIANTS: list[Variant] = [
     _v("7e", "recommended: capture trigger (the database writes the outbox row) + relay", RECOMMENDED, True,
        "recommended", lambda t: t_delete_fails_outbox(t, capture=True), "consistent",
        "As 7d, with no application code: any writer's UPDATE (raw SQL, another service) records its invalidation."),
+    _v("7f", "recommended: the production write path (WritePath: outbox row + invalidate at once)", RECOMMENDED,
+       True, "recommended", lambda t: t_write_path(t, "writepath"), "consistent",
+       "cachesync.WritePath: the first read after a write sees it (invalidated in the request), and an "
+       "invalidation failing after the commit is logged, not raised, and delivered by the relay once Redis is "
+       "back. A reader that reaches Redis while the relay cannot would read 98 until then (as in 7d)."),
+    _v("7g", "outbox only: no invalidation in the request", RECOMMENDED, True, "mitigation",
+       lambda t: t_write_path(t, "outbox"), "transient",
+       "Durable, but the first read after the write hits the old value until the relay runs (no read-your-writes)."),
+    _v("7h", "invalidate in the request only: no outbox", RECOMMENDED, True, "unsafe",
+       lambda t: t_write_path(t, "request"), "stale",
+       "Read-your-writes while Redis is up; when it blinks after the commit, the request fails although its "
+       "commit stands, and nothing delivers the invalidation (as 7a)."),
 ]
 
 BY_ID = {v.id: v for v in VARIANTS}

@@ -8,11 +8,12 @@ What is recorded in the outbox **inside the writer's transaction** and invalidat
   ``pre_save``/``post_save``, ``post_delete``; ``QuerySet.delete()`` sends them per row while cachesync listens);
   the old image's key columns are read before an UPDATE, so a changed key column invalidates old and new keys;
 * ``m2m_changed`` (add/remove/clear): the keys of the instance, and of the through table when it has a rule;
-* ``QuerySet.update()`` (no signals): through :class:`CachesyncQuerySet` / :data:`CachesyncManager` (use it as
-  the model's manager), which reads the affected rows' key columns (``FOR UPDATE``) in the same transaction.
+* ``QuerySet.update()``, ``bulk_create()`` and ``bulk_update()`` (no signals): through :class:`CachesyncQuerySet`
+  / :data:`CachesyncManager` (use it as the model's manager), which reads the affected rows' key columns
+  (``FOR UPDATE``) in the same transaction.
 
-Not covered (write the keys yourself with :func:`record`, or install capture triggers): ``bulk_create``,
-``bulk_update``, raw SQL, ``QuerySet.update()`` on a plain manager, and writes by other programs.
+Not covered (write the keys yourself with :func:`record`, or install capture triggers): raw SQL, bulk operations
+on a plain manager, and writes by other programs.
 """
 
 from __future__ import annotations

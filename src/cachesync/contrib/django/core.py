@@ -19,6 +19,7 @@ key                        default                         meaning
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -231,12 +232,16 @@ def connect_signals() -> None:
 
 # ---------------------------------------------------------------------------- bulk update
 
+_in_bulk_update: contextvars.ContextVar[bool] = contextvars.ContextVar("cachesync_in_bulk_update", default=False)
+
+
 class CachesyncQuerySet(models.QuerySet[Any]):
-    """A QuerySet whose ``update()`` records the affected rows' keys (old and new) in the same transaction."""
+    """A QuerySet whose ``update()``, ``bulk_create()`` and ``bulk_update()`` (which send no signals) record the
+    affected rows' keys (old and new) in the same transaction."""
 
     def update(self, **kwargs: Any) -> int:
         rule = _rule(self.model)
-        if rule is None:
+        if rule is None or _in_bulk_update.get():  # bulk_update's own UPDATEs: it records the rows itself
             return super().update(**kwargs)
         using = self.db
         with transaction.atomic(using=using, savepoint=False):
@@ -269,6 +274,126 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             return n
 
     update.alters_data = True  # type: ignore[attr-defined]
+
+    def _rows(self, q: Any, names: Mapping[str, str], lock: bool) -> dict[Any, dict[str, Any]]:
+        """``{pk: {column: value}}`` of the rule columns of the rows matching ``q`` (``FOR UPDATE`` when ``lock``
+        on PostgreSQL/MariaDB)."""
+        qs = self.model._base_manager.using(self.db).filter(q)
+        if lock and connections[self.db].vendor in ("postgresql", "mysql"):
+            qs = qs.select_for_update()
+        pk = self.model._meta.pk
+        assert pk is not None
+        fields = list(dict.fromkeys([*names.values(), pk.attname]))
+        return {r[pk.attname]: {c: r[a] for c, a in names.items()} for r in qs.values(*fields)}
+
+    def bulk_create(self, objs: Iterable[Any], batch_size: int | None = None, ignore_conflicts: bool = False,
+                    update_conflicts: bool = False, update_fields: Any = None, unique_fields: Any = None) -> Any:
+        """``bulk_create`` (no signals) recording the keys of the rows it inserts, and with ``ignore_conflicts`` /
+        ``update_conflicts`` of the rows that could conflict (read, ``FOR UPDATE``, before and after it by the
+        model's unique fields), in the same transaction."""
+        kw = {"batch_size": batch_size, "ignore_conflicts": ignore_conflicts, "update_conflicts": update_conflicts,
+              "update_fields": update_fields, "unique_fields": unique_fields}
+        rule = _rule(self.model)
+        if rule is None:
+            return super().bulk_create(objs, **kw)
+        objs = list(objs)
+        using = self.db
+        with transaction.atomic(using=using, savepoint=False):
+            if not rule.columns:
+                created = super().bulk_create(objs, **kw)
+                _record([(list(rule.keys), None)], using)
+                return created
+            names = _attnames(self.model, _rule_cols(rule))
+            if not (ignore_conflicts or update_conflicts):
+                created = super().bulk_create(objs, **kw)
+                groups: list[tuple[list[str], Any]] = []
+                for obj in created:
+                    new = {c: getattr(obj, a) for c, a in names.items()}
+                    unknown = sorted(c for c in rule.columns if new[c] is None)
+                    if unknown:
+                        self._unknown("bulk_create", unknown)  # strict: raises, the insert is rolled back
+                        continue
+                    groups += _groups(self.model, None, new)
+                _record(groups, using)
+                return created
+            q = _unique_q(self.model, objs)
+            if q is None:
+                self._unknown("bulk_create(ignore_conflicts/update_conflicts=True)", ["(no unique field set)"])
+                return super().bulk_create(objs, **kw)
+            before = self._rows(q, names, lock=True)
+            created = super().bulk_create(objs, **kw)
+            after = self._rows(q, names, lock=False)
+            groups = []
+            for pk, new in after.items():
+                old = before.get(pk)
+                if old != new or (update_conflicts and old is not None):  # an upserted row: any column changed
+                    groups += _groups(self.model, old, new)
+            _record(groups, using)
+            return created
+
+    bulk_create.alters_data = True  # type: ignore[attr-defined]
+
+    def bulk_update(self, objs: Iterable[Any], fields: Any, batch_size: int | None = None) -> int:
+        """``bulk_update`` (no signals) recording the old and new keys of the rows it updates: their rule columns
+        are read (``FOR UPDATE``) before and after it in the same transaction."""
+        rule = _rule(self.model)
+        if rule is None:
+            return super().bulk_update(objs, fields, batch_size=batch_size)
+        objs = list(objs)
+        using = self.db
+        with transaction.atomic(using=using, savepoint=False):
+            if not rule.columns:
+                token = _in_bulk_update.set(True)
+                try:
+                    n = super().bulk_update(objs, fields, batch_size=batch_size)
+                finally:
+                    _in_bulk_update.reset(token)
+                _record([(list(rule.keys), None)], using)
+                return n
+            names = _attnames(self.model, _rule_cols(rule))
+            q = models.Q(pk__in=[o.pk for o in objs])
+            before = self._rows(q, names, lock=True)
+            token = _in_bulk_update.set(True)
+            try:
+                n = super().bulk_update(objs, fields, batch_size=batch_size)
+            finally:
+                _in_bulk_update.reset(token)
+            after = self._rows(q, names, lock=False)
+            groups: list[tuple[list[str], Any]] = []
+            for pk, new in after.items():
+                groups += _groups(self.model, before.get(pk), new)
+            _record(groups, using)
+            return n
+
+    bulk_update.alters_data = True  # type: ignore[attr-defined]
+
+    def _unknown(self, op: str, columns: list[str]) -> None:
+        """A write whose rows' key columns cannot be known: :class:`OutboxError` in strict mode, else skipped."""
+        if settings_value("STRICT"):
+            raise OutboxError(
+                f"cannot derive cache keys for {self.model.__name__}.objects.{op}: key column(s) {columns} of the "
+                "written rows are not known (the database did not return the primary keys, or no unique field is "
+                "set to find the rows); set them, or call cachesync.contrib.django.record(...) with the keys and "
+                "CACHESYNC['STRICT']=False")
+
+
+def _unique_q(model: type[models.Model], objs: list[Any]) -> Any:
+    """A ``Q`` matching every row that one of ``objs`` could conflict with: any unique field or unique set of
+    fields (``unique``, ``unique_together``, unconditional ``UniqueConstraint``) equal to the object's values;
+    ``None`` when no object has a complete unique value."""
+    meta = model._meta
+    sets: list[tuple[str, ...]] = [(f.attname,) for f in meta.concrete_fields if f.unique]
+    for group in meta.unique_together:
+        sets.append(tuple(meta.get_field(n).attname for n in group))  # type: ignore[union-attr]
+    for c in meta.total_unique_constraints:
+        sets.append(tuple(meta.get_field(n).attname for n in c.fields))  # type: ignore[union-attr]
+    q = None
+    for obj in objs:
+        for names in sets:
+            values = {n: getattr(obj, n) for n in names}
+            if all(v is not None for v in values.values()):
+                q = models.Q(**values) if q is None else q | models.Q(**values)
+    return q
 
 
 CachesyncManager = models.Manager.from_queryset(CachesyncQuerySet)
