@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import enum
 from enum import Enum
 import logging
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 from .errors import InvalidationError, SerializationError, UnknownStrategyError, UsageError
 from .errors import BadDataError, CorruptEntryError, InvalidKeyError, ValueTooLargeError
@@ -265,10 +265,9 @@ def resolve_strategy(name: object) -> Strategy:
     """The :class:`Strategy` of a name, or :class:`UnknownStrategyError`."""
     if isinstance(name, Strategy):
         return name
-    try:
-        return STRATEGIES[name]  # type: ignore[index]
-    except (KeyError, TypeError):
-        raise UnknownStrategyError(name, STRATEGIES) from None
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise UnknownStrategyError(name, STRATEGIES)
+    return STRATEGIES[name]
 
 
 # --------------------------------------------------------------------------- context
@@ -540,7 +539,7 @@ def key_list(keys: object, fn: str) -> list[str]:
         shown = keys[:40] if isinstance(keys, str) else bytes(keys[:40])
         raise UsageError(f"{fn}() takes an iterable of keys, not the single string {shown!r}: wrap it in a list")
     try:
-        return list(keys)  # type: ignore[call-overload, no-any-return]
+        return list(cast("Iterable[str]", keys))
     except TypeError:
         raise UsageError(f"{fn}() takes an iterable of keys, got {type(keys).__name__}") from None
 

@@ -138,7 +138,7 @@ class ModelSerializer:
         if many:
             from pydantic import TypeAdapter
 
-            self._adapter: Any = TypeAdapter(list[model])  # type: ignore[valid-type]
+            self._adapter: Any = TypeAdapter(list[model])  # type: ignore[valid-type]  # a runtime model class
 
     def dumps(self, value: Any) -> bytes:
         if self.many:
@@ -148,7 +148,8 @@ class ModelSerializer:
             return out
         if not isinstance(value, self.model):
             raise TypeError(f"{self.name} stores {self.model.__name__} instances, got {type(value).__name__}")
-        return value.model_dump_json().encode()  # type: ignore[no-any-return]
+        out2: str = value.model_dump_json()
+        return out2.encode()
 
     def loads(self, data: bytes) -> Any:
         if self.many:

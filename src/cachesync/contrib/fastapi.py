@@ -27,7 +27,7 @@ import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from starlette.exceptions import HTTPException
 
@@ -144,7 +144,7 @@ class CacheSync:
                     return not_found()
                 return value
 
-            endpoint.key = kt.format  # type: ignore[attr-defined]
+            cast(Any, endpoint).key = kt.format
             return endpoint
 
         return deco

@@ -192,11 +192,12 @@ class OutboxSync:
     def _text(self, state: Any) -> None:
         """A raw ``text()`` statement: recorded when its keys are known, else refused (strict) or logged."""
         sql = state.statement.text
-        if not _DML_START.match(sql) or self._explicit(state):
+        start = _DML_START.match(sql)
+        if start is None or self._explicit(state):
             return
         tables = [m.group(1).strip('`"').rsplit(".", 1)[-1] for m in _DML_TABLE.finditer(sql)]
         if not tables:
-            if _DML_START.match(sql).group(1).upper() == "WITH":  # type: ignore[union-attr]
+            if start.group(1).upper() == "WITH":
                 return  # a WITH ... SELECT
             self._unrecorded(f"raw SQL {sql[:80]!r}: cannot tell which table it changes")
             return

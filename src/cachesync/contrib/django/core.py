@@ -23,7 +23,7 @@ import contextvars
 import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from django.conf import settings
 from django.db import connections, models, router, transaction
@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "OUTBOX_TABLE": "cachesync_outbox", "OPTIONS": {}, "ON_INVALIDATION_ERROR": "log", "STRICT": True,
 }
 
+T = TypeVar("T")
+
 _lock = threading.RLock()
 _state: dict[str, Any] = {}
 
@@ -55,11 +57,11 @@ def settings_value(name: str) -> Any:
     return conf.get(name, DEFAULTS[name])
 
 
-def _get(name: str, build: Callable[[], Any]) -> Any:
+def _get(name: str, build: Callable[[], T]) -> T:
     with _lock:
         if name not in _state:
             _state[name] = build()
-        return _state[name]
+        return cast(T, _state[name])
 
 
 def reset() -> None:
@@ -73,7 +75,7 @@ def reset() -> None:
 
 def get_cache() -> Cache:
     """The process's :class:`cachesync.Cache`, built from the settings on first use."""
-    return _get("cache", lambda: Cache(settings_value("REDIS_URL"), namespace=settings_value("NAMESPACE"),  # type: ignore[no-any-return]
+    return _get("cache", lambda: Cache(settings_value("REDIS_URL"), namespace=settings_value("NAMESPACE"),
                                        **settings_value("OPTIONS")))
 
 
@@ -84,16 +86,16 @@ def get_rules() -> Rules | None:
         if spec is None or isinstance(spec, Rules):
             return spec
         return Rules.load(spec) if isinstance(spec, str) else Rules(spec)
-    return _get("rules", build)  # type: ignore[no-any-return]
+    return _get("rules", build)
 
 
 def get_outbox() -> Outbox:
-    return _get("outbox", lambda: Outbox(settings_value("OUTBOX_TABLE"), rules=get_rules()))  # type: ignore[no-any-return]
+    return _get("outbox", lambda: Outbox(settings_value("OUTBOX_TABLE"), rules=get_rules()))
 
 
 def get_write_path() -> WritePath:
     """The :class:`cachesync.WritePath` used after commits (its ``invalidate_committed``)."""
-    return _get("wp", lambda: WritePath(get_cache(), get_outbox(),  # type: ignore[no-any-return]
+    return _get("wp", lambda: WritePath(get_cache(), get_outbox(),
                                         on_invalidation_error=settings_value("ON_INVALIDATION_ERROR")))
 
 
@@ -170,7 +172,7 @@ def _pre_save(sender: type[models.Model], instance: models.Model, raw: bool = Fa
         return
     names = _attnames(sender, rule.columns)
     row = sender._base_manager.using(using).filter(pk=instance.pk).values(*names.values()).first()
-    instance._cachesync_old = None if row is None else {c: row[a] for c, a in names.items()}  # type: ignore[attr-defined]
+    instance.__dict__["_cachesync_old"] = None if row is None else {c: row[a] for c, a in names.items()}
 
 
 def _post_save(sender: type[models.Model], instance: models.Model, created: bool = False, raw: bool = False,
@@ -193,7 +195,7 @@ def _m2m_changed(sender: type[models.Model], instance: models.Model, action: str
     if action == "pre_clear":  # remember what is cleared: post_clear has no pk_set
         through = sender._meta
         src, dst = _through_fields(sender, type(instance), model, reverse)
-        instance._cachesync_cleared = list(  # type: ignore[attr-defined]
+        instance.__dict__["_cachesync_cleared"] = list(
             sender._base_manager.using(using).filter(**{src.attname: instance.pk}).values_list(dst.attname, flat=True))
         del through
         return
@@ -273,7 +275,7 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             _record(groups, using)
             return n
 
-    update.alters_data = True  # type: ignore[attr-defined]
+    update.__dict__["alters_data"] = True
 
     def _rows(self, q: Any, names: Mapping[str, str], lock: bool) -> dict[Any, dict[str, Any]]:
         """``{pk: {column: value}}`` of the rule columns of the rows matching ``q`` (``FOR UPDATE`` when ``lock``
@@ -331,7 +333,7 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             _record(groups, using)
             return created
 
-    bulk_create.alters_data = True  # type: ignore[attr-defined]
+    bulk_create.__dict__["alters_data"] = True
 
     def bulk_update(self, objs: Iterable[Any], fields: Any, batch_size: int | None = None) -> int:
         """``bulk_update`` (no signals) recording the old and new keys of the rows it updates: their rule columns
@@ -365,7 +367,7 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             _record(groups, using)
             return n
 
-    bulk_update.alters_data = True  # type: ignore[attr-defined]
+    bulk_update.__dict__["alters_data"] = True
 
     def _unknown(self, op: str, columns: list[str]) -> None:
         """A write whose rows' key columns cannot be known: :class:`OutboxError` in strict mode, else skipped."""
@@ -384,9 +386,9 @@ def _unique_q(model: type[models.Model], objs: list[Any]) -> Any:
     meta = model._meta
     sets: list[tuple[str, ...]] = [(f.attname,) for f in meta.concrete_fields if f.unique]
     for group in meta.unique_together:
-        sets.append(tuple(meta.get_field(n).attname for n in group))  # type: ignore[union-attr]
+        sets.append(tuple(cast(Any, meta.get_field(n)).attname for n in group))
     for c in meta.total_unique_constraints:
-        sets.append(tuple(meta.get_field(n).attname for n in c.fields))  # type: ignore[union-attr]
+        sets.append(tuple(cast(Any, meta.get_field(n)).attname for n in c.fields))
     q = None
     for obj in objs:
         for names in sets:
@@ -417,7 +419,7 @@ def cached(template: str, ttl: float | None = None) -> Callable[[Callable[..., A
                 raise Http404(f"no object for {kt.format(*args, **kwargs)!r}")
             return v
 
-        wrapper.key = kt.format  # type: ignore[attr-defined]
+        cast(Any, wrapper).key = kt.format
         return wrapper
     return deco
 
