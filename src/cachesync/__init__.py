@@ -19,9 +19,9 @@ from .errors import (
 )
 from .bloom import AsyncBloomFilter, BloomFilter
 from .l1 import L1Options
-from .options import CacheOptions
+from .core.options import CacheOptions
 from .refresh import AsyncRefreshAhead, AsyncRefresher, RefreshAhead, Refresher, RefreshOptions
-from .protocol import NOT_FOUND, STRATEGIES, Entry, NotFound, Strategy, Versioned
+from .core import NOT_FOUND, STRATEGIES, Entry, NotFound, Strategy, Versioned
 from .sync import Cache
 from .writepath import AsyncWritePath, WritePath
 

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 
-from .protocol import NotFound, Versioned
+from .core import NotFound, Versioned
 
 PS = ParamSpec("PS")
 R = TypeVar("R")

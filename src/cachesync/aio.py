@@ -15,14 +15,14 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import cache_metrics as _cm
-from . import protocol as P
+from . import core as P
 from ._types import AsyncCachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, InvalidationError, RedisCommandError, UsageError
-from .keys import prefix_scan
+from .core.keys import prefix_scan
 from .l1 import L1Options
 from .l1_async import L1Async
-from .options import CacheOptions, CacheOptionsKwargs, check_non_negative
+from .core.options import CacheOptions, CacheOptionsKwargs, check_non_negative
 
 T = TypeVar("T")
 

@@ -48,10 +48,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from . import protocol as P
+from . import core as P
 from .db import connect, dialect_of
 from .errors import UsageError
-from .rules import Rules, TableRule
+from .core.rules import Rules, TableRule
 from .sync import Cache
 
 KINDS = ("stale", "ahead", "deleted", "negative_but_exists", "value_differs")

@@ -27,9 +27,9 @@ import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import protocol as P
+from . import core as P
 from .errors import ConfigError
-from .options import check_positive
+from .core.options import check_positive
 
 if TYPE_CHECKING:
     from .aio import AsyncCache

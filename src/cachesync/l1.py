@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .keys import channel, user_key
-from .options import check_positive
+from .core.keys import channel, user_key
+from .core.options import check_positive
 
 log = logging.getLogger("cachesync.l1")
 

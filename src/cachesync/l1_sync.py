@@ -11,7 +11,7 @@ import redis
 from redis.exceptions import RedisError
 
 from .errors import ConfigError
-from .protocol import NOT_FOUND
+from .core import NOT_FOUND
 from .l1 import L1, Close, Connect, L1Options, Read, Send, Sleep, SubscriptionLost, subscription_flow
 
 _POLL = 0.05  # how often a blocked read looks at the closed flag

@@ -35,9 +35,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import protocol as P
+from . import core as P
 from .errors import ConfigError
-from .options import check_positive
+from .core.options import check_positive
 
 if TYPE_CHECKING:
     from .aio import AsyncCache

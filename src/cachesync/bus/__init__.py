@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol import checked_keys, checked_version  # noqa: F401 (re-exported: they moved)
+from ..core import checked_keys, checked_version  # noqa: F401 (re-exported: they moved)
 from ..errors import BadDataError, CachesyncError, UsageError
 
 

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from .. import tracing
 from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
-from ..rules import Rules
+from ..core.rules import Rules
 from ..sync import Cache
 from ..outbox._fault import point
 from . import Bus, BusError, BusUnavailableError, Delivery, checked_keys, checked_version

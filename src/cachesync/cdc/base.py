@@ -51,7 +51,7 @@ from ..errors import (
     RedisCommandError,
     UsageError,
 )
-from ..rules import Rules, TableRule
+from ..core.rules import Rules, TableRule
 from ..sync import Cache
 from .checkpoint import FileCheckpoint
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._driver import DEFAULT_REDIS_URL, redact_url
 from ..db import MYSQL, POSTGRESQL, dialect_of
-from ..rules import Rules
+from ..core.rules import Rules
 from .base import CdcConfigError, CdcRunner, Source
 from .checkpoint import FileCheckpoint
 

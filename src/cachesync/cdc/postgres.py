@@ -36,9 +36,9 @@ from urllib.parse import unquote, urlsplit
 from .._driver import encode_userinfo, redact_url, scrub
 from ..db import POSTGRESQL, dialect_of
 from ..errors import CachesyncError
-from ..keys import check_key
-from ..options import CacheOptions
-from ..rules import Rules
+from ..core.keys import check_key
+from ..core.options import CacheOptions
+from ..core.rules import Rules
 from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
 from .pgoutput import DecodeError, Decoder, DecodedTransaction, LogicalMessage, RowChange
 

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from ..aio import AsyncCache
 from ..errors import UsageError
 from ..outbox import Outbox
-from ..protocol import NOT_FOUND
+from ..core import NOT_FOUND
 from ..writepath import AsyncWritePath, Durable
 
 
@@ -51,7 +51,7 @@ class CacheSync:
         self.options = options
         self.outbox = outbox
         self.on_invalidation_error = on_invalidation_error
-        from ..options import CacheOptions
+        from ..core.options import CacheOptions
 
         CacheOptions.build(**{k: v for k, v in options.items() if k != "l1"})  # bad options fail at import time
         self._cache: AsyncCache | None = None

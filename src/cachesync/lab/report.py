@@ -397,7 +397,7 @@ def scenario_card(r: ScenarioResult) -> str:
     chips = (_chip(r.verdict, VERDICT_COLOR[r.verdict], VERDICT_BG[r.verdict])
              + _chip(f"{r.strategy}, leases {'on' if r.leases else 'off'}", SAFETY_COLOR[s])
              + _chip(r.role, "#5f6b7a"))
-    from .. import protocol as P
+    from .. import core as P
 
     strat = P.STRATEGIES.get(r.strategy)
     note = f'<div class="note">{_e(r.note)}</div>' if r.note else ""

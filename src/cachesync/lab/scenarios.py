@@ -27,9 +27,9 @@ from typing import Any
 
 import redis
 
-from .. import protocol as P
+from .. import core as P
 from ..errors import InvalidationError
-from ..keys import entry_key
+from ..core.keys import entry_key
 from ..sync import Cache
 from .embedded import LabError
 from .labdb import LabDB, Session
@@ -609,7 +609,7 @@ def t_delete_fails_outbox(tl: Timeline, capture: bool = False) -> None:
     """
     from ..outbox import Outbox, triggers
     from ..outbox.relay import Relay
-    from ..rules import Rules
+    from ..core.rules import Rules
 
     lab = tl.lab
     tl.session("setup").insert(tl.key, "100")

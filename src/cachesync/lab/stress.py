@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .. import protocol as P
+from .. import core as P
 from ..sync import Cache
 from .embedded import LabError
 from .labdb import LabDB

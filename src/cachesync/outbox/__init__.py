@@ -31,12 +31,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import protocol as P
+from .. import core as P
 from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect, dialect_of
 from ..errors import UsageError
-from ..keys import check_key
-from ..options import CacheOptions
-from ..rules import Rules
+from ..core.keys import check_key
+from ..core.options import CacheOptions
+from ..core.rules import Rules
 
 DEFAULT_TABLE = "cachesync_outbox"
 """Default outbox table name."""

@@ -77,7 +77,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_triggers(args: argparse.Namespace) -> int:
     from ..db import dialect_of
-    from ..rules import Rules
+    from ..core.rules import Rules
     from . import triggers
 
     url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
@@ -183,7 +183,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..bus.worker import Worker
-    from ..rules import Rules
+    from ..core.rules import Rules
 
     bus = _bus(_need(args.bus, "--bus", "CACHESYNC_BUS_URL"), args)
     cache = _cache(args)

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import BindParameter, TextClause
 
 from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect
-from ..rules import Rules
+from ..core.rules import Rules
 from ..writepath import ORM_RECORDED
 from . import Outbox, OutboxError
 

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..db import MYSQL, POSTGRESQL, Dialect
-from ..rules import Rules, TableRule
+from ..core.rules import Rules, TableRule
 from . import DEFAULT_MESSAGE_PREFIX, Outbox, OutboxError
 
 TARGETS = ("table", "wal")

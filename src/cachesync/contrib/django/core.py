@@ -32,8 +32,8 @@ from django.http import Http404
 
 from ...errors import ConfigError
 from ...outbox import Outbox, OutboxError
-from ...protocol import NOT_FOUND, Versioned
-from ...rules import Rules, TableRule
+from ...core import NOT_FOUND, Versioned
+from ...core.rules import Rules, TableRule
 from ...sync import Cache
 from ...writepath import WritePath
 
@@ -433,7 +433,7 @@ def cached_get(model: type[models.Model], ttl: float | None = None, *, instance:
     rule = _rule(model)
     if rule is None:
         raise ConfigError("RULES", f"no rule for table {model._meta.db_table!r} of {model.__name__}")
-    from ...rules import _fields
+    from ...core.rules import _fields
 
     template = next((t for t in rule.keys if set(_fields(t)) == set(lookup)), None)
     if template is None:

@@ -1,0 +1,314 @@
+"""The read flows: hit, or lease + load + fill, or wait for the lease holder (rules 1 and 2 of
+:mod:`cachesync.core`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import logging
+from typing import Any
+
+from ..errors import UsageError
+from .keys import wake_key
+from .options import check_positive
+from .context import _groups, _interleave, Context, GetReply, parse_get, parse_wake
+from .effects import Cmd, CommandError, Flow, HIT, LEASED, Load, MISS, RedisDown, script, WAIT, wait
+from .values import CorruptEntry, decode_version, Entry, new_token, NOT_FOUND
+
+log = logging.getLogger("cachesync")
+# --------------------------------------------------------------------------- read flows
+
+
+def _hit(ctx: Context, key: str, r: GetReply) -> Entry[Any]:
+    """A hit's Entry; :class:`CorruptEntry` when its payload cannot be decoded."""
+    neg = r.flags == "n"
+    assert r.payload is not None
+    value = ctx.decode_stored(key, r.payload, neg)
+    st = ctx.stats
+    if neg:
+        st["negative_hits"] += 1
+    else:
+        st["hits"] += 1
+    return Entry(value, r.version, r.flags == "s")
+
+
+def _repair(ctx: Context, key: str, ek: str, problem: object) -> Flow[Any]:
+    """A corrupted or foreign entry (undecodable value, non-numeric field, wrong Redis type) is deleted, counted
+    and logged once per key; the read goes on as a miss (lease, load, fill). Deleting is always safe: a lease
+    it removes can no longer fill, and the next fill replaces the entry."""
+    ctx.stats["corrupt_entries"] += 1
+    if key not in ctx.corrupt_logged:
+        if len(ctx.corrupt_logged) < 10_000:
+            ctx.corrupt_logged.add(key)
+        log.warning("cachesync: namespace %r key %r: corrupted or foreign entry (%s); deleted, read as a miss",
+                    ctx.ns, key, problem)
+    try:
+        yield Cmd(("DEL", ek))
+    except (RedisDown, CommandError):
+        pass
+
+
+def _release(ctx: Context, keys: list[str], token: str) -> Flow[Any]:
+    """Give up a lease (no-op if the token does not hold it): waiters here and in other processes retry at once."""
+    try:
+        yield from script("release", keys, [token, ctx.wake_ms])
+    except (RedisDown, CommandError):
+        pass
+
+
+def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
+    """Read one key: hit, or lease + load + fill, or wait for the lease holder.
+
+    Cancellation-safe: whatever is thrown into the flow while it may hold a lease (a loader's exception,
+    ``asyncio.CancelledError``, ``KeyboardInterrupt``) releases the lease first, so that waiters retry at once.
+    """
+    ek = ctx.ekey(key)
+    if ttl is not None:
+        check_positive("ttl", ttl)
+    # Fast path: one plain HMGET (cheaper than a script call) serves every fresh hit.
+    try:
+        f = yield Cmd(("HMGET", ek, "v", "ver", "n", "s"))
+    except RedisDown as e:
+        return (yield from _fallback_one(ctx, e))
+    except CommandError as e:  # WRONGTYPE: a foreign key where the entry belongs
+        yield from _repair(ctx, key, ek, e)
+        f = (None, None, None, None)
+    if f[0] is not None and f[3] is None:
+        try:
+            return _hit(ctx, key, GetReply(HIT, f[0], decode_version(f[1]), "n" if f[2] == b"1" else ""))
+        except CorruptEntry as e:
+            yield from _repair(ctx, key, ek, e)
+            f = (None, None, None, None)
+    keys = [ek, wake_key(ek)]
+    token = new_token()
+    args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
+    waited = 0.0
+    o = ctx.o
+    repaired = 0
+    while True:
+        if ctx.mode == "P" and f[0] is None:
+            reply = [MISS, None, None, None]  # plain cache-aside: a miss loads without a lease
+        else:
+            try:
+                reply = yield from script("get", keys, args)
+            except RedisDown as e:
+                return (yield from _fallback_one(ctx, e))
+            except GeneratorExit:
+                raise
+            except BaseException:  # cancelled while get.lua may have granted us the lease
+                yield from _release(ctx, keys, token)
+                raise
+        try:
+            r = parse_get(reply)[0]
+            if r.code == HIT:
+                if r.flags == "s":  # plain mode: a stale-marked value counts as a hit
+                    ctx.stats["stale_served"] += 1
+                return _hit(ctx, key, r)
+            if r.code == WAIT and o.serve_stale and r.payload is not None:
+                entry = Entry(ctx.decode_stored(key, r.payload, False), r.version, True)
+                ctx.stats["stale_served"] += 1
+                return entry
+        except CorruptEntry as e:
+            if r.code == LEASED or repaired > 2:  # pragma: no cover - get.lua only leases an entry it can read
+                raise
+            repaired += 1
+            yield from _repair(ctx, key, ek, e)
+            f = (None,)
+            continue
+        if r.code == WAIT:
+            remaining = o.max_wait - waited
+            if remaining <= 0:
+                ctx.stats["loads"] += 1
+                value = yield Load()
+                return Entry(ctx.unwrap(value), source="loader")
+            ctx.stats["waits"] += 1
+            elapsed, item = yield from wait(ctx, [keys[1]], min(r.wait_s, remaining) + 0.001)
+            waited += elapsed
+            hit = None
+            try:
+                hit = parse_wake(item)
+                if hit is not None:  # the lease holder's fill woke us with the value itself
+                    return _hit(ctx, key, hit)
+            except CorruptEntry:
+                pass  # an unreadable wake-up item: read again
+            f = (None,)
+            continue
+        # LEASED (we hold the lease) or MISS (plain mode)
+        ctx.stats["misses"] += 1
+        ctx.stats["loads"] += 1
+        try:
+            value = yield Load()
+            payload, ver, neg = ctx.encode(key, value)
+            ttl_ms = ctx.ttl_ms(ttl, neg == "1")
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if r.code == LEASED:
+                yield from _release(ctx, keys, token)
+            raise
+        try:
+            codes = yield from script("fill", keys, [token if r.code == LEASED else "", ctx.wake_ms, payload, ver,
+                                              ttl_ms, neg])
+        except RedisDown:
+            ctx.stats["redis_errors"] += 1
+            return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader")
+        except GeneratorExit:
+            raise
+        except BaseException:  # cancelled while fill.lua ran: the lease may still be ours
+            if r.code == LEASED:
+                yield from _release(ctx, keys, token)
+            raise
+        ok = int(codes[0]) == 1
+        ctx.stats["fills" if ok else "fills_refused"] += 1
+        return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader", filled=ok)
+
+
+def follower_accepts(entry: Entry[Any]) -> bool:
+    """Read-your-writes through singleflight: may a reader that joined another caller's flight take its result?
+
+    Only a hit or a value whose fill Redis accepted. A fill is accepted only while its lease is intact, so no
+    invalidation came between the leader's lease and its fill; a value loaded without an accepted fill (refused,
+    uncached fallback, a waiter's own load) may predate a write whose invalidation returned before the follower's
+    read began, so the follower reads again. Both drivers apply this rule.
+    """
+    return entry.source == "cache" or entry.filled
+
+
+def _fallback_one(ctx: Context, e: RedisDown) -> Flow[Entry[Any]]:
+    ctx.stats["redis_errors"] += 1
+    if ctx.o.on_redis_error == "fail":
+        raise e.cause
+    ctx.stats["fallback_loads"] += 1
+    value = yield Load(fallback=True)
+    return Entry(ctx.unwrap(value), source="fallback")
+
+
+def _release_many(ctx: Context, eks: list[str], idxs: list[int], token: str) -> Flow[Any]:
+    for group in _groups(ctx, [eks[i] for i in idxs]):
+        yield from _release(ctx, _interleave([eks[idxs[j]] for j in group]), token)
+
+
+def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[dict[str, Entry[Any]]]:
+    """Read a batch: one ``get.lua`` per slot group, one ``loader_many`` call for all leased keys, one fill."""
+    ukeys = list(dict.fromkeys(keys))
+    if ttl is not None:
+        check_positive("ttl", ttl)
+    eks = [ctx.ekey(k) for k in ukeys]
+    token = new_token()
+    args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
+    result: dict[str, Entry[Any]] = {}
+    pending = list(range(len(ukeys)))
+    waited = 0.0
+    o = ctx.o
+    repairs = 0
+    while pending:
+        leased: list[int] = []
+        plain: list[int] = []
+        waiting: list[tuple[int, float]] = []
+        corrupt: list[int] = []
+        asked: list[int] = []
+        try:
+            for group in _groups(ctx, [eks[i] for i in pending]):
+                idxs = [pending[j] for j in group]
+                asked.extend(idxs)
+                reply = yield from script("get", _interleave([eks[i] for i in idxs]), args)
+                for i, r in zip(idxs, parse_get(reply), strict=True):
+                    k = ukeys[i]
+                    try:
+                        if r.code == HIT:
+                            result[k] = _hit(ctx, k, r)
+                        elif r.code == WAIT:
+                            if o.serve_stale and r.payload is not None:
+                                result[k] = Entry(ctx.decode_stored(k, r.payload, False), r.version, True)
+                                ctx.stats["stale_served"] += 1
+                            else:
+                                waiting.append((i, r.wait_s))
+                        elif r.code == LEASED:
+                            leased.append(i)
+                        else:
+                            plain.append(i)
+                    except CorruptEntry as e:
+                        corrupt.append(i)
+                        yield from _repair(ctx, k, eks[i], e)
+        except RedisDown as e:
+            if leased:
+                yield from _release_many(ctx, eks, leased, token)
+            ctx.stats["redis_errors"] += 1
+            if o.on_redis_error == "fail":
+                raise e.cause from None
+            missing = [ukeys[i] for i in pending if ukeys[i] not in result]
+            ctx.stats["fallback_loads"] += 1
+            values = yield Load(missing, fallback=True)
+            for k in missing:
+                result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="fallback")
+            break
+        except GeneratorExit:
+            raise
+        except BaseException:  # cancelled: release whatever get.lua may have leased to us in this round
+            yield from _release_many(ctx, eks, asked, token)
+            raise
+        mine = leased + plain
+        if mine:
+            ctx.stats["misses"] += len(mine)
+            ctx.stats["loads"] += 1
+            try:
+                values = yield Load([ukeys[i] for i in mine])
+                if not isinstance(values, Mapping):
+                    raise UsageError(f"loader_many must return a mapping of key -> value, got {type(values).__name__}")
+                enc = {i: ctx.encode(ukeys[i], values.get(ukeys[i], NOT_FOUND)) for i in mine}
+                ttls = {i: ctx.ttl_ms(ttl, enc[i][2] == "1") for i in mine}
+            except GeneratorExit:
+                raise
+            except BaseException:
+                if leased:
+                    yield from _release_many(ctx, eks, leased, token)
+                raise
+            for sub, tok in ((leased, token), (plain, "")):
+                if not sub:
+                    continue
+                for group in _groups(ctx, [eks[i] for i in sub]):
+                    idxs = [sub[j] for j in group]
+                    fargs: list[Any] = [tok, ctx.wake_ms]
+                    for i in idxs:
+                        payload, ver, neg = enc[i]
+                        fargs += [payload, ver, ttls[i], neg]
+                    try:
+                        codes = yield from script("fill", _interleave([eks[i] for i in idxs]), fargs)
+                    except RedisDown:
+                        ctx.stats["redis_errors"] += 1
+                        codes = [0] * len(idxs)
+                    except GeneratorExit:
+                        raise
+                    except BaseException:
+                        if tok:
+                            yield from _release_many(ctx, eks, sub, token)
+                        raise
+                    for i, c in zip(idxs, codes, strict=True):
+                        ok = int(c) == 1
+                        ctx.stats["fills" if ok else "fills_refused"] += 1
+                        k = ukeys[i]
+                        result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), decode_version(enc[i][1] or None),
+                                          source="loader", filled=ok)
+        if corrupt and repairs < 3:  # repaired entries are read again at once (they now take a lease)
+            repairs += 1
+            pending = corrupt + [i for i, _ in waiting]
+            if not waiting:
+                continue
+        elif corrupt:  # pragma: no cover - an entry that stays corrupt after three repairs
+            raise CorruptEntry(f"entries of {[ukeys[i] for i in corrupt]!r} stay unreadable")
+        if not waiting:
+            break
+        remaining = o.max_wait - waited
+        if remaining <= 0:
+            rest = [ukeys[i] for i, _ in waiting]
+            ctx.stats["loads"] += 1
+            values = yield Load(rest)
+            for k in rest:
+                result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="loader")
+            break
+        ctx.stats["waits"] += 1
+        first = _groups(ctx, [eks[i] for i, _ in waiting])[0]
+        wks = [wake_key(eks[waiting[j][0]]) for j in first]
+        elapsed, _ = yield from wait(ctx, wks, min(min(w for _, w in waiting), remaining) + 0.001)
+        waited += elapsed
+        pending = [i for i, _ in waiting] + (corrupt if corrupt and repairs <= 3 else [])
+    return {k: result[k] for k in ukeys}

@@ -1,0 +1,194 @@
+"""The write flows: the one invalidation path (``invalidate_many_flow``), writers' sets, the write strategies'
+steps, and side-effect-free peeks (rules 3 to 5 of :mod:`cachesync.core`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+import logging
+from typing import Any, Final
+
+from ..errors import InvalidationError, UsageError
+from ..errors import CorruptEntryError, InvalidKeyError
+from .keys import wake_key
+from .options import check_non_negative
+from .context import _groups, _interleave, Context
+from .effects import Batch, CommandError, Flow, RedisDown, Schedule, script
+from .strategies import resolve_strategy, SP, Step
+from .values import decode_version, encode_version, MISSING, star_keys, Versioned
+
+log = logging.getLogger("cachesync")
+# --------------------------------------------------------------------------- write flows
+
+
+INVALIDATE_CHUNK: Final = 500
+"""Keys per ``invalidate.lua`` call: a bigger batch is split (and, on a cluster, grouped by slot first)."""
+
+
+def merge_invalidations(items: Iterable[tuple[Sequence[str], Any]], fn: str = "invalidate_many") -> dict[str, str]:
+    """Key -> encoded version ("" = unknown) for a batch of ``(keys, version)`` pairs, each key once.
+
+    A key named by several pairs keeps its highest version (the floor only ever rises, so this is what
+    applying the pairs one by one would leave). A pair's ``keys`` must be a list or tuple of keys, not a string.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        try:
+            keys, version = item
+        except (TypeError, ValueError):
+            raise UsageError(f"{fn}() takes (keys, version) pairs, got {item!r}") from None
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise UsageError(f"{fn}() takes a list of keys per (keys, version) pair, not {keys!r}")
+        ver = encode_version(version)
+        for k in keys:
+            if not isinstance(k, str):
+                raise InvalidKeyError(k, f"keys must be str, not {type(k).__name__} (in {fn}())")
+            old = out.get(k)
+            if old is None or (ver != "" and (old == "" or float(ver) > float(old))):
+                out[k] = ver
+    return out
+
+
+def invalidate_many_flow(ctx: Context, versions: Mapping[str, str]) -> Flow[int]:
+    """Invalidate a batch: ``versions`` maps each key to its encoded committed version ("" = unknown), as
+    :func:`merge_invalidations` returns it. One ``invalidate.lua`` call per slot group and
+    :data:`INVALIDATE_CHUNK` keys, each key with its own version. The one invalidation path: ``invalidate``,
+    ``invalidate_many``, the write strategies, the relay, the workers, CDC and the auditor all come here.
+
+    Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys not yet invalidated
+    when Redis cannot be reached (those already done stay done, which is harmless: invalidation is idempotent).
+    """
+    ukeys = list(versions)
+    if not ukeys:
+        return 0
+    eks = [ctx.ekey(k) for k in ukeys]
+    head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel]
+    done: set[int] = set()
+    had = 0
+    for group in _groups(ctx, eks):
+        for c in range(0, len(group), INVALIDATE_CHUNK):
+            chunk = group[c:c + INVALIDATE_CHUNK]
+            try:
+                had += int((yield from script("invalidate", _interleave([eks[i] for i in chunk]),
+                                              [*head, *(versions[ukeys[i]] for i in chunk)])))
+            except RedisDown as e:
+                ctx.stats["redis_errors"] += 1
+                raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
+            done.update(chunk)
+    ctx.stats["invalidations"] += len(ukeys)
+    return had
+
+
+def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> Flow[int]:
+    """Invalidate keys after a write that committed ``version``: :func:`invalidate_many_flow` of one pair."""
+    star_keys(keys, "invalidate")
+    return invalidate_many_flow(ctx, merge_invalidations([(keys, version)], "invalidate"))
+
+
+def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any, guarded: bool) -> Flow[bool]:
+    """A writer stores a value (voids leases; refuses an older version when ``guarded``)."""
+    ek = ctx.ekey(key)
+    if version is not None:
+        value = Versioned(value, version)
+    payload, ver, neg = ctx.encode(key, value)
+    if not guarded:
+        ver = ""
+    try:
+        r = yield from script("set", [ek, wake_key(ek)], [payload, ver, ctx.ttl_ms(ttl, neg == "1"), neg, ctx.wake_ms,
+                                                       ctx.channel])
+    except RedisDown as e:
+        ctx.stats["redis_errors"] += 1
+        raise InvalidationError([key], e.cause) from e.cause
+    ok = int(r) == 1
+    ctx.stats["sets" if ok else "sets_refused"] += 1
+    return ok
+
+
+def steps_flow(ctx: Context, steps: Sequence[Step], keys: Sequence[str], value: Any, version: Any,
+               ttl: float | None) -> Flow[None]:
+    """Run a strategy's steps for ``keys``."""
+    for step in steps:
+        if step is Step.INVALIDATE:
+            yield from invalidate_flow(ctx, keys, version)
+        else:
+            if value is MISSING:
+                raise UsageError(f"write strategy step {step.value} needs the new value: pass value= to write() or "
+                                 "call set_value() inside the block")
+            if step is Step.SET_VERSIONED and version is None:
+                raise UsageError("strategy db_then_set_versioned needs version= (the row's new version)")
+            for k in keys:
+                yield from set_flow(ctx, k, value, ttl, version, step is Step.SET_VERSIONED)
+
+
+class WritePlan:
+    """The state of one ``cache.write(...)`` block, shared by the sync and async drivers."""
+
+    def __init__(self, ctx: Context, keys: Sequence[str], strategy: str | None, value: Any, version: Any,
+                 ttl: float | None, delay: float | None) -> None:
+        star_keys(keys, "write")
+        if not keys:
+            raise UsageError("write() needs at least one cache key")
+        self.ctx = ctx
+        self.keys = [k for k in dict.fromkeys(keys)]
+        for k in self.keys:
+            ctx.ekey(k)
+        self.strategy = resolve_strategy(strategy if strategy is not None else ctx.o.strategy)
+        self.value = value
+        self.version = version
+        self.ttl = ttl
+        self.delay = ctx.o.double_delete_delay if delay is None else check_non_negative("delay", delay)
+        if SP in self.strategy.before and value is MISSING:
+            raise UsageError(f"strategy {self.strategy.name} updates the cache before the database: pass value=")
+
+    def set_value(self, value: Any, version: Any = None) -> None:
+        """Give the new value (and version) for a strategy that stores it after the commit."""
+        self.value = value
+        if version is not None:
+            self.version = version
+
+    def before(self) -> Flow[None]:
+        return steps_flow(self.ctx, self.strategy.before, self.keys, self.value, self.version, self.ttl)
+
+    def after(self, failed: bool) -> Flow[None]:
+        s = self.strategy
+        steps = s.on_error if failed else s.after
+        yield from steps_flow(self.ctx, steps, self.keys, self.value, self.version, self.ttl)
+        if s.delayed and not failed:
+            keys, version, ctx = self.keys, self.version, self.ctx
+            yield Schedule(self.delay, lambda: steps_flow(ctx, s.delayed, keys, MISSING, version, None), keys)
+
+
+def peek_values_flow(ctx: Context, keys: Sequence[str]
+                     ) -> Flow[list[tuple[bool, int | float | None, bool, bytes | None]]]:
+    """Per key, without side effects (for audits): (holds a value, its version, negative entry, the stored
+    payload). A value stale-marked by an invalidation (``serve_stale``) counts as no value: it is known to be
+    old. One pipelined round trip."""
+    replies = yield Batch(tuple(("HMGET", ctx.ekey(k), "v", "ver", "n", "s") for k in keys))
+    out: list[tuple[bool, int | float | None, bool, bytes | None]] = []
+    for r in replies:
+        if isinstance(r, CommandError):  # a foreign key (wrong type) where an entry belongs: no value
+            out.append((False, None, False, None))
+            continue
+        v, ver, n, stale = r
+        has_value = v is not None and stale not in (b"1", "1")
+        try:
+            dver = decode_version(ver) if ver not in (None, b"") else None
+        except CorruptEntryError:
+            dver = None
+        out.append((has_value, dver, n in (b"1", "1"), v if has_value else None))
+    return out
+
+
+def peek_flow(ctx: Context, key: str) -> Flow[dict[str, Any] | None]:
+    """Read an entry's raw state without taking a lease (for audits and the lab)."""
+    ek = ctx.ekey(key)
+    reply = yield from script("peek", [ek], [])
+    fields = dict(zip(reply[::2], reply[1::2], strict=True))
+    if not fields:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        name = k.decode() if isinstance(k, bytes) else k
+        out[name] = v
+    if "v" in out:
+        out["value"] = ctx.decode(key, out["v"], out.get("n") in (b"1", "1"))
+    return out
