@@ -1,0 +1,1 @@
+"""The asyncio (redis.asyncio) drivers: the same file and public names in _sync/ and _async/ (tests/test_layers.py)."""
