@@ -2,8 +2,10 @@
 
 ``sqlite:///path.db`` (or ``sqlite:///:memory:``), ``postgresql://user@host:port/db``
 (psycopg 3), ``mysql://user:pass@host:port/db`` or ``mariadb://...`` (PyMySQL).
-The small :class:`Dialect` interface holds what differs between them; the
-outbox, the relay and the lab use it instead of branching on names.
+The :class:`Dialect` objects (:data:`SQLITE`, :data:`POSTGRESQL`, :data:`MYSQL`) hold what differs between
+them, as data and small methods over that data; the outbox, the capture triggers, the relay, the lab and the
+integrations use them instead of branching on names. docs/testing.md lists every field and what still
+branches; :class:`cachesync.testing.DialectConformance` checks a dialect.
 """
 
 from __future__ import annotations
