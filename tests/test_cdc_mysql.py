@@ -9,7 +9,8 @@ import pytest
 
 from cachesync.cdc import Source
 from cachesync.cdc.mysql import MySQLSource
-from test_cdc_conformance import CdcConformance, Env
+from cachesync.testing import CdcConformance
+from cachesync.testing import CdcEnv as Env
 
 _ids = itertools.count(int.from_bytes(os.urandom(3), "big") * 64 + 100_000)
 
@@ -34,7 +35,7 @@ class TestMariaDBConformance(CdcConformance):
         cur.close()
 
     def test_rename_and_drop_invalidate_every_key_of_the_table(self, env: Env) -> None:
-        from test_cdc_conformance import tombstoned
+        from cachesync.testing import tombstoned
 
         t = env.table
         env.write(f"INSERT INTO {t} VALUES (1, 'a@x', 'A')")

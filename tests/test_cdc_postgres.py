@@ -13,7 +13,8 @@ import cachesync
 from cachesync.cdc import Source
 from cachesync.cdc.postgres import PostgresSource
 from cachesync.outbox import Outbox, OutboxError
-from test_cdc_conformance import CdcConformance, Env, tombstoned, wait_for
+from cachesync.testing import CdcConformance, tombstoned, wait_for
+from cachesync.testing import CdcEnv as Env
 
 
 def drop_slot_and_publication(pg_url: str, slot: str, publication: str) -> None:

@@ -381,7 +381,7 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                    ready_max_lag: float = DEFAULT_READY_MAX_LAG) -> tuple[dict[str, Check], Callable[[], str]]:
     """Export the CDC runner's stats, lag, position and checkpoint age; return its readiness checks and summary
     line. Call before ``runner.run()``."""
-    from .db import POSTGRESQL, connect, dialect_of
+    from .db import connect, dialect_of
 
     st = runner.stats
     _stats(metrics, "cachesync", st, CDC_STATS, namespace)
@@ -407,7 +407,7 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                     "gauge", ("namespace",), lambda: [] if position() is None else [(lab, position() or 0.0)])
     lock = threading.Lock()
     conn: list[Any] = []
-    pg = dialect_of(db_url) is POSTGRESQL
+    lsn_sql = dialect_of(db_url).wal_position_sql  # None: no byte lag to export (the check only connects)
 
     def server_lsn() -> float | None:
         with lock:
@@ -416,7 +416,7 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                     conn.append(connect(db_url))
                 cur = conn[0].cursor()
                 try:
-                    cur.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn" if pg else "SELECT 1")
+                    cur.execute(lsn_sql or "SELECT 1")
                     v = cur.fetchone()[0]
                 finally:
                     cur.close()
@@ -428,9 +428,9 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                     except Exception:
                         pass
                 raise
-        return float(v) if pg else None
+        return float(v) if lsn_sql else None
 
-    if pg:
+    if lsn_sql is not None:
         metrics.observe("cachesync_cdc_lag_bytes", "PostgreSQL: WAL bytes between the server's position and the "
                         "applied one", "gauge", ("namespace",),
                         lambda: [] if position() is None else [(lab, max(0.0, (server_lsn() or 0.0) -

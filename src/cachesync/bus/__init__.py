@@ -1,7 +1,7 @@
 """Message buses that carry invalidations from a producer (the outbox relay, CDC) to workers.
 
 The interface is deliberately small so that other brokers (Kafka, ...) can be added; every implementation passes
-the same conformance suite (``tests/test_bus_conformance.py``)::
+the same conformance suite (:class:`cachesync.testing.BusConformance`, docs/testing.md)::
 
     bus.publish(batch)                       # durable when it returns; raises on failure (nothing acked)
     ds = bus.consume(group, consumer, max_messages=100, timeout=1.0)   # -> list[Delivery]

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import core as P
-from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect, dialect_of
+from ..db import DIALECTS, Dialect, dialect_of
 from ..errors import UsageError
 from ..core.keys import check_key
 from ..core.options import CacheOptions
@@ -69,24 +69,29 @@ def check_table(table: object) -> str:
 
 def now_ms_sql(d: Dialect) -> str:
     """SQL for "now" in ms since the epoch by the database clock (all outbox times use the database clock)."""
-    if d is POSTGRESQL:
-        return "(extract(epoch from statement_timestamp()) * 1000)::bigint"
-    if d is MYSQL:
-        return "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
-    return "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    return d.now_ms
 
 
 def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
     """The statements that create the outbox ``table`` (idempotent) for dialect ``d``."""
     t = check_table(table)
-    if d is POSTGRESQL:
-        return [
-            f"CREATE TABLE IF NOT EXISTS {t} (id BIGSERIAL PRIMARY KEY, cache_keys TEXT NOT NULL, "
-            "key_version TEXT NULL, run_at BIGINT NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
-            "claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
-            f"created_at BIGINT NOT NULL DEFAULT {now_ms_sql(d)})",
-            # partial: immediate rows (run_at = 0, the common case) cost the writer no second index entry
-            f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
+    now = now_ms_sql(d)
+    # PostgreSQL and SQLite: a partial index: immediate rows (run_at = 0, the common case) cost the writer no
+    # second index entry; MySQL has no partial indexes. SQLite: the rowid is the id (no AUTOINCREMENT: no
+    # sqlite_sequence page to write per transaction; an id can be reused only after its row was deleted, and the
+    # relay's deletes check claimed_by).
+    index = "" if d.partial_index else f", KEY {t}_run_at (run_at)"
+    out = [
+        f"CREATE TABLE IF NOT EXISTS {t} (id {d.serial_key}, cache_keys {d.long_text} NOT NULL, "
+        f"key_version {d.short_text} NULL, run_at {d.bigint} NOT NULL DEFAULT 0, "
+        f"attempts {d.integer} NOT NULL DEFAULT 0, claimed_until {d.bigint} NOT NULL DEFAULT 0, "
+        f"claimed_by {d.short_text} NULL, last_error TEXT NULL, "
+        f"created_at {d.bigint} NOT NULL DEFAULT ({now}){index}){d.table_options}",
+    ]
+    if d.partial_index:
+        out.append(f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0")
+    if d.notify:
+        out += [
             # One NOTIFY per inserted row; payload (the relay's fast path): the JSON array [id, cache_keys text,
             # key_version] of an immediate row (run_at = 0). An empty payload only wakes the relay to claim: a
             # delayed row (the relay re-learns when the next one is due; PostgreSQL sends identical notifications
@@ -101,35 +106,15 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"DROP TRIGGER IF EXISTS {t}_notify ON {t}",
             f"CREATE TRIGGER {t}_notify AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_notify()",
         ]
-    if d is MYSQL:
-        return [
-            f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, "
-            "cache_keys LONGTEXT NOT NULL, key_version VARCHAR(64) NULL, run_at BIGINT NOT NULL DEFAULT 0, "
-            "attempts INT NOT NULL DEFAULT 0, claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by VARCHAR(64) NULL, "
-            f"last_error TEXT NULL, created_at BIGINT NOT NULL DEFAULT ({now_ms_sql(d)}), KEY {t}_run_at (run_at)) "
-            "ENGINE=InnoDB",
-        ]
-    # SQLite: the rowid is the id (no AUTOINCREMENT: no sqlite_sequence page to write per transaction; an id can
-    # be reused only after its row was deleted, and the relay's deletes check claimed_by); the run_at index is
-    # partial, as on PostgreSQL: an immediate row adds no index entry.
-    return [
-        f"CREATE TABLE IF NOT EXISTS {t} (id INTEGER PRIMARY KEY, cache_keys TEXT NOT NULL, "
-        "key_version TEXT NULL, run_at INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
-        "claimed_until INTEGER NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
-        f"created_at INTEGER NOT NULL DEFAULT ({now_ms_sql(d)}))",
-        f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
-    ]
+    return out
 
 
 def dialect_of_connection(conn: Any) -> Dialect:
     """The :class:`Dialect` of a DB-API connection (sqlite3, psycopg 3, psycopg2, PyMySQL)."""
     mod = type(conn).__module__
-    if mod.startswith("sqlite3"):
-        return SQLITE
-    if mod.startswith(("psycopg", "psycopg2")):
-        return POSTGRESQL
-    if mod.startswith(("pymysql", "MySQLdb", "mysql")):
-        return MYSQL
+    for d in DIALECTS:
+        if mod.startswith(d.driver_modules):
+            return d
     raise OutboxError(f"cannot tell the database of connection {type(conn).__qualname__} from module {mod!r}; "
                       "pass dialect= ('sqlite', 'postgresql' or 'mysql')")
 
@@ -183,7 +168,7 @@ class Outbox:
         cur = conn.cursor()
         try:
             stmts = ddl(d, self.table)
-            if d is POSTGRESQL:
+            if d.notify:  # the NOTIFY trigger: replaced by concurrent relays under a lock, or kept / dropped
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
                 if notify is None:  # keep an existing table's trigger (or its absence) as it is
                     cur.execute("SELECT to_regclass(%s) IS NULL", (self.table,))
@@ -206,7 +191,7 @@ class Outbox:
         d = self._dialect(conn)
         cur = conn.cursor()
         cur.execute(f"DROP TABLE IF EXISTS {self.table}")
-        if d is POSTGRESQL:
+        if d.notify:
             cur.execute(f"DROP FUNCTION IF EXISTS {self.table}_notify()")
         conn.commit()
         cur.close()
@@ -335,7 +320,7 @@ class Outbox:
 
     def _check_pg(self, conn: Any, what: str) -> str:
         mod = type(conn).__module__
-        if self._dialect(conn) is not POSTGRESQL or not mod.startswith(("psycopg", "psycopg2")):
+        if not self._dialect(conn).wal_messages or not mod.startswith(("psycopg", "psycopg2")):
             raise OutboxError(f"Outbox.{what}() writes a PostgreSQL WAL message: it needs a psycopg 3 (or, for "
                               f"emit(), psycopg2) connection, not {type(conn).__qualname__} from {mod!r}; use "
                               "record()/commit() (the outbox table) on other databases")
@@ -412,8 +397,8 @@ class Outbox:
         """(NOTIFY trigger present — PostgreSQL, else None; tables with capture triggers writing to this outbox)."""
         esc = self.table.replace("_", "\\_")
         names = _trigger_names(conn, d, esc + "\\_%")
-        notify = any(n == f"{self.table}_notify" for n, _ in names) if d is POSTGRESQL else None
-        suffixes = ("_cap",) if d is POSTGRESQL else ("_ins", "_upd", "_del")
+        notify = any(n == f"{self.table}_notify" for n, _ in names) if d.notify else None
+        suffixes = ("_cap",) if d.trigger_functions else ("_ins", "_upd", "_del")  # see triggers._names
         captured = sorted({tbl for n, tbl in names if n.endswith(suffixes) and tbl != self.table})
         return notify, captured
 
@@ -469,14 +454,7 @@ def _trigger_names(conn: Any, d: Dialect, like: str) -> list[tuple[str, str]]:
     """(trigger name, table) of the triggers whose name matches the SQL LIKE pattern ``like``."""
     cur = conn.cursor()
     try:
-        if d is POSTGRESQL:
-            cur.execute("SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                        "WHERE NOT t.tgisinternal AND t.tgname LIKE %s", (like,))
-        elif d is MYSQL:
-            cur.execute("SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
-                        "WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE %s", (like,))
-        else:
-            cur.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND name LIKE ? ESCAPE '\\'", (like,))
+        cur.execute(d.triggers_sql, (like,))
         rows = [(str(a), str(b)) for a, b in cur.fetchall()]
         conn.commit()
         return rows

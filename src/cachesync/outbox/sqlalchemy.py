@@ -296,7 +296,7 @@ class OutboxSync:
         if missing:
             raise OutboxError(f"rule for table {name!r} names column(s) {missing} the table does not have")
         sel = select(*[table.c[c] for c in cols]).where(*stmt._where_criteria)
-        if conn.dialect.name in ("postgresql", "mysql", "mariadb"):
+        if _dialect(conn).for_update:
             sel = sel.with_for_update()
         for row in conn.execute(sel).mappings():
             old = dict(row)

@@ -67,17 +67,6 @@ def _names(outbox: str, table: str) -> dict[str, str]:
             "pg": f"{base}_cap", "trn": f"{base}_trn"}
 
 
-def _quote(d: Dialect, s: str) -> str:
-    """A SQL string literal (MySQL also escapes backslashes, which it treats as escapes by default)."""
-    if d is MYSQL:
-        s = s.replace("\\", "\\\\")
-    return "'" + s.replace("'", "''") + "'"
-
-
-def _qi(d: Dialect, name: str) -> str:
-    return f"`{name}`" if d is MYSQL else f'"{name}"'
-
-
 def _template_parts(rule: TableRule, template: str) -> list[tuple[str, str | None]]:
     parts = []
     for literal, field, spec, conv in string.Formatter().parse(template):
@@ -94,22 +83,15 @@ def _key_sql(d: Dialect, rule: TableRule, template: str, image: str) -> str:
     pieces: list[str] = []
     for literal, field in _template_parts(rule, template):
         if literal:
-            pieces.append(_quote(d, literal))
+            pieces.append(d.literal(literal))
         if field is not None:
-            col = f"{image}.{_qi(d, field)}"
-            cast = f"CAST({col} AS CHAR)" if d is MYSQL else f"CAST({col} AS TEXT)"
-            pieces.append(f"COALESCE({cast}, 'None')")
-    if not pieces:
-        return "''"
-    if d is MYSQL:
-        return f"CONCAT({', '.join(pieces)})" if len(pieces) > 1 else pieces[0]
-    return " || ".join(pieces)
+            pieces.append(f"COALESCE({d.cast_text(f'{image}.{d.ident(field)}')}, 'None')")
+    return d.concat(pieces) if pieces else "''"
 
 
 def _keys_json(d: Dialect, rule: TableRule, images: Sequence[str]) -> str:
     exprs = [_key_sql(d, rule, t, img) for t in rule.keys for img in images if _needs(t, img, images)]
-    fn = {"postgresql": "json_build_array", "mysql": "JSON_ARRAY", "sqlite": "json_array"}[d.name]
-    return f"{fn}({', '.join(exprs)})"
+    return d.json_array(exprs)
 
 
 def _needs(template: str, image: str, images: Sequence[str]) -> bool:
@@ -142,12 +124,10 @@ def version_kind(d: Dialect, sqltype: str) -> str | None:
 def _version_sql(d: Dialect, rule: TableRule, image: str, kind: str | None = "number") -> str:
     if rule.version is None:
         return "NULL"
-    col = f"{image}.{_qi(d, rule.version)}"
-    if kind == "timestamp":
-        if d is MYSQL:
-            return f"CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col}) AS CHAR)"
-        return f"CAST(CAST(extract(epoch from {col}) * 1000000 AS BIGINT) AS TEXT)"
-    return f"CAST({col} AS CHAR)" if d is MYSQL else f"CAST({col} AS TEXT)"
+    col = f"{image}.{d.ident(rule.version)}"
+    if kind == "timestamp" and d.epoch_us is not None:  # version_kind() gives "timestamp" only where it is set
+        return d.epoch_us.format(col)
+    return d.cast_text(col)
 
 
 # ------------------------------------------------------------------ introspection
@@ -157,14 +137,7 @@ def columns(conn: Any, d: Dialect, table: str) -> dict[str, str]:
     """Column name -> SQL type of ``table`` (empty if the table does not exist). Uses ``conn``; does not commit."""
     cur = conn.cursor()
     try:
-        if d is POSTGRESQL:
-            cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped", (table,))
-        elif d is MYSQL:
-            cur.execute("SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
-                        "AND TABLE_NAME = %s", (table,))
-        else:
-            cur.execute("SELECT name, type FROM pragma_table_info(?)", (table,))
+        cur.execute(d.columns_sql, (table,))
         return {str(n): str(t).lower() for n, t in cur.fetchall()}
     finally:
         cur.close()
@@ -212,7 +185,7 @@ def check_rule(d: Dialect, rule: TableRule, cols: dict[str, str]) -> None:
 def _check_target(d: Dialect, target: object) -> None:
     if target not in TARGETS:
         raise OutboxError(f"trigger target {target!r}: expected one of {', '.join(TARGETS)}")
-    if target == "wal" and d is not POSTGRESQL:
+    if target == "wal" and not d.wal_messages:
         raise OutboxError(f"trigger target 'wal' writes PostgreSQL WAL messages; {d.name} has none: use "
                           "target='table' (the outbox table and cachesync relay)")
 
@@ -226,23 +199,23 @@ def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table",
     kind = version_kind(d, cols[rule.version]) if cols and rule.version in cols else "number"
     table = _check_name(rule.table)
     n = _names(ob.table, table)
-    qt, ot = _qi(d, table), ob.table
+    qt, ot = d.ident(table), ob.table
     events = {"ins": ("INSERT", ["NEW"]), "upd": ("UPDATE", ["OLD", "NEW"]), "del": ("DELETE", ["OLD"])}
-    if d is POSTGRESQL:
+    if d.trigger_functions:  # PostgreSQL: one plpgsql function for every event, and a TRUNCATE trigger
         branches: list[str] = []
         for ev, (op, images) in events.items():
             keys = _keys_json(d, rule, images)
             ver = _version_sql(d, rule, "OLD" if ev == "del" else "NEW", kind)
             if target == "wal":
-                stmt = (f"PERFORM pg_logical_emit_message(true, {_quote(d, ob.message_prefix)}, "
+                stmt = (f"PERFORM pg_logical_emit_message(true, {d.literal(ob.message_prefix)}, "
                         f"json_build_object('keys', {keys}, 'version', {ver})::text);")
             else:
                 stmt = f"INSERT INTO {ot} (cache_keys, key_version, run_at) VALUES ({keys}::text, {ver}, 0);"
             branches.append(f"{'IF' if not branches else 'ELSIF'} TG_OP = '{op}' THEN {stmt}")
         # TRUNCATE fires no row trigger: a statement trigger records "every key of the table's templates"
-        flush = _quote(d, json.dumps({"prefixes": rule.prefixes()}, separators=(",", ":")))
+        flush = d.literal(json.dumps({"prefixes": rule.prefixes()}, separators=(",", ":")))
         if target == "wal":
-            stmt = f"PERFORM pg_logical_emit_message(true, {_quote(d, ob.message_prefix)}, {flush});"
+            stmt = f"PERFORM pg_logical_emit_message(true, {d.literal(ob.message_prefix)}, {flush});"
         else:
             stmt = f"INSERT INTO {ot} (cache_keys, key_version, run_at) VALUES ({flush}, NULL, 0);"
         branches.append(f"ELSIF TG_OP = 'TRUNCATE' THEN {stmt}")
@@ -261,19 +234,16 @@ def trigger_ddl(d: Dialect, ob: Outbox, rule: TableRule, target: str = "table",
         ver = _version_sql(d, rule, "OLD" if ev == "del" else "NEW", kind)
         insert = f"INSERT INTO {ot} (cache_keys, key_version, run_at) VALUES ({keys}, {ver}, 0)"
         out.append(f"DROP TRIGGER IF EXISTS {n[ev]}")
-        if d is MYSQL:
-            out.append(f"CREATE TRIGGER {n[ev]} AFTER {op} ON {qt} FOR EACH ROW {insert}")
-        else:
-            out.append(f"CREATE TRIGGER {n[ev]} AFTER {op} ON {qt} FOR EACH ROW BEGIN {insert}; END")
+        out.append(f"CREATE TRIGGER {n[ev]} AFTER {op} ON {qt} FOR EACH ROW {d.trigger_body(insert)}")
     return out
 
 
 def drop_ddl(d: Dialect, ob: Outbox, table: str) -> list[str]:
     """The statements that drop the capture triggers of ``table`` (idempotent)."""
     n = _names(ob.table, _check_name(table))
-    if d is POSTGRESQL:
-        return [f"DROP TRIGGER IF EXISTS {n['pg']} ON {_qi(d, table)}",
-                f"DROP TRIGGER IF EXISTS {n['trn']} ON {_qi(d, table)}", f"DROP FUNCTION IF EXISTS {n['fn']}()"]
+    if d.trigger_functions:
+        return [f"DROP TRIGGER IF EXISTS {n['pg']} ON {d.ident(table)}",
+                f"DROP TRIGGER IF EXISTS {n['trn']} ON {d.ident(table)}", f"DROP FUNCTION IF EXISTS {n['fn']}()"]
     return [f"DROP TRIGGER IF EXISTS {n[ev]}" for ev in ("ins", "upd", "del")]
 
 

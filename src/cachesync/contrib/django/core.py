@@ -266,7 +266,7 @@ class CachesyncQuerySet(models.QuerySet[Any]):
                 if col in rule.columns or col == rule.version:
                     set_values[col] = None if expr else v
             names = _attnames(self.model, _rule_cols(rule))
-            qs = self.select_for_update() if connections[using].vendor in ("postgresql", "mysql") else self
+            qs = self.select_for_update() if dialect_for(connections[using]).for_update else self
             rows = [{c: r[a] for c, a in names.items()} for r in qs.values(*names.values())]
             n = super().update(**kwargs)
             groups: list[tuple[list[str], Any]] = []
