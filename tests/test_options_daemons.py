@@ -342,7 +342,8 @@ def test_no_exception_class_is_defined_outside_errors_py() -> None:
 
 MISUSE = ["UsageError", "ConfigError", "UnknownStrategyError", "InvalidKeyError", "SerializationError",
           "ValueTooLargeError", "RuleError", "OutboxError", "OutboxConfigError", "BusError", "BusConfigError",
-          "AuditError", "AuditConfigError", "DatabaseURLError", "CdcConfigError", "CdcOptionError", "CheckpointError"]
+          "AuditError", "AuditConfigError", "DatabaseURLError", "CdcConfigError", "CdcOptionError", "CheckpointError",
+          "LabConfigError"]
 BAD_DATA = ["BadDataError", "CorruptEntryError", "CorruptCheckpointError", "DecodeError"]
 SERVICES = ["ServiceError", "ServiceUnavailableError", "CacheUnavailableError", "BusUnavailableError",
             "DatabaseUnavailableError", "Disconnected", "PositionLost", "InvalidationError", "RedisCommandError"]

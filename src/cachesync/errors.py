@@ -10,7 +10,8 @@ object -- :class:`~cachesync.CacheOptions`, ``RelayOptions``, ``WorkerOptions``,
 :class:`RuleError`, :class:`AuditError`, :class:`CdcConfigError`, :class:`CheckpointError`,
 :class:`DatabaseURLError`) name the component. An option error of a component is both: e.g.
 :class:`OutboxConfigError` is a :class:`ConfigError` and an :class:`OutboxError`, so ``except OutboxError``
-written before the options objects still catches it.
+written before the options objects still catches it (likewise :class:`BusConfigError`, :class:`CdcOptionError`,
+:class:`AuditConfigError`, :class:`LabConfigError`).
 
 **Bad data from outside** -- :class:`BadDataError` (also a ``ValueError``): something read from the wire or from
 storage cannot be used (an outbox row, a bus message, a replication event, a checkpoint file, a stored cache
@@ -250,3 +251,7 @@ class RedisCommandError(ServiceError):
 class LabError(CachesyncError):
     """The lab cannot run (no server, unreachable server, bad option); the message says what to do.
     (Also importable from :mod:`cachesync.lab`.)"""
+
+
+class LabConfigError(ConfigError, LabError):
+    """A bad lab option (``--readers``...): a :class:`ConfigError` that ``except LabError`` still catches."""
