@@ -142,9 +142,9 @@ def test_bad_input_is_named(world: World) -> None:
         Auditor(world.cache, world.url, Rules({"t": {"keys": ["{a}{b}"], "version": "v"}}))
     with pytest.raises(AuditError, match="format spec"):
         Auditor(world.cache, world.url, Rules({"t": {"keys": ["k:{id:05d}"], "version": "v"}}))
-    with pytest.raises(AuditError, match="grace must be"):
+    with pytest.raises(AuditError, match="'grace': must be"):
         world.auditor(grace=-1)
-    with pytest.raises(AuditError, match="limit must be"):
+    with pytest.raises(AuditError, match="'limit': must be"):
         world.auditor().run(limit=0)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 from pathlib import Path
+
+import pytest
 
 import cachesync
 from cachesync.cli import build_parser
@@ -30,6 +33,31 @@ def test_every_cache_option_is_documented_with_its_default():
         row = re.search(rf"^\| `{f.name}` \| `([^`]*)` \|", core, re.M)
         assert row, f"option {f.name} is missing from docs/core.md"
         assert row.group(1) == repr(default), f"docs/core.md shows {f.name}={row.group(1)}, code has {default!r}"
+
+
+DAEMON_OPTIONS = [  # (options class, docs page): each page has a heading naming the class and a table of its fields
+    ("cachesync.outbox.options:RelayOptions", "outbox.md"),
+    ("cachesync.bus.options:WorkerOptions", "outbox.md"),
+    ("cachesync.cdc.options:CdcOptions", "cdc.md"),
+    ("cachesync.audit:AuditOptions", "audit.md"),
+]
+
+
+@pytest.mark.parametrize(("target", "page"), DAEMON_OPTIONS, ids=[t.split(":")[1] for t, _ in DAEMON_OPTIONS])
+def test_every_daemon_option_is_documented_with_its_default(target: str, page: str) -> None:
+    module, name = target.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    text = (ROOT / "docs" / page).read_text()
+    head = re.search(rf"^#+ .*`{name}`.*$", text, re.M)
+    assert head, f"docs/{page} has no heading naming `{name}`"
+    nxt = re.search(r"^#", text[head.end():], re.M)
+    section = text[head.end(): head.end() + nxt.start()] if nxt else text[head.end():]
+    for f in dataclasses.fields(cls):
+        row = re.search(rf"^\| `{f.name}` \| `([^`]*)` \| \S", section, re.M)
+        assert row, f"{name}.{f.name} is missing from the {name} section of docs/{page}"
+        assert row.group(1) == repr(f.default), f"docs/{page} shows {name}.{f.name}={row.group(1)}, code has {f.default!r}"
+    documented = re.findall(r"^\| `(\w+)` \| `", section, re.M)
+    assert set(documented) <= {f.name for f in dataclasses.fields(cls)}, f"docs/{page} documents options {name} lacks"
 
 
 def _walk(parser: argparse.ArgumentParser, path: list[str]):

@@ -5,14 +5,18 @@ Start with :class:`Cache` (sync) or :class:`AsyncCache` (asyncio).
 
 from .aio import AsyncCache
 from .errors import (
+    BadDataError,
     CacheUnavailableError,
     CachesyncError,
     ConfigError,
     CorruptEntryError,
+    DatabaseUnavailableError,
     InvalidationError,
     InvalidKeyError,
     RedisCommandError,
     SerializationError,
+    ServiceError,
+    ServiceUnavailableError,
     UnknownStrategyError,
     UsageError,
     ValueTooLargeError,
@@ -24,6 +28,26 @@ from .refresh import AsyncRefreshAhead, AsyncRefresher, RefreshAhead, Refresher,
 from .core import NOT_FOUND, STRATEGIES, Entry, NotFound, Strategy, Versioned
 from .sync import Cache
 from .writepath import AsyncWritePath, WritePath
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .audit import AuditOptions
+    from .bus.options import WorkerOptions
+    from .cdc.options import CdcOptions
+    from .outbox.options import RelayOptions
+
+_LAZY = {"AuditOptions": "cachesync.audit", "CdcOptions": "cachesync.cdc.options",
+         "RelayOptions": "cachesync.outbox.options", "WorkerOptions": "cachesync.bus.options"}
+"""The daemons' options objects, imported on first use (``import cachesync`` does not load the daemons)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cachesync' has no attribute {name!r}")
 
 def _version() -> str:
     """The installed distribution's version (pyproject.toml is its single source)."""
@@ -43,4 +67,6 @@ __all__ = [
     "UnknownStrategyError", "UsageError", "ValueTooLargeError", "Versioned", "__version__",
     "AsyncBloomFilter", "AsyncRefreshAhead", "AsyncRefresher", "BloomFilter", "L1Options", "RefreshAhead", "RefreshOptions", "Refresher",
     "AsyncWritePath", "WritePath",
+    "AuditOptions", "CdcOptions", "RelayOptions", "WorkerOptions",
+    "BadDataError", "DatabaseUnavailableError", "ServiceError", "ServiceUnavailableError",
 ]

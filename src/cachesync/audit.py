@@ -46,10 +46,13 @@ import string
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 
 from . import core as P
 from .db import connect, dialect_of
+from . import _validate
+from .errors import AuditConfigError
+from .errors import AuditError as AuditError  # defined in errors.py, re-exported here
 from .errors import UsageError
 from .core.rules import Rules, TableRule
 from .sync import Cache
@@ -58,10 +61,6 @@ KINDS = ("stale", "ahead", "deleted", "negative_but_exists", "value_differs")
 """The kinds of finding (see the module docstring)."""
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class AuditError(UsageError):
-    """Bad auditor input (rules, template, option); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -136,19 +135,43 @@ def _compile(rule: TableRule, template: str) -> _Template | None:
     return _Template(rule, template, fields, re.compile(pattern + r"\Z", re.S))
 
 
+@dataclass(frozen=True)
+class AuditOptions:
+    """Options of :class:`Auditor` (``Auditor(cache, db_url, rules, options=AuditOptions(...))`` or the same names
+    as keywords). Frozen and validated when built; a bad value raises
+    :class:`~cachesync.errors.AuditConfigError` (a ``ConfigError`` and an ``AuditError``) naming it."""
+
+    grace: float = 2.0
+    """Seconds a finding may be an invalidation in flight before it counts (it is checked again after that)."""
+    batch: int = 500
+    """Keys per Redis pipeline (the database is asked one indexed ``SELECT`` per key)."""
+
+    def __post_init__(self) -> None:
+        _validate.seconds("grace", self.grace, zero=True, error=AuditConfigError)
+        _validate.positive("batch", self.batch, integer=True, error=AuditConfigError)
+
+
+class AuditOptionsKwargs(TypedDict, total=False):
+    """The option keywords of ``Auditor(...)``: one per :class:`AuditOptions` field."""
+
+    grace: float
+    batch: int
+
+
 class Auditor:
-    """``Auditor(cache, db_url, rules, *, grace=2.0, batch=500, on_recheck=None)``.
+    """``Auditor(cache, db_url, rules, *, loader=None, options=None, on_recheck=None, **options)``.
 
     ``cache``: the :class:`cachesync.Cache` whose namespace is audited. ``db_url``: the database. ``rules``: the
-    rules (only tables with a ``version`` column are audited). ``grace`` (default 2.0 s): how long a finding may
-    be an invalidation in flight before it counts. ``batch`` (default 500): keys per Redis pipeline (the
-    database is asked one indexed ``SELECT`` per key). ``on_recheck()``: called once before the findings are checked again (tests force
-    interleavings with it).
+    rules (only tables with a ``version`` column are audited). ``loader``: key -> value, compared instead of the
+    rules' versions. ``options``: an :class:`AuditOptions` (``grace`` default 2.0 s, ``batch`` default 500), or
+    the same names as keywords -- not both. ``on_recheck()``: called once before the findings are checked again
+    (tests force interleavings with it).
     """
 
     def __init__(self, cache: Cache, db_url: str | None = None, rules: Rules | None = None, *,
-                 loader: Callable[[str], Any] | None = None, grace: float = 2.0, batch: int = 500,
-                 on_recheck: Callable[[], None] | None = None) -> None:
+                 loader: Callable[[str], Any] | None = None, options: AuditOptions | None = None,
+                 on_recheck: Callable[[], None] | None = None, **kwargs: Unpack[AuditOptionsKwargs]) -> None:
+        self.options = o = _validate.options_from(AuditOptions, options, dict(kwargs), error=AuditConfigError)
         if rules is None and loader is None:
             raise AuditError("the auditor needs rules (with version columns) and a database, or a loader, or both")
         if rules is not None and not isinstance(rules, Rules):
@@ -157,13 +180,9 @@ class Auditor:
             raise AuditError("rules need the database they describe: give db_url")
         if loader is not None and not callable(loader):
             raise AuditError(f"loader must be a callable key -> value, got {type(loader).__name__}")
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
-            raise AuditError(f"grace must be a number of seconds >= 0, got {grace!r}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise AuditError(f"batch must be an integer >= 1, got {batch!r}")
         self.cache, self.db_url, self.rules, self.loader = cache, db_url, rules or Rules({}), loader
         self.dialect = dialect_of(db_url) if db_url else None
-        self.grace, self.batch, self.on_recheck = float(grace), batch, on_recheck
+        self.grace, self.batch, self.on_recheck = float(o.grace), o.batch, on_recheck
         self.templates: list[_Template] = []
         for rule in self.rules.tables.values():
             if rule.version is None:
@@ -309,8 +328,8 @@ class Auditor:
     def run(self, pattern: str = "*", limit: int | None = None, repair: bool = False) -> AuditReport:
         """Audit the entries whose keys match the glob ``pattern`` (default every key), at most ``limit`` of them
         (default all). ``repair`` (default False): invalidate the persistent findings with the row's version."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise AuditError(f"limit must be an integer >= 1, got {limit!r}")
+        if limit is not None:
+            _validate.positive("limit", limit, integer=True, error=AuditConfigError)
         t0 = time.monotonic()
         report = AuditReport()
         conn = connect(self.db_url) if self.db_url else None
@@ -357,7 +376,7 @@ def _literal_prefix(pattern: str) -> str:
     return pattern[:i]
 
 
-__all__ = ["KINDS", "AuditError", "AuditReport", "Auditor", "Finding"]
+__all__ = ["KINDS", "AuditError", "AuditOptions", "AuditOptionsKwargs", "AuditReport", "Auditor", "Finding"]
 
 
 # ---------------------------------------------------------------------- command line
@@ -381,7 +400,7 @@ def _cmd(args: Any) -> int:
     cache = Cache(redis_url, namespace=args.namespace)
     try:
         auditor = Auditor(cache, db_url if args.rules else None, Rules.load(args.rules) if args.rules else None,
-                          loader=loader, grace=args.grace)
+                          loader=loader, options=AuditOptions(grace=args.grace))
         report = auditor.run(args.pattern, args.limit, repair=args.repair)
     except UsageError:
         raise

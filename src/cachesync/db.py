@@ -16,11 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ._driver import _split_userinfo, encode_userinfo, redact_url, scrub, scrub_exception
-from .errors import UsageError
-
-
-class DatabaseURLError(UsageError):
-    """A database URL that cannot be used; the message names it (without its password)."""
+from .errors import DatabaseURLError as DatabaseURLError  # defined in errors.py, re-exported here
 
 
 @dataclass(frozen=True)

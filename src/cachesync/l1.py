@@ -48,6 +48,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .core.keys import channel, user_key
+from . import _validate
 from .core.options import check_positive
 
 log = logging.getLogger("cachesync.l1")
@@ -79,13 +80,10 @@ class L1Options:
 
     def __post_init__(self) -> None:
         for name in ("max_entries", "max_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"l1.{name}", f"must be a positive integer, got {v!r}")
+            _validate.positive(f"l1.{name}", getattr(self, name), integer=True)
         for name in ("ttl", "max_staleness", "ping_interval", "reconnect_max_delay"):
             check_positive(f"l1.{name}", getattr(self, name))
-        if not isinstance(self.cache_negative, bool):
-            raise ConfigError("l1.cache_negative", f"must be True or False, got {self.cache_negative!r}")
+        _validate.boolean("l1.cache_negative", self.cache_negative)
 
     @classmethod
     def build(cls, value: object) -> L1Options | None:

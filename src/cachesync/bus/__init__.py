@@ -31,15 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import checked_keys, checked_version  # noqa: F401 (re-exported: they moved)
-from ..errors import BadDataError, CachesyncError, UsageError
-
-
-class BusError(UsageError):
-    """A bus that cannot be opened or configured (bad URL, bad option); the message names it."""
-
-
-class BusUnavailableError(CachesyncError, ConnectionError):
-    """The bus server could not be reached or refused an operation; nothing was acknowledged."""
+from ..errors import BadDataError, UsageError
+from ..errors import BusError as BusError  # defined in errors.py, re-exported here
+from ..errors import BusUnavailableError as BusUnavailableError
+from .options import WorkerOptions, WorkerOptionsKwargs
 
 
 @dataclass(frozen=True)
@@ -212,4 +207,4 @@ def open_bus(url: str, name: str = "cachesync", claim_idle: float = 30.0) -> Bus
 
 
 __all__ = ["Bus", "BusError", "BusUnavailableError", "DeadLetter", "Delivery", "Invalidation", "checked_keys", "checked_version",
-           "open_bus"]
+           "open_bus", "WorkerOptions", "WorkerOptionsKwargs"]

@@ -22,7 +22,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .._driver import encode_userinfo, redact_url
-from ..errors import BadDataError
+from .. import _validate
+from ..errors import BadDataError, BusConfigError
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 log = logging.getLogger("cachesync.bus")
@@ -44,8 +45,7 @@ class NatsJetStreamBus(Bus):
             raise BusError(f"NATS URL {redact_url(str(url))!r} must start with nats:// or tls://")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise BusError(f"bus name {name!r} must be non-empty letters, digits, '_', '-' or '.'")
-        if not isinstance(claim_idle, (int, float)) or claim_idle <= 0:
-            raise BusError(f"claim_idle must be a number of seconds > 0, got {claim_idle!r}")
+        _validate.positive("claim_idle", claim_idle, seconds=True, error=BusConfigError)
         self.url = redact_url(url)
         self.name = name
         self.stream = re.sub(r"[^A-Za-z0-9_-]", "_", name).upper()

@@ -86,7 +86,8 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from .._driver import encode_userinfo, redact_url, url_secrets
-from ..errors import BadDataError
+from .. import _validate
+from ..errors import BadDataError, BusConfigError
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 log = logging.getLogger("cachesync.bus.rabbitmq")
@@ -258,10 +259,8 @@ class RabbitMQBus(Bus):
         if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 200 or name.startswith("amq."):
             raise BusError(f"bus name {name!r} must be 1-200 letters, digits, '_', '-' or '.' and not start "
                            "with 'amq.'")
-        if isinstance(claim_idle, bool) or not isinstance(claim_idle, (int, float)) or not claim_idle > 0:
-            raise BusError(f"claim_idle must be a number of seconds > 0, got {claim_idle!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise BusError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        _validate.positive("claim_idle", claim_idle, seconds=True, error=BusConfigError)
+        _validate.positive("timeout", timeout, seconds=True, error=BusConfigError)
         if isinstance(groups, str):
             raise BusError(f"groups must be a list of group names, not the string {groups!r}")
         self.url = redact_url(url)
@@ -488,10 +487,8 @@ class RabbitMQBus(Bus):
         self._check_group(group)
         if not isinstance(consumer, str) or not consumer:
             raise BusError(f"consume needs a consumer name, got {consumer!r}")
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise BusError(f"max_messages must be an integer >= 1, got {max_messages!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout):
-            raise BusError(f"consume timeout must be a number of seconds, got {timeout!r}")
+        _validate.positive("max_messages", max_messages, integer=True, error=BusConfigError)
+        _validate.number("timeout", timeout, error=BusConfigError)
         deadline = time.monotonic() + max(0.0, float(timeout))
         link = self._sub
 
@@ -536,8 +533,7 @@ class RabbitMQBus(Bus):
         link.run(go, retry=False)
 
     def nack(self, delivery: Delivery, delay: float) -> None:
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or math.isnan(delay):
-            raise BusError(f"nack delay must be a number of seconds, got {delay!r}")
+        _validate.number("delay", delay, error=BusConfigError)
         ms = min(_MAX_DELAY_MS, max(0, math.ceil(delay * 1000)))
         q = self.group_queue(delivery.group)
         link = self._sub

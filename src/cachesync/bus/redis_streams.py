@@ -22,7 +22,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._driver import check_redis_url, redact_url, scrub
-from ..errors import BadDataError
+from .. import _validate
+from ..errors import BadDataError, BusConfigError
 from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalidation
 
 log = logging.getLogger("cachesync.bus")
@@ -70,10 +71,9 @@ class RedisStreamsBus(Bus):
         url = check_redis_url(url)
         if not isinstance(name, str) or not name:
             raise BusError(f"bus name must be a non-empty string, got {name!r}")
-        if not isinstance(claim_idle, (int, float)) or claim_idle <= 0:
-            raise BusError(f"claim_idle must be a number of seconds > 0, got {claim_idle!r}")
-        if maxlen is not None and (not isinstance(maxlen, int) or maxlen <= 0):
-            raise BusError(f"maxlen must be a positive integer or None, got {maxlen!r}")
+        _validate.positive("claim_idle", claim_idle, seconds=True, error=BusConfigError)
+        if maxlen is not None:
+            _validate.positive("maxlen", maxlen, integer=True, error=BusConfigError)
         self.url = redact_url(url)
         self.name = name
         self.stream, self.retry_key, self.dead_key = name, f"{name}:retry", f"{name}:dead"

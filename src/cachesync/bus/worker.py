@@ -17,25 +17,30 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from typing import Unpack
 
 from redis.exceptions import RedisError
 
 from .. import tracing
-from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
+from .. import _validate
+from ..errors import BadDataError, BusConfigError, InvalidationError, RedisCommandError, UsageError
 from ..core.rules import Rules
 from ..sync import Cache
 from ..outbox._fault import point
 from . import Bus, BusError, BusUnavailableError, Delivery, checked_keys, checked_version
+from .options import WorkerOptions, WorkerOptionsKwargs
 
 log = logging.getLogger("cachesync.worker")
 
 
 class Worker:
-    """``Worker(bus, cache, rules=None, *, group="cachesync", consumer=None, batch_size=100, max_attempts=5,
-    backoff=0.1, max_backoff=30.0, on_retry=None, on_dead=None)``.
+    """``Worker(bus, cache, rules=None, *, options=None, on_retry=None, on_dead=None, **options)``.
 
-    ``consumer`` defaults to ``host:pid``. ``on_retry(delivery, delay, error)`` and ``on_dead(delivery,
-    reason)`` are hooks (tests, metrics).
+    ``options``: a :class:`~cachesync.bus.WorkerOptions` (group, consumer, batch_size, max_attempts, backoff,
+    max_backoff: see there for each default), or the same names as keywords -- not both
+    (:class:`~cachesync.errors.BusConfigError`); the resolved values are also attributes (``worker.consumer``
+    defaults to ``host-pid``). ``on_retry(delivery, delay, error)`` and ``on_dead(delivery, reason)`` are hooks
+    (tests, metrics).
 
     ``stats``: ``messages``/``keys`` applied and acked, ``retries`` (nacks), ``dead`` (dead-lettered by the worker,
     for any reason), ``skipped`` (messages part of whose table change the rules could not turn into keys: the rest
@@ -43,19 +48,18 @@ class Worker:
     which never delivers them).
     """
 
-    def __init__(self, bus: Bus, cache: Cache, rules: Rules | None = None, *, group: str = "cachesync",
-                 consumer: str | None = None, batch_size: int = 100, max_attempts: int = 5, backoff: float = 0.1,
-                 max_backoff: float = 30.0, on_retry: Callable[[Delivery, float, BaseException], None] | None = None,
-                 on_dead: Callable[[Delivery, str], None] | None = None) -> None:
-        for name, v in (("batch_size", batch_size), ("max_attempts", max_attempts), ("backoff", backoff),
-                        ("max_backoff", max_backoff)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise BusError(f"worker option {name} must be > 0, got {v!r}")
+    def __init__(self, bus: Bus, cache: Cache, rules: Rules | None = None, *, options: WorkerOptions | None = None,
+                 on_retry: Callable[[Delivery, float, BaseException], None] | None = None,
+                 on_dead: Callable[[Delivery, str], None] | None = None,
+                 **kwargs: Unpack[WorkerOptionsKwargs]) -> None:
+        self.options = o = WorkerOptions.resolve(options, dict(kwargs))
+        _validate.callable_or_none("on_retry", on_retry, error=BusConfigError)
+        _validate.callable_or_none("on_dead", on_dead, error=BusConfigError)
         self.bus, self.cache, self.rules = bus, cache, rules
-        self.group = group
-        self.consumer = consumer or f"{socket.gethostname()[:40]}-{os.getpid()}"
-        self.batch_size, self.max_attempts = int(batch_size), int(max_attempts)
-        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
+        self.group = o.group
+        self.consumer = o.consumer or f"{socket.gethostname()[:40]}-{os.getpid()}"
+        self.batch_size, self.max_attempts = o.batch_size, o.max_attempts
+        self.backoff, self.max_backoff = float(o.backoff), float(o.max_backoff)
         self.on_retry, self.on_dead = on_retry, on_dead
         self.stats = {"messages": 0, "keys": 0, "retries": 0, "dead": 0, "malformed": 0, "skipped": 0}
         self._bad = 0

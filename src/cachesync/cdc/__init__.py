@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .base import CdcConfigError, CdcError, CdcRunner, Change, Disconnected, PositionLost, Source, Transaction
 from .checkpoint import CheckpointError, FileCheckpoint
+from .options import CdcOptions, CdcOptionsKwargs
 
-__all__ = ["CdcConfigError", "CdcError", "CdcRunner", "Change", "CheckpointError", "Disconnected",
+__all__ = ["CdcConfigError", "CdcError", "CdcOptions", "CdcOptionsKwargs", "CdcRunner", "Change", "CheckpointError", "Disconnected",
            "FileCheckpoint", "PositionLost", "Source", "Transaction"]

@@ -38,41 +38,27 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 from redis.exceptions import RedisError
 
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
+from ..errors import CdcConfigError as CdcConfigError  # defined in errors.py, re-exported here
+from ..errors import CdcError as CdcError
+from ..errors import Disconnected as Disconnected
+from ..errors import PositionLost as PositionLost
 from ..errors import (
     BadDataError,
     CacheUnavailableError,
-    CachesyncError,
     InvalidationError,
     RedisCommandError,
-    UsageError,
 )
 from ..core.rules import Rules, TableRule
 from ..sync import Cache
 from .checkpoint import FileCheckpoint
+from .options import CdcOptions, CdcOptionsKwargs
 
 log = logging.getLogger("cachesync.cdc")
-
-
-class CdcError(CachesyncError):
-    """Base class of CDC errors."""
-
-
-class CdcConfigError(CdcError, UsageError):
-    """The database is not set up for CDC (binlog format, wal_level, privileges...); the message says what
-    to change."""
-
-
-class Disconnected(CdcError):
-    """The source lost its connection; the runner reconnects from the last checkpoint."""
-
-
-class PositionLost(CdcError):
-    """The position to resume from no longer exists (binlog purged); everything covered must be invalidated."""
 
 
 @dataclass
@@ -148,15 +134,11 @@ _END = object()
 class CdcRunner:
     """Applies a :class:`Source`'s transactions to a :class:`Cache` and checkpoints them.
 
-    Options (defaults): ``batch_max_keys=500`` keys per applied batch; ``queue_size=1000`` transactions
-    read ahead at most; ``stats_interval=10.0`` seconds between stats log lines / Redis stats writes
-    (0 = never); ``reconnect_delay=0.2`` .. ``reconnect_max_delay=5.0`` seconds of backoff after a
-    disconnection or a failed Redis write; ``on_missing_old_image="warn"`` (or ``"flush"``: invalidate every
-    key of the templates the missing old image could not form -- safe but costly);
-    ``checkpoint_in_background=True``: the checkpoint file is written and fsynced by a helper thread (newest
-    position wins) so the fsync is off the commit -> invalidated path; a crash then re-applies what was applied
-    during the last fsync (milliseconds of changes). False saves after every batch in the main loop (a crash
-    re-applies at most one batch) at the cost of an fsync per batch in the latency.
+    ``options``: a :class:`~cachesync.cdc.CdcOptions` (batch_max_keys=500, queue_size=1000,
+    stats_interval=10.0, reconnect_delay=0.2, reconnect_max_delay=5.0, on_missing_old_image="warn",
+    checkpoint_in_background=True: see there for what each does), or the same names as keywords -- not both
+    (:class:`~cachesync.errors.CdcOptionError`). The resolved values are also attributes
+    (``runner.batch_max_keys``...).
 
     ``bus``: a :class:`cachesync.bus.Bus`; the keys are then *published* (one :class:`~cachesync.bus.Invalidation`
     per key chunk and version, one ``publish`` call per batch) instead of invalidated in Redis, for workers
@@ -166,22 +148,15 @@ class CdcRunner:
     """
 
     def __init__(self, source: Source, cache: Cache, rules: Rules, checkpoint: FileCheckpoint, *,
-                 batch_max_keys: int = 500, queue_size: int = 1000, stats_interval: float = 10.0,
-                 reconnect_delay: float = 0.2, reconnect_max_delay: float = 5.0,
-                 on_missing_old_image: str = "warn", checkpoint_in_background: bool = True,
-                 bus: Bus | None = None) -> None:
-        if batch_max_keys < 1:
-            raise CdcConfigError("batch_max_keys must be >= 1")
-        if queue_size < 1:
-            raise CdcConfigError("queue_size must be >= 1")
-        if on_missing_old_image not in ("warn", "flush"):
-            raise CdcConfigError(f"on_missing_old_image must be 'warn' or 'flush', not {on_missing_old_image!r}")
+                 bus: Bus | None = None, options: CdcOptions | None = None,
+                 **kwargs: Unpack[CdcOptionsKwargs]) -> None:
+        self.options = o = CdcOptions.resolve(options, dict(kwargs))
         self.source, self.cache, self.rules, self.checkpoint = source, cache, rules, checkpoint
-        self.batch_max_keys, self.queue_size = batch_max_keys, queue_size
-        self.stats_interval = stats_interval
-        self.reconnect_delay, self.reconnect_max_delay = reconnect_delay, reconnect_max_delay
-        self.on_missing_old_image = on_missing_old_image
-        self.checkpoint_in_background = checkpoint_in_background
+        self.batch_max_keys, self.queue_size = o.batch_max_keys, o.queue_size
+        self.stats_interval = float(o.stats_interval)
+        self.reconnect_delay, self.reconnect_max_delay = float(o.reconnect_delay), float(o.reconnect_max_delay)
+        self.on_missing_old_image = o.on_missing_old_image
+        self.checkpoint_in_background = o.checkpoint_in_background
         self.bus = bus
         self._cp_cond = threading.Condition()
         self._cp_pending: dict[str, Any] | None = None

@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-
-
-class CheckpointError(UsageError):
-    """A checkpoint file that cannot be read, written, or belongs to another source; the message names it."""
+from ..errors import CheckpointError as CheckpointError  # defined in errors.py, re-exported here
+from ..errors import CorruptCheckpointError
 
 
 class FileCheckpoint:
@@ -40,7 +37,8 @@ class FileCheckpoint:
 
     def load(self, source: str, ident: str) -> dict[str, Any] | None:
         """The saved position, or None if there is no file. Raises :class:`CheckpointError` when the file is
-        unreadable or was written by another source (``source``/``ident`` differ)."""
+        unreadable or was written by another source (``source``/``ident`` differ); :class:`CorruptCheckpointError`
+        (a CheckpointError that is also a :class:`~cachesync.errors.BadDataError`) when its content is damaged."""
         try:
             raw = self.path.read_text()
         except FileNotFoundError:
@@ -51,14 +49,14 @@ class FileCheckpoint:
             data = json.loads(raw)
             pos = data["position"]
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint file {str(self.path)!r} is not a cachesync CDC checkpoint ({e}); "
-                                  "move it away to start from the current position") from None
+            raise CorruptCheckpointError(f"checkpoint file {str(self.path)!r} is not a cachesync CDC checkpoint "
+                                         f"({e}); move it away to start from the current position") from None
         if data.get("source") != source or data.get("ident") != ident:
             raise CheckpointError(
                 f"checkpoint file {str(self.path)!r} belongs to source {data.get('source')!r} "
                 f"({data.get('ident')!r}), not {source!r} ({ident!r}); use another --checkpoint path")
         if not isinstance(pos, dict):
-            raise CheckpointError(f"checkpoint file {str(self.path)!r}: position must be an object")
+            raise CorruptCheckpointError(f"checkpoint file {str(self.path)!r}: position must be an object")
         return pos
 
     def save(self, source: str, ident: str, position: dict[str, Any]) -> None:

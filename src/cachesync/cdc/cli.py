@@ -15,6 +15,7 @@ from ..db import MYSQL, POSTGRESQL, dialect_of
 from ..core.rules import Rules
 from .base import CdcConfigError, CdcRunner, Source
 from .checkpoint import FileCheckpoint
+from .options import CdcOptions
 
 log = logging.getLogger("cachesync.cdc")
 
@@ -51,6 +52,8 @@ def cmd_cdc(args: argparse.Namespace) -> int:
         raise CdcConfigError("cachesync cdc needs --db-url and --rules")
     from ..sync import Cache
 
+    options = CdcOptions(batch_max_keys=args.batch_max_keys, queue_size=args.queue_size,
+                         stats_interval=args.stats_interval, on_missing_old_image=args.on_missing_old_image)
     rules = Rules.load(args.rules)
     source = build_source(args, rules)
     path = args.checkpoint or f"cachesync-cdc.{args.namespace}.{source.kind}.json"
@@ -60,9 +63,7 @@ def cmd_cdc(args: argparse.Namespace) -> int:
         from ..bus import open_bus
 
         bus = open_bus(args.bus, args.bus_name)
-    runner = CdcRunner(source, cache, rules, FileCheckpoint(path), batch_max_keys=args.batch_max_keys,
-                       queue_size=args.queue_size, stats_interval=args.stats_interval,
-                       on_missing_old_image=args.on_missing_old_image, bus=bus)
+    runner = CdcRunner(source, cache, rules, FileCheckpoint(path), bus=bus, options=options)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.warning("CDC: signal %d, applying what was received and saving a final checkpoint", signum)

@@ -42,13 +42,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CachesyncError
+from ..errors import DecodeError as DecodeError  # defined in errors.py, re-exported here
 
 PG_EPOCH_UNIX = 946684800  # 2000-01-01T00:00:00Z in Unix seconds
-
-
-class DecodeError(CachesyncError):
-    """A pgoutput payload that does not follow the protocol; the message names the type and offset."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from .. import core as P
 from ..errors import ConfigError
+from .. import _validate
 from .options import check_positive
 
 log = logging.getLogger("cachesync.bloom")
@@ -35,10 +36,8 @@ log = logging.getLogger("cachesync.bloom")
 
 def bloom_size(expected_items: int, fp_rate: float) -> tuple[int, int]:
     """``(m bits, k hashes)`` for ``expected_items`` and false-positive rate ``fp_rate``."""
-    if isinstance(expected_items, bool) or not isinstance(expected_items, int) or expected_items <= 0:
-        raise ConfigError("bloom.expected_items", f"must be a positive integer, got {expected_items!r}")
-    if isinstance(fp_rate, bool) or not isinstance(fp_rate, (int, float)) or not 0 < fp_rate < 1:
-        raise ConfigError("bloom.fp_rate", f"must be a number between 0 and 1 (exclusive), got {fp_rate!r}")
+    _validate.positive("bloom.expected_items", expected_items, integer=True)
+    _validate.between("bloom.fp_rate", fp_rate, 0, 1, low_open=True, high_open=True)
     m = max(8, math.ceil(-expected_items * math.log(fp_rate) / (math.log(2) ** 2)))
     k = max(1, round(m / expected_items * math.log(2)))
     return m, k

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+from .. import _validate
+from .._validate import MAX_SECONDS as MAX_SECONDS  # moved to _validate; re-exported
 from ..errors import ConfigError
 from .serializers import Serializer, resolve_serializer
 
@@ -85,20 +87,15 @@ class CacheOptions:
             check_positive(name, getattr(self, name))
         for name in ("max_wait", "double_delete_delay"):
             check_non_negative(name, getattr(self, name))
-        if isinstance(self.ttl_jitter, bool) or not isinstance(self.ttl_jitter, (int, float)) \
-                or not 0 <= self.ttl_jitter <= 1:  # (NaN fails the comparison too)
-            raise ConfigError("ttl_jitter", f"must be a fraction between 0 and 1, got {self.ttl_jitter!r}")
+        _validate.between("ttl_jitter", self.ttl_jitter, 0, 1)
         for name in ("max_key_bytes", "max_value_bytes", "fallback_concurrency", "max_connections"):
             v = getattr(self, name)
             if name == "max_connections" and v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {v!r}")
-        if self.on_redis_error not in ("load", "fail"):
-            raise ConfigError("on_redis_error", f"must be 'load' or 'fail', got {self.on_redis_error!r}")
+            _validate.positive(name, v, integer=True)
+        _validate.one_of("on_redis_error", self.on_redis_error, ("load", "fail"))
         for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
+            _validate.boolean(name, getattr(self, name))
         if self.metrics is not None:
             from ..metrics import Metrics
 
@@ -123,11 +120,6 @@ class CacheOptions:
             if k not in known:
                 raise ConfigError(k, f"unknown option; known options: {', '.join(sorted(known))}")
         return cls(**kwargs)
-
-
-MAX_SECONDS = 100 * 365 * 86400.0
-"""Longest duration or TTL accepted anywhere (100 years): Redis refuses larger expiry times, and a script that
-failed on PEXPIRE after writing would leave a value with no expiry."""
 
 
 class CacheOptionsKwargs(TypedDict, total=False):
@@ -161,13 +153,9 @@ class CacheOptionsKwargs(TypedDict, total=False):
 
 def check_positive(name: str, v: object) -> float:
     """Validate a duration/TTL: a finite number > 0 and at most :data:`MAX_SECONDS`. Returns it as float."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not 0 < v <= MAX_SECONDS:
-        raise ConfigError(name, f"must be a number of seconds > 0 and <= {MAX_SECONDS:.0f} (100 years), got {v!r}")
-    return float(v)
+    return _validate.seconds(name, v)
 
 
 def check_non_negative(name: str, v: object) -> float:
     """Validate a delay: a finite number >= 0 and at most :data:`MAX_SECONDS`. Returns it as float."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not 0 <= v <= MAX_SECONDS:
-        raise ConfigError(name, f"must be a number of seconds >= 0 and <= {MAX_SECONDS:.0f}, got {v!r}")
-    return float(v)
+    return _validate.seconds(name, v, zero=True)

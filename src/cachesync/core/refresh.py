@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import core as P
 from ..errors import ConfigError
+from .. import _validate
 from .options import check_positive
 
 if TYPE_CHECKING:
@@ -70,8 +71,7 @@ class RefreshOptions:
     def __post_init__(self) -> None:
         check_positive("refresh.ttl", self.ttl)
         check_positive("refresh.max_age", self.max_age)
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 0:
-            raise ConfigError("refresh.beta", f"must be a number >= 0, got {self.beta!r}")
+        _validate.non_negative("refresh.beta", self.beta)
         if self.cache_ttl is not None:
             check_positive("refresh.cache_ttl", self.cache_ttl)
 

@@ -24,11 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadDataError, UsageError
-
-
-class RuleError(UsageError):
-    """A rule that cannot be applied (unknown column, bad template, bad file); the message names it."""
+from ..errors import BadDataError
+from ..errors import RuleError as RuleError  # defined in errors.py, re-exported here
 
 
 def _fields(template: str) -> list[str]:

@@ -28,11 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CachesyncError
-
-
-class LabError(CachesyncError):
-    """The lab cannot run (no server, unreachable server, bad option); the message says what to do."""
+from ..errors import LabError as LabError  # defined in errors.py, re-exported here
 
 
 NO_SERVER_HELP = ("no Redis-compatible server to start: install the embedded one with "

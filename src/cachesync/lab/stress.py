@@ -38,7 +38,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .. import _validate
 from .. import core as P
+from ..errors import LabConfigError
 from ..sync import Cache
 from .embedded import LabError
 from .labdb import LabDB
@@ -64,17 +66,11 @@ class StressConfig:
 
     def validate(self) -> None:
         """:class:`LabError` naming the first bad option (run before any server or thread starts)."""
-        import math
-
         for name in ("readers", "writers", "keys", "rounds"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise LabError(f"--{name} must be an integer >= 1, got {v!r}")
-        for name, v in (("duration", self.duration), ("delay-ms", self.delay_ms),
-                        ("double-delete-delay", self.double_delete_delay)):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "duration" and v == 0):
-                want = "> 0" if name == "duration" else ">= 0"
-                raise LabError(f"--{name} must be a finite number {want}, got {v!r}")
+            _validate.positive(f"--{name}", getattr(self, name), integer=True, error=LabConfigError)
+        _validate.positive("--duration", self.duration, error=LabConfigError)
+        _validate.non_negative("--delay-ms", self.delay_ms, error=LabConfigError)
+        _validate.non_negative("--double-delete-delay", self.double_delete_delay, error=LabConfigError)
         if self.schedule not in SCHEDULES:
             raise LabError(f"--schedule: unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         self.plan()

@@ -33,13 +33,15 @@ from typing import Any
 
 from .. import core as P
 from ..db import DIALECTS, Dialect, dialect_of
-from ..errors import UsageError
+from .. import _validate
+from ..errors import OutboxConfigError
+from ..errors import OutboxError as OutboxError  # defined in errors.py, re-exported here
 from ..core.keys import check_key
 from ..core.options import CacheOptions
 from ..core.rules import Rules
 
-DEFAULT_TABLE = "cachesync_outbox"
-"""Default outbox table name."""
+from .options import DEFAULT_TABLE as DEFAULT_TABLE  # defined there (RelayOptions.table's default)
+from .options import RelayOptions, RelayOptionsKwargs
 
 DEFAULT_MESSAGE_PREFIX = "cachesync"
 """Default prefix of the WAL messages of :meth:`Outbox.emit` (``cachesync cdc --message-prefix``)."""
@@ -53,10 +55,6 @@ NOTIFY_LIMIT = 7900
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,54}")
 _MAX_KEY_BYTES = CacheOptions().max_key_bytes
-
-
-class OutboxError(UsageError):
-    """Bad outbox input (table name, keys, delay, connection); the message names the problem."""
 
 
 def check_table(table: object) -> str:
@@ -122,9 +120,7 @@ def dialect_of_connection(conn: Any) -> Dialect:
 def _check_delay(name: str, v: object, allow_none: bool) -> float | None:
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise OutboxError(f"{name} must be a number of seconds >= 0, got {v!r}")
-    return float(v)
+    return float(_validate.non_negative(name, v, seconds=True, error=OutboxConfigError))
 
 
 class Outbox:
@@ -502,5 +498,5 @@ def emit_commit(conn: Any, *keys: str, version: Any = None) -> None:
     _default.emit_commit(conn, *keys, version=version)
 
 
-__all__ = ["DEFAULT_MESSAGE_PREFIX", "DEFAULT_TABLE", "emit", "emit_commit", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "commit", "ddl",
+__all__ = ["DEFAULT_MESSAGE_PREFIX", "DEFAULT_TABLE", "RelayOptions", "RelayOptionsKwargs", "emit", "emit_commit", "NOTIFY_LIMIT", "PARKED", "Outbox", "OutboxError", "check_table", "commit", "ddl",
            "dialect_of_connection", "now_ms_sql", "record"]

@@ -147,15 +147,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
+    from .options import RelayOptions
     from .relay import Relay
 
     url = _need(args.db_url, "--db-url", "CACHESYNC_DB_URL")
+    options = RelayOptions(apply=(not args.bus or args.apply), table=args.table, batch_size=args.batch_size,
+                           poll_interval=args.poll_interval, listen=not args.no_listen, lease=args.lease,
+                           max_backoff=args.max_backoff, fast=not args.no_fast_path, claim_delay=args.claim_delay)
     bus = _bus(args.bus, args) if args.bus else None
     cache = _cache(args) if (bus is None or args.apply) else None
-    relay = Relay(url, cache, bus=bus, apply=(bus is None or args.apply), table=args.table,
-                  batch_size=args.batch_size, poll_interval=args.poll_interval, listen=not args.no_listen,
-                  lease=args.lease, max_backoff=args.max_backoff, fast=not args.no_fast_path,
-                  claim_delay=args.claim_delay)
+    relay = Relay(url, cache, bus=bus, options=options)
     from .. import health
 
     log.info("cachesync relay %s: namespace %s, database %s, redis %s, bus %s, table %s", relay.relay_id,
@@ -182,14 +183,16 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from ..bus.options import WorkerOptions
     from ..bus.worker import Worker
     from ..core.rules import Rules
 
     bus = _bus(_need(args.bus, "--bus", "CACHESYNC_BUS_URL"), args)
     cache = _cache(args)
     rules = Rules.load(args.rules) if args.rules else None
-    w = Worker(bus, cache, rules, group=args.group, consumer=args.consumer, batch_size=args.batch_size,
-               max_attempts=args.max_attempts, backoff=args.backoff, max_backoff=args.max_backoff)
+    w = Worker(bus, cache, rules, options=WorkerOptions(group=args.group, consumer=args.consumer,
+                                                        batch_size=args.batch_size, max_attempts=args.max_attempts,
+                                                        backoff=args.backoff, max_backoff=args.max_backoff))
     from .. import health
 
     log.info("cachesync worker %s: namespace %s, redis %s, bus %s (group %s), rules %s", w.consumer,

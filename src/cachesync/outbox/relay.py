@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 from redis.exceptions import RedisError
 
@@ -41,11 +41,13 @@ from .. import tracing
 from .._driver import redact_url
 from ..bus import Bus, BusUnavailableError, Invalidation, checked_keys, checked_version
 from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
-from ..errors import BadDataError, InvalidationError, RedisCommandError, UsageError
+from .. import _validate
+from ..errors import BadDataError, InvalidationError, OutboxConfigError, RedisCommandError, UsageError
 from ..metrics import Histogram
 from ..sync import Cache
-from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, check_table, now_ms_sql
+from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, now_ms_sql
 from ._fault import point
+from .options import RelayOptions, RelayOptionsKwargs
 
 log = logging.getLogger("cachesync.relay")
 
@@ -82,71 +84,56 @@ class Row:
 
 
 class Relay:
-    """Moves outbox rows to Redis (and/or a bus). ``Relay(db_url, cache=None, *, bus=None, apply=None,
-    table="cachesync_outbox", batch_size=500, poll_interval=None, listen=True, lease=30.0, max_backoff=5.0,
-    init=True, on_error=None, on_batch=None, fast=None, claim_delay=0.1)``.
+    """Moves outbox rows to Redis (and/or a bus). ``Relay(db_url, cache=None, *, bus=None, options=None,
+    on_error=None, on_batch=None, **options)``.
 
     ``cache``: the :class:`cachesync.Cache` to invalidate in (needed unless only publishing). ``bus``: publish
-    every row on this bus. ``apply`` (default: True without a bus, False with one): also invalidate in
-    ``cache``. ``poll_interval`` (default 1.0 s when listening on PostgreSQL, else 0.05 s). ``listen``
-    (default True): use LISTEN/NOTIFY on PostgreSQL. ``lease`` (SQLite, default 30 s): how long a claim keeps
-    rows from other relays. ``max_backoff`` (default 5 s): longest wait between retries while Redis/the bus
-    is down. ``init`` (default True): create the table on start. ``on_error(exc)``/``on_batch(n)``: hooks
-    called after a failed delivery / a completed batch (tests, metrics). ``fast`` (default: True when applying
-    and listening on PostgreSQL): apply the rows a notification carries at once (see the module docstring).
-    ``claim_delay`` (default 0.1 s; fast path only): after applying rows from notifications, keep applying the
-    notifications that follow for up to this long before claiming (deleting) the rows applied so far, so that the
-    claim's database round trips rarely delay a notification; 0 claims after every notification. Rows stay in the
-    outbox until claimed (a crash meanwhile only re-applies them); a wake-up without rows (delayed or oversized
-    rows) or a failed apply is claimed at once.
+    every row on this bus. ``options``: a :class:`~cachesync.outbox.RelayOptions` (table, apply, batch_size,
+    poll_interval, listen, lease, max_backoff, init, fast, claim_delay: see there for each default), or the
+    same names as keywords -- not both (:class:`~cachesync.errors.OutboxConfigError`). The resolved values are
+    also attributes (``relay.batch_size``, ``relay.poll_interval``, ``relay.fast``...). ``on_error(exc)`` /
+    ``on_batch(n)``: hooks called after a failed delivery / a completed batch (tests, metrics). See the module
+    docstring for the fast path: rows stay in the outbox until claimed (a crash meanwhile only re-applies
+    them); a wake-up without rows (delayed or oversized rows) or a failed apply is claimed at once.
 
     ``stats``: ``batches``/``rows``/``keys`` completed (deleted) by claims, ``applied`` rows applied to Redis by
     the claim path, ``fast`` rows applied from notifications, ``skipped`` claimed rows the fast path had already
     applied (deleted without a second apply), ``errors``, ``parked``.
     """
 
-    def __init__(self, db_url: str, cache: Cache | None = None, *, bus: Bus | None = None, apply: bool | None = None,
-                 table: str = DEFAULT_TABLE, batch_size: int = 500, poll_interval: float | None = None,
-                 listen: bool = True, lease: float = 30.0, max_backoff: float = 5.0, init: bool = True,
-                 on_error: Callable[[BaseException], None] | None = None,
-                 on_batch: Callable[[int], None] | None = None, fast: bool | None = None,
-                 claim_delay: float = 0.1) -> None:
+    def __init__(self, db_url: str, cache: Cache | None = None, *, bus: Bus | None = None,
+                 options: RelayOptions | None = None, on_error: Callable[[BaseException], None] | None = None,
+                 on_batch: Callable[[int], None] | None = None, **kwargs: Unpack[RelayOptionsKwargs]) -> None:
+        self.options = o = RelayOptions.resolve(options, dict(kwargs))
+        _validate.callable_or_none("on_error", on_error, error=OutboxConfigError)
+        _validate.callable_or_none("on_batch", on_batch, error=OutboxConfigError)
         self.dialect = dialect_of(db_url)
         self.db_url = db_url
-        self.table = check_table(table)
-        self.apply = (bus is None) if apply is None else apply
+        self.table = o.table
+        self.apply = (bus is None) if o.apply is None else o.apply
         if self.apply and cache is None:
             raise OutboxError("the relay needs a cache (redis_url) to apply invalidations, or a bus to publish to")
         if not self.apply and bus is None:
             raise OutboxError("the relay with apply=False needs a bus")
-        for name, v in (("batch_size", batch_size), ("lease", lease), ("max_backoff", max_backoff)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise OutboxError(f"{name} must be > 0, got {v!r}")
         self.cache, self.bus = cache, bus
-        self.batch_size = int(batch_size)
-        self.listen = listen and self.dialect is POSTGRESQL
-        if poll_interval is None:
-            poll_interval = 1.0 if self.listen else 0.05
-        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
-            raise OutboxError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
-        self.poll_interval = float(poll_interval)
-        if isinstance(claim_delay, bool) or not isinstance(claim_delay, (int, float)) or claim_delay < 0:
-            raise OutboxError(f"claim_delay must be >= 0 seconds, got {claim_delay!r}")
-        self.claim_delay = float(claim_delay)
+        self.batch_size = o.batch_size
+        self.listen = o.listen and self.dialect is POSTGRESQL
+        self.poll_interval = float((1.0 if self.listen else 0.05) if o.poll_interval is None else o.poll_interval)
+        self.claim_delay = float(o.claim_delay)
         self._claim_now = False  # set by the fast path when a notification needs the claim path
-        self.lease_ms = int(lease * 1000)
-        self.max_backoff = float(max_backoff)
+        self.lease_ms = int(o.lease * 1000)
+        self.max_backoff = float(o.max_backoff)
         self.on_error, self.on_batch = on_error, on_batch
         self.relay_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{id(self) & 0xffff:x}"
         self.outbox = Outbox(self.table, dialect=self.dialect)
-        self.fast = (self.apply and self.listen) if fast is None else (bool(fast) and self.apply and self.listen)
+        self.fast = (self.apply and self.listen) if o.fast is None else (o.fast and self.apply and self.listen)
         self.stats = {"batches": 0, "rows": 0, "keys": 0, "applied": 0, "fast": 0, "skipped": 0, "errors": 0,
                       "parked": 0}
         # fast path: applied, not yet deleted (insertion order = age): id -> (keys, version) as applied
         self._applied: dict[int, Any] = {}
         self._deleted: dict[int, None] = {}  # deleted by this relay's claims lately: a late notification is stale
         self._conn: Any = None
-        self._init = init
+        self._init = o.init
         self._now = now_ms_sql(self.dialect)
         t = self.table
         self.latency: Histogram | None = None  # set by measure_latency()
