@@ -256,7 +256,12 @@ class AsyncCache:
 
     async def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """See :meth:`cachesync.Cache.get`; ``loader`` may be a coroutine function."""
-        return (await self.get_entry(key, loader, ttl)).value
+        l1 = self.l1
+        if l1 is not None:  # the L1 hit, inlined: no second coroutine
+            e = l1.core.lookup(key)
+            if e is not None:
+                return e.value
+        return (await self._read(key, loader, ttl)).value
 
     @overload
     async def get_entry(self, key: str, loader: Callable[[], Awaitable[P.Versioned[T] | P.NotFound]],
@@ -279,6 +284,12 @@ class AsyncCache:
             e = l1.core.lookup(key)
             if e is not None:
                 return e  # type: ignore[no-any-return]
+        return await self._read(key, loader, ttl)
+
+    async def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+        """A read after the L1 (if any) had no copy: single-flight (concurrent reads of one key share one)."""
+        l1 = self.l1
+        if l1 is not None:
             return await self._single(key, lambda: l1.load(  # type: ignore[no-any-return]
                 key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
         return await self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))
