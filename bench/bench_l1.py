@@ -123,9 +123,14 @@ def hit_latency(url: str, n: int, rounds: int) -> list[str]:
 
 CHILD = textwrap.dedent("""
     import json, random, sys, threading, time, cachesync
-    url, ns, mode, nthreads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    url, ns, mode, nthreads, check = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     c = cachesync.Cache(url, namespace=ns, l1=True)
     assert c.l1.wait_ready(10)
+    if check == "off":  # the code before the subscriber-lag check, for comparison: no probe, never behind
+        core = c.l1.core
+        core.set_probe(None)
+        core.set_probe = lambda p: None
+        core.behind = lambda: None
     applied = []
     c.l1.core.add_listener(lambda keys: applied.append(time.monotonic_ns()) if keys else None)
     stop = threading.Event()
@@ -156,7 +161,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def propagation(url: str, count: int, mode: str, threads: int) -> tuple[float, float, float, float]:
+def propagation(url: str, count: int, mode: str, threads: int,
+                check: str = "on") -> tuple[float, float, float, float]:
     """One run: a child process with ``threads`` reader threads on one hot key (L1 hits), in ``mode``
     "pauses" (0-2 ms between reads) or "tight"; this process writes the key ``count`` times (``Cache.set``,
     which publishes). Returns (applied p99, applied max, stale p99, stale max) in ms: writer call start -> the
@@ -169,7 +175,7 @@ def propagation(url: str, count: int, mode: str, threads: int) -> tuple[float, f
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     w = cachesync.Cache(url, namespace=ns)
     w.set("hot", -1)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, url, ns, mode, str(threads)], stdin=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, url, ns, mode, str(threads), check], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout and child.stdin
     assert child.stdout.readline().strip() == "ready"
@@ -210,7 +216,7 @@ def propagation(url: str, count: int, mode: str, threads: int) -> tuple[float, f
     saw_lat.sort()
     p = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
     st = out["stats"]
-    print(f"  {mode:6s} {threads} readers: applied p50 {p(app_lat, .5):6.2f} p99 {p(app_lat, .99):6.2f} max "
+    print(f"  {mode:6s} {threads} readers{'' if check == 'on' else ', lag check OFF'}: applied p50 {p(app_lat, .5):6.2f} p99 {p(app_lat, .99):6.2f} max "
           f"{app_lat[-1] if app_lat else float('nan'):7.2f} ms ({len(app_lat)}/{count})   old value served after the write "
           f"returned: p50 {p(saw_lat, .5):6.2f} p99 {p(saw_lat, .99):6.2f} max {saw_lat[-1]:7.2f} ms   lag_bypasses {st['lag_bypasses']}   "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
@@ -229,6 +235,10 @@ def propagation_goals(url: str, count: int, repeats: int, threads: int) -> list[
             lines.append(f"  L1 propagation, {mode} readers, {what}: p99 {min(p99s):.2f}-{max(p99s):.2f} ms "
                          f"(goal <= 5 ms: {'met' if max(p99s) <= 5 else 'MISSED'}), max {min(maxs):.2f}-"
                          f"{max(maxs):.2f} ms ({repeats} runs)")
+    for mode in ("pauses", "tight"):  # for comparison (not a goal): the same run without the lag check
+        off = propagation(url, count, mode, threads, check="off")
+        lines.append(f"  (lag check off, {mode} readers: applied p99 {off[0]:.2f} ms max {off[1]:.2f} ms; old value "
+                     f"served p99 {off[2]:.2f} ms max {off[3]:.2f} ms; 1 run)")
     for line in lines:
         print(line)
     return lines
