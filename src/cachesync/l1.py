@@ -388,6 +388,7 @@ class L1:
     def on_subscribed(self) -> None:
         """The SUBSCRIBE is confirmed: from now on every invalidation reaches :meth:`on_message`."""
         self.clear("subscribed")
+        self.caught_up()  # the L1 is empty: nothing it holds can be behind (the probe still sees new data)
         if self.subscribes > 0:
             log.warning("cachesync L1 (namespace %s): invalidation subscription is back; L1 enabled again", self.ns)
         with self._lock:
