@@ -122,7 +122,9 @@ class AsyncCache:
             del wd.inflight[task]
             wd.expired.discard(task)
 
-    async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
+    async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None,
+                     first: tuple[Any, BaseException | None] | None = None) -> Any:
+        """Run ``flow``; ``first``: the (reply, exception) of its first command, already sent (see :meth:`_hit`)."""
         send: Any = None
         throw: BaseException | None = None
         try:
@@ -139,7 +141,13 @@ class AsyncCache:
                 t = type(eff)
                 if t is P.Cmd:
                     try:
-                        send = await self._command(eff)
+                        if first is not None:
+                            send, exc = first
+                            first = None
+                            if exc is not None:
+                                raise exc
+                        else:
+                            send = await self._command(eff)
                     except NoScriptError:
                         throw = P.NoScript()
                     except _REDIS_DOWN as e:
@@ -292,7 +300,28 @@ class AsyncCache:
         if l1 is not None:
             return await self._single(key, lambda: l1.load(  # type: ignore[no-any-return]
                 key, ttl, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader)))
-        return await self._single(key, lambda: self._drive(P.get_flow(self.ctx, key, ttl), loader))
+        return await self._single(key, lambda: self._hit(key, loader, ttl))
+
+    async def _hit(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+        """The hit fast path (inside the flight: concurrent reads of one key still share one ``HMGET``): send
+        :func:`~cachesync.protocol.get_flow`'s first command and serve :func:`~cachesync.protocol.fresh_hit`;
+        anything else runs the flow, answering its first command with this reply."""
+        ctx = self.ctx
+        cmd = P.Cmd(P.hit_args(ctx, key, ttl))
+        first: tuple[Any, BaseException | None]
+        try:
+            f = await self._command(cmd)
+        except Exception as e:  # mapped by _drive exactly as if the flow had sent the command
+            first = (None, e)
+        else:
+            try:
+                entry = P.fresh_hit(ctx, key, f)
+                if entry is not None:
+                    return entry
+            except P.CorruptEntry:
+                pass  # the flow sees the same reply and repairs the entry
+            first = (f, None)
+        return await self._drive(P.get_flow(ctx, key, ttl), loader, first)  # type: ignore[no-any-return]
 
     @overload
     async def get_many(self, keys: Iterable[str],
