@@ -1,9 +1,18 @@
-"""Hit path: Cache.get on a hit vs raw redis-py GET of the same payload, same run, sync and async.
+"""Read path on a Redis hit: each goal of issue 15 as one ratio against its raw baseline, in one run.
 
-    .venv/bin/python bench/bench_hit.py [--redis-url URL] [--n 2000] [--rounds 15]
+    .venv/bin/python bench/bench_hit.py [--redis-url URL] [--n 2000] [--rounds 9] [--busy 0] [--only NAME]
 
-Without --redis-url a private redis-server is started (quiet machine, no other clients).
-Prints medians and ratios (lower is better); target: Cache.get / raw GET <= 1.3.
+Without --redis-url a private redis-server is started (no other clients). ``--busy N`` runs N CPU-burning
+processes during the run (the machine "under load"); the load average is printed either way.
+
+Each round alternates short stretches of ours and of the baseline (CHUNKS of each); the ratio is taken per round
+and printed as median [min-max] over the rounds (lower is better). Goals:
+
+  sync 1 thread   Cache.get hit            <= x1.10 of redis-py GET + json.loads
+  sync 8 threads  one Cache, 8 threads     <= x1.15 of one redis-py client shared by 8 threads, GET + json.loads
+  async seq       AsyncCache.get hit       <= x1.05 of redis.asyncio GET + json.loads
+  async 100 tasks                          <= x1.05 of the same with 100 concurrent tasks
+  get_many(100)   sync and async           <= x1.30 of MGET of 100 keys + json.loads of each value
 """
 
 from __future__ import annotations
@@ -11,113 +20,274 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import statistics
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
 
 import cachesync
 
-from _util import env_line, interleaved, private_redis
+from _util import env_line, private_redis
 
 PAYLOAD = {"id": 12345, "name": "Alice Example", "email": "alice@example.com", "plan": "pro",
            "tags": ["a", "b", "c"], "score": 98.5}
+NS = f"bench-hit-{os.getpid()}"
+KEYS = [f"item:{i}" for i in range(100)]
+dec = json.JSONDecoder()
 
 
-def run_sync(url: str, n: int, rounds: int) -> dict[str, float]:
+def loads(b: bytes) -> object:
+    return dec.decode(b.decode())
+
+
+def _burn() -> None:  # pragma: no cover - a load generator
+    while True:
+        pass
+
+
+def timed(fn: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def threaded(fn: Callable[[str], object], n: int, threads: int) -> float:
+    """Seconds per op of ``threads`` threads each calling ``fn(own key)`` ``n`` times (wall / total ops). Each
+    thread reads its own key: concurrent reads of one key would share one Redis read (singleflight)."""
+    barrier = threading.Barrier(threads + 1)
+
+    def work(k: str) -> None:
+        barrier.wait()
+        for _ in range(n):
+            fn(k)
+
+    ts = [threading.Thread(target=work, args=(KEYS[i],)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return (time.perf_counter() - t0) / (n * threads)
+
+
+class Goals:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float, list[float], list[float], list[float]]] = []
+
+    def add(self, name: str, base: str, goal: float, ours: list[float], raw: list[float]) -> None:
+        ratios = [o / r for o, r in zip(ours, raw, strict=True)]
+        self.rows.append((name, base, goal, ratios, ours, raw))
+        self.print_row(self.rows[-1])
+
+    @staticmethod
+    def print_row(row: tuple[str, str, float, list[float], list[float], list[float]]) -> None:
+        name, base, goal, ratios, ours, raw = row
+        med = statistics.median(ratios)
+        print(f"  {name:<34} x{med:.3f} [x{min(ratios):.3f}-x{max(ratios):.3f}] of {base}   goal <= x{goal:.2f}: "
+              f"{'met' if med <= goal else 'MISSED'}   (ours {statistics.median(ours) * 1e6:.1f} µs, "
+              f"base {statistics.median(raw) * 1e6:.1f} µs, {len(ratios)} rounds)", flush=True)
+
+    def summary(self) -> None:
+        print(f"\n## Summary (load average after the run: {os.getloadavg()[0]:.2f})")
+        for row in self.rows:
+            self.print_row(row)
+
+
+CHUNKS = 10
+
+
+def pair(ours: Callable[[int], float], base: Callable[[int], float], n: int,
+         rounds: int) -> tuple[list[float], list[float]]:
+    """Per round: ``CHUNKS`` short stretches of ours and of the baseline, alternating (so that a burst of load
+    from other processes hits both alike); the round's figure for each is the mean over its stretches."""
+    o: list[float] = []
+    b: list[float] = []
+    m = max(1, n // CHUNKS)
+    for _ in range(rounds):
+        so = sb = 0.0
+        for c in range(CHUNKS):
+            if c % 2:
+                so += ours(m)
+                sb += base(m)
+            else:
+                sb += base(m)
+                so += ours(m)
+        o.append(so / CHUNKS)
+        b.append(sb / CHUNKS)
+    return o, b
+
+
+def run_sync(url: str, a: argparse.Namespace, goals: Goals) -> None:
     raw = redis.Redis.from_url(url)
-    raw.set("raw:user", json.dumps(PAYLOAD, separators=(",", ":")))
-    cache = cachesync.Cache(url, namespace="bench")
-    cache.get("user", lambda: PAYLOAD)
-    bounded = cachesync.Cache(url, namespace="bench", max_connections=64)  # redis-py's BlockingConnectionPool
-    blocking_raw = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=5))
-    dec = json.JSONDecoder()
+    raw.mset({f"raw:{k}": json.dumps(PAYLOAD, separators=(",", ":")) for k in KEYS})
+    cache = cachesync.Cache(url, namespace=NS)
+    cache.get_many(KEYS, lambda ks: dict.fromkeys(ks, PAYLOAD))
+    assert cache.get_entry("item:0", lambda: PAYLOAD).source == "cache"
+    ld = lambda: PAYLOAD  # noqa: E731
+    rk = [f"raw:{k}" for k in KEYS]
 
     def raw_get() -> object:
-        return raw.get("raw:user")
-
-    def raw_get_json() -> object:
-        return dec.decode(raw.get("raw:user").decode())  # type: ignore[union-attr]
+        return loads(raw.get("raw:item:0"))  # type: ignore[arg-type]
 
     def cs_get() -> object:
-        return cache.get("user", lambda: PAYLOAD)
+        return cache.get("item:0", ld)
 
-    def raw_evalsha() -> object:
-        return raw.execute_command("EVALSHA", cachesync.scripts.SCRIPTS["get"].sha, 2, "cs:bench:{user}",
-                                   "cs:bench:{user}:w", "t", 5000, "L", 10000)
+    def raw_get_k(k: str) -> object:
+        return loads(raw.get("raw:" + k))  # type: ignore[arg-type]
 
-    def raw_hmget() -> object:
-        return raw.execute_command("HMGET", "cs:bench:{user}", "v", "ver", "n", "s")
+    def cs_get_k(k: str) -> object:
+        return cache.get(k, ld)
 
-    out = interleaved({"raw GET": raw_get, "raw GET+json": raw_get_json, "raw HMGET (fast path)": raw_hmget,
-                       "raw EVALSHA get.lua": raw_evalsha, "raw GET, blocking pool": lambda: blocking_raw.get("raw:user"),
-                       "Cache.get": cs_get, "Cache.get, max_connections=64": lambda: bounded.get("user", lambda: PAYLOAD)},
-                      n, rounds)
-    bounded.close()
-    blocking_raw.close()
+    def raw_many() -> object:
+        return {k: loads(v) for k, v in zip(KEYS, raw.mget(rk), strict=True)}
+
+    def cs_many() -> object:
+        return cache.get_many(KEYS, lambda ks: dict.fromkeys(ks, PAYLOAD))
+
+    from cachesync.protocol import _interleave
+    from cachesync.scripts import SCRIPTS
+
+    il = _interleave([cache.ctx.ekey(k) for k in KEYS])
+    sha = SCRIPTS["get"].sha
+
+    def raw_evalsha_many() -> object:  # the floor of this layout: get.lua for 100 keys, sent raw, + json.loads
+        rep = raw.execute_command("EVALSHA", sha, len(il), *il, "t", 5000, "L", 10000)
+        return {k: loads(rep[4 * j + 1]) for j, k in enumerate(KEYS)}
+
+    n = a.n
+    print("\n## sync (redis-py)")
+    if a.only in (None, "sync1"):
+        goals.add("sync Cache.get hit, 1 thread", "GET+json.loads", 1.10,
+                  *pair(lambda m: timed(cs_get, m), lambda m: timed(raw_get, m), n, a.rounds))
+    if a.only in (None, "sync8"):
+        goals.add("sync Cache.get hit, 8 threads", "GET+json.loads, 8 thr", 1.15,
+                  *pair(lambda m: threaded(cs_get_k, m, 8), lambda m: threaded(raw_get_k, m, 8), n // 2, a.rounds))
+    if a.only in (None, "many"):
+        goals.add("sync get_many(100) hits", "MGET(100)+json.loads", 1.30,
+                  *pair(lambda m: timed(cs_many, m), lambda m: timed(raw_many, m), n // 10, a.rounds))
+        o, r = pair(lambda m: timed(cs_many, m), lambda m: timed(raw_evalsha_many, m), n // 10, a.rounds)
+        rs = sorted(x / y for x, y in zip(o, r, strict=True))
+        print(f"    (not a goal) sync get_many(100) x{statistics.median(rs):.3f} [x{rs[0]:.3f}-x{rs[-1]:.3f}] of the "
+              f"layout's floor: raw EVALSHA get.lua for the 100 keys + json.loads per value")
+    if a.only == "pools":  # the pool choice, for the record (not a goal)
+        for mc in (None, 16, 64):
+            c = cachesync.Cache(url, namespace=NS, max_connections=mc)
+            b = cachesync.Cache(url, namespace=NS)
+            o, r = pair(lambda m, c=c: threaded(lambda k: c.get(k, ld), m, 8),  # type: ignore[misc]
+                        lambda m, b=b: threaded(lambda k: b.get(k, ld), m, 8), n // 2, a.rounds)  # type: ignore[misc]
+            ratios = sorted(x / y for x, y in zip(o, r, strict=True))
+            print(f"  8 threads, max_connections={mc}: x{statistics.median(ratios):.3f} "
+                  f"[x{ratios[0]:.3f}-x{ratios[-1]:.3f}] of the default pool")
+            c.close()
+            b.close()
     cache.close()
     raw.close()
-    return out
 
 
-async def run_async(url: str, n: int, rounds: int) -> dict[str, float]:
+async def run_async(url: str, a: argparse.Namespace, goals: Goals) -> None:
     raw = aredis.Redis.from_url(url)
-    await raw.set("raw:user", json.dumps(PAYLOAD, separators=(",", ":")))
-    cache = cachesync.AsyncCache(url, namespace="bench")
-    await cache.get("user", lambda: PAYLOAD)
-    dec = json.JSONDecoder()
-    samples: dict[str, list[float]] = {"raw GET": [], "raw GET+json": [], "AsyncCache.get": []}
+    cache = cachesync.AsyncCache(url, namespace=NS)
+    await cache.get_many(KEYS, lambda ks: dict.fromkeys(ks, PAYLOAD))
+    ld = lambda: PAYLOAD  # noqa: E731
+    rk = [f"raw:{k}" for k in KEYS]
+    n = a.n
 
-    async def loop(name: str) -> None:
+    async def seq(which: str, count: int, k: str = "item:0") -> float:
         t0 = time.perf_counter()
-        if name == "raw GET":
-            for _ in range(n):
-                await raw.get("raw:user")
-        elif name == "raw GET+json":
-            for _ in range(n):
-                dec.decode((await raw.get("raw:user")).decode())
+        rk0 = "raw:" + k
+        if which == "raw":
+            for _ in range(count):
+                loads(await raw.get(rk0))  # type: ignore[arg-type]
+        elif which == "ours":
+            for _ in range(count):
+                await cache.get(k, ld)
+        elif which == "raw_many":
+            for _ in range(count):
+                {k: loads(v) for k, v in zip(KEYS, await raw.mget(rk), strict=True)}
         else:
-            for _ in range(n):
-                await cache.get("user", lambda: PAYLOAD)
-        samples[name].append((time.perf_counter() - t0) / n)
+            for _ in range(count):
+                await cache.get_many(KEYS, lambda ks: dict.fromkeys(ks, PAYLOAD))
+        return (time.perf_counter() - t0) / count
 
-    for _ in range(rounds):
-        for name in samples:
-            await loop(name)
+    async def conc(which: str, tasks: int, count: int) -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(seq(which, count, KEYS[i]) for i in range(tasks)))  # own key per task
+        return (time.perf_counter() - t0) / (tasks * count)
+
+    async def apair(ours: Callable[[int], Any], base: Callable[[int], Any], count: int) -> tuple[list[float], list[float]]:
+        o: list[float] = []
+        b: list[float] = []
+        m = max(1, count // CHUNKS)
+        for _ in range(a.rounds):
+            so = sb = 0.0
+            for c in range(CHUNKS):
+                if c % 2:
+                    so += await ours(m)
+                    sb += await base(m)
+                else:
+                    sb += await base(m)
+                    so += await ours(m)
+            o.append(so / CHUNKS)
+            b.append(sb / CHUNKS)
+        return o, b
+
+    await conc("raw", 100, 5)  # open the pools' connections
+    await conc("ours", 100, 5)
+    print("\n## asyncio (redis.asyncio)")
+    if a.only in (None, "async1"):
+        goals.add("async AsyncCache.get hit, sequential", "GET+json.loads", 1.05,
+                  *(await apair(lambda m: seq("ours", m), lambda m: seq("raw", m), n)))
+    if a.only in (None, "async100"):
+        goals.add("async AsyncCache.get hit, 100 tasks", "GET+json.loads, 100 tasks", 1.05,
+                  *(await apair(lambda m: conc("ours", 100, m), lambda m: conc("raw", 100, m), max(CHUNKS, n // 20))))
+    if a.only in (None, "many"):
+        goals.add("async get_many(100) hits", "MGET(100)+json.loads", 1.30,
+                  *(await apair(lambda m: seq("ours_many", m), lambda m: seq("raw_many", m), n // 10)))
     await cache.aclose()
     await raw.aclose()
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def report(title: str, res: dict[str, float], base: str, ours: str) -> None:
-    print(f"\n{title}")
-    for k, v in res.items():
-        print(f"  {k:<30} {v * 1e6:8.1f} µs   x{v / res[base]:.2f} of {base}")
-    print(f"  => {ours} / {base} = x{res[ours] / res[base]:.2f}  (target <= 1.30)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--redis-url")
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--busy", type=int, default=0, help="CPU-burning processes to run meanwhile")
+    ap.add_argument("--only", choices=["sync1", "sync8", "many", "async1", "async100", "pools"])
     a = ap.parse_args()
-    print("bench_hit:", env_line())
+    burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(a.busy)]
+    for p in burners:
+        p.start()
+    print(f"bench_hit: {env_line()}; busy processes {a.busy}; load average {os.getloadavg()[0]:.2f}")
+    goals = Goals()
 
     def go(url: str) -> None:
-        s = run_sync(url, a.n, a.rounds)
-        report("sync (redis-py)", s, "raw GET", "Cache.get")
-        print(f"  => Cache.get / raw GET+json = x{s['Cache.get'] / s['raw GET+json']:.2f}")
-        r = asyncio.run(run_async(url, a.n, a.rounds))
-        report("asyncio (redis.asyncio)", r, "raw GET", "AsyncCache.get")
-        print(f"  => AsyncCache.get / raw GET+json = x{r['AsyncCache.get'] / r['raw GET+json']:.2f}")
+        run_sync(url, a, goals)
+        asyncio.run(run_async(url, a, goals))
+        c = redis.Redis.from_url(url)
+        for k in c.scan_iter(f"cs:{NS}:*", count=1000):
+            c.delete(k)
+        c.delete(*(f"raw:{k}" for k in KEYS))
+        c.close()
 
-    if a.redis_url:
-        go(a.redis_url)
-    else:
-        with private_redis() as url:
-            go(url)
+    try:
+        if a.redis_url:
+            go(a.redis_url)
+        else:
+            with private_redis() as url:
+                go(url)
+        goals.summary()
+    finally:
+        for p in burners:
+            p.terminate()
 
 
 if __name__ == "__main__":

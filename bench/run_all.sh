@@ -10,6 +10,7 @@ run() { echo "\$ $*"; "$@"; echo; }
 run $py bench/bench_hit.py
 run $py bench/bench_stampede.py
 run $py bench/bench_l1.py
+run $py bench/bench_memory.py
 run $py bench/bench_outbox.py --db-url postgresql://root@127.0.0.1:5432/test
 run $py bench/bench_outbox.py --db-url mysql://root@127.0.0.1:3306/test
 run $py bench/bench_cdc.py --source both

@@ -182,3 +182,39 @@ async def test_hung_redis_times_out_instead_of_hanging():
         await f.aclose()
     finally:
         srv.close()
+
+
+async def test_async_hit_fast_path_one_hmget_shared_by_concurrent_hits_and_reused_by_a_miss(redis_url, namespace):
+    """AsyncCache.get sends the flow's first command (the fast-path HMGET) itself inside the flight: a hit is
+    that one command, 50 concurrent hits of one key share it, and a miss hands the reply to the flow (no second
+    HMGET); a foreign key is still repaired by the flow."""
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(redis_url)
+    sent: list[str] = []
+    real = client.execute_command
+
+    async def execute_command(*args, **kw):
+        sent.append(str(args[0]))
+        return await real(*args, **kw)
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    c = cachesync.AsyncCache(client=client, namespace=namespace)
+    try:
+        assert await c.get("k", lambda: "v1") == "v1"
+        await asyncio.sleep(0)  # the namespace record (its own task) may run now
+        sent[:] = [x for x in sent if x != "SET"]
+        assert sent == ["HMGET", "EVALSHA", "EVALSHA"]
+        sent.clear()
+        results = await asyncio.gather(*(c.get_entry("k", lambda: "unused") for _ in range(50)))
+        assert {(e.value, e.source) for e in results} == {("v1", "cache")}
+        assert sent == ["HMGET"]
+        sent.clear()
+        await client.delete(c.ctx.ekey("k"))
+        await client.set(c.ctx.ekey("k"), "foreign")
+        sent.clear()
+        assert await c.get("k", lambda: "v2") == "v2"
+        assert sent == ["HMGET", "DEL", "EVALSHA", "EVALSHA"]
+    finally:
+        await c.aclose()
+        await client.aclose()

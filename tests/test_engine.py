@@ -515,3 +515,74 @@ def test_msgpack_and_pickle_serializers(redis_url, namespace):
     p = cachesync.Cache(redis_url, namespace=namespace + "p", serializer="pickle")
     assert p.get("k", lambda: {1, 2}) == {1, 2}
     p.close()
+
+
+class _Recording:
+    """A real redis-py client that records the name of every command it sends (a spy, not a mock)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.sent: list[str] = []
+        real = self.client.execute_command
+
+        def execute_command(*args, **kw):
+            self.sent.append(str(args[0]))
+            return real(*args, **kw)
+
+        self.client.execute_command = execute_command  # type: ignore[method-assign]
+
+
+def test_sync_hit_fast_path_sends_one_hmget_and_a_miss_reuses_it(redis_url, namespace):
+    """Cache.get sends the flow's first command (the fast-path HMGET) itself: a hit is that one command; a miss,
+    a stale-marked entry or a foreign key runs the flow, which takes the same reply instead of sending it again."""
+    rec = _Recording(redis_url)
+    c = cachesync.Cache(client=rec.client, namespace=namespace)
+    rec.sent.clear()  # the namespace record
+    try:
+        assert c.get("k", lambda: "v1") == "v1"  # miss: HMGET, then get.lua (lease) and fill.lua
+        assert rec.sent == ["HMGET", "EVALSHA", "EVALSHA"]
+        rec.sent.clear()
+        e = c.get_entry("k", lambda: "unused")
+        assert (e.value, e.source, e.version, e.stale) == ("v1", "cache", None, False)
+        assert rec.sent == ["HMGET"]
+        assert c.stats["hits"] == 1
+        c.set("k", NOT_FOUND, version=3)  # a negative entry with a version: served by the fast path too
+        rec.sent.clear()
+        e = c.get_entry("k", lambda: "unused")
+        assert (e.value, e.version, e.source) == (NOT_FOUND, 3, "cache") and rec.sent == ["HMGET"]
+        assert c.stats["negative_hits"] == 1
+        rec.client.delete(c.ctx.ekey("k"))
+        rec.client.set(c.ctx.ekey("k"), "foreign")  # WRONGTYPE on the fast path: repaired by the flow, read anew
+        rec.sent.clear()
+        assert c.get("k", lambda: "v2") == "v2"
+        assert rec.sent == ["HMGET", "DEL", "EVALSHA", "EVALSHA"]
+        assert c.stats["corrupt_entries"] == 1
+        rec.client.hset(c.ctx.ekey("k"), "v", b"{not json")  # undecodable payload: repaired, reloaded
+        rec.sent.clear()
+        assert c.get("k", lambda: "v3") == "v3"
+        assert rec.sent == ["HMGET", "DEL", "EVALSHA", "EVALSHA"]
+    finally:
+        c.close()
+        rec.client.close()
+
+
+def test_sync_fast_path_redis_down_falls_back_after_one_attempt(namespace):
+    """A connection error on the fast-path HMGET is handed to the flow as its first reply: one attempt, then
+    the fallback load (no second attempt at the unreachable server)."""
+    c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, connect_timeout=0.2, socket_timeout=0.2)
+    attempts = [0]
+    real = c.redis.execute_command
+
+    def counting(*args, **kw):
+        attempts[0] += 1
+        return real(*args, **kw)
+
+    c.redis.execute_command = counting  # type: ignore[method-assign]
+    try:
+        e = c.get_entry("k", lambda: "from db")
+        assert (e.value, e.source) == ("from db", "fallback")
+        assert attempts[0] == 1
+    finally:
+        c.close()

@@ -140,6 +140,46 @@ def test_options_validated_naming_the_option() -> None:
         cachesync.Cache("redis://127.0.0.1:6379/15", namespace="x", l1=True, broadcast_invalidations=False)
 
 
+def test_lookups_bypass_while_the_subscriber_is_behind_fake_clock() -> None:
+    """Rule 5 with a fake probe and clock: data waiting on the subscription (the subscriber starved) makes
+    lookups bypass from the next check on, until the subscriber has caught up; the check runs at most every
+    lag_check_interval."""
+    clock = FakeClock()
+    core = _core(clock, lag_check_interval=0.001)
+    assert _fill(core, "k", "v")
+    waiting = [False]
+    probes = [0]
+
+    def probe() -> bool:
+        probes[0] += 1
+        return waiting[0]
+
+    core.set_probe(probe)
+    assert core.lookup("k") is not None and probes[0] == 1
+    waiting[0] = True  # an invalidation reached the socket; the subscriber has not run yet
+    assert core.lookup("k") is not None and probes[0] == 1  # not checked again within the interval
+    clock.t += 0.001
+    assert core.lookup("k") is None and probes[0] == 2  # checked: bypass
+    assert core.lookup("k") is None and core.stats["lag_bypasses"] == 2  # stays behind without probing
+    assert probes[0] == 2
+    core.behind()  # the subscriber read the data and applies it
+    waiting[0] = False
+    assert core.lookup("k") is None
+    core.caught_up()  # applied, and its connection found empty
+    assert core.lookup("k") is not None and probes[0] == 3
+    # a probe that saw data the subscriber applied meanwhile does not leave the L1 behind
+    core.set_probe(lambda: core.caught_up() is None)
+    assert core.lookup("k") is not None
+    assert not core._behind
+    core.set_probe(lambda: 1 / 0 > 0)  # a probe that fails counts as behind
+    assert core.lookup("k") is None
+
+
+def test_options_validated_lag_check_interval() -> None:
+    with pytest.raises(ConfigError, match="l1.lag_check_interval"):
+        L1Options.build({"lag_check_interval": 0})
+
+
 # --------------------------------------------------------------------------- one process, real Redis
 
 
@@ -268,6 +308,45 @@ class Child:
         for f in (self.p.stdin, self.p.stdout):
             if f is not None:
                 f.close()
+
+
+def test_paused_subscriber_makes_lookups_bypass_the_l1(l1cache: cachesync.Cache, redis_url: str,
+                                                       namespace: str) -> None:
+    """Rule 5 on a real subscription: the subscriber is held (as a GIL-starved thread would be) before it reads
+    an invalidation from its socket; lookups see the data waiting there, bypass the L1 and read the new value
+    from Redis. Released, the subscriber applies it and the L1 serves again."""
+    assert l1cache.l1 is not None
+    core = l1cache.l1.core
+    assert l1cache.get("k", lambda: "old") == "old"
+    assert l1cache.get_entry("k", lambda: "old").source == "l1"
+    conn = l1cache.l1._conn
+    gate, held = threading.Event(), threading.Event()
+    real_can_read = conn.can_read
+
+    def paused_can_read(timeout: float = 0) -> bool:
+        held.set()
+        gate.wait(POLL_LIMIT)
+        return bool(real_can_read(timeout=timeout))
+
+    conn.can_read = paused_can_read
+    try:
+        wait_for(held.is_set, "the subscriber to reach its next read")
+        writer = cachesync.Cache(redis_url, namespace=namespace)
+        writer.set("k", "new")  # publishes; the subscriber cannot read it
+        writer.close()
+        wait_for(lambda: l1cache.l1 is not None and l1cache.l1.core._probe is not None
+                 and l1cache.l1.core._probe(), "the invalidation to wait on the subscription's socket")
+        wait_for(lambda: l1cache.get_entry("k", lambda: "loader").source != "l1", "a lookup to bypass")
+        e = l1cache.get_entry("k", lambda: "loader")
+        assert (e.value, e.source) == ("new", "cache")  # read from Redis, not the stale L1 copy
+        assert core.stats["lag_bypasses"] >= 1
+        assert core.stats["messages"] == 0  # the subscriber has not read the invalidation
+    finally:
+        conn.can_read = real_can_read
+        gate.set()
+    wait_for(lambda: not core._behind, "the subscriber to catch up")
+    assert l1cache.get("k", lambda: "loader") == "new"
+    wait_for(lambda: l1cache.get_entry("k", lambda: "loader").source == "l1", "the L1 to serve again")
 
 
 def test_invalidation_in_one_process_reaches_the_l1_of_the_others(redis_url: str, namespace: str,

@@ -142,6 +142,11 @@ class AsyncCache:
         unreachable Redis raises :class:`CacheUnavailableError` unless the flow handles it; an error reply raises
         :class:`RedisCommandError`.
         """
+        return await self._run(flow, loader)
+
+    async def _run(self, flow: P.Flow[T], loader: Callable[..., Any] | None = None,
+                   first: tuple[Any, BaseException | None] | None = None) -> T:
+        """:meth:`run`; ``first``: the (reply, exception) of its first command, already sent (see :meth:`_hit`)."""
         send: Any = None
         throw: BaseException | None = None
         try:
@@ -158,7 +163,13 @@ class AsyncCache:
                 t = type(eff)
                 if t is P.Cmd:
                     try:
-                        send = await self._command(eff)
+                        if first is not None:
+                            send, exc = first
+                            first = None
+                            if exc is not None:
+                                raise exc
+                        else:
+                            send = await self._command(eff)
                     except NoScriptError:
                         throw = P.NoScript()
                     except _REDIS_DOWN as e:
@@ -282,7 +293,12 @@ class AsyncCache:
 
     async def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """See :meth:`cachesync.Cache.get`; ``loader`` may be a coroutine function."""
-        return (await self.get_entry(key, loader, ttl)).value
+        l1 = self.l1
+        if l1 is not None:  # the L1 hit, inlined: no second coroutine
+            e = l1.core.lookup(key)
+            if e is not None:
+                return e.value
+        return (await self._read(key, loader, ttl)).value
 
     @overload
     async def get_entry(self, key: str, loader: Callable[[], Awaitable[P.Versioned[T] | P.NotFound]],
@@ -305,9 +321,36 @@ class AsyncCache:
             e = l1.core.lookup(key)
             if e is not None:
                 return e  # type: ignore[no-any-return]
+        return await self._read(key, loader, ttl)
+
+    async def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+        """A read after the L1 (if any) had no copy: single-flight (concurrent reads of one key share one)."""
+        l1 = self.l1
+        if l1 is not None:
             return await self._single(key, lambda: l1.load(
-                key, ttl, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader)))
-        return await self._single(key, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader))
+                key, ttl, lambda: self._run(P.get_flow(self.ctx, key, ttl), loader)))
+        return await self._single(key, lambda: self._hit(key, loader, ttl))
+
+    async def _hit(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+        """The hit fast path (inside the flight: concurrent reads of one key still share one ``HMGET``): send
+        :func:`~cachesync.protocol.get_flow`'s first command and serve :func:`~cachesync.protocol.fresh_hit`;
+        anything else runs the flow, answering its first command with this reply."""
+        ctx = self.ctx
+        cmd = P.Cmd(P.hit_args(ctx, key, ttl))
+        first: tuple[Any, BaseException | None]
+        try:
+            f = await self._command(cmd)
+        except Exception as e:  # mapped by _run exactly as if the flow had sent the command
+            first = (None, e)
+        else:
+            try:
+                entry = P.fresh_hit(ctx, key, f)
+                if entry is not None:
+                    return entry
+            except P.CorruptEntry:
+                pass  # the flow sees the same reply and repairs the entry
+            first = (f, None)
+        return await self._run(P.get_flow(ctx, key, ttl), loader, first)
 
     @overload
     async def get_many(self, keys: Iterable[str],

@@ -19,7 +19,14 @@ An L1 copy may be served only while three things hold; each rule below closes on
 3. **The subscription is healthy.** Until the SUBSCRIBE is confirmed the L1 is *bypassed* (no hits, no
    fills). When the connection drops or a PING on it goes unanswered for ``ping_interval`` seconds, the L1
    is flushed and bypassed until the subscription is back (counted in ``subscription_losses``, logged).
-4. **Nothing is served past** ``max_staleness``: an entry's age is counted from *before* the Redis read
+5. **A starved subscriber does not let copies go stale.** Busy reader threads can keep the subscriber thread
+   from the GIL for many switch intervals (and busy coroutines keep the subscriber task from the event loop
+   for as long as they do not await). At most every ``lag_check_interval`` a lookup checks, with one
+   non-blocking ``select`` on the subscription's socket, whether data has arrived that the subscriber has not
+   read; the subscriber itself marks the L1 "behind" from the moment it reads data until it has applied it
+   and found its connection empty. While behind, lookups bypass the L1 (they read Redis, which also hands
+   the GIL or the loop to the subscriber); ``lag_bypasses`` counts them.
+6. **Nothing is served past** ``max_staleness``: an entry's age is counted from *before* the Redis read
    that produced it, so even an invalidation lost while the subscription looked healthy (a failover to a
    replica that never saw the PUBLISH, say) is bounded.
 
@@ -77,11 +84,16 @@ class L1Options:
     """Longest pause between attempts to resubscribe (the pause doubles from 0.05 s up to this)."""
     cache_negative: bool = True
     """Keep ``NOT_FOUND`` results in the L1 too (for at most ``min(ttl, negative_ttl)``)."""
+    lag_check_interval: float = 0.001
+    """How often (at most; counted in lookups' own clock readings) a lookup checks, with one non-blocking
+    ``select`` on the subscription's socket, whether an invalidation has arrived that the subscriber has not
+    applied yet (its thread starved of the GIL by busy readers, say); while one has, lookups bypass the L1.
+    An invalidation that has reached this process is therefore served around for at most about this long."""
 
     def __post_init__(self) -> None:
         for name in ("max_entries", "max_bytes"):
             _validate.positive(f"l1.{name}", getattr(self, name), integer=True)
-        for name in ("ttl", "max_staleness", "ping_interval", "reconnect_max_delay"):
+        for name in ("ttl", "max_staleness", "ping_interval", "reconnect_max_delay", "lag_check_interval"):
             check_positive(f"l1.{name}", getattr(self, name))
         _validate.boolean("l1.cache_negative", self.cache_negative)
 
@@ -145,7 +157,13 @@ class L1:
         self.hits = self.misses = self.bypassed = self.fills = self.fills_dropped = 0
         self.invalidations = self.messages = self.evictions = self.expirations = self.flushes = 0
         self.subscription_losses = self.subscribes = self.malformed_messages = self.subscriber_deaths = 0
+        self.lag_bypasses = 0
         self.last_loss_reason = ""
+        # the subscriber-lag check (rule 5): see lookup, behind, caught_up, set_probe
+        self._check_at = 0.0  # clock reading from which the next lookup checks; 0 while behind
+        self._behind = False
+        self._caught_up_gen = 0
+        self._probe: Callable[[], bool] | None = None
         _ALL.add(self)
 
     # ---------------------------------------------------------------- reads
@@ -155,12 +173,39 @@ class L1:
         s = self._data.get(key)
         if s is None:
             return None
-        if self._clock() >= s.expires:
+        now = self._clock()
+        if now >= s.expires or now >= self._check_at:
+            return self._lookup_checked(key, s, now)
+        self.hits += 1
+        try:
+            self._data.move_to_end(key)
+        except KeyError:  # invalidated by the subscriber meanwhile: serving it is ordered before that
+            pass
+        return s.entry
+
+    def _lookup_checked(self, key: str, s: _Slot, now: float) -> Any:
+        """:meth:`lookup` when the entry expired or the subscriber-lag check is due (rule 5)."""
+        if now >= s.expires:
             with self._lock:
                 if self._data.get(key) is s:
                     del self._data[key]
                     self.bytes -= s.size
                     self.expirations += 1
+            return None
+        if not self._behind:
+            gen = self._caught_up_gen
+            probe = self._probe
+            try:
+                pending = probe is not None and probe()
+            except Exception:  # the socket is being replaced: count it as behind
+                pending = True
+            if pending and gen == self._caught_up_gen:  # (not if the subscriber caught up meanwhile)
+                self._behind = True
+            elif not pending:
+                self._check_at = now + self.options.lag_check_interval
+        if self._behind:
+            self._check_at = 0.0
+            self.lag_bypasses += 1
             return None
         self.hits += 1
         try:
@@ -168,6 +213,25 @@ class L1:
         except KeyError:  # invalidated by the subscriber meanwhile: serving it is ordered before that
             pass
         return s.entry
+
+    # ---------------------------------------------------------------- subscriber lag (rule 5)
+
+    def set_probe(self, probe: Callable[[], bool] | None) -> None:
+        """The driver's check "has data arrived on the subscription that the subscriber has not read?" (a
+        non-blocking ``select`` on its socket), or None while there is no connection."""
+        self._probe = probe
+        self._check_at = 0.0
+
+    def behind(self) -> None:
+        """The subscriber has data to apply: lookups bypass the L1 until :meth:`caught_up`."""
+        self._behind = True
+        self._check_at = 0.0
+
+    def caught_up(self) -> None:
+        """The subscriber has applied everything that reached its connection (it is about to wait for more)."""
+        self._caught_up_gen += 1
+        self._behind = False
+        self._check_at = 0.0
 
     def begin(self, key: str) -> Token | None:
         """Call before reading ``key`` from Redis; ``None`` means the L1 is bypassed (do not fill)."""
@@ -322,6 +386,7 @@ class L1:
     def on_subscribed(self) -> None:
         """The SUBSCRIBE is confirmed: from now on every invalidation reaches :meth:`on_message`."""
         self.clear("subscribed")
+        self.caught_up()  # the L1 is empty: nothing it holds can be behind (the probe still sees new data)
         if self.subscribes > 0:
             log.warning("cachesync L1 (namespace %s): invalidation subscription is back; L1 enabled again", self.ns)
         with self._lock:
@@ -363,6 +428,7 @@ class L1:
         self.closed = True
         self.state = "closed"
         self.last_loss_reason = "forked: no subscriber in this process; build a new cache in the child"
+        self._probe = None  # the parent's socket
         self._lock = threading.Lock()
         self._data.clear()
         self.bytes = 0
@@ -382,7 +448,8 @@ class L1:
         """Counters and state: ``state`` ("connecting", "up", "down", "closed"), ``enabled``, ``entries``, ``bytes``,
         ``hits``, ``misses``, ``bypassed`` (reads while the subscription was down), ``fills``, ``fills_dropped``
         (the fill race), ``invalidations``, ``messages``, ``evictions``, ``expirations``, ``flushes``,
-        ``subscription_losses``, ``subscribes``, ``last_loss_reason``."""
+        ``subscription_losses``, ``subscribes``, ``lag_bypasses`` (lookups that bypassed because an invalidation
+        had arrived and was not applied yet), ``last_loss_reason``."""
         return {
             "state": self.state, "enabled": self.enabled, "entries": len(self._data), "bytes": self.bytes,
             "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed, "fills": self.fills,
@@ -390,7 +457,7 @@ class L1:
             "malformed_messages": self.malformed_messages, "subscriber_deaths": self.subscriber_deaths,
             "evictions": self.evictions, "expirations": self.expirations, "flushes": self.flushes,
             "subscription_losses": self.subscription_losses, "subscribes": self.subscribes,
-            "last_loss_reason": self.last_loss_reason,
+            "lag_bypasses": self.lag_bypasses, "last_loss_reason": self.last_loss_reason,
         }
 
     def __len__(self) -> int:

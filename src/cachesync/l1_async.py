@@ -14,7 +14,7 @@ import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
 from .l1 import Close, Connect, L1Options, Read, Send, Sleep, SubscriptionLost, subscription_flow
-from .l1_sync import make_core, subscription_pool
+from .l1_sync import make_core, socket_probe, subscription_pool
 
 
 class L1Async:
@@ -140,13 +140,19 @@ class L1Async:
             t = type(eff)
             try:
                 if t is Read:
+                    # every message read so far is applied; until this read returns, a lookup that finds data
+                    # waiting on the socket bypasses the L1 (rule 5 of cachesync.l1)
+                    self.core.caught_up()
                     send = await self._conn.read_response(timeout=eff.timeout, disconnect_on_error=False)
                 elif t is Send:
                     await self._conn.send_command(*eff.args)
                 elif t is Connect:
                     self._conn = self._pool.make_connection()
                     await self._conn.connect()
+                    writer = getattr(self._conn, "_writer", None)
+                    self.core.set_probe(socket_probe(writer.get_extra_info("socket") if writer else None))
                 elif t is Close:
+                    self.core.set_probe(None)
                     if self._conn is not None:
                         conn, self._conn = self._conn, None
                         with contextlib.suppress(Exception):

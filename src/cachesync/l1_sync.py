@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,16 @@ class ClusterSubscriptionPool:
         return None
 
 
+def socket_probe(sock: Any) -> Callable[[], bool] | None:
+    """"Has data arrived on ``sock``?" as one non-blocking ``select`` (None when there is no socket)."""
+    if sock is None:
+        return None
+    fd = sock.fileno()
+    sel = select.select
+    rd = (fd,)
+    return lambda: bool(sel(rd, (), (), 0)[0])
+
+
 def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:
     """The :class:`L1` of a cache, sized with the cache's serializer."""
     o = cache.options
@@ -172,13 +183,19 @@ class L1Sync:
     # ---------------------------------------------------------------- the subscriber thread
 
     def _read(self, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
+        core = self.core
         conn = self._conn
-        while not self.core.closed:
+        if conn.can_read(timeout=0):  # more is buffered or has arrived: the L1 is still behind
+            core.behind()
+            return conn.read_response()
+        core.caught_up()  # everything that reached the connection is applied
+        deadline = time.monotonic() + timeout
+        while not core.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             if conn.can_read(timeout=min(left, _POLL)):
+                core.behind()  # lookups bypass until this is applied (rule 5 of cachesync.l1)
                 return conn.read_response()
         return None
 
@@ -217,7 +234,9 @@ class L1Sync:
                 elif t is Connect:
                     self._conn = self._pool.make_connection()
                     self._conn.connect()
+                    self.core.set_probe(socket_probe(getattr(self._conn, "_sock", None)))
                 elif t is Close:
+                    self.core.set_probe(None)
                     if self._conn is not None:
                         conn, self._conn = self._conn, None
                         try:

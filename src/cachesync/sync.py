@@ -117,6 +117,12 @@ class Cache:
         ``loader``, ``Schedule`` effects become background steps. An unreachable Redis raises
         :class:`CacheUnavailableError` unless the flow handles it; an error reply raises :class:`RedisCommandError`.
         """
+        return self._run(flow, loader)
+
+    def _run(self, flow: P.Flow[T], loader: Callable[..., Any] | None = None,
+             first: tuple[Any, BaseException | None] | None = None) -> T:
+        """:meth:`run`; ``first``: the (reply, exception) of the flow's first command, already sent by the
+        caller (the hit fast path of :meth:`_read`); it is answered with that instead of sending it again."""
         send: Any = None
         throw: BaseException | None = None
         try:
@@ -133,7 +139,13 @@ class Cache:
                 t = type(eff)
                 if t is P.Cmd:
                     try:
-                        send = self._command(eff)
+                        if first is not None:
+                            send, exc = first
+                            first = None
+                            if exc is not None:
+                                raise exc
+                        else:
+                            send = self._command(eff)
                     except NoScriptError:
                         throw = P.NoScript()
                     except _REDIS_DOWN as e:
@@ -236,7 +248,13 @@ class Cache:
         ``loader`` returns the value, ``Versioned(value, version)``, or ``NOT_FOUND`` (cached as a negative
         entry for ``negative_ttl``). ``ttl`` defaults to ``default_ttl``. Returns the value or ``NOT_FOUND``.
         """
-        return self.get_entry(key, loader, ttl).value
+        l1 = self.l1
+        if l1 is not None:  # the L1 hit, inlined (one call less than get_entry)
+            e = l1.core.lookup(key)
+            if e is not None:
+                return e.value
+            return self._l1_miss(l1, key, loader, ttl).value
+        return self._read(key, loader, ttl).value
 
     @overload
     def get_entry(self, key: str, loader: Callable[[], P.Versioned[T] | P.NotFound],
@@ -252,9 +270,34 @@ class Cache:
             e = l1.core.lookup(key)
             if e is not None:
                 return e  # type: ignore[no-any-return]
-            return self._single(key, lambda: l1.load(
-                key, ttl, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader)))
-        return self._single(key, lambda: self.run(P.get_flow(self.ctx, key, ttl), loader))
+            return self._l1_miss(l1, key, loader, ttl)
+        return self._read(key, loader, ttl)
+
+    def _l1_miss(self, l1: L1Sync, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+        return self._single(key, lambda: l1.load(
+            key, ttl, lambda: self._run(P.get_flow(self.ctx, key, ttl), loader)))
+
+    def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+        """The hit fast path: send :func:`~cachesync.protocol.get_flow`'s first command (the plain ``HMGET``)
+        directly and serve :func:`~cachesync.protocol.fresh_hit`; anything else (a miss, a stale-marked or corrupt
+        entry, an error) runs the flow single-flight, answering its first command with this reply. Concurrent
+        hits of one key each read Redis (as a plain client would); misses share one flight."""
+        ctx = self.ctx
+        args = P.hit_args(ctx, key, ttl)
+        first: tuple[Any, BaseException | None]
+        try:
+            f = self.redis.execute_command(*args)
+        except Exception as e:  # mapped by _run exactly as if the flow had sent the command
+            first = (None, e)
+        else:
+            try:
+                entry = P.fresh_hit(ctx, key, f)
+                if entry is not None:
+                    return entry
+            except P.CorruptEntry:
+                pass  # the flow sees the same reply and repairs the entry
+            first = (f, None)
+        return self._single(key, lambda: self._run(P.get_flow(ctx, key, ttl), loader, first))
 
     @overload
     def get_many(self, keys: Iterable[str],

@@ -18,6 +18,31 @@ log = logging.getLogger("cachesync")
 # --------------------------------------------------------------------------- read flows
 
 
+def _plain_hits(ctx: Context, ukeys: Sequence[str], idxs: list[int], reply: Sequence[Any],
+                result: dict[str, Entry[Any]]) -> list[tuple[int, GetReply]]:
+    """The batch fast path: ``get.lua``'s reply items that are plain hits (code 1, no flag: neither negative
+    nor stale) are decoded into ``result`` here, in one loop without a :class:`GetReply` each; returns the
+    other items, parsed, for the general rules (negative hits, waits, leases and undecodable payloads, which
+    :func:`_hit` turns into a repair). Same outcome and the same ``hits`` count as :func:`_hit` per key."""
+    loads = ctx.ser.loads
+    rest: list[tuple[int, GetReply]] = []
+    n = 0
+    for j, i in enumerate(idxs):
+        b = 4 * j
+        if reply[b] == HIT and not reply[b + 3]:
+            ver = reply[b + 2]
+            try:
+                value = loads(reply[b + 1])
+                result[ukeys[i]] = cache_entry(value, None if ver is None else decode_version(ver))
+                n += 1
+                continue
+            except Exception:  # noqa: S112 - undecodable: the general path below repairs it
+                pass
+        rest.append((i, parse_get(reply[b:b + 4])[0]))
+    ctx.stats["hits"] += n
+    return rest
+
+
 def _hit(ctx: Context, key: str, r: GetReply) -> Entry[Any]:
     """A hit's Entry; :class:`CorruptEntry` when its payload cannot be decoded."""
     neg = r.flags == "n"
@@ -28,7 +53,7 @@ def _hit(ctx: Context, key: str, r: GetReply) -> Entry[Any]:
         st["negative_hits"] += 1
     else:
         st["hits"] += 1
-    return Entry(value, r.version, r.flags == "s")
+    return Entry(value, r.version, True) if r.flags == "s" else cache_entry(value, r.version)
 
 
 def _repair(ctx: Context, key: str, ek: str, problem: object) -> Flow[Any]:
@@ -55,29 +80,72 @@ def _release(ctx: Context, keys: list[str], token: str) -> Flow[Any]:
         pass
 
 
+_new_entry = Entry.__new__
+_set_value, _set_version, _set_stale, _set_source, _set_filled = (
+    Entry.__dict__[f].__set__ for f in ("value", "version", "stale", "source", "filled"))
+
+
+def cache_entry(value: Any, version: int | float | None) -> Entry[Any]:
+    """``Entry(value, version)`` of a hit (``source="cache"``), built without the frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` call per field: half the cost of a batch hit's Python work)."""
+    e = _new_entry(Entry)
+    _set_value(e, value)
+    _set_version(e, version)
+    _set_stale(e, False)
+    _set_source(e, "cache")
+    _set_filled(e, False)
+    return e
+
+
+def hit_args(ctx: Context, key: str, ttl: float | None) -> tuple[str, ...]:
+    """The first command of :func:`get_flow`: the fast-path ``HMGET`` of ``key``'s entry (validates the key and
+    ``ttl``). A driver may send it before starting the flow and serve :func:`fresh_hit` without the flow."""
+    if ttl is not None:
+        check_positive("ttl", ttl)
+    return ("HMGET", ctx.ekey(key), "v", "ver", "n", "s")
+
+
+def fresh_hit(ctx: Context, key: str, f: Sequence[Any]) -> Entry[Any] | None:
+    """The entry that the reply ``f`` of :func:`hit_args` serves (a value that is not stale-marked, counted in
+    ``hits`` or ``negative_hits``), or None when the read must go on (:func:`get_flow` does). Raises
+    :class:`CorruptEntry` for an undecodable payload or version (the flow repairs it)."""
+    v = f[0]
+    if v is None or f[3] is not None:
+        return None
+    ver = f[1]
+    version = None if ver is None else decode_version(ver)
+    if f[2] == b"1":
+        ctx.stats["negative_hits"] += 1
+        return cache_entry(NOT_FOUND, version)
+    value = ctx.decode_stored(key, v, False)
+    ctx.stats["hits"] += 1
+    return cache_entry(value, version)
+
+
 def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
     """Read one key: hit, or lease + load + fill, or wait for the lease holder.
 
     Cancellation-safe: whatever is thrown into the flow while it may hold a lease (a loader's exception,
     ``asyncio.CancelledError``, ``KeyboardInterrupt``) releases the lease first, so that waiters retry at once.
     """
-    ek = ctx.ekey(key)
-    if ttl is not None:
-        check_positive("ttl", ttl)
-    # Fast path: one plain HMGET (cheaper than a script call) serves every fresh hit.
+    first = hit_args(ctx, key, ttl)
+    ek = first[1]
+    # Fast path: one plain HMGET (cheaper than a script call) serves every fresh hit. A driver may send this
+    # first command itself before starting the flow (and answer it with its reply): see hit_args/fresh_hit.
     try:
-        f = yield Cmd(("HMGET", ek, "v", "ver", "n", "s"))
+        f = yield Cmd(first)
     except RedisDown as e:
         return (yield from _fallback_one(ctx, e))
     except CommandError as e:  # WRONGTYPE: a foreign key where the entry belongs
         yield from _repair(ctx, key, ek, e)
         f = (None, None, None, None)
-    if f[0] is not None and f[3] is None:
-        try:
-            return _hit(ctx, key, GetReply(HIT, f[0], decode_version(f[1]), "n" if f[2] == b"1" else ""))
-        except CorruptEntry as e:
-            yield from _repair(ctx, key, ek, e)
-            f = (None, None, None, None)
+    try:
+        entry = fresh_hit(ctx, key, f)
+        if entry is not None:
+            return entry
+    except CorruptEntry as e:
+        yield from _repair(ctx, key, ek, e)
+        f = (None, None, None, None)
     keys = [ek, wake_key(ek)]
     token = new_token()
     args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
@@ -211,7 +279,10 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[
                 idxs = [pending[j] for j in group]
                 asked.extend(idxs)
                 reply = yield from script("get", _interleave([eks[i] for i in idxs]), args)
-                for i, r in zip(idxs, parse_get(reply), strict=True):
+                if len(reply) != 4 * len(idxs):
+                    raise CommandError(f"get.lua answered {len(reply)} items for {len(idxs)} keys")
+                others = _plain_hits(ctx, ukeys, idxs, reply, result)
+                for i, r in others:
                     k = ukeys[i]
                     try:
                         if r.code == HIT:
