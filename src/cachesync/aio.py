@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import cache_metrics as _cm
+from . import tracing as _tr
 from . import protocol as P
 from ._types import AsyncCachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
@@ -125,6 +126,7 @@ class AsyncCache:
     async def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
         send: Any = None
         throw: BaseException | None = None
+        obs, waited = self._metrics, 0.0
         try:
             while True:
                 try:
@@ -138,6 +140,7 @@ class AsyncCache:
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
+                    t0 = time.perf_counter() if obs is not None and eff.args[0] == "BLPOP" else 0.0
                     try:
                         send = await self._command(eff)
                     except NoScriptError:
@@ -148,6 +151,8 @@ class AsyncCache:
                         throw = P.CommandError(str(e))
                     except BaseException as e:  # CancelledError: the flow releases its lease, then re-raises
                         throw = e
+                    if t0:
+                        waited += time.perf_counter() - t0
                 elif t is P.Load:
                     assert loader is not None
                     args = () if eff.keys is None else (eff.keys,)
@@ -163,13 +168,15 @@ class AsyncCache:
                     except BaseException as e:  # incl. CancelledError (request timeout, client disconnect)
                         throw = e
                     if self._metrics is not None:
-                        self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
+                        self._metrics.loaded(time.perf_counter() - t0)
                 elif t is P.Schedule:
                     self._schedule(eff)
                 else:  # pragma: no cover
                     raise AssertionError(f"unknown effect {eff!r}")
         finally:
             flow.close()
+            if waited and obs is not None:
+                obs.waited(waited)
 
     def _schedule(self, eff: P.Schedule) -> None:
         async def run() -> None:
@@ -274,6 +281,11 @@ class AsyncCache:
 
     async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """See :meth:`cachesync.Cache.get_entry`."""
+        if self._metrics is not None and self._metrics.traced:
+            return await _tr.traced_get_async(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore
+        return await self._get_entry(key, loader, ttl)
+
+    async def _get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None) -> P.Entry[Any]:
         l1 = self.l1
         if l1 is not None:
             e = l1.core.lookup(key)
@@ -324,6 +336,13 @@ class AsyncCache:
 
     async def invalidate(self, *keys: str, version: Any = None) -> int:
         """See :meth:`cachesync.Cache.invalidate`."""
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.invalidate", {"cachesync.namespace": self.options.namespace,
+                                                  "cachesync.keys": len(keys)}):
+                return await self._invalidate(keys, version)
+        return await self._invalidate(keys, version)
+
+    async def _invalidate(self, keys: tuple[str, ...], version: Any) -> int:
         P.star_keys(keys, "invalidate")
         if not keys:
             return 0
@@ -335,6 +354,12 @@ class AsyncCache:
 
     async def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """See :meth:`cachesync.Cache.set`."""
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.set", {"cachesync.namespace": self.options.namespace}):
+                return await self._set(key, value, ttl, version)
+        return await self._set(key, value, ttl, version)
+
+    async def _set(self, key: str, value: Any, ttl: float | None, version: Any) -> bool:
         try:
             return await self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
         finally:
@@ -346,6 +371,17 @@ class AsyncCache:
                     ttl: float | None = None, delay: float | None = None) -> AsyncIterator[P.WritePlan]:
         """See :meth:`cachesync.Cache.write` (``async with cache.write(...) as w:``)."""
         plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.write", {"cachesync.namespace": self.options.namespace,
+                                             "cachesync.keys": len(plan.keys)}):
+                async with self._write(plan) as w:
+                    yield w
+            return
+        async with self._write(plan) as w:
+            yield w
+
+    @asynccontextmanager
+    async def _write(self, plan: P.WritePlan) -> AsyncIterator[P.WritePlan]:
         await self._drive(plan.before())
         try:
             yield plan

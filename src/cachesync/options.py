@@ -76,6 +76,11 @@ class CacheOptions:
     """``None`` (default): metrics off, no cost. A :class:`cachesync.metrics.Metrics` (``PrometheusMetrics()``,
     ``OtelMetrics()``): ``stats`` exported as ``cachesync_cache_*`` counters read at collection time, loader
     durations and the L1's ``cachesync_l1_*`` (see docs/operating.md)."""
+    tracing: bool = False
+    """``False`` (default): no spans, no cost. ``True`` (extra ``otel``): OpenTelemetry spans ``cachesync.get``,
+    ``cachesync.invalidate``, ``cachesync.set`` and ``cachesync.write``, and invalidation messages carry the current
+    span's ``traceparent`` so that the L1s of other processes record their drops in the writer's trace (see
+    docs/operating.md, Tracing)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not NAMESPACE_RE.match(self.namespace):
@@ -96,7 +101,7 @@ class CacheOptions:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
         if self.on_redis_error not in ("load", "fail"):
             raise ConfigError("on_redis_error", f"must be 'load' or 'fail', got {self.on_redis_error!r}")
-        for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations"):
+        for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations", "tracing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
         if self.metrics is not None:
@@ -105,6 +110,10 @@ class CacheOptions:
             if not isinstance(self.metrics, Metrics):
                 raise ConfigError("metrics", f"must be None or a cachesync.metrics.Metrics (PrometheusMetrics(), "
                                   f"OtelMetrics()), got {type(self.metrics).__name__}")
+        if self.tracing:
+            from .tracing import require
+
+            require()
         from .protocol import resolve_strategy
 
         resolve_strategy(self.strategy)
@@ -157,6 +166,7 @@ class CacheOptionsKwargs(TypedDict, total=False):
     max_connections: int | None
     wake_ttl: float
     metrics: Any
+    tracing: bool
 
 
 def check_positive(name: str, v: object) -> float:

@@ -367,7 +367,9 @@ class Context:
         self.stats: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "negative_hits", "stale_served", "loads", "fills", "fills_refused", "waits",
              "fallback_loads", "invalidations", "redis_errors", "sets", "sets_refused", "corrupt_entries",
-             "singleflight_joins", "singleflight_retries"), 0)
+             "singleflight_joins", "singleflight_retries", "fills_refused_lease", "fills_refused_older",
+             "values_too_large", "serialize_errors", "deserialize_errors", "invalidations_failed"), 0)
+        self.traced = bool(options.tracing)  # invalidations carry the current span's traceparent (tracing=)
         self.corrupt_logged: set[str] = set()
 
     # keys
@@ -404,10 +406,13 @@ class Context:
         try:
             payload = self.ser.dumps(value)
         except (TypeError, ValueError, OverflowError) as e:
+            self.stats["serialize_errors"] += 1
             raise SerializationError(key, f"{type(value).__name__} value: {e}") from e
         except Exception as e:  # a third-party serializer's own error type
+            self.stats["serialize_errors"] += 1
             raise SerializationError(key, f"{type(value).__name__} value: {type(e).__name__}: {e}") from e
         if len(payload) > self.o.max_value_bytes:
+            self.stats["values_too_large"] += 1
             raise ValueTooLargeError(key, len(payload), self.o.max_value_bytes)
         return payload, encode_version(version), "0"
 
@@ -418,6 +423,7 @@ class Context:
         try:
             return self.ser.loads(payload)
         except Exception as e:
+            self.stats["deserialize_errors"] += 1
             raise SerializationError(key, f"stored payload cannot be decoded with {self.ser.name}: {e}") from e
 
     def decode_stored(self, key: str, payload: bytes, negative: bool) -> Any:
@@ -427,6 +433,7 @@ class Context:
         try:
             return self.ser.loads(payload)
         except Exception as e:
+            self.stats["deserialize_errors"] += 1
             raise CorruptEntry(f"payload cannot be decoded with {self.ser.name}: {type(e).__name__}: {e}") from e
 
     @staticmethod
@@ -644,6 +651,8 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow:
             raise
         ok = int(codes[0]) == 1
         ctx.stats["fills" if ok else "fills_refused"] += 1
+        if not ok:
+            ctx.stats["fills_refused_older" if int(codes[0]) == -1 else "fills_refused_lease"] += 1
         return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader", filled=ok)
 
 
@@ -770,6 +779,8 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow:
                     for i, c in zip(idxs, codes, strict=True):
                         ok = int(c) == 1
                         ctx.stats["fills" if ok else "fills_refused"] += 1
+                        if not ok:
+                            ctx.stats["fills_refused_older" if int(c) == -1 else "fills_refused_lease"] += 1
                         k = ukeys[i]
                         result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), decode_version(enc[i][1] or None),
                                           source="loader", filled=ok)
@@ -817,12 +828,17 @@ def invalidate_flow(ctx: Context, keys: Sequence[str], version: Any = None) -> F
     mode = "s" if ctx.o.serve_stale else "d"
     done: set[int] = set()
     had = 0
+    args: list[Any] = [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel]
+    if ctx.traced and ctx.channel:  # the L1s that drop these keys record a span under the writer's
+        from .tracing import current_traceparent
+
+        args.append(current_traceparent() or "")
     for group in _groups(ctx, eks):
         try:
-            had += int((yield from script("invalidate", _interleave([eks[i] for i in group]),
-                                   [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel])))
+            had += int((yield from script("invalidate", _interleave([eks[i] for i in group]), args)))
         except RedisDown as e:
             ctx.stats["redis_errors"] += 1
+            ctx.stats["invalidations_failed"] += len(ukeys) - len(done)
             raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
         done.update(group)
     ctx.stats["invalidations"] += len(ukeys)
@@ -842,6 +858,7 @@ def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any
                                                        ctx.channel])
     except RedisDown as e:
         ctx.stats["redis_errors"] += 1
+        ctx.stats["invalidations_failed"] += 1
         raise InvalidationError([key], e.cause) from e.cause
     ok = int(r) == 1
     ctx.stats["sets" if ok else "sets_refused"] += 1

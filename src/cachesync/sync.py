@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import cache_metrics as _cm
 from . import protocol as P
+from . import tracing as _tr
 from ._types import CachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, RedisCommandError
@@ -101,6 +102,7 @@ class Cache:
     def _drive(self, flow: P.Flow, loader: Callable[..., Any] | None = None) -> Any:
         send: Any = None
         throw: BaseException | None = None
+        obs, waited = self._metrics, 0.0
         try:
             while True:
                 try:
@@ -114,6 +116,7 @@ class Cache:
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
+                    t0 = time.perf_counter() if obs is not None and eff.args[0] == "BLPOP" else 0.0
                     try:
                         send = self._command(eff)
                     except NoScriptError:
@@ -124,6 +127,8 @@ class Cache:
                         throw = P.CommandError(str(e))
                     except BaseException as e:  # KeyboardInterrupt, SystemExit: the flow releases what it holds
                         throw = e
+                    if t0:
+                        waited += time.perf_counter() - t0
                 elif t is P.Load:
                     assert loader is not None
                     t0 = time.perf_counter() if self._metrics is not None else 0.0
@@ -136,13 +141,15 @@ class Cache:
                     except BaseException as e:  # incl. KeyboardInterrupt: thrown in, so the lease is released
                         throw = e
                     if self._metrics is not None:
-                        self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
+                        self._metrics.loaded(time.perf_counter() - t0)
                 elif t is P.Schedule:
                     self._schedule(eff)
                 else:  # pragma: no cover
                     raise AssertionError(f"unknown effect {eff!r}")
         finally:
             flow.close()
+            if waited and obs is not None:
+                obs.waited(waited)
 
     def _schedule(self, eff: P.Schedule) -> None:
         pending = _Pending(eff.keys)
@@ -222,6 +229,11 @@ class Cache:
 
     def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
+        if self._metrics is not None and self._metrics.traced:
+            return _tr.traced_get(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore[no-any-return]
+        return self._get_entry(key, loader, ttl)
+
+    def _get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None) -> P.Entry[Any]:
         l1 = self.l1
         if l1 is not None:
             e = l1.core.lookup(key)
@@ -280,6 +292,13 @@ class Cache:
         filled. Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys when
         Redis cannot be reached.
         """
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.invalidate", {"cachesync.namespace": self.options.namespace,
+                                                  "cachesync.keys": len(keys)}):
+                return self._invalidate(keys, version)
+        return self._invalidate(keys, version)
+
+    def _invalidate(self, keys: tuple[str, ...], version: Any) -> int:
         P.star_keys(keys, "invalidate")
         if not keys:
             return 0
@@ -291,6 +310,12 @@ class Cache:
 
     def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """Store a writer's new value; voids leases. With ``version``, refuses (returns False) to go backwards."""
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.set", {"cachesync.namespace": self.options.namespace}):
+                return self._set(key, value, ttl, version)
+        return self._set(key, value, ttl, version)
+
+    def _set(self, key: str, value: Any, ttl: float | None, version: Any) -> bool:
         try:
             return self._drive(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))  # type: ignore
         finally:
@@ -308,6 +333,16 @@ class Cache:
         (the safe strategies invalidate, in case the commit happened) and the exception propagates.
         """
         plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.write", {"cachesync.namespace": self.options.namespace,
+                                             "cachesync.keys": len(plan.keys)}), self._write(plan) as w:
+                yield w
+            return
+        with self._write(plan) as w:
+            yield w
+
+    @contextmanager
+    def _write(self, plan: P.WritePlan) -> Iterator[P.WritePlan]:
         self._drive(plan.before())
         try:
             yield plan

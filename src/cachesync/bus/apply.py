@@ -14,6 +14,7 @@ from ..errors import InvalidationError, UsageError
 from ..keys import entry_key, user_key
 from ..scripts import SCRIPTS
 from ..sync import Cache
+from ..tracing import current_traceparent
 
 CHUNK = 500
 """Keys per invalidate.lua call inside the pipeline."""
@@ -48,10 +49,11 @@ def apply_invalidations(cache: Cache, items: Iterable[tuple[Sequence[str], Any]]
     mode = "s" if ctx.o.serve_stale else "d"
     script = SCRIPTS["invalidate"]
     calls = []
+    tp = (current_traceparent() or "") if ctx.channel else ""  # the current span (a relay delivery), to the L1s
     for ver, ks in groups.items():
         for i in range(0, len(ks), CHUNK):
             chunk = P._interleave([eks[k] for k in ks[i:i + CHUNK]])
-            calls.append((chunk, [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel]))
+            calls.append((chunk, [ctx.tomb_ms, ver, mode, ctx.wake_ms, ctx.channel, *([tp] if tp else [])]))
     try:
         for _ in range(2):
             pipe = cache.redis.pipeline(transaction=False)
@@ -69,6 +71,7 @@ def apply_invalidations(cache: Cache, items: Iterable[tuple[Sequence[str], Any]]
         raise InvalidationError(allkeys, RuntimeError("invalidate.lua could not be loaded"))
     except (RedisConnectionError, RedisTimeoutError) as e:
         ctx.stats["redis_errors"] += 1
+        ctx.stats["invalidations_failed"] += len(allkeys)
         raise InvalidationError(allkeys, e) from e
 
 

@@ -8,6 +8,8 @@
 -- ARGV[3] = mode: "d" delete the value, "s" keep it but mark it stale
 -- ARGV[4] = wake list TTL in ms
 -- ARGV[5] = pub/sub channel to announce the invalidated entry keys on ("" = none)
+-- ARGV[6] = optional W3C traceparent of the writer's span: sent as a last line "tp=..." of the message (L1s of
+--           older versions ignore lines that are not entry keys of their namespace)
 --
 -- Reply: the number of keys that held a value (fresh or stale).
 local t = redis.call('TIME')
@@ -48,5 +50,8 @@ for i = 1, #KEYS, 2 do
   end
   names[#names + 1] = k
 end
-if chan ~= '' then redis.call('PUBLISH', chan, table.concat(names, '\n')) end
+if chan ~= '' then
+  if ARGV[6] and ARGV[6] ~= '' then names[#names + 1] = 'tp=' .. ARGV[6] end
+  redis.call('PUBLISH', chan, table.concat(names, '\n'))
+end
 return had

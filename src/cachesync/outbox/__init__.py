@@ -19,7 +19,9 @@ and/or publishes it on a bus, at least once, surviving crashes of the applicatio
 
 Table columns: ``id`` (order), ``cache_keys`` (JSON list), ``key_version`` (NULL = unknown), ``run_at``
 (not-before time in ms since the epoch by the *database* clock; 0 = now), ``attempts`` (failed deliveries),
-``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``, ``created_at`` (database clock, ms). On PostgreSQL a row trigger
+``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``, ``created_at`` (database clock, ms),
+``traceparent`` (the writer's W3C trace context when it recorded inside a span; NULL otherwise; tables made before
+this column keep working without it: ``ALTER TABLE ... ADD COLUMN traceparent`` to carry traces). On PostgreSQL a row trigger
 sends ``NOTIFY <table>`` so that relays wake at once; its payload carries the id, keys and version of an
 immediate row (up to :data:`NOTIFY_LIMIT` bytes), which the relay applies before claiming it.
 """
@@ -32,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import protocol as P
+from .. import tracing
 from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect, dialect_of
 from ..errors import UsageError
 from ..keys import check_key
@@ -84,7 +87,7 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"CREATE TABLE IF NOT EXISTS {t} (id BIGSERIAL PRIMARY KEY, cache_keys TEXT NOT NULL, "
             "key_version TEXT NULL, run_at BIGINT NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
             "claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
-            f"created_at BIGINT NOT NULL DEFAULT {now_ms_sql(d)})",
+            f"created_at BIGINT NOT NULL DEFAULT {now_ms_sql(d)}, traceparent TEXT NULL)",
             # partial: immediate rows (run_at = 0, the common case) cost the writer no second index entry
             f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
             # One NOTIFY per inserted row; payload (the relay's fast path): the JSON array [id, cache_keys text,
@@ -106,7 +109,8 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, "
             "cache_keys LONGTEXT NOT NULL, key_version VARCHAR(64) NULL, run_at BIGINT NOT NULL DEFAULT 0, "
             "attempts INT NOT NULL DEFAULT 0, claimed_until BIGINT NOT NULL DEFAULT 0, claimed_by VARCHAR(64) NULL, "
-            f"last_error TEXT NULL, created_at BIGINT NOT NULL DEFAULT ({now_ms_sql(d)}), KEY {t}_run_at (run_at)) "
+            f"last_error TEXT NULL, created_at BIGINT NOT NULL DEFAULT ({now_ms_sql(d)}), "
+            f"traceparent VARCHAR(128) NULL, KEY {t}_run_at (run_at)) "
             "ENGINE=InnoDB",
         ]
     # SQLite: the rowid is the id (no AUTOINCREMENT: no sqlite_sequence page to write per transaction; an id can
@@ -116,9 +120,24 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {t} (id INTEGER PRIMARY KEY, cache_keys TEXT NOT NULL, "
         "key_version TEXT NULL, run_at INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, "
         "claimed_until INTEGER NOT NULL DEFAULT 0, claimed_by TEXT NULL, last_error TEXT NULL, "
-        f"created_at INTEGER NOT NULL DEFAULT ({now_ms_sql(d)}))",
+        f"created_at INTEGER NOT NULL DEFAULT ({now_ms_sql(d)}), traceparent TEXT NULL)",
         f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0",
     ]
+
+
+def has_column(conn: Any, d: Dialect, table: str, column: str) -> bool:
+    """Whether ``table`` has ``column`` (read on ``conn``, inside its current transaction; harmless there)."""
+    cur = conn.cursor()
+    try:
+        if d is SQLITE:
+            cur.execute(f"PRAGMA table_info({check_table(table)})")
+            return any(row[1] == column for row in cur.fetchall())
+        schema = "table_schema = DATABASE()" if d is MYSQL else "table_schema = ANY(current_schemas(false))"
+        cur.execute(d.sql(f"SELECT 1 FROM information_schema.columns WHERE {schema} AND table_name = ? "
+                          "AND column_name = ?"), (table, column))
+        return cur.fetchone() is not None
+    finally:
+        cur.close()
 
 
 def dialect_of_connection(conn: Any) -> Dialect:
@@ -166,6 +185,19 @@ class Outbox:
             dialect = dialect_of(dialect if "://" in dialect else dialect + "://x")
         self.dialect = dialect
         self.max_key_bytes = max_key_bytes
+        self._tp_column: bool | None = None  # does the table have the traceparent column (read once, when tracing)
+
+    def traceparent(self, conn: Any) -> str | None:
+        """The current span's W3C traceparent to store in a row, or None: no OpenTelemetry, no recording span, or
+        a table without the ``traceparent`` column (asked once per :class:`Outbox`, on ``conn``)."""
+        if not tracing.AVAILABLE:
+            return None
+        tp = tracing.current_traceparent()
+        if tp is None:
+            return None
+        if self._tp_column is None:
+            self._tp_column = has_column(conn, self._dialect(conn), self.table, "traceparent")
+        return tp if self._tp_column else None
 
     def _dialect(self, conn: Any) -> Dialect:
         return self.dialect or dialect_of_connection(conn)
@@ -195,6 +227,7 @@ class Outbox:
             for stmt in stmts:
                 cur.execute(stmt)
             conn.commit()
+            self._tp_column = None
         except BaseException:
             conn.rollback()
             raise
@@ -228,17 +261,23 @@ class Outbox:
             rows.append((payload, ver, (d0 or 0.0) + d1))
         return rows
 
-    def insert_sql(self, d: Dialect, rows: Sequence[tuple[str, str | None, float | None]]) -> tuple[str, list[Any]]:
-        """One multi-row ``INSERT`` (SQL with ``?`` markers, parameters) for :meth:`rows_for` rows."""
+    def insert_sql(self, d: Dialect, rows: Sequence[tuple[str, str | None, float | None]],
+                   traceparent: str | None = None) -> tuple[str, list[Any]]:
+        """One multi-row ``INSERT`` (SQL with ``?`` markers, parameters) for :meth:`rows_for` rows; with
+        ``traceparent`` (see :meth:`traceparent`) also into the ``traceparent`` column."""
         values, params = [], []
+        tp = ", ?" if traceparent else ""
         for payload, ver, delay in rows:
             if delay:
-                values.append(f"(?, ?, {now_ms_sql(d)} + ?)")
+                values.append(f"(?, ?, {now_ms_sql(d)} + ?{tp})")
                 params += [payload, ver, int(delay * 1000)]
             else:
-                values.append("(?, ?, 0)")
+                values.append(f"(?, ?, 0{tp})")
                 params += [payload, ver]
-        return f"INSERT INTO {self.table} (cache_keys, key_version, run_at) VALUES {', '.join(values)}", params
+            if traceparent:
+                params.append(traceparent)
+        cols = "cache_keys, key_version, run_at" + (", traceparent" if traceparent else "")
+        return f"INSERT INTO {self.table} ({cols}) VALUES {', '.join(values)}", params
 
     def record(self, conn: Any, *keys: str, version: Any = None, delay: float = 0.0,
                again_after: float | None = None) -> None:
@@ -250,7 +289,7 @@ class Outbox:
         delete; it survives crashes of the application and the relay).
         """
         d = self._dialect(conn)
-        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after))
+        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after), self.traceparent(conn))
         cur = conn.cursor()
         try:
             cur.execute(d.sql(sql), params)
@@ -280,7 +319,7 @@ class Outbox:
         refused with :class:`OutboxError` (the caller's statements were already committed one by one).
         """
         d = self._dialect(conn)
-        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after))
+        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after), self.traceparent(conn))
         mod = type(conn).__module__
         if _autocommit(conn, mod):
             raise OutboxError("Outbox.commit() needs a connection in a transaction, not in autocommit mode: the "
