@@ -294,3 +294,46 @@ def test_cdc_metrics_move_with_traffic(pg_url, redis_url, namespace, tmp_path):
         r.delete(*[entry_key(namespace, f"k:{i}") for i in range(5)])
         r.close()
     assert f"namespace {namespace}" in out and table in out
+
+
+@pytest.mark.parametrize("kind", ["nats", "rabbitmq", "redis"])
+def test_worker_consumer_lag_on_every_bus(kind, request, redis_url):
+    """The worker's lag gauge reads the message's publish time: NATS JetStream's server timestamp, RabbitMQ's
+    cachesync-sent-ms header (kept across a retry), Redis Streams' entry id."""
+    from cachesync import health
+    from cachesync.metrics import PrometheusMetrics
+
+    name = "cslag" + uuid.uuid4().hex[:8]
+    if kind == "nats":
+        from cachesync.bus.nats_jetstream import NatsJetStreamBus
+
+        bus: Any = NatsJetStreamBus(request.getfixturevalue("nats_url"), name)
+    elif kind == "rabbitmq":
+        from cachesync.bus.rabbitmq import RabbitMQBus
+
+        bus = RabbitMQBus(request.getfixturevalue("amqp_url"), name)
+    else:
+        bus = RedisStreamsBus(redis_url, name)
+    m = PrometheusMetrics()
+    seen = health._ObservedBus(bus, m.counter("cachesync_worker_consumed_total", "", ("namespace",)),
+                               m.gauge("cachesync_worker_lag_seconds", "", ("namespace",)), ("ns",))
+    try:
+        bus.consume("g", "c", 10, 0.05)  # creates the group before the publish
+        before = time.time()
+        bus.publish([Invalidation(("k",))])
+        (d,) = seen.consume("g", "c", 10, 5.0)
+        assert 0 < seen.last_lag < 60
+        if kind != "redis":
+            assert d.sent_at is not None and before - 1 <= d.sent_at <= time.time()
+        if kind == "rabbitmq":
+            bus.nack(d, 0)
+            got: list[Any] = []
+            wait_for(lambda: got.extend(bus.consume("g", "c", 10, 0.2)) or got, 10, "redelivery")
+            assert got[0].attempts == 2 and got[0].sent_at == pytest.approx(d.sent_at, abs=0.001)
+            d = got[0]
+        bus.ack([d])
+        fams = {s.name: s.value for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+        assert fams["cachesync_worker_lag_seconds"] == seen.last_lag
+    finally:
+        bus.destroy()
+        bus.close()

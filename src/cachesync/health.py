@@ -289,10 +289,14 @@ class _ObservedBus:
         if ds:
             self._consumed.inc(len(ds), self._labels)
         lag = 0.0
+        now = time.time()
         for d in ds:
+            if d.sent_at is not None:  # NATS JetStream (server clock), RabbitMQ (publisher clock)
+                lag = max(lag, now - d.sent_at)
+                continue
             ms, _, seq = str(d.id).partition("-")
-            if ms.isdigit() and seq.isdigit() and len(ms) >= 12:
-                lag = max(lag, time.time() - int(ms) / 1000)
+            if ms.isdigit() and seq.isdigit() and len(ms) >= 12:  # Redis Streams: the entry id (Redis clock)
+                lag = max(lag, now - int(ms) / 1000)
         self.last_lag = lag
         self._lag.set(lag, self._labels)
         return ds
@@ -310,7 +314,7 @@ def instrument_worker(worker: Any, metrics: Metrics, namespace: str,
                        metrics.counter("cachesync_worker_consumed_total", "Bus messages received by the worker",
                                        ("namespace",)),
                        metrics.gauge("cachesync_worker_lag_seconds", "Age of the oldest message of the last batch "
-                                     "when received (Redis Streams; 0 when idle)", ("namespace",)), labels)
+                                     "when received (0 when idle)", ("namespace",)), labels)
     worker.bus = bus
 
     def caught_up() -> str | None:

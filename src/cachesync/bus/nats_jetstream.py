@@ -131,7 +131,9 @@ class NatsJetStreamBus(Bus):
                     await self._dead(m, m.data or b"", f"BadDataError: {e}", md.num_delivered)
                     self.malformed += 1
                     continue
-                out.append(Delivery(str(md.sequence.stream), inv, int(md.num_delivered), group, raw=m))
+                ts = getattr(md, "timestamp", None)
+                out.append(Delivery(str(md.sequence.stream), inv, int(md.num_delivered), group, raw=m,
+                                    sent_at=ts.timestamp() if ts is not None else None))
             return out
 
         return self._run(go(), timeout + self.timeout)
