@@ -183,6 +183,29 @@ def test_cache_records_namespace_and_daemons_warn_otherwise(redis_url, namespace
         r.close()
 
 
+def test_deliveries_to_an_unused_namespace_are_counted_and_warned(redis_url, namespace, caplog):
+    r = redis.Redis.from_url(redis_url)
+    m = PrometheusMetrics()
+    log = logging.getLogger("cachesync.test")
+    delivered = {"n": 0}
+    lab = (("namespace", namespace),)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cachesync.test"):
+            health.check_namespace(r, namespace, m, log, "worker", lambda: delivered["n"])
+            delivered["n"] = 5
+            assert samples(m)[("cachesync_unused_namespace_deliveries_total", lab)] == 5
+        assert f"delivered 5 invalidation(s) to namespace {namespace!r}, which no cache has used" in caplog.text
+        r.set(seen_key(namespace), "1")  # a cache starts using it: later deliveries do not count
+        delivered["n"] = 9
+        assert samples(m)[("cachesync_unused_namespace_deliveries_total", lab)] == 5
+        r.delete(seen_key(namespace))
+        delivered["n"] = 10
+        assert samples(m)[("cachesync_unused_namespace_deliveries_total", lab)] == 6
+    finally:
+        r.delete(seen_key(namespace))
+        r.close()
+
+
 def test_rules_naming_missing_tables_warn(tmp_path, caplog, namespace):
     from cachesync.db import connect
 

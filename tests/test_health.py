@@ -113,6 +113,7 @@ def test_relay_metrics_move_with_traffic(kind, pg_url, redis_url, namespace, tab
         assert after[("cachesync_relay_latency_seconds_count", lab)] == 20
         assert after[("cachesync_relay_latency_seconds_sum", lab)] > 0
         assert after[("cachesync_relay_backlog_rows", lab)] == 0
+        assert after[("cachesync_unused_namespace_deliveries_total", lab)] == 20  # counted: nobody reads them
         r = redis.Redis.from_url(redis_url)
         assert r.hexists(entry_key(namespace, "k:3"), "ti")
         r.delete(*[entry_key(namespace, f"k:{i}") for i in range(20)])
@@ -237,6 +238,7 @@ def test_worker_metrics_move_with_traffic(redis_url, namespace):
         got = scrape(d.port)
         assert got[("cachesync_worker_consumed_total", lab)] == 10
         assert got[("cachesync_worker_dead_lettered_total", lab)] == 0
+        assert got[("cachesync_unused_namespace_deliveries_total", lab)] == 10
         assert ("cachesync_worker_lag_seconds", lab) in got
         wait_for(lambda: "cachesync worker: consumed 10, applied 10" in d.output(), 10, "the summary line")
     finally:
@@ -283,6 +285,9 @@ def test_cdc_metrics_move_with_traffic(pg_url, redis_url, namespace, tmp_path):
         assert got[("cachesync_cdc_lag_seconds", lab)] >= 0
         assert got[("cachesync_cdc_lag_bytes", lab)] >= 0
         assert got[("cachesync_cdc_checkpoint_age_seconds", lab)] >= 0
+        assert got[("cachesync_cdc_skipped_events_total", lab)] == 0
+        assert got[("cachesync_unused_namespace_deliveries_total", lab)] == 5  # no cache uses the namespace
+        assert got[("cachesync_rules_missing_tables", lab)] == 0
         wait_for(lambda: "cachesync cdc: read 5 transactions" in d.output(), 10, "the summary line")
     finally:
         out = d.close()
@@ -294,6 +299,7 @@ def test_cdc_metrics_move_with_traffic(pg_url, redis_url, namespace, tmp_path):
         r.delete(*[entry_key(namespace, f"k:{i}") for i in range(5)])
         r.close()
     assert f"namespace {namespace}" in out and table in out
+    assert f"no cache has used namespace {namespace!r}" in out
 
 
 @pytest.mark.parametrize("kind", ["nats", "rabbitmq", "redis"])

@@ -459,12 +459,58 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
 # ---------------------------------------------------------------------------------------------- misconfiguration
 
 
+class NamespaceWatch:
+    """Counts what a daemon delivers to a namespace no cache has recorded (``cachesync_unused_namespace_deliveries_
+    total``): at each :meth:`update` (every scrape, and every ``interval`` seconds on a thread of its own), the growth
+    of ``delivered()`` since the last update counts when the namespace is unseen, with a WARNING (the first time, then
+    at most every ``warn_every`` seconds)."""
+
+    def __init__(self, seen: Callable[[], bool], delivered: Callable[[], float], namespace: str,
+                 logger: logging.Logger, what: str, warn_every: float = 600.0) -> None:
+        self._seen, self._delivered = seen, delivered
+        self.namespace, self._log, self._what, self._warn_every = namespace, logger, what, warn_every
+        self._lock = threading.Lock()
+        self._last = float(delivered())
+        self._warned: float | None = None
+        self.unused = 0.0
+        self._stop = threading.Event()
+
+    def update(self) -> float:
+        """Count the deliveries since the last update if the namespace is unseen; returns the count."""
+        with self._lock:
+            now = float(self._delivered())
+            delta, self._last = now - self._last, now
+            if delta > 0 and not self._seen():
+                self.unused += delta
+                t = time.monotonic()
+                if self._warned is None or t - self._warned >= self._warn_every:
+                    self._warned = t
+                    self._log.warning("cachesync %s: delivered %d invalidation(s) to namespace %r, which no cache "
+                                      "has used (%d so far): check --namespace", self._what, delta, self.namespace,
+                                      self.unused)
+            return self.unused
+
+    def start(self, interval: float = 30.0) -> NamespaceWatch:
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.update()
+                except Exception:  # a failing stats read must not end the watch
+                    pass
+        threading.Thread(target=run, name="cachesync-namespace-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def check_namespace(redis_client: Any, namespace: str, metrics: Metrics, logger: logging.Logger,
-                    what: str) -> bool:
+                    what: str, delivered: Callable[[], float] | None = None) -> bool:
     """Warn (WARNING) when no cache has recorded ``namespace`` in this Redis within the last week: the daemon
     would invalidate keys nobody reads. Exports ``cachesync_namespace_seen{namespace}`` (1/0, read at scrape
-    time). Returns whether the namespace is known; Redis errors count as known (the readiness check reports
-    them)."""
+    time) and, with ``delivered`` (the daemon's running count of delivered rows/messages/transactions), counts
+    what it delivers while the namespace is unseen (:class:`NamespaceWatch`). Returns whether the namespace is
+    known; Redis errors count as known (the readiness check reports them)."""
     from .cache_metrics import seen_key
 
     key = seen_key(namespace)
@@ -483,6 +529,11 @@ def check_namespace(redis_client: Any, namespace: str, metrics: Metrics, logger:
         logger.warning("cachesync %s: no cache has used namespace %r in this Redis in the last 7 days (no %s key): "
                        "its invalidations reach no application. Check --namespace (a Cache records its namespace "
                        "when it starts).", what, namespace, key)
+    if delivered is not None:
+        watch = NamespaceWatch(seen, delivered, namespace, logger, what).start()
+        metrics.observe("cachesync_unused_namespace_deliveries_total", "Rows, messages or transactions delivered "
+                        "while no cache had recorded the namespace", "counter", ("namespace",),
+                        lambda: [((namespace,), watch.update())])
     return ok
 
 
