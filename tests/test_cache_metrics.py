@@ -364,3 +364,24 @@ def test_l1_bypass_time_counts_only_while_bypassed(redis_url, namespace):
         assert s[("cachesync_l1_bypass_seconds_total", (("namespace", namespace),))] == after
     finally:
         c.close()
+
+
+def test_with_an_l1_every_read_is_an_l1_hit_or_a_cache_request(redis_url, namespace):
+    m = PrometheusMetrics()
+    c = cachesync.Cache(redis_url, namespace=namespace, metrics=m, ttl_jitter=0.0, l1=True)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        for i in range(10):
+            c.get(f"k{i % 3}", lambda: "v")  # 3 misses, then L1 hits
+        c.invalidate("k0")
+        c.get("k0", lambda: "v")  # a miss again
+        c.get("none", lambda: cachesync.NOT_FOUND)
+        s = samples(m)
+        lab = ("namespace", namespace)
+        requests = sum(v for (n, labels), v in s.items() if n == "cachesync_cache_requests_total"
+                       and lab in labels)
+        l1_hits = s[("cachesync_l1_hits_total", (lab,))]
+        assert l1_hits + requests == 12
+        assert requests == 5 and l1_hits == 7
+    finally:
+        c.close()
