@@ -385,3 +385,38 @@ def test_with_an_l1_every_read_is_an_l1_hit_or_a_cache_request(redis_url, namesp
         assert requests == 5 and l1_hits == 7
     finally:
         c.close()
+
+
+def test_reads_that_raise_count_as_error_requests(redis_url, namespace):
+    m = PrometheusMetrics()
+    c = cachesync.Cache(redis_url, namespace=namespace, metrics=m, ttl_jitter=0.0)
+    down = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, record_namespace=False,
+                           on_redis_error="fail", connect_timeout=0.5)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            c.get("a", lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            c.get_many(["b", "c"], lambda ks: 1 / 0)
+        assert c.get("d", lambda: 1) == 1
+        lab = ("namespace", namespace)
+        s = samples(m)
+        assert s[("cachesync_cache_requests_total", (lab, ("outcome", "error")))] == 3
+        assert s[("cachesync_cache_requests_total", (lab, ("outcome", "miss")))] == 4  # every read that loaded
+        with pytest.raises(cachesync.CacheUnavailableError):
+            down.get("x", lambda: 1)
+        assert down.stats["read_errors"] == 1
+    finally:
+        c.close()
+        down.close()
+
+
+async def test_async_reads_that_raise_count_as_error_requests(redis_url, namespace):
+    c = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            await c.get("a", lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            await c.get_many(["b", "c"], lambda ks: 1 / 0)
+        assert c.stats["read_errors"] == 3
+    finally:
+        await c.aclose()

@@ -281,9 +281,13 @@ class AsyncCache:
 
     async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """See :meth:`cachesync.Cache.get_entry`."""
-        if self._metrics is not None and self._metrics.traced:
-            return await _tr.traced_get_async(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore
-        return await self._get_entry(key, loader, ttl)
+        try:
+            if self._metrics is not None and self._metrics.traced:
+                return await _tr.traced_get_async(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore
+            return await self._get_entry(key, loader, ttl)
+        except Exception:  # a read that raised (see Cache.get_entry)
+            self.ctx.stats["read_errors"] += 1
+            raise
 
     async def _get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None) -> P.Entry[Any]:
         l1 = self.l1
@@ -323,10 +327,14 @@ class AsyncCache:
                                ttl: float | None = None) -> dict[str, P.Entry[Any]]:
         """See :meth:`cachesync.Cache.get_many_entries`."""
         keys = P.key_list(keys, "get_many")
-        if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
-            return await self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
-                P.get_many_flow(self.ctx, missing, ttl), loader_many))
-        return await self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore
+        try:
+            if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
+                return await self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
+                    P.get_many_flow(self.ctx, missing, ttl), loader_many))
+            return await self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore
+        except Exception:
+            self.ctx.stats["read_errors"] += len(set(keys))
+            raise
 
     async def peek(self, key: str) -> dict[str, Any] | None:
         """See :meth:`cachesync.Cache.peek`."""

@@ -21,6 +21,7 @@ _SINKS: dict[str, tuple[str, str, str, str]] = {
     "negative_hits": ("cachesync_cache_requests_total", "", "outcome", "negative"),
     "stale_served": ("cachesync_cache_requests_total", "", "outcome", "stale"),
     "fallback_loads": ("cachesync_cache_requests_total", "", "outcome", "fallback"),
+    "read_errors": ("cachesync_cache_requests_total", "", "outcome", "error"),
     "singleflight_joins": ("cachesync_cache_singleflight_joins_total", "Reads that shared another caller's in-flight read",
               "", ""),
     "loads": ("cachesync_cache_loads_total", "Loader calls", "", ""),

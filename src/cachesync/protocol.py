@@ -368,7 +368,7 @@ class Context:
             ("hits", "misses", "negative_hits", "stale_served", "loads", "fills", "fills_refused", "waits",
              "fallback_loads", "invalidations", "redis_errors", "sets", "sets_refused", "corrupt_entries",
              "singleflight_joins", "singleflight_retries", "fills_refused_lease", "fills_refused_older",
-             "values_too_large", "serialize_errors", "deserialize_errors", "invalidations_failed"), 0)
+             "values_too_large", "serialize_errors", "deserialize_errors", "invalidations_failed", "read_errors"), 0)
         self.traced = bool(options.tracing)  # invalidations carry the current span's traceparent (tracing=)
         self.corrupt_logged: set[str] = set()
 

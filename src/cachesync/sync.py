@@ -229,9 +229,13 @@ class Cache:
 
     def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
-        if self._metrics is not None and self._metrics.traced:
-            return _tr.traced_get(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore[no-any-return]
-        return self._get_entry(key, loader, ttl)
+        try:
+            if self._metrics is not None and self._metrics.traced:
+                return _tr.traced_get(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore[no-any-return]
+            return self._get_entry(key, loader, ttl)
+        except Exception:  # a read that raised (loader error, Redis down with on_redis_error="fail", ...)
+            self.ctx.stats["read_errors"] += 1
+            raise
 
     def _get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None) -> P.Entry[Any]:
         l1 = self.l1
@@ -274,10 +278,14 @@ class Cache:
                          ttl: float | None = None) -> dict[str, P.Entry[Any]]:
         """Like :meth:`get_many`, returning :class:`Entry` objects."""
         keys = P.key_list(keys, "get_many")
-        if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
-            return self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
-                P.get_many_flow(self.ctx, missing, ttl), loader_many))
-        return self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore[no-any-return]
+        try:
+            if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
+                return self.l1.get_many(keys, ttl, lambda missing: self._drive(  # type: ignore[no-any-return]
+                    P.get_many_flow(self.ctx, missing, ttl), loader_many))
+            return self._drive(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)  # type: ignore
+        except Exception:
+            self.ctx.stats["read_errors"] += len(set(keys))
+            raise
 
     def peek(self, key: str) -> dict[str, Any] | None:
         """The raw entry of ``key`` (fields ``value``, ``ver``, ``lt``, ``fl``, ``ti`` ...) without side effects."""
