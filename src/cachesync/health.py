@@ -439,6 +439,26 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                         "applied one", "gauge", ("namespace",),
                         lambda: [] if position() is None else [(lab, max(0.0, (server_lsn() or 0.0) -
                                                                          (position() or 0.0)))])
+    else:
+        def binlog_lag() -> list[Sample]:
+            pos = st.get("position") or {}
+            if not pos.get("file") or pos.get("pos") is None:
+                return []
+            with lock:
+                if not conn:
+                    conn.append(connect(db_url))
+                try:
+                    lag = binlog_lag_bytes(conn[0], str(pos["file"]), int(pos["pos"]))
+                except Exception:
+                    try:
+                        conn.pop().close()
+                    except Exception:
+                        pass
+                    raise
+            return [] if lag is None else [(lab, float(lag))]
+
+        metrics.observe("cachesync_cdc_lag_bytes", "Log bytes between the server's position and the applied one "
+                        "(PostgreSQL: WAL; MariaDB/MySQL: binlog, across files)", "gauge", ("namespace",), binlog_lag)
 
     def db() -> str | None:
         try:
@@ -454,6 +474,26 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
     return checks, lambda: (f"cachesync cdc: read {src.transactions} transactions ({src.changes} changes), applied "
                             f"{st['transactions']} ({st['changes']} changes, {st['keys']} keys), lag "
                             f"{(st.get('lag_ms') or 0) / 1000:.3f} s, reconnects {st['reconnects']}")
+
+
+def binlog_lag_bytes(conn: Any, file: str, pos: int) -> int | None:
+    """MariaDB/MySQL: the binlog bytes written after ``(file, pos)`` (the rest of ``file`` plus every later file,
+    from ``SHOW BINARY LOGS``); None when ``file`` is no longer listed (purged)."""
+    cur = conn.cursor()
+    try:
+        cur.execute("SHOW BINARY LOGS")
+        rows = cur.fetchall()
+    finally:
+        cur.close()
+    conn.commit()
+    total, found = 0, False
+    for row in rows:
+        name, size = str(row[0]), int(row[1])
+        if name == file:
+            found, total = True, max(0, size - pos)
+        elif found:
+            total += size
+    return total if found else None
 
 
 # ---------------------------------------------------------------------------------------------- misconfiguration
