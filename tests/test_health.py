@@ -113,6 +113,7 @@ def test_relay_metrics_move_with_traffic(kind, pg_url, redis_url, namespace, tab
         assert after[("cachesync_relay_latency_seconds_count", lab)] == 20
         assert after[("cachesync_relay_latency_seconds_sum", lab)] > 0
         assert after[("cachesync_relay_backlog_rows", lab)] == 0
+        assert after[("cachesync_unused_namespace_deliveries_total", lab)] == 20  # counted: nobody reads them
         r = redis.Redis.from_url(redis_url)
         assert r.hexists(entry_key(namespace, "k:3"), "ti")
         r.delete(*[entry_key(namespace, f"k:{i}") for i in range(20)])
@@ -237,6 +238,7 @@ def test_worker_metrics_move_with_traffic(redis_url, namespace):
         got = scrape(d.port)
         assert got[("cachesync_worker_consumed_total", lab)] == 10
         assert got[("cachesync_worker_dead_lettered_total", lab)] == 0
+        assert got[("cachesync_unused_namespace_deliveries_total", lab)] == 10
         assert ("cachesync_worker_lag_seconds", lab) in got
         wait_for(lambda: "cachesync worker: consumed 10, applied 10" in d.output(), 10, "the summary line")
     finally:
@@ -283,6 +285,9 @@ def test_cdc_metrics_move_with_traffic(pg_url, redis_url, namespace, tmp_path):
         assert got[("cachesync_cdc_lag_seconds", lab)] >= 0
         assert got[("cachesync_cdc_lag_bytes", lab)] >= 0
         assert got[("cachesync_cdc_checkpoint_age_seconds", lab)] >= 0
+        assert got[("cachesync_cdc_skipped_events_total", lab)] == 0
+        assert got[("cachesync_unused_namespace_deliveries_total", lab)] == 5  # no cache uses the namespace
+        assert got[("cachesync_rules_missing_tables", lab)] == 0
         wait_for(lambda: "cachesync cdc: read 5 transactions" in d.output(), 10, "the summary line")
     finally:
         out = d.close()
@@ -294,3 +299,88 @@ def test_cdc_metrics_move_with_traffic(pg_url, redis_url, namespace, tmp_path):
         r.delete(*[entry_key(namespace, f"k:{i}") for i in range(5)])
         r.close()
     assert f"namespace {namespace}" in out and table in out
+    assert f"no cache has used namespace {namespace!r}" in out
+
+
+@pytest.mark.parametrize("kind", ["nats", "rabbitmq", "redis"])
+def test_worker_consumer_lag_on_every_bus(kind, request, redis_url):
+    """The worker's lag gauge reads the message's publish time: NATS JetStream's server timestamp, RabbitMQ's
+    cachesync-sent-ms header (kept across a retry), Redis Streams' entry id."""
+    from cachesync import health
+    from cachesync.metrics import PrometheusMetrics
+
+    name = "cslag" + uuid.uuid4().hex[:8]
+    if kind == "nats":
+        from cachesync.bus.nats_jetstream import NatsJetStreamBus
+
+        bus: Any = NatsJetStreamBus(request.getfixturevalue("nats_url"), name)
+    elif kind == "rabbitmq":
+        from cachesync.bus.rabbitmq import RabbitMQBus
+
+        bus = RabbitMQBus(request.getfixturevalue("amqp_url"), name)
+    else:
+        bus = RedisStreamsBus(redis_url, name)
+    m = PrometheusMetrics()
+    seen = health._ObservedBus(bus, m.counter("cachesync_worker_consumed_total", "", ("namespace",)),
+                               m.gauge("cachesync_worker_lag_seconds", "", ("namespace",)), ("ns",))
+    try:
+        bus.consume("g", "c", 10, 0.05)  # creates the group before the publish
+        before = time.time()
+        bus.publish([Invalidation(("k",))])
+        (d,) = seen.consume("g", "c", 10, 5.0)
+        assert 0 < seen.last_lag < 60
+        if kind != "redis":
+            assert d.sent_at is not None and before - 1 <= d.sent_at <= time.time()
+        if kind == "rabbitmq":
+            bus.nack(d, 0)
+            got: list[Any] = []
+            wait_for(lambda: got.extend(bus.consume("g", "c", 10, 0.2)) or got, 10, "redelivery")
+            assert got[0].attempts == 2 and got[0].sent_at == pytest.approx(d.sent_at, abs=0.001)
+            d = got[0]
+        bus.ack([d])
+        fams = {s.name: s.value for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+        assert fams["cachesync_worker_lag_seconds"] == seen.last_lag
+    finally:
+        bus.destroy()
+        bus.close()
+
+
+def test_binlog_lag_bytes_counts_across_files(mysql_url):
+    from cachesync import health
+
+    conn = connect(mysql_url)
+    try:
+        cur = conn.cursor()
+        cur.execute("SHOW MASTER STATUS")
+        file, pos = cur.fetchone()[:2]
+        cur.close()
+        conn.commit()
+        assert health.binlog_lag_bytes(conn, file, 4) >= int(pos) - 4 > 0  # behind: the file's bytes after 4
+        lag = health.binlog_lag_bytes(conn, file, int(pos))
+        assert lag is not None and lag >= 0  # caught up (other tests may write meanwhile)
+        assert health.binlog_lag_bytes(conn, "no-such-binlog.000001", 4) is None
+    finally:
+        conn.close()
+
+
+def test_cdc_exports_binlog_lag_bytes_on_mariadb(mysql_url, namespace):
+    """The cdc's lag in log position on MariaDB: read at scrape time from SHOW BINARY LOGS and the applied
+    position in the runner's stats (a runner stand-in: instrument_cdc reads only these attributes)."""
+    from types import SimpleNamespace
+
+    from cachesync import health
+    from cachesync.metrics import PrometheusMetrics
+
+    conn = connect(mysql_url)
+    cur = conn.cursor()
+    cur.execute("SHOW MASTER STATUS")
+    file = cur.fetchone()[0]
+    cur.close()
+    conn.close()
+    st = {"transactions": 0, "changes": 0, "keys": 0, "reconnects": 0, "position": {"file": file, "pos": 4}}
+    runner = SimpleNamespace(stats=st, source=SimpleNamespace(), checkpoint=SimpleNamespace(), cache=None)
+    m = PrometheusMetrics()
+    health.instrument_cdc(runner, mysql_url, m, namespace)
+    fams = {(s.name, tuple(s.labels.items())): s.value
+            for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+    assert fams[("cachesync_cdc_lag_bytes", (("namespace", namespace),))] > 0

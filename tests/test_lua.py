@@ -55,7 +55,7 @@ def test_fill_with_lease_is_a_hit_and_wakes_waiters(run, r, k):
 
 def test_fill_after_invalidation_is_refused(run, r, k):
     run("get", k, "tok1", 5000, "L", 1000)
-    assert run("invalidate", k, 10000, "d", 1000, "", *[""] * (len(k) // 2)) == 0
+    assert run("invalidate", k, 10000, "d", 1000, "", "", *[""] * (len(k) // 2)) == 0
     assert run("fill", k, "tok1", 1000, b'"old"', "", 60000, "0") == [0]
     assert r.hget(k[0], "v") is None
     assert r.hget(k[0], "ti") is not None  # tombstone
@@ -67,7 +67,7 @@ def test_fill_with_wrong_token_is_refused(run, k):
 
 
 def test_version_floor_refuses_older_fill_and_releases_lease(run, r, k):
-    run("invalidate", k, 10000, "d", 1000, "", *["10"] * (len(k) // 2))
+    run("invalidate", k, 10000, "d", 1000, "", "", *["10"] * (len(k) // 2))
     assert r.hget(k[0], "fl") == b"10"
     run("get", k, "tok1", 5000, "L", 1000)
     assert run("fill", k, "tok1", 1000, b"9", "9", 60000, "0") == [-1]
@@ -80,7 +80,7 @@ def test_version_floor_refuses_older_fill_and_releases_lease(run, r, k):
 def test_invalidate_raises_floor_from_cached_version(run, r, k):
     run("get", k, "t", 5000, "L", 1000)
     run("fill", k, "t", 1000, b"1", "5", 60000, "0")
-    assert run("invalidate", k, 10000, "d", 1000, "", *[""] * (len(k) // 2)) == 1
+    assert run("invalidate", k, 10000, "d", 1000, "", "", *[""] * (len(k) // 2)) == 1
     assert r.hget(k[0], "fl") == b"5"
     assert 0 < r.pttl(k[0]) <= 10000
 
@@ -90,7 +90,7 @@ def test_invalidate_publishes_entry_keys(run, r, k):
     p.subscribe("cs:luatest:inv")
     assert p.get_message(timeout=1)["type"] == "subscribe"
     k2 = [k[0] + "x", k[0] + "x:w"]
-    run("invalidate", k + k2, 10000, "d", 1000, "cs:luatest:inv", *[""] * (len(k + k2) // 2))
+    run("invalidate", k + k2, 10000, "d", 1000, "cs:luatest:inv", "", *[""] * (len(k + k2) // 2))
     msg = p.get_message(timeout=1)
     assert msg["data"] == f"{k[0]}\n{k2[0]}".encode()
     p.close()
@@ -99,7 +99,7 @@ def test_invalidate_publishes_entry_keys(run, r, k):
 def test_mark_stale_keeps_value_and_serves_it_to_waiters(run, r, k):
     run("get", k, "t", 5000, "L", 1000)
     run("fill", k, "t", 1000, b'"old"', "1", 60000, "0")
-    run("invalidate", k, 10000, "s", 1000, "", *["2"] * (len(k) // 2))
+    run("invalidate", k, 10000, "s", 1000, "", "", *["2"] * (len(k) // 2))
     out = run("get", k, "t2", 5000, "L", 1000)  # lease + stale value for the reloader
     assert out == [2, b"t2", b'"old"', b"1"]
     out = run("get", k, "t3", 5000, "L", 1000)  # others: wait, with the stale value offered
@@ -166,7 +166,7 @@ def test_invalidate_turns_pending_wakeups_into_retries(run, r, k):
     run("get", k, "t2", 5000, "L", 1000)              # a waiter registers, then dies
     run("fill", k, "t1", 1000, b"old", "1", 60000, "0")
     assert r.lrange(k[1], 0, -1) == [b"F01|old"]
-    run("invalidate", k, 10000, "d", 1000, "", *["2"] * (len(k) // 2))
+    run("invalidate", k, 10000, "d", 1000, "", "", *["2"] * (len(k) // 2))
     assert r.lrange(k[1], 0, -1) == [b"0"]            # now only a "retry"
     run("get", k, "t3", 5000, "L", 1000)
     run("get", k, "t4", 5000, "L", 1000)
@@ -186,20 +186,20 @@ def test_invalidate_batch_gives_each_key_its_own_version(run, r, k):
     k2.append(k2[0] + ":w")
     r.hset(k[0], mapping={"v": "a", "ver": "3"})
     r.hset(k2[0], mapping={"v": "b", "ver": "1"})
-    assert run("invalidate", k + k2, 10000, "d", 1000, "", "7", "") == 2
+    assert run("invalidate", k + k2, 10000, "d", 1000, "", "", "7", "") == 2
     assert r.hget(k[0], "fl") == b"7"  # its own version
     assert r.hget(k2[0], "fl") == b"1"  # no version given: the cached one becomes the floor
     assert r.hget(k[0], "v") is None and r.hget(k2[0], "v") is None
 
 
 @pytest.mark.parametrize("args", [
-    (10000, "d", 1000, ""),  # no version for the key
-    (10000, "d", 1000, "", "1", "2"),  # one too many
-    (10000, "x", 1000, "", "1"),  # bad mode
-    (0, "d", 1000, "", "1"),  # bad tombstone TTL
-    (10000, "d", "nan", "", "1"),  # bad wake TTL
-    (10000, "d", 1000, "", "abc"),  # a version that is not a number
-    (10000, "d", 1000, "", "inf"),
+    (10000, "d", 1000, "", ""),  # no version for the key
+    (10000, "d", 1000, "", "", "1", "2"),  # one too many
+    (10000, "x", 1000, "", "", "1"),  # bad mode
+    (0, "d", 1000, "", "", "1"),  # bad tombstone TTL
+    (10000, "d", "nan", "", "", "1"),  # bad wake TTL
+    (10000, "d", 1000, "", "", "abc"),  # a version that is not a number
+    (10000, "d", 1000, "", "", "inf"),
 ])
 def test_invalidate_validates_before_it_mutates(run, r, k, args):
     r.hset(k[0], mapping={"v": "a", "ver": "3"})

@@ -150,7 +150,7 @@ class LuaVsModel(RuleBasedStateMachine):
         """One call for a batch, each key with its own version (the model applies them key by key)."""
         keys = [x for k in ks for x in self.keys(k)]
         args = ["" if v is None else v for v in vers[:len(ks)]]
-        out = self.call("invalidate", keys, 600000, mode, 60000, "", *args)
+        out = self.call("invalidate", keys, 600000, mode, 60000, "", "", *args)
         assert out == sum(self.model.invalidate([k], v, mode) for k, v in zip(ks, vers, strict=False))
 
     @rule(k=st.sampled_from(KEYS), token=st.sampled_from(TOKENS))

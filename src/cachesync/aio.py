@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import cache_metrics as _cm
 from . import core as P
+from . import tracing as _tr
 from ._types import AsyncCachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, InvalidationError, RedisCommandError, UsageError
@@ -149,6 +150,7 @@ class AsyncCache:
         """:meth:`run`; ``first``: the (reply, exception) of its first command, already sent (see :meth:`_hit`)."""
         send: Any = None
         throw: BaseException | None = None
+        obs, waited = self._metrics, 0.0
         try:
             while True:
                 try:
@@ -162,6 +164,7 @@ class AsyncCache:
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
+                    t0 = time.perf_counter() if obs is not None and eff.args[0] == "BLPOP" else 0.0
                     try:
                         if first is not None:
                             send, exc = first
@@ -178,6 +181,8 @@ class AsyncCache:
                         throw = P.CommandError(str(e))
                     except BaseException as e:  # CancelledError: the flow releases its lease, then re-raises
                         throw = e
+                    if t0:
+                        waited += time.perf_counter() - t0
                 elif t is P.Batch:
                     try:
                         send = await self._batch(eff)
@@ -200,13 +205,15 @@ class AsyncCache:
                     except BaseException as e:  # incl. CancelledError (request timeout, client disconnect)
                         throw = e
                     if self._metrics is not None:
-                        self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
+                        self._metrics.loaded(time.perf_counter() - t0)
                 elif t is P.Schedule:
                     self._schedule(eff)
                 else:  # pragma: no cover
                     raise AssertionError(f"unknown effect {eff!r}")
         finally:
             flow.close()
+            if waited and obs is not None:
+                obs.waited(waited)
 
     def _schedule(self, eff: P.Schedule) -> None:
         async def run() -> None:
@@ -293,12 +300,18 @@ class AsyncCache:
 
     async def get(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> Any:
         """See :meth:`cachesync.Cache.get`; ``loader`` may be a coroutine function."""
+        if self._metrics is not None:  # metrics/tracing: the instrumented path
+            return (await self.get_entry(key, loader, ttl)).value
         l1 = self.l1
         if l1 is not None:  # the L1 hit, inlined: no second coroutine
             e = l1.core.lookup(key)
             if e is not None:
                 return e.value
-        return (await self._read(key, loader, ttl)).value
+        try:
+            return (await self._read(key, loader, ttl)).value
+        except Exception:  # a read that raised: counted as in get_entry
+            self.ctx.stats["read_errors"] += 1
+            raise
 
     @overload
     async def get_entry(self, key: str, loader: Callable[[], Awaitable[P.Versioned[T] | P.NotFound]],
@@ -316,6 +329,15 @@ class AsyncCache:
 
     async def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """See :meth:`cachesync.Cache.get_entry`."""
+        try:
+            if self._metrics is not None and self._metrics.traced:
+                return await _tr.traced_get_async(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore
+            return await self._get_entry(key, loader, ttl)
+        except Exception:  # a read that raised (see Cache.get_entry)
+            self.ctx.stats["read_errors"] += 1
+            raise
+
+    async def _get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None) -> P.Entry[Any]:
         l1 = self.l1
         if l1 is not None:
             e = l1.core.lookup(key)
@@ -344,7 +366,7 @@ class AsyncCache:
             first = (None, e)
         else:
             try:
-                entry = P.fresh_hit(ctx, key, f)
+                entry = P.fresh_hit(ctx, key, f, False)
                 if entry is not None:
                     return entry
             except P.CorruptEntry:
@@ -380,10 +402,14 @@ class AsyncCache:
                                ttl: float | None = None) -> dict[str, P.Entry[Any]]:
         """See :meth:`cachesync.Cache.get_many_entries`."""
         keys = P.key_list(keys, "get_many")
-        if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
-            return await self.l1.get_many(keys, ttl, lambda missing: self.run(
-                P.get_many_flow(self.ctx, missing, ttl), loader_many))
-        return await self.run(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)
+        try:
+            if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
+                return await self.l1.get_many(keys, ttl, lambda missing: self.run(
+                    P.get_many_flow(self.ctx, missing, ttl), loader_many))
+            return await self.run(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)
+        except Exception:
+            self.ctx.stats["read_errors"] += len(set(keys))
+            raise
 
     async def peek(self, key: str) -> dict[str, Any] | None:
         """See :meth:`cachesync.Cache.peek`."""
@@ -393,6 +419,13 @@ class AsyncCache:
 
     async def invalidate(self, *keys: str, version: Any = None) -> int:
         """See :meth:`cachesync.Cache.invalidate`."""
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.invalidate", {"cachesync.namespace": self.options.namespace,
+                                                  "cachesync.keys": len(keys)}):
+                return await self._invalidate(keys, version)
+        return await self._invalidate(keys, version)
+
+    async def _invalidate(self, keys: tuple[str, ...], version: Any) -> int:
         P.star_keys(keys, "invalidate")
         if not keys:
             return 0
@@ -428,6 +461,12 @@ class AsyncCache:
 
     async def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """See :meth:`cachesync.Cache.set`."""
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.set", {"cachesync.namespace": self.options.namespace}):
+                return await self._set(key, value, ttl, version)
+        return await self._set(key, value, ttl, version)
+
+    async def _set(self, key: str, value: Any, ttl: float | None, version: Any) -> bool:
         try:
             return await self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
@@ -439,6 +478,17 @@ class AsyncCache:
                     ttl: float | None = None, delay: float | None = None) -> AsyncIterator[P.WritePlan]:
         """See :meth:`cachesync.Cache.write` (``async with cache.write(...) as w:``)."""
         plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.write", {"cachesync.namespace": self.options.namespace,
+                                             "cachesync.keys": len(plan.keys)}):
+                async with self._write(plan) as w:
+                    yield w
+            return
+        async with self._write(plan) as w:
+            yield w
+
+    @asynccontextmanager
+    async def _write(self, plan: P.WritePlan) -> AsyncIterator[P.WritePlan]:
         await self.run(plan.before())
         try:
             yield plan

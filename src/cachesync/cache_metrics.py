@@ -21,6 +21,7 @@ _SINKS: dict[str, tuple[str, str, str, str]] = {
     "negative_hits": ("cachesync_cache_requests_total", "", "outcome", "negative"),
     "stale_served": ("cachesync_cache_requests_total", "", "outcome", "stale"),
     "fallback_loads": ("cachesync_cache_requests_total", "", "outcome", "fallback"),
+    "read_errors": ("cachesync_cache_requests_total", "", "outcome", "error"),
     "singleflight_joins": ("cachesync_cache_singleflight_joins_total", "Reads that shared another caller's in-flight read",
               "", ""),
     "loads": ("cachesync_cache_loads_total", "Loader calls", "", ""),
@@ -32,6 +33,17 @@ _SINKS: dict[str, tuple[str, str, str, str]] = {
                      "", ""),
     "sets": ("cachesync_cache_sets_total", "set() writes by outcome", "outcome", "accepted"),
     "sets_refused": ("cachesync_cache_sets_total", "", "outcome", "refused"),
+    "fills_refused_lease": ("cachesync_cache_fills_refused_total", "Write-backs (or values) refused, by reason",
+                            "reason", "lease_voided"),
+    "fills_refused_older": ("cachesync_cache_fills_refused_total", "", "reason", "older_version"),
+    "values_too_large": ("cachesync_cache_fills_refused_total", "", "reason", "too_large"),
+    "invalidations_failed": ("cachesync_cache_invalidations_failed_total",
+                             "Keys whose invalidation (or set) failed: Redis down, InvalidationError raised", "", ""),
+    "serialize_errors": ("cachesync_cache_serializer_errors_total", "Values the serializer could not encode "
+                         "(dumps) or decode (loads)", "operation", "dumps"),
+    "deserialize_errors": ("cachesync_cache_serializer_errors_total", "", "operation", "loads"),
+    "corrupt_entries": ("cachesync_cache_corrupt_entries_total", "Unreadable entries found in Redis and deleted",
+                        "", ""),
 }
 
 def export_stats(stats: dict[str, int], metrics: Metrics, namespace: str) -> None:
@@ -70,25 +82,55 @@ def joined(stats: dict[str, int], entry: Any) -> None:
 
 
 def instrument(cache: Any) -> CacheMetrics | None:
-    """When ``cache.options.metrics`` is set: export the cache's stats and its L1 and return the
-    :class:`CacheMetrics` (else None, and nothing changes)."""
+    """When ``cache.options.metrics`` is set or ``tracing=True``: export the cache's stats and its L1 and return
+    the :class:`CacheMetrics` (else None, and nothing changes: the drivers test for None)."""
     m = cache.options.metrics
-    if m is None:
+    traced = bool(cache.options.tracing)
+    if m is None and not traced:
         return None
+    if traced:  # invalidations carry the current span's traceparent to the L1s (core imports no tracer)
+        from .tracing import current_traceparent, require
+
+        require()
+        cache.ctx.traceparent = current_traceparent
     ns = cache.options.namespace
+    if m is None:
+        from .metrics import NOOP
+
+        m = NOOP
     export_stats(cache.ctx.stats, m, ns)
-    cm = CacheMetrics(m, ns)
+    cm = CacheMetrics(m, ns, traced)
     cm.export_l1(cache)
     return cm
 
 
 class CacheMetrics:
-    """What a cache keeps when ``metrics=`` is given: the load-duration histogram and the L1 exports."""
+    """What a cache keeps when ``metrics=`` or ``tracing=True`` is given: the load and lease-wait histograms, the
+    L1 exports, and the attributes the drivers set on the current ``cachesync.get`` span."""
 
-    def __init__(self, metrics: Metrics, namespace: str) -> None:
-        self.metrics, self.labels = metrics, (namespace,)
+    def __init__(self, metrics: Metrics, namespace: str, traced: bool = False) -> None:
+        self.metrics, self.labels, self.traced = metrics, (namespace,), traced
         self.load_seconds: Histogram = metrics.histogram("cachesync_cache_load_seconds", "Loader call duration",
                                                          ("namespace",))
+        self.wait_seconds: Histogram = metrics.histogram(
+            "cachesync_cache_lease_wait_seconds", "Time one read spent waiting for another reader's lease (per "
+            "read that waited)", ("namespace",))
+
+    def loaded(self, seconds: float) -> None:
+        """One loader call took ``seconds``."""
+        self.load_seconds.observe(seconds, self.labels)
+        if self.traced:
+            from .tracing import set_attribute
+
+            set_attribute("cachesync.load_seconds", seconds)
+
+    def waited(self, seconds: float) -> None:
+        """One read waited ``seconds`` in total for other readers' leases."""
+        self.wait_seconds.observe(seconds, self.labels)
+        if self.traced:
+            from .tracing import set_attribute
+
+            set_attribute("cachesync.lease_wait_seconds", seconds)
 
     def export_l1(self, cache: Any) -> None:
         """Export the L1's counters and subscription state, read at collection time."""
@@ -104,7 +146,9 @@ class CacheMetrics:
                                ("evictions", "cachesync_l1_evictions_total", "L1 entries evicted (size bound)"),
                                ("flushes", "cachesync_l1_flushes_total", "Whole-L1 flushes (subscription lost, ...)"),
                                ("invalidations", "cachesync_l1_invalidations_total",
-                                "L1 entries dropped by invalidation messages")):
+                                "L1 entries dropped by invalidation messages"),
+                               ("bypass_seconds", "cachesync_l1_bypass_seconds_total",
+                                "Seconds the L1 was bypassed (its subscription down; reads went to Redis)")):
             self.metrics.observe(name, doc, "counter", ("namespace",), stat(key))
         self.metrics.observe("cachesync_l1_subscribed", "1 while the L1's invalidation subscription is up",
                              "gauge", ("namespace",), lambda: [] if cache.l1 is None else [

@@ -289,10 +289,14 @@ class _ObservedBus:
         if ds:
             self._consumed.inc(len(ds), self._labels)
         lag = 0.0
+        now = time.time()
         for d in ds:
+            if d.sent_at is not None:  # NATS JetStream (server clock), RabbitMQ (publisher clock)
+                lag = max(lag, now - d.sent_at)
+                continue
             ms, _, seq = str(d.id).partition("-")
-            if ms.isdigit() and seq.isdigit() and len(ms) >= 12:
-                lag = max(lag, time.time() - int(ms) / 1000)
+            if ms.isdigit() and seq.isdigit() and len(ms) >= 12:  # Redis Streams: the entry id (Redis clock)
+                lag = max(lag, now - int(ms) / 1000)
         self.last_lag = lag
         self._lag.set(lag, self._labels)
         return ds
@@ -310,7 +314,7 @@ def instrument_worker(worker: Any, metrics: Metrics, namespace: str,
                        metrics.counter("cachesync_worker_consumed_total", "Bus messages received by the worker",
                                        ("namespace",)),
                        metrics.gauge("cachesync_worker_lag_seconds", "Age of the oldest message of the last batch "
-                                     "when received (Redis Streams; 0 when idle)", ("namespace",)), labels)
+                                     "when received (0 when idle)", ("namespace",)), labels)
     worker.bus = bus
 
     def caught_up() -> str | None:
@@ -435,6 +439,26 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                         "applied one", "gauge", ("namespace",),
                         lambda: [] if position() is None else [(lab, max(0.0, (server_lsn() or 0.0) -
                                                                          (position() or 0.0)))])
+    else:
+        def binlog_lag() -> list[Sample]:
+            pos = st.get("position") or {}
+            if not pos.get("file") or pos.get("pos") is None:
+                return []
+            with lock:
+                if not conn:
+                    conn.append(connect(db_url))
+                try:
+                    lag = binlog_lag_bytes(conn[0], str(pos["file"]), int(pos["pos"]))
+                except Exception:
+                    try:
+                        conn.pop().close()
+                    except Exception:
+                        pass
+                    raise
+            return [] if lag is None else [(lab, float(lag))]
+
+        metrics.observe("cachesync_cdc_lag_bytes", "Log bytes between the server's position and the applied one "
+                        "(PostgreSQL: WAL; MariaDB/MySQL: binlog, across files)", "gauge", ("namespace",), binlog_lag)
 
     def db() -> str | None:
         try:
@@ -452,15 +476,81 @@ def instrument_cdc(runner: Any, db_url: str, metrics: Metrics, namespace: str,
                             f"{(st.get('lag_ms') or 0) / 1000:.3f} s, reconnects {st['reconnects']}")
 
 
+def binlog_lag_bytes(conn: Any, file: str, pos: int) -> int | None:
+    """MariaDB/MySQL: the binlog bytes written after ``(file, pos)`` (the rest of ``file`` plus every later file,
+    from ``SHOW BINARY LOGS``); None when ``file`` is no longer listed (purged)."""
+    cur = conn.cursor()
+    try:
+        cur.execute("SHOW BINARY LOGS")
+        rows = cur.fetchall()
+    finally:
+        cur.close()
+    conn.commit()
+    total, found = 0, False
+    for row in rows:
+        name, size = str(row[0]), int(row[1])
+        if name == file:
+            found, total = True, max(0, size - pos)
+        elif found:
+            total += size
+    return total if found else None
+
+
 # ---------------------------------------------------------------------------------------------- misconfiguration
 
 
+class NamespaceWatch:
+    """Counts what a daemon delivers to a namespace no cache has recorded (``cachesync_unused_namespace_deliveries_
+    total``): at each :meth:`update` (every scrape, and every ``interval`` seconds on a thread of its own), the growth
+    of ``delivered()`` since the last update counts when the namespace is unseen, with a WARNING (the first time, then
+    at most every ``warn_every`` seconds)."""
+
+    def __init__(self, seen: Callable[[], bool], delivered: Callable[[], float], namespace: str,
+                 logger: logging.Logger, what: str, warn_every: float = 600.0) -> None:
+        self._seen, self._delivered = seen, delivered
+        self.namespace, self._log, self._what, self._warn_every = namespace, logger, what, warn_every
+        self._lock = threading.Lock()
+        self._last = float(delivered())
+        self._warned: float | None = None
+        self.unused = 0.0
+        self._stop = threading.Event()
+
+    def update(self) -> float:
+        """Count the deliveries since the last update if the namespace is unseen; returns the count."""
+        with self._lock:
+            now = float(self._delivered())
+            delta, self._last = now - self._last, now
+            if delta > 0 and not self._seen():
+                self.unused += delta
+                t = time.monotonic()
+                if self._warned is None or t - self._warned >= self._warn_every:
+                    self._warned = t
+                    self._log.warning("cachesync %s: delivered %d invalidation(s) to namespace %r, which no cache "
+                                      "has used (%d so far): check --namespace", self._what, delta, self.namespace,
+                                      self.unused)
+            return self.unused
+
+    def start(self, interval: float = 30.0) -> NamespaceWatch:
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.update()
+                except Exception:  # a failing stats read must not end the watch
+                    pass
+        threading.Thread(target=run, name="cachesync-namespace-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def check_namespace(redis_client: Any, namespace: str, metrics: Metrics, logger: logging.Logger,
-                    what: str) -> bool:
+                    what: str, delivered: Callable[[], float] | None = None) -> bool:
     """Warn (WARNING) when no cache has recorded ``namespace`` in this Redis within the last week: the daemon
     would invalidate keys nobody reads. Exports ``cachesync_namespace_seen{namespace}`` (1/0, read at scrape
-    time). Returns whether the namespace is known; Redis errors count as known (the readiness check reports
-    them)."""
+    time) and, with ``delivered`` (the daemon's running count of delivered rows/messages/transactions), counts
+    what it delivers while the namespace is unseen (:class:`NamespaceWatch`). Returns whether the namespace is
+    known; Redis errors count as known (the readiness check reports them)."""
     from .cache_metrics import seen_key
 
     key = seen_key(namespace)
@@ -479,6 +569,11 @@ def check_namespace(redis_client: Any, namespace: str, metrics: Metrics, logger:
         logger.warning("cachesync %s: no cache has used namespace %r in this Redis in the last 7 days (no %s key): "
                        "its invalidations reach no application. Check --namespace (a Cache records its namespace "
                        "when it starts).", what, namespace, key)
+    if delivered is not None:
+        watch = NamespaceWatch(seen, delivered, namespace, logger, what).start()
+        metrics.observe("cachesync_unused_namespace_deliveries_total", "Rows, messages or transactions delivered "
+                        "while no cache had recorded the namespace", "counter", ("namespace",),
+                        lambda: [((namespace,), watch.update())])
     return ok
 
 

@@ -164,6 +164,9 @@ class L1:
         self._behind = False
         self._caught_up_gen = 0
         self._probe: Callable[[], bool] | None = None
+        self.traced = False  # the cache's tracing=: record cachesync.l1.drop spans under the writer's traceparent
+        self._bypass_total = 0.0  # seconds bypassed (not enabled, not closed), wall clock of time.monotonic
+        self._bypass_since: float | None = time.monotonic()  # bypassed until the first SUBSCRIBE is confirmed
         _ALL.add(self)
 
     # ---------------------------------------------------------------- reads
@@ -346,13 +349,21 @@ class L1:
         try:
             text = data.decode("utf-8", "surrogatepass") if isinstance(data, bytes) else data
             prefix = f"cs:{self.ns}:"
-            keys = [user_key(self.ns, ek) for ek in text.split("\n") if ek.startswith(prefix)]
+            lines = text.split("\n")
+            keys = [user_key(self.ns, ek) for ek in lines if ek.startswith(prefix)]
+            tp = lines[-1][3:] if self.traced and lines[-1].startswith("tp=") else None
         except Exception as e:
             self.malformed_messages += 1
             if self.malformed_messages % 1000 == 1:
                 log.error("cachesync L1 (namespace %s): unreadable invalidation message (%s: %s; %d so far); "
                           "L1 flushed", self.ns, type(e).__name__, e, self.malformed_messages)
             self.clear("malformed message")
+            return
+        if tp is not None:  # the writer's trace: this process's drop as a child span of it
+            from .tracing import span
+
+            with span("cachesync.l1.drop", {"cachesync.namespace": self.ns, "cachesync.keys": len(keys)}, tp):
+                self.invalidate(keys)
             return
         self.invalidate(keys)
 
@@ -393,6 +404,7 @@ class L1:
             self.enabled = True
             self.state = "up"
             self.subscribes += 1
+            self._end_bypass()
         for fn in self._state_listeners:
             fn(True)
 
@@ -408,6 +420,10 @@ class L1:
         with self._lock:
             self.state = "closed" if self.closed else "down"
             self.last_loss_reason = reason
+            if self.closed:
+                self._end_bypass()
+            elif self._bypass_since is None:
+                self._bypass_since = time.monotonic()
             if was:
                 self.subscription_losses += 1
         for fn in self._state_listeners:
@@ -441,7 +457,20 @@ class L1:
         with self._lock:
             self.enabled = False
             self.state = "closed"
+            self._end_bypass()
         self.clear("closed")
+
+    def _end_bypass(self) -> None:
+        if self._bypass_since is not None:
+            self._bypass_total += time.monotonic() - self._bypass_since
+            self._bypass_since = None
+
+    @property
+    def bypass_seconds(self) -> float:
+        """Seconds this L1 was bypassed so far (before the first subscription and while it was down; not after
+        :meth:`close`)."""
+        since = self._bypass_since
+        return self._bypass_total + (0.0 if since is None else max(0.0, time.monotonic() - since))
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -449,7 +478,7 @@ class L1:
         ``hits``, ``misses``, ``bypassed`` (reads while the subscription was down), ``fills``, ``fills_dropped``
         (the fill race), ``invalidations``, ``messages``, ``evictions``, ``expirations``, ``flushes``,
         ``subscription_losses``, ``subscribes``, ``lag_bypasses`` (lookups that bypassed because an invalidation
-        had arrived and was not applied yet), ``last_loss_reason``."""
+        had arrived and was not applied yet), ``last_loss_reason``, ``bypass_seconds`` (time bypassed so far)."""
         return {
             "state": self.state, "enabled": self.enabled, "entries": len(self._data), "bytes": self.bytes,
             "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed, "fills": self.fills,
@@ -458,6 +487,7 @@ class L1:
             "evictions": self.evictions, "expirations": self.expirations, "flushes": self.flushes,
             "subscription_losses": self.subscription_losses, "subscribes": self.subscribes,
             "lag_bypasses": self.lag_bypasses, "last_loss_reason": self.last_loss_reason,
+            "bypass_seconds": self.bypass_seconds,
         }
 
     def __len__(self) -> int:

@@ -109,8 +109,10 @@ def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None)
     def size_of(key: str, value: Any) -> int:
         return len(key) + 64 + (0 if value is NOT_FOUND else len(ser.dumps(value)))
 
-    return L1(options, o.namespace, size_of=size_of, negative_ttl=o.negative_ttl,
+    core = L1(options, o.namespace, size_of=size_of, negative_ttl=o.negative_ttl,
               **({"clock": clock} if clock is not None else {}))
+    core.traced = bool(o.tracing)
+    return core
 
 
 class L1Sync:

@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import cache_metrics as _cm
 from . import core as P
+from . import tracing as _tr
 from ._types import CachedDecorator
 from ._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
 from .errors import CacheUnavailableError, InvalidationError, RedisCommandError
@@ -125,6 +126,7 @@ class Cache:
         caller (the hit fast path of :meth:`_read`); it is answered with that instead of sending it again."""
         send: Any = None
         throw: BaseException | None = None
+        obs, waited = self._metrics, 0.0
         try:
             while True:
                 try:
@@ -138,6 +140,7 @@ class Cache:
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
+                    t0 = time.perf_counter() if obs is not None and eff.args[0] == "BLPOP" else 0.0
                     try:
                         if first is not None:
                             send, exc = first
@@ -154,6 +157,8 @@ class Cache:
                         throw = P.CommandError(str(e))
                     except BaseException as e:  # KeyboardInterrupt, SystemExit: the flow releases what it holds
                         throw = e
+                    if t0:
+                        waited += time.perf_counter() - t0
                 elif t is P.Batch:
                     try:
                         send = self._batch(eff)
@@ -173,13 +178,15 @@ class Cache:
                     except BaseException as e:  # incl. KeyboardInterrupt: thrown in, so the lease is released
                         throw = e
                     if self._metrics is not None:
-                        self._metrics.load_seconds.observe(time.perf_counter() - t0, self._metrics.labels)
+                        self._metrics.loaded(time.perf_counter() - t0)
                 elif t is P.Schedule:
                     self._schedule(eff)
                 else:  # pragma: no cover
                     raise AssertionError(f"unknown effect {eff!r}")
         finally:
             flow.close()
+            if waited and obs is not None:
+                obs.waited(waited)
 
     def _schedule(self, eff: P.Schedule) -> None:
         pending = _Pending(eff.keys)
@@ -248,13 +255,19 @@ class Cache:
         ``loader`` returns the value, ``Versioned(value, version)``, or ``NOT_FOUND`` (cached as a negative
         entry for ``negative_ttl``). ``ttl`` defaults to ``default_ttl``. Returns the value or ``NOT_FOUND``.
         """
-        l1 = self.l1
-        if l1 is not None:  # the L1 hit, inlined (one call less than get_entry)
-            e = l1.core.lookup(key)
-            if e is not None:
-                return e.value
-            return self._l1_miss(l1, key, loader, ttl).value
-        return self._read(key, loader, ttl).value
+        if self._metrics is not None:  # metrics/tracing: the instrumented path
+            return self.get_entry(key, loader, ttl).value
+        try:
+            l1 = self.l1
+            if l1 is not None:  # the L1 hit, inlined (one call less than get_entry)
+                e = l1.core.lookup(key)
+                if e is not None:
+                    return e.value
+                return self._l1_miss(l1, key, loader, ttl).value
+            return self._read(key, loader, ttl).value
+        except Exception:  # a read that raised: counted as in get_entry
+            self.ctx.stats["read_errors"] += 1
+            raise
 
     @overload
     def get_entry(self, key: str, loader: Callable[[], P.Versioned[T] | P.NotFound],
@@ -265,6 +278,15 @@ class Cache:
 
     def get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None = None) -> P.Entry[Any]:
         """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
+        try:
+            if self._metrics is not None and self._metrics.traced:
+                return _tr.traced_get(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore[no-any-return]
+            return self._get_entry(key, loader, ttl)
+        except Exception:  # a read that raised (loader error, Redis down with on_redis_error="fail", ...)
+            self.ctx.stats["read_errors"] += 1
+            raise
+
+    def _get_entry(self, key: str, loader: Callable[[], Any], ttl: float | None) -> P.Entry[Any]:
         l1 = self.l1
         if l1 is not None:
             e = l1.core.lookup(key)
@@ -291,7 +313,7 @@ class Cache:
             first = (None, e)
         else:
             try:
-                entry = P.fresh_hit(ctx, key, f)
+                entry = P.fresh_hit(ctx, key, f, False)
                 if entry is not None:
                     return entry
             except P.CorruptEntry:
@@ -330,10 +352,14 @@ class Cache:
                          ttl: float | None = None) -> dict[str, P.Entry[Any]]:
         """Like :meth:`get_many`, returning :class:`Entry` objects."""
         keys = P.key_list(keys, "get_many")
-        if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
-            return self.l1.get_many(keys, ttl, lambda missing: self.run(
-                P.get_many_flow(self.ctx, missing, ttl), loader_many))
-        return self.run(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)
+        try:
+            if self.l1 is not None:  # L1 hits served; the rest read in one batch and filled per key (cachesync.l1)
+                return self.l1.get_many(keys, ttl, lambda missing: self.run(
+                    P.get_many_flow(self.ctx, missing, ttl), loader_many))
+            return self.run(P.get_many_flow(self.ctx, list(keys), ttl), loader_many)
+        except Exception:
+            self.ctx.stats["read_errors"] += len(set(keys))
+            raise
 
     def peek(self, key: str) -> dict[str, Any] | None:
         """The raw entry of ``key`` (fields ``value``, ``ver``, ``lt``, ``fl``, ``ti`` ...) without side effects."""
@@ -348,6 +374,13 @@ class Cache:
         filled. Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys when
         Redis cannot be reached.
         """
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.invalidate", {"cachesync.namespace": self.options.namespace,
+                                                  "cachesync.keys": len(keys)}):
+                return self._invalidate(keys, version)
+        return self._invalidate(keys, version)
+
+    def _invalidate(self, keys: tuple[str, ...], version: Any) -> int:
         P.star_keys(keys, "invalidate")
         if not keys:
             return 0
@@ -390,6 +423,12 @@ class Cache:
 
     def set(self, key: str, value: Any, ttl: float | None = None, version: Any = None) -> bool:
         """Store a writer's new value; voids leases. With ``version``, refuses (returns False) to go backwards."""
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.set", {"cachesync.namespace": self.options.namespace}):
+                return self._set(key, value, ttl, version)
+        return self._set(key, value, ttl, version)
+
+    def _set(self, key: str, value: Any, ttl: float | None, version: Any) -> bool:
         try:
             return self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
@@ -407,6 +446,16 @@ class Cache:
         (the safe strategies invalidate, in case the commit happened) and the exception propagates.
         """
         plan = P.WritePlan(self.ctx, keys, strategy, value, version, ttl, delay)
+        if self._metrics is not None and self._metrics.traced:
+            with _tr.span("cachesync.write", {"cachesync.namespace": self.options.namespace,
+                                             "cachesync.keys": len(plan.keys)}), self._write(plan) as w:
+                yield w
+            return
+        with self._write(plan) as w:
+            yield w
+
+    @contextmanager
+    def _write(self, plan: P.WritePlan) -> Iterator[P.WritePlan]:
         self.run(plan.before())
         try:
             yield plan

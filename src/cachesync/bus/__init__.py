@@ -119,6 +119,9 @@ class Delivery:
     attempts: int = 1
     group: str = ""
     raw: Any = field(default=None, repr=False)
+    sent_at: float | None = field(default=None, compare=False)
+    """When the message was first published, seconds since the epoch (NATS: the server's clock; RabbitMQ: the
+    publisher's; None when the bus does not tell: the worker's consumer lag then reads the Redis Streams id)."""
 
 
 @dataclass(frozen=True)

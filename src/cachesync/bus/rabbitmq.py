@@ -101,6 +101,7 @@ _ATTEMPTS = "cachesync-attempts"
 _REASON = "cachesync-reason"
 _GROUP_H = "cachesync-group"
 _BUCKET = "cachesync-delay"
+_SENT = "cachesync-sent-ms"  # first publish time (publisher clock, ms since the epoch): the consumer lag
 
 
 def _pika() -> Any:
@@ -403,7 +404,7 @@ class RabbitMQBus(Bus):
 
         def go() -> None:
             ch = link.channel()
-            props = self._props()
+            props = self._props({_SENT: int(time.time() * 1000)})
             for body in bodies:
                 ch.basic_publish(self.exchange, "", body, props, mandatory=True)
             link.commit()
@@ -462,7 +463,9 @@ class RabbitMQBus(Bus):
             return None
         tag = int(method.delivery_tag)
         link.unacked[tag] = _Held(group, consumer, time.monotonic())
-        return Delivery(f"{link.gen}:{tag}", msg, prior + 1, group, raw=_Tag(link, link.gen, tag))
+        sent = headers.get(_SENT)
+        return Delivery(f"{link.gen}:{tag}", msg, prior + 1, group, raw=_Tag(link, link.gen, tag),
+                        sent_at=sent / 1000 if isinstance(sent, int) and not isinstance(sent, bool) else None)
 
     def _wait_one(self, queue: str, group: str, consumer: str, until: float) -> Delivery | None:
         """Wait until ``until`` (monotonic) for one message of ``queue`` with a temporary prefetch-1 consumer."""
@@ -545,6 +548,8 @@ class RabbitMQBus(Bus):
                           "delivered again)", self.name, delivery.id)
                 return
             headers: dict[str, Any] = {_ATTEMPTS: delivery.attempts}
+            if delivery.sent_at is not None:  # a retry keeps the first publish time: lag is the message's age
+                headers[_SENT] = int(delivery.sent_at * 1000)
             if ms == 0:
                 link.ch.basic_publish("", q, delivery.message.encode(), self._props(headers), mandatory=True)
             else:

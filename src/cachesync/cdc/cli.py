@@ -79,7 +79,8 @@ def cmd_cdc(args: argparse.Namespace) -> int:
              redact_url(args.db_url), redact_url(args.redis_url), redact_url(args.bus) if args.bus else "-",
              args.rules, ", ".join(sorted(rules.tables)))
     daemon = health.Daemon(args)
-    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "cdc")
+    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "cdc",
+                           lambda: runner.stats["transactions"])
     health.check_tables(args.db_url, sorted(rules.tables), daemon.metrics, args.namespace, log, "cdc")
     daemon.start(log, *health.instrument_cdc(runner, args.db_url, daemon.metrics, args.namespace,
                                              daemon.ready_max_lag))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import logging
 from typing import Any
@@ -34,7 +34,11 @@ class Context:
         self.stats: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "negative_hits", "stale_served", "loads", "fills", "fills_refused", "waits",
              "fallback_loads", "invalidations", "redis_errors", "sets", "sets_refused", "corrupt_entries",
-             "singleflight_joins", "singleflight_retries"), 0)
+             "singleflight_joins", "singleflight_retries", "fills_refused_lease", "fills_refused_older",
+             "values_too_large", "serialize_errors", "deserialize_errors", "invalidations_failed", "read_errors"), 0)
+        self.traced = bool(options.tracing)  # invalidations carry the current span's traceparent (tracing=)
+        self.traceparent: Callable[[], str | None] = lambda: None
+        """The current span's W3C traceparent; the driver sets it when ``tracing=True`` (core imports no tracer)."""
         self.corrupt_logged: set[str] = set()
 
     # keys
@@ -71,10 +75,13 @@ class Context:
         try:
             payload = self.ser.dumps(value)
         except (TypeError, ValueError, OverflowError) as e:
+            self.stats["serialize_errors"] += 1
             raise SerializationError(key, f"{type(value).__name__} value: {e}") from e
         except Exception as e:  # a third-party serializer's own error type
+            self.stats["serialize_errors"] += 1
             raise SerializationError(key, f"{type(value).__name__} value: {type(e).__name__}: {e}") from e
         if len(payload) > self.o.max_value_bytes:
+            self.stats["values_too_large"] += 1
             raise ValueTooLargeError(key, len(payload), self.o.max_value_bytes)
         return payload, encode_version(version), "0"
 
@@ -85,15 +92,19 @@ class Context:
         try:
             return self.ser.loads(payload)
         except Exception as e:
+            self.stats["deserialize_errors"] += 1
             raise SerializationError(key, f"stored payload cannot be decoded with {self.ser.name}: {e}") from e
 
-    def decode_stored(self, key: str, payload: bytes, negative: bool) -> Any:
-        """Like :meth:`decode`, raising :class:`CorruptEntry` (which the read flows repair) instead."""
+    def decode_stored(self, key: str, payload: bytes, negative: bool, count: bool = True) -> Any:
+        """Like :meth:`decode`, raising :class:`CorruptEntry` (which the read flows repair) instead; ``count``:
+        count the failure in ``deserialize_errors`` (False when the read flow will judge the same payload again)."""
         if negative:
             return NOT_FOUND
         try:
             return self.ser.loads(payload)
         except Exception as e:
+            if count:
+                self.stats["deserialize_errors"] += 1
             raise CorruptEntry(f"payload cannot be decoded with {self.ser.name}: {type(e).__name__}: {e}") from e
 
     @staticmethod

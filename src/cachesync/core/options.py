@@ -78,6 +78,11 @@ class CacheOptions:
     """``None`` (default): metrics off, no cost. A :class:`cachesync.metrics.Metrics` (``PrometheusMetrics()``,
     ``OtelMetrics()``): ``stats`` exported as ``cachesync_cache_*`` counters read at collection time, loader
     durations and the L1's ``cachesync_l1_*`` (see docs/operating.md)."""
+    tracing: bool = False
+    """``False`` (default): no spans, no cost. ``True`` (extra ``otel``): OpenTelemetry spans ``cachesync.get``,
+    ``cachesync.invalidate``, ``cachesync.set`` and ``cachesync.write``, and invalidation messages carry the current
+    span's ``traceparent`` so that the L1s of other processes record their drops in the writer's trace (see
+    docs/operating.md, Tracing)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not NAMESPACE_RE.match(self.namespace):
@@ -94,7 +99,7 @@ class CacheOptions:
                 continue
             _validate.positive(name, v, integer=True)
         _validate.one_of("on_redis_error", self.on_redis_error, ("load", "fail"))
-        for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations"):
+        for name in ("serve_stale", "leases", "singleflight", "broadcast_invalidations", "tracing"):
             _validate.boolean(name, getattr(self, name))
         if self.metrics is not None:
             from ..metrics import Metrics
@@ -102,6 +107,11 @@ class CacheOptions:
             if not isinstance(self.metrics, Metrics):
                 raise ConfigError("metrics", f"must be None or a cachesync.metrics.Metrics (PrometheusMetrics(), "
                                   f"OtelMetrics()), got {type(self.metrics).__name__}")
+        if self.tracing:  # the OpenTelemetry API must be importable (checked without importing it)
+            import importlib.util
+
+            if importlib.util.find_spec("opentelemetry") is None:
+                raise ConfigError("tracing", "needs opentelemetry-api: pip install 'cachesync[otel]'")
         from .strategies import resolve_strategy
 
         resolve_strategy(self.strategy)
@@ -149,6 +159,7 @@ class CacheOptionsKwargs(TypedDict, total=False):
     max_connections: int | None
     wake_ttl: float
     metrics: Any
+    tracing: bool
 
 
 def check_positive(name: str, v: object) -> float:

@@ -105,10 +105,11 @@ def hit_args(ctx: Context, key: str, ttl: float | None) -> tuple[str, ...]:
     return ("HMGET", ctx.ekey(key), "v", "ver", "n", "s")
 
 
-def fresh_hit(ctx: Context, key: str, f: Sequence[Any]) -> Entry[Any] | None:
+def fresh_hit(ctx: Context, key: str, f: Sequence[Any], count: bool = True) -> Entry[Any] | None:
     """The entry that the reply ``f`` of :func:`hit_args` serves (a value that is not stale-marked, counted in
     ``hits`` or ``negative_hits``), or None when the read must go on (:func:`get_flow` does). Raises
-    :class:`CorruptEntry` for an undecodable payload or version (the flow repairs it)."""
+    :class:`CorruptEntry` for an undecodable payload or version (the flow repairs it). A driver trying the
+    fast path passes ``count=False``: on a failure the flow judges the same reply again and counts it once."""
     v = f[0]
     if v is None or f[3] is not None:
         return None
@@ -117,7 +118,7 @@ def fresh_hit(ctx: Context, key: str, f: Sequence[Any]) -> Entry[Any] | None:
     if f[2] == b"1":
         ctx.stats["negative_hits"] += 1
         return cache_entry(NOT_FOUND, version)
-    value = ctx.decode_stored(key, v, False)
+    value = ctx.decode_stored(key, v, False, count)
     ctx.stats["hits"] += 1
     return cache_entry(value, version)
 
@@ -227,6 +228,8 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
             raise
         ok = int(codes[0]) == 1
         ctx.stats["fills" if ok else "fills_refused"] += 1
+        if not ok:
+            ctx.stats["fills_refused_older" if int(codes[0]) == -1 else "fills_refused_lease"] += 1
         return Entry(ctx.unwrap(value), decode_version(ver or None), source="loader", filled=ok)
 
 
@@ -356,6 +359,8 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[
                     for i, c in zip(idxs, codes, strict=True):
                         ok = int(c) == 1
                         ctx.stats["fills" if ok else "fills_refused"] += 1
+                        if not ok:
+                            ctx.stats["fills_refused_older" if int(c) == -1 else "fills_refused_lease"] += 1
                         k = ukeys[i]
                         result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), decode_version(enc[i][1] or None),
                                           source="loader", filled=ok)

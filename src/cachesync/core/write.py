@@ -61,7 +61,8 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str]) -> Flow[int]
     if not ukeys:
         return 0
     eks = [ctx.ekey(k) for k in ukeys]
-    head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel]
+    tp = (ctx.traceparent() or "") if ctx.traced and ctx.channel else ""  # the L1s that drop these keys
+    head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel, tp]  # record it
     done: set[int] = set()
     had = 0
     for group in _groups(ctx, eks):
@@ -72,6 +73,7 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str]) -> Flow[int]
                                               [*head, *(versions[ukeys[i]] for i in chunk)])))
             except RedisDown as e:
                 ctx.stats["redis_errors"] += 1
+                ctx.stats["invalidations_failed"] += len(ukeys) - len(done)
                 raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
             done.update(chunk)
     ctx.stats["invalidations"] += len(ukeys)
@@ -97,6 +99,7 @@ def set_flow(ctx: Context, key: str, value: Any, ttl: float | None, version: Any
                                                        ctx.channel])
     except RedisDown as e:
         ctx.stats["redis_errors"] += 1
+        ctx.stats["invalidations_failed"] += 1
         raise InvalidationError([key], e.cause) from e.cause
     ok = int(r) == 1
     ctx.stats["sets" if ok else "sets_refused"] += 1

@@ -19,7 +19,9 @@ and/or publishes it on a bus, at least once, surviving crashes of the applicatio
 
 Table columns: ``id`` (order), ``cache_keys`` (JSON list), ``key_version`` (NULL = unknown), ``run_at``
 (not-before time in ms since the epoch by the *database* clock; 0 = now), ``attempts`` (failed deliveries),
-``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``, ``created_at`` (database clock, ms). On PostgreSQL a row trigger
+``claimed_until``/``claimed_by`` (SQLite relay lease), ``last_error``, ``created_at`` (database clock, ms),
+``traceparent`` (the writer's W3C trace context when it recorded inside a span; NULL otherwise; tables made before
+this column keep working without it: ``ALTER TABLE ... ADD COLUMN traceparent`` to carry traces). On PostgreSQL a row trigger
 sends ``NOTIFY <table>`` so that relays wake at once; its payload carries the id, keys and version of an
 immediate row (up to :data:`NOTIFY_LIMIT` bytes), which the relay applies before claiming it.
 """
@@ -39,6 +41,7 @@ from ..errors import OutboxError as OutboxError  # defined in errors.py, re-expo
 from ..core.keys import check_key
 from ..core.options import CacheOptions
 from ..core.rules import Rules
+from .. import tracing
 
 from .options import DEFAULT_TABLE as DEFAULT_TABLE  # defined there (RelayOptions.table's default)
 from .options import RelayOptions, RelayOptionsKwargs
@@ -84,7 +87,7 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
         f"key_version {d.short_text} NULL, run_at {d.bigint} NOT NULL DEFAULT 0, "
         f"attempts {d.integer} NOT NULL DEFAULT 0, claimed_until {d.bigint} NOT NULL DEFAULT 0, "
         f"claimed_by {d.short_text} NULL, last_error TEXT NULL, "
-        f"created_at {d.bigint} NOT NULL DEFAULT ({now}){index}){d.table_options}",
+        f"created_at {d.bigint} NOT NULL DEFAULT ({now}), traceparent {d.short_text} NULL{index}){d.table_options}",
     ]
     if d.partial_index:
         out.append(f"CREATE INDEX IF NOT EXISTS {t}_run_at ON {t} (run_at) WHERE run_at > 0")
@@ -105,6 +108,16 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             f"CREATE TRIGGER {t}_notify AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_notify()",
         ]
     return out
+
+
+def has_column(conn: Any, d: Dialect, table: str, column: str) -> bool:
+    """Whether ``table`` has ``column`` (read on ``conn``, inside its current transaction; harmless there)."""
+    cur = conn.cursor()
+    try:
+        cur.execute(d.columns_sql, (check_table(table),))
+        return any(row[0] == column for row in cur.fetchall())
+    finally:
+        cur.close()
 
 
 def dialect_of_connection(conn: Any) -> Dialect:
@@ -147,6 +160,19 @@ class Outbox:
             dialect = dialect_of(dialect if "://" in dialect else dialect + "://x")
         self.dialect = dialect
         self.max_key_bytes = max_key_bytes
+        self._tp_column: bool | None = None  # does the table have the traceparent column (read once, when tracing)
+
+    def traceparent(self, conn: Any) -> str | None:
+        """The current span's W3C traceparent to store in a row, or None: no OpenTelemetry, no recording span, or
+        a table without the ``traceparent`` column (asked once per :class:`Outbox`, on ``conn``)."""
+        if not tracing.AVAILABLE:
+            return None
+        tp = tracing.current_traceparent()
+        if tp is None:
+            return None
+        if self._tp_column is None:
+            self._tp_column = has_column(conn, self._dialect(conn), self.table, "traceparent")
+        return tp if self._tp_column else None
 
     def _dialect(self, conn: Any) -> Dialect:
         return self.dialect or dialect_of_connection(conn)
@@ -176,6 +202,7 @@ class Outbox:
             for stmt in stmts:
                 cur.execute(stmt)
             conn.commit()
+            self._tp_column = None
         except BaseException:
             conn.rollback()
             raise
@@ -209,17 +236,23 @@ class Outbox:
             rows.append((payload, ver, (d0 or 0.0) + d1))
         return rows
 
-    def insert_sql(self, d: Dialect, rows: Sequence[tuple[str, str | None, float | None]]) -> tuple[str, list[Any]]:
-        """One multi-row ``INSERT`` (SQL with ``?`` markers, parameters) for :meth:`rows_for` rows."""
+    def insert_sql(self, d: Dialect, rows: Sequence[tuple[str, str | None, float | None]],
+                   traceparent: str | None = None) -> tuple[str, list[Any]]:
+        """One multi-row ``INSERT`` (SQL with ``?`` markers, parameters) for :meth:`rows_for` rows; with
+        ``traceparent`` (see :meth:`traceparent`) also into the ``traceparent`` column."""
         values, params = [], []
+        tp = ", ?" if traceparent else ""
         for payload, ver, delay in rows:
             if delay:
-                values.append(f"(?, ?, {now_ms_sql(d)} + ?)")
+                values.append(f"(?, ?, {now_ms_sql(d)} + ?{tp})")
                 params += [payload, ver, int(delay * 1000)]
             else:
-                values.append("(?, ?, 0)")
+                values.append(f"(?, ?, 0{tp})")
                 params += [payload, ver]
-        return f"INSERT INTO {self.table} (cache_keys, key_version, run_at) VALUES {', '.join(values)}", params
+            if traceparent:
+                params.append(traceparent)
+        cols = "cache_keys, key_version, run_at" + (", traceparent" if traceparent else "")
+        return f"INSERT INTO {self.table} ({cols}) VALUES {', '.join(values)}", params
 
     def record(self, conn: Any, *keys: str, version: Any = None, delay: float = 0.0,
                again_after: float | None = None) -> None:
@@ -231,7 +264,7 @@ class Outbox:
         delete; it survives crashes of the application and the relay).
         """
         d = self._dialect(conn)
-        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after))
+        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after), self.traceparent(conn))
         cur = conn.cursor()
         try:
             cur.execute(d.sql(sql), params)
@@ -261,7 +294,7 @@ class Outbox:
         refused with :class:`OutboxError` (the caller's statements were already committed one by one).
         """
         d = self._dialect(conn)
-        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after))
+        sql, params = self.insert_sql(d, self.rows_for(keys, version, delay, again_after), self.traceparent(conn))
         mod = type(conn).__module__
         if _autocommit(conn, mod):
             raise OutboxError("Outbox.commit() needs a connection in a transaction, not in autocommit mode: the "

@@ -165,7 +165,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     daemon = health.Daemon(args)
     checks, summary = health.instrument_relay(relay, daemon.metrics, args.namespace, daemon.ready_max_lag)
     if cache is not None:
-        health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "relay")
+        health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "relay",
+                               lambda: relay.stats["rows"])
     try:
         if args.once:
             print(relay.drain())
@@ -198,7 +199,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("cachesync worker %s: namespace %s, redis %s, bus %s (group %s), rules %s", w.consumer,
              args.namespace, redact_url(args.redis_url), redact_url(args.bus), args.group, args.rules or "-")
     daemon = health.Daemon(args)
-    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "worker")
+    health.check_namespace(cache.redis, args.namespace, daemon.metrics, log, "worker",
+                           lambda: w.stats["messages"])
     daemon.start(health.log, *health.instrument_worker(w, daemon.metrics, args.namespace, daemon.ready_max_lag))
     try:
         w.run(_stop_on_signals())

@@ -45,7 +45,7 @@ from .. import _validate
 from ..errors import BadDataError, InvalidationError, OutboxConfigError, RedisCommandError, UsageError
 from ..metrics import Histogram
 from ..sync import Cache
-from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, now_ms_sql
+from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, has_column, now_ms_sql
 from ._fault import point
 from .options import RelayOptions, RelayOptionsKwargs
 
@@ -81,6 +81,7 @@ class Row:
     prefixes: list[str] | None = None  # a capture trigger's TRUNCATE: every key with these prefixes
     raw: tuple[Any, ...] = ()  # the claimed columns (id, cache_keys, key_version, attempts), to park it
     age_ms: float | None = None  # with metrics: database-clock ms since created_at, at the claim
+    traceparent: str | None = None  # the writer's trace context (column traceparent, when the table has it)
 
 
 class Relay:
@@ -139,6 +140,7 @@ class Relay:
         self.latency: Histogram | None = None  # set by measure_latency()
         self._latency_labels: tuple[str, ...] = ()
         self._age_col = ""
+        self._tp_col = ""  # ", traceparent" when OpenTelemetry is installed and the table has the column
         self._claim_sql = (f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE run_at <= {self._now} "
                            f"ORDER BY id LIMIT {self.batch_size} FOR UPDATE SKIP LOCKED) "
                            "RETURNING id, cache_keys, key_version, attempts" + self._age_col)
@@ -167,6 +169,10 @@ class Relay:
             if self._init:
                 self.outbox.init(conn, notify=None)  # keeps the NOTIFY trigger as the operator set it
                 self._init = False
+            if tracing.AVAILABLE and not self._tp_col and has_column(conn, self.dialect, self.table, "traceparent"):
+                self._tp_col = ", traceparent"  # claimed last: deliveries become children of the writers' spans
+                self._claim_sql += self._tp_col
+            conn.commit()
             if self.dialect is MYSQL:
                 cur = conn.cursor()
                 cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")  # no gap locks on inserts
@@ -235,7 +241,8 @@ class Relay:
         good, bad = [], []
         for t in raw:
             rid = t[0]
-            age = float(t[4]) if len(t) > 4 and t[4] is not None else None
+            age = float(t[4]) if self._age_col and len(t) > 4 and t[4] is not None else None
+            tp = t[-1] if self._tp_col and len(t) > 4 and isinstance(t[-1], str) else None
             try:
                 if len(t) < 4:
                     raise BadDataError(f"outbox row has {len(t)} column(s), expected id, cache_keys, key_version, "
@@ -251,18 +258,21 @@ class Relay:
                         raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
                                          "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
                                          "to find them")
-                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], raw=tuple(t), age_ms=age))
+                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], raw=tuple(t), age_ms=age,
+                                    traceparent=tp))
                     continue
                 if not isinstance(ks, list) or not ks:
                     raise ValueError("cache_keys is not a non-empty JSON list (or {\"prefixes\": [...]})")
                 checked_keys(ks, self._max_key_bytes())
-                good.append(Row(int(rid), ks, ver, int(attempts), raw=tuple(t), age_ms=age))
+                good.append(Row(int(rid), ks, ver, int(attempts), raw=tuple(t), age_ms=age, traceparent=tp))
             except (ValueError, TypeError, RecursionError, UsageError) as e:  # incl. BadDataError, UnicodeDecodeError
                 bad.append((int(rid), f"{type(e).__name__}: {e}", tuple(t)))
         return good, bad
 
     def _deliver(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
-        with tracing.span("cachesync.relay.deliver", {"cachesync.rows": len(rows), "cachesync.table": self.table}):
+        tps = list(dict.fromkeys(r.traceparent for r in rows if r.traceparent))  # the first writer's trace, others linked
+        with tracing.span("cachesync.relay.deliver", {"cachesync.rows": len(rows), "cachesync.table": self.table},
+                          tps[0] if tps else None, tps[1:]):
             return self._deliver_rows(rows)
 
     def _deliver_rows(self, rows: list[Row]) -> list[tuple[int, str, tuple[Any, ...]]]:
@@ -379,7 +389,7 @@ class Relay:
         conn = self._db()
         cur = conn.cursor()
         try:
-            cur.execute(f"SELECT id, cache_keys, key_version, attempts{self._age_col} FROM {self.table} WHERE run_at <= {self._now} "
+            cur.execute(f"SELECT id, cache_keys, key_version, attempts{self._age_col}{self._tp_col} FROM {self.table} WHERE run_at <= {self._now} "
                         f"ORDER BY id LIMIT {self.batch_size} FOR UPDATE SKIP LOCKED")
             raw = cur.fetchall()
             if not raw:
@@ -422,7 +432,8 @@ class Relay:
             cur.execute(f"UPDATE {self.table} SET claimed_until = {self._now} + {self.lease_ms}, claimed_by = ? "
                         f"WHERE id IN (SELECT id FROM {self.table} WHERE run_at <= {self._now} AND claimed_until <= "
                         f"{self._now} ORDER BY id LIMIT {self.batch_size}) "
-                        "RETURNING id, cache_keys, key_version, attempts" + self._age_col, (self.relay_id,))
+                        "RETURNING id, cache_keys, key_version, attempts" + self._age_col + self._tp_col,
+                        (self.relay_id,))
             raw = sorted(cur.fetchall())
             conn.commit()
             if not raw:
