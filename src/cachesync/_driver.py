@@ -6,14 +6,19 @@ import functools
 import inspect
 import logging
 import re
+import select
 import string
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
 
 from redis.exceptions import ClusterError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .errors import UsageError
+from .core import NOT_FOUND
+from .core.l1 import L1, L1Options
+from .errors import ConfigError, UsageError
 
 log = logging.getLogger("cachesync")
 
@@ -224,3 +229,107 @@ def connect(redis_url: str, client: Any, options: Any, lib: Any,
 
 def is_cluster(client: Any) -> bool:
     return type(client).__name__ == "RedisCluster"
+
+
+# --------------------------------------------------------------------------- L1 subscription (both drivers)
+
+
+def subscription_pool(pool_cls: Any, url: str | None, client: Any, connect_timeout: float, ns: str) -> Any:
+    """A pool for the subscription connection: same server as the cache, RESP2, no health-check PINGs,
+    named ``cachesync-l1:<namespace>`` in ``CLIENT LIST``."""
+    name = f"cachesync-l1:{ns}"
+    if url is not None:
+        return pool_cls.from_url(url, protocol=2, decode_responses=False, health_check_interval=0,
+                                 socket_connect_timeout=connect_timeout, socket_keepalive=True, client_name=name)
+    if type(client).__name__ == "RedisCluster":
+        return ClusterSubscriptionPool(pool_cls, client, name)
+    cp = getattr(client, "connection_pool", None)
+    if cp is None:
+        raise ConfigError("l1", f"the L1 needs a redis-py client with a connection_pool or a RedisCluster, not "
+                                f"{type(client).__name__}")
+    kw = {k: v for k, v in cp.connection_kwargs.items() if not k.startswith("maint")}
+    kw.update(protocol=2, decode_responses=False, health_check_interval=0, client_name=name)
+    return pool_cls(connection_class=cp.connection_class, **kw)
+
+
+class ClusterSubscriptionPool:
+    """Connections for the L1's subscription on a Redis Cluster (sync or asyncio ``RedisCluster``).
+
+    A ``PUBLISH`` on any node of a cluster reaches the subscribers of every node (the cluster bus carries it), so
+    one subscription on one node hears the invalidations of every slot. Each new connection goes to the next
+    node the client knows, so a reconnect after that node failed lands on another one (the L1 is flushed and
+    bypassed meanwhile, as on a single server). Same settings as the client's connections, RESP2.
+    """
+
+    def __init__(self, pool_cls: Any, client: Any, client_name: str) -> None:
+        self.pool_cls, self.client, self.client_name = pool_cls, client, client_name
+        self._pools: dict[str, Any] = {}
+        self._next = 0
+        self._async = pool_cls.__module__.startswith("redis.asyncio")
+
+    def _nodes(self) -> list[Any]:
+        nodes = list(self.client.get_nodes())
+        if not nodes:  # an asyncio cluster client that has not run a command yet
+            nodes = list(getattr(self.client.nodes_manager, "startup_nodes", {}).values())
+        if not nodes:
+            raise RedisConnectionError("the cluster client knows no node yet")
+        return sorted(nodes, key=lambda n: n.name)
+
+    def make_connection(self) -> Any:
+        nodes = self._nodes()
+        node = nodes[self._next % len(nodes)]
+        self._next += 1
+        pool = self._pools.get(node.name)
+        if pool is None:
+            if hasattr(node, "connection_kwargs"):  # redis.asyncio.cluster.ClusterNode
+                kw, cls = dict(node.connection_kwargs), node.connection_class
+            else:  # redis.cluster.ClusterNode: its own Redis client
+                cp = node.redis_connection.connection_pool
+                kw, cls = dict(cp.connection_kwargs), cp.connection_class
+            kw = {k: v for k, v in kw.items() if not k.startswith("maint") and k != "event_dispatcher"}
+            kw.update(host=node.host, port=node.port, protocol=2, decode_responses=False, health_check_interval=0,
+                      client_name=self.client_name)
+            pool = self._pools[node.name] = self.pool_cls(connection_class=cls, **kw)
+        return pool.make_connection()
+
+    def disconnect(self) -> Any:
+        """Close the pools' connections (a coroutine for the asyncio client)."""
+        pools = list(self._pools.values())
+        if self._async:
+            async def close_all() -> None:
+                for p in pools:
+                    await p.disconnect()
+            return close_all()
+        for p in pools:
+            p.disconnect()
+        return None
+
+
+def socket_probe(sock: Any) -> Callable[[], bool] | None:
+    """"Has data arrived on ``sock``?" as one non-blocking ``select`` (None when there is no socket)."""
+    if sock is None:
+        return None
+    fd = sock.fileno()
+    sel = select.select
+    rd = (fd,)
+    return lambda: bool(sel(rd, (), (), 0)[0])
+
+
+def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:
+    """The :class:`L1` of a cache, sized with the cache's serializer."""
+    o = cache.options
+    if not o.broadcast_invalidations:
+        raise ConfigError("l1", "needs broadcast_invalidations=True (other processes learn of writes from it)")
+    ser = o.serializer_obj
+
+    def size_of(key: str, value: Any) -> int:
+        return len(key) + 64 + (0 if value is NOT_FOUND else len(ser.dumps(value)))
+
+    core = L1(options, o.namespace, size_of=size_of, negative_ttl=o.negative_ttl, lock_factory=threading.Lock,
+              **({"clock": clock} if clock is not None else {}))
+    core.traced = bool(o.tracing)
+    if core.traced:  # drops heard on the channel become spans under the writer's traceparent
+        from .tracing import span
+
+        core.span = span
+    return core

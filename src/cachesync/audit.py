@@ -55,7 +55,7 @@ from .errors import AuditConfigError
 from .errors import AuditError as AuditError  # defined in errors.py, re-exported here
 from .errors import UsageError
 from .core.rules import Rules, TableRule
-from .sync import Cache
+from ._sync.cache import Cache
 
 KINDS = ("stale", "ahead", "deleted", "negative_but_exists", "value_differs")
 """The kinds of finding (see the module docstring)."""

@@ -36,8 +36,8 @@ from .errors import CacheUnavailableError, ConfigError, InvalidationError
 from .outbox import Outbox
 
 if TYPE_CHECKING:
-    from .aio import AsyncCache
-    from .sync import Cache
+    from ._async.cache import AsyncCache
+    from ._sync.cache import Cache
 
 log = logging.getLogger("cachesync.writepath")
 

@@ -11,7 +11,7 @@ from .. import core as P
 from ..core.bloom import BloomCore, add_flow, check_flow, rebuild_flow
 
 if TYPE_CHECKING:
-    from ..aio import AsyncCache
+    from .cache import AsyncCache
 
 
 class AsyncBloomFilter:

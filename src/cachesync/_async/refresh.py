@@ -16,7 +16,7 @@ from ..core.refresh import (RefreshNow, RefreshOptions, RefreshState, attach, ba
                             log, refresh_flow, watch)
 
 if TYPE_CHECKING:
-    from ..aio import AsyncCache
+    from .cache import AsyncCache
 
 
 class AsyncRefreshAhead:

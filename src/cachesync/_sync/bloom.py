@@ -10,7 +10,7 @@ from .. import core as P
 from ..core.bloom import BloomCore, add_flow, check_flow, rebuild_flow
 
 if TYPE_CHECKING:
-    from ..sync import Cache
+    from .cache import Cache
 
 
 class BloomFilter:

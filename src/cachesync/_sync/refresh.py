@@ -14,7 +14,7 @@ from ..core.refresh import (RefreshNow, RefreshOptions, RefreshState, attach, ba
                             log, refresh_flow, watch)
 
 if TYPE_CHECKING:
-    from ..sync import Cache
+    from .cache import Cache
 
 
 class RefreshAhead:

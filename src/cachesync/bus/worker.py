@@ -25,7 +25,7 @@ from .. import tracing
 from .. import _validate
 from ..errors import BadDataError, BusConfigError, InvalidationError, RedisCommandError, UsageError
 from ..core.rules import Rules
-from ..sync import Cache
+from .._sync.cache import Cache
 from ..outbox._fault import point
 from . import Bus, BusError, BusUnavailableError, Delivery, checked_keys, checked_version
 from .options import WorkerOptions, WorkerOptionsKwargs

@@ -54,7 +54,7 @@ from ..errors import (
     RedisCommandError,
 )
 from ..core.rules import Rules, TableRule
-from ..sync import Cache
+from .._sync.cache import Cache
 from .checkpoint import FileCheckpoint
 from .options import CdcOptions, CdcOptionsKwargs
 

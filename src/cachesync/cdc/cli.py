@@ -50,7 +50,7 @@ def build_source(args: argparse.Namespace, rules: Rules) -> Source:
 def cmd_cdc(args: argparse.Namespace) -> int:
     if not args.db_url or not args.rules:
         raise CdcConfigError("cachesync cdc needs --db-url and --rules")
-    from ..sync import Cache
+    from .._sync.cache import Cache
 
     options = CdcOptions(batch_max_keys=args.batch_max_keys, queue_size=args.queue_size,
                          stats_interval=args.stats_interval, on_missing_old_image=args.on_missing_old_image)

@@ -31,7 +31,7 @@ from typing import Any, Literal, cast
 
 from starlette.exceptions import HTTPException
 
-from ..aio import AsyncCache
+from .._async.cache import AsyncCache
 from ..errors import UsageError
 from ..outbox import Outbox
 from ..core import NOT_FOUND

@@ -41,7 +41,7 @@ from .. import _validate
 from .options import check_positive
 
 if TYPE_CHECKING:
-    from ..l1 import L1
+    from .l1 import L1
 
 log = logging.getLogger("cachesync.refresh")
 

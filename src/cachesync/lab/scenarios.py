@@ -30,7 +30,7 @@ import redis
 from .. import core as P
 from ..errors import InvalidationError
 from ..core.keys import entry_key
-from ..sync import Cache
+from .._sync.cache import Cache
 from .embedded import LabError
 from .labdb import LabDB, Session
 

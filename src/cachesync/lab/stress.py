@@ -41,7 +41,7 @@ from typing import Any
 from .. import _validate
 from .. import core as P
 from ..errors import LabConfigError
-from ..sync import Cache
+from .._sync.cache import Cache
 from .embedded import LabError
 from .labdb import LabDB
 

@@ -38,7 +38,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _cache(args: argparse.Namespace) -> Any:
-    from ..sync import Cache
+    from .._sync.cache import Cache
 
     url = _need(args.redis_url, "--redis-url", "CACHESYNC_REDIS_URL")
     return Cache(url, namespace=args.namespace, tombstone_ttl=args.tombstone_ttl, record_namespace=False)

@@ -44,7 +44,7 @@ from ..db import MYSQL, POSTGRESQL, SQLITE, connect, dialect_of
 from .. import _validate
 from ..errors import BadDataError, InvalidationError, OutboxConfigError, RedisCommandError, UsageError
 from ..metrics import Histogram
-from ..sync import Cache
+from .._sync.cache import Cache
 from . import _MAX_KEY_BYTES, DEFAULT_TABLE, PARKED, Outbox, OutboxError, has_column, now_ms_sql
 from ._fault import point
 from .options import RelayOptions, RelayOptionsKwargs

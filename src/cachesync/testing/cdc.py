@@ -38,7 +38,7 @@ import pytest
 from ..cdc import CdcRunner, FileCheckpoint, Source
 from ..db import connect
 from ..core.rules import Rules
-from ..sync import Cache
+from .._sync.cache import Cache
 from ._util import tombstoned, wait_for
 
 __all__ = ["CdcConformance", "CdcEnv"]

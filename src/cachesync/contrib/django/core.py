@@ -34,7 +34,7 @@ from ...errors import ConfigError
 from ...outbox import Outbox, OutboxError
 from ...core import NOT_FOUND, Versioned
 from ...core.rules import Rules, TableRule
-from ...sync import Cache
+from ..._sync.cache import Cache
 from ...writepath import WritePath
 
 DEFAULTS: dict[str, Any] = {
