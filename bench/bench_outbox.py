@@ -694,8 +694,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300, help="commits per latency measurement (default 300)")
     ap.add_argument("--commits", type=int, default=500, help="writer transactions per variant (default 500)")
     ap.add_argument("--rows", type=int, default=20_000, help="backlog rows for the throughput run (default 20000)")
-    ap.add_argument("--live-rows", type=int, default=3_000,
-                    help="rows committed (one per transaction) while 1 or 2 relays listen (default 3000)")
+    ap.add_argument("--live-rows", type=int, default=2_000,
+                    help="rows committed (one per transaction) while 1 or 2 relays listen (default 2000)")
     ap.add_argument("--mysql-multi-statements", action="store_true",
                     help="MySQL writer-cost run: connect with CLIENT.MULTI_STATEMENTS (Outbox.commit() in one trip)")
     ap.add_argument("--only-writer-cost", action="store_true", help="run only the writer-cost section (3.)")
