@@ -734,8 +734,9 @@ def main() -> None:
             if "floor" in r:
                 fa = r["floor_after"]
                 print(f"     floor, same commits (bare LISTEN client notified), after commit() returned: p50 {fa[0]:.2f}"
-                      f" / p99 {fa[1]:.2f} ms; ours/floor p50 x{r['after'][0] / fa[0]:.2f}, p99 "
-                      f"x{r['after'][1] / fa[1]:.2f}; added by the relay over the floor, per commit: p50 "
+                      f" / p99 {fa[1]:.2f} ms; ours/floor p50 "
+                      + (f"x{r['after'][0] / fa[0]:.2f}" if fa[0] > 0 else "n/a (the floor is notified before commit() returns)")
+                      + f", p99 x{r['after'][1] / fa[1]:.2f}; added by the relay over the floor, per commit: p50 "
                       f"{r['added'][0]:.2f} / p99 {r['added'][1]:.2f} ms")
         if a.only_latency:
             return
