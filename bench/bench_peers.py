@@ -225,6 +225,11 @@ def _stampede_worker(kind: str, url: str, key: str, n: int, loader_ms: int, read
             return VALUE
 
         closer: Any = None
+
+        async def warm(fn: Callable[[], Any]) -> None:  # n concurrent calls, ramped up (the server's accept
+            # backlog is finite: 1000 connections at once time out on a loaded machine)
+            for width in (10, 50, n):
+                await asyncio.gather(*[fn() for _ in range(min(width, n))])
         if kind == "shared-future floor":
             shared = asyncio.get_running_loop().create_future()
             started = [False]
@@ -237,7 +242,7 @@ def _stampede_worker(kind: str, url: str, key: str, n: int, loader_ms: int, read
                 return time.perf_counter()
         elif kind == "cachesync":
             c = cachesync.AsyncCache(url, namespace=TAG + "st")
-            await asyncio.gather(*[c.ping() for _ in range(n)])
+            await warm(c.ping)  # connections open before the stampede, as in a long-running service
             await c.get(f"warm:{uuid.uuid4().hex}", lambda: 0)
             closer = c.aclose
 
@@ -254,7 +259,8 @@ def _stampede_worker(kind: str, url: str, key: str, n: int, loader_ms: int, read
             async def cached() -> Any:
                 return await loader()
 
-            await cw.get(f"warm:{uuid.uuid4().hex}")
+            wk = f"{TAG}:warm:{uuid.uuid4().hex}"
+            await warm(lambda: cw.get(wk))
             closer = cw.close
 
             async def one() -> float:
@@ -274,6 +280,8 @@ def _stampede_worker(kind: str, url: str, key: str, n: int, loader_ms: int, read
                 return await loader()
 
             closer = dec.cache.close
+            wk = f"warm{uuid.uuid4().hex}"
+            await warm(lambda: dec.cache.get(wk))
 
             async def one() -> float:
                 await cached()
@@ -321,7 +329,16 @@ def stampede(kind: str, url: str, requests: int, procs: int, loader_ms: int) -> 
     for _ in ps:
         ready.acquire()
     go.set()
-    results = [out.get(timeout=120) for _ in ps]
+    results = []
+    deadline = time.monotonic() + 120
+    while len(results) < len(ps):
+        try:
+            results.append(out.get(timeout=0.5))
+        except Exception:
+            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in ps):
+                for p in ps:
+                    p.kill()
+                return {"failed": 1.0}
     for p in ps:
         p.join()
     lat = [x for _, ls, _ in results for x in ls]
@@ -452,6 +469,9 @@ def main() -> None:
     f = st["shared-future floor"]["max_ms"]
     print(f"{'':<26} {'loader calls':>12} {'cmd/request':>12} {'p50 ms':>8} {'max ms':>8}  max / floor")
     for k, x in st.items():
+        if "failed" in x:
+            print(f"{k:<26} failed (a worker process raised; see its traceback above)")
+            continue
         print(f"{k:<26} {x['loader_calls']:>12.0f} {x['per_request']:>12.3f} {x['p50_ms']:>8.1f} {x['max_ms']:>8.1f}"
               f"  x{x['max_ms'] / f:.2f}")
     print("  (dogpile.cache is sync only: not in the stampede of asyncio tasks)")
