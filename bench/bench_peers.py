@@ -327,7 +327,10 @@ def stampede(kind: str, url: str, requests: int, procs: int, loader_ms: int) -> 
     for p in ps:
         p.start()
     for _ in ps:
-        ready.acquire()
+        if not ready.acquire(timeout=60):  # a worker died before it was ready (its traceback is above)
+            for p in ps:
+                p.kill()
+            return {"failed": 1.0}
     go.set()
     results = []
     deadline = time.monotonic() + 120
