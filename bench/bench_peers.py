@@ -9,7 +9,8 @@ every key under a unique prefix of this run, deleted at the end; never FLUSHDB):
 * hit: one cached 60-byte JSON value read in a loop; sync against raw redis-py ``GET`` + ``json.loads``, async
   against ``redis.asyncio`` ``GET`` + ``json.loads``. Medians of interleaved rounds.
 * batch hit: 100 cached keys read in one call, against raw ``MGET`` + ``json.loads`` per value.
-* stampede: 1000 requests for one missing key from 4 processes (asyncio tasks), loader sleeping 50 ms: loader
+* stampede (on a private redis-server: 1000 connections open at once, which the shared server under load refuses
+  in time): 1000 requests for one missing key from 4 processes (asyncio tasks), loader sleeping 50 ms: loader
   calls, commands sent per request (counted in the clients: a script call is one) and the slowest request against
   the shared-future floor (same processes and tasks awaiting one ``asyncio.Future``, no Redis).
 * L1 hit: cachesync's L1, cashews' client-side cache (``client_side=True``) and ``cachetools.TTLCache[key]``.
@@ -42,7 +43,7 @@ import redis.asyncio as aredis
 
 import cachesync
 
-from _util import env_line, interleaved, pct
+from _util import env_line, interleaved, pct, private_redis
 
 VALUE = {"id": 1, "name": "Alice", "email": "alice@example.com", "plan": "pro"}
 TAG = "peers" + uuid.uuid4().hex[:8]
@@ -443,6 +444,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--loader-ms", type=int, default=50)
     ap.add_argument("--coherence-rounds", type=int, default=100)
+    ap.add_argument("--stampede-redis-url", help="Redis for the stampede (default: a private redis-server)")
     ap.add_argument("--quick", action="store_true", help="smoke run (numbers meaningless)")
     a = ap.parse_args()
     if a.quick:
@@ -466,9 +468,13 @@ def main() -> None:
         unit = f"{v * 1e9:8.0f} ns" if "L1" in k else f"{v * 1e6:8.1f} µs"
         print(f"{k:<48} {unit}  x{v / ({**s, **r})[b]:.2f}")
     print(f"\nstampede: {a.requests} requests for one missing key from {a.processes} processes, loader "
-          f"{a.loader_ms} ms (commands counted in the clients)")
+          f"{a.loader_ms} ms (commands counted in the clients; a private redis-server unless --stampede-redis-url)")
     kinds = ("shared-future floor", "cachesync", "cashews lock=True", "aiocache cached_stampede")
-    st = {k: stampede(k, a.redis_url, a.requests, a.processes, a.loader_ms) for k in kinds}
+    if a.stampede_redis_url:
+        st = {k: stampede(k, a.stampede_redis_url, a.requests, a.processes, a.loader_ms) for k in kinds}
+    else:  # 1000 connections opened at once: a private redis-server (maxclients 4000), not the shared one
+        with private_redis() as purl:
+            st = {k: stampede(k, purl, a.requests, a.processes, a.loader_ms) for k in kinds}
     f = st["shared-future floor"]["max_ms"]
     print(f"{'':<26} {'loader calls':>12} {'cmd/request':>12} {'p50 ms':>8} {'max ms':>8}  max / floor")
     for k, x in st.items():
