@@ -274,7 +274,9 @@ def _stampede_worker(kind: str, url: str, key: str, n: int, loader_ms: int, read
             u = redis.connection.parse_url(url)
             dec = cached_stampede(lease=2, ttl=300, key=key, namespace=f"{TAG}:st", serializer=JsonSerializer(),
                                   cache=aiocache_cache(url, f"{TAG}:st").__class__, endpoint=u.get("host"),
-                                  port=u.get("port"), db=u.get("db", 0))
+                                  port=u.get("port"), db=u.get("db", 0),
+                                  pool_max_size=10_000)  # its default (redis-py 8's pool of 100) raises
+                                  # MaxConnectionsError with 250 concurrent requests per process
 
             @dec
             async def cached() -> Any:
