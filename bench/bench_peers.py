@@ -452,11 +452,12 @@ def main() -> None:
     if a.quick:
         a.n, a.rounds, a.requests, a.coherence_rounds = 50, 2, 100, 5
     import aiocache
-    import cashews
     import dogpile
 
-    print(f"bench_peers: {env_line()}; cashews {cashews.__version__ if hasattr(cashews, '__version__') else '?'}, "
-          f"aiocache {aiocache.__version__}, dogpile.cache {dogpile.__version__}, cachetools {cachetools.__version__}")
+    from importlib.metadata import version
+
+    print(f"bench_peers: {env_line()}; cashews {version('cashews')}, aiocache {aiocache.__version__}, "
+          f"dogpile.cache {dogpile.__version__}, cachetools {cachetools.__version__}")
     print(f"load before: {load()}; {a.rounds} interleaved rounds of {a.n} calls (batch: {max(1, a.n // 20)} calls of "
           f"100 keys; L1: {a.n * 20} sync / {a.n * 10} async calls) per line")
     s = sync_hits(a.redis_url, a.n, a.rounds)
