@@ -127,8 +127,11 @@ def sync_hits(url: str, n: int, rounds: int) -> dict[str, float]:
 
 async def _ainterleaved(cases: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {k: [] for k in cases}
+    order = list(cases)
     for _ in range(rounds):
-        for k, fn in cases.items():
+        order = order[1:] + order[:1]  # rotate: no case always runs first in a round
+        for k in order:
+            fn = cases[k]
             t0 = time.perf_counter()
             for _ in range(n):
                 await fn()
