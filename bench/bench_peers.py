@@ -43,7 +43,7 @@ import redis.asyncio as aredis
 
 import cachesync
 
-from _util import env_line, interleaved, pct, private_redis
+from _util import env_line, pct, per_op, private_redis
 
 VALUE = {"id": 1, "name": "Alice", "email": "alice@example.com", "plan": "pro"}
 TAG = "peers" + uuid.uuid4().hex[:8]
@@ -123,6 +123,17 @@ def sync_hits(url: str, n: int, rounds: int) -> dict[str, float]:
     r.delete(*[f"{TAG}:dp:{k}" for k in keys])
     r.close()
     return res
+
+
+def interleaved(cases: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each case; rounds interleaved, the order rotated each round."""
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    order = list(cases)
+    for _ in range(rounds):
+        order = order[1:] + order[:1]
+        for k in order:
+            samples[k].append(per_op(cases[k], n))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 async def _ainterleaved(cases: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, float]:
