@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 import redis
 
@@ -45,6 +46,12 @@ from cachesync.keys import channel, entry_key
 from cachesync.outbox import Outbox
 from cachesync.outbox.relay import Relay
 from cachesync.rules import Rules
+
+from _util import env_line
+
+
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -134,7 +141,7 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
         key = f"k{i}"
         want[0] = entry_key(ns, key)
         got.clear()
-        ob.record(conn, key)
+        ob.record(conn, key, f"{key}@example.com", version=i + 1)  # a real row: two keys and a version
         time.sleep(rng.uniform(0, 0.02))  # think time: commits must not phase-lock with the relay's poll cycle
         t0 = time.perf_counter()
         conn.commit()
@@ -164,7 +171,7 @@ def latency(db_url: str, redis_url: str, n: int, mode: str) -> dict[str, tuple[f
         lt.join()
     ps.close()
     r.delete(stream, stream + ":retry", stream + ":dead")
-    keys = [entry_key(ns, f"k{i}") for i in range(n + 20)]
+    keys = [entry_key(ns, k) for i in range(n + 20) for k in (f"k{i}", f"k{i}@example.com")]
     for i in range(0, len(keys), 500):
         r.delete(*keys[i:i + 500])
     r.close()
@@ -257,18 +264,74 @@ def latency_wal(db_url: str, redis_url: str, n: int) -> dict[str, tuple[float, f
     return {k: (statistics.median(v) * 1000, pct(v, 99) * 1000) for k, v in (("total", lat), ("commit", commit))}
 
 
-def throughput(db_url: str, redis_url: str, rows: int) -> float:
-    ns = "bench" + uuid.uuid4().hex[:8]
+SHAPES_ROW = {
+    "versioned, 2 keys": lambda i: ([f"user:{i}", f"user_by_email:u{i}@example.com"], str(i + 1)),
+    "cheap: 1 key, no version": lambda i: ([f"t{i}"], None),
+}
+"""Outbox row shapes: keys and version of row ``i``. The first is the default (a real row: an entity key and a
+lookup key, and the row's version); the second is the shape the earlier figures were measured with."""
+
+BATCH_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tomb_ms, wake_ms, chan = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local names = {}
+for i = 1, #KEYS, 2 do
+  local k = KEYS[i]
+  local ver = ARGV[3 + (i + 1) / 2]
+  local f = redis.call('HMGET', k, 'v', 'ver', 'fl', 'w')
+  local newfl = f[3]
+  for _, c in ipairs({f[2], ver}) do
+    if c and c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
+  end
+  redis.call('DEL', k)
+  if newfl then redis.call('HSET', k, 'ti', now, 'fl', newfl) else redis.call('HSET', k, 'ti', now) end
+  redis.call('PEXPIRE', k, tomb_ms)
+  local n = redis.call('LLEN', KEYS[i + 1]) + (tonumber(f[4]) or 0)
+  if n > 0 then
+    redis.call('DEL', KEYS[i + 1])
+    for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], '0') end
+    redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
+  end
+  names[#names + 1] = k
+end
+if chan ~= '' then redis.call('PUBLISH', chan, table.concat(names, '\\n')) end
+return #names
+"""
+"""The floor's batched Redis work, written for the benchmark (no cachesync code): what invalidate.lua does per key
+in delete mode (read the entry, raise the version floor, leave the tombstone, wake waiters), for every key/version
+pair of a whole claimed batch in one script call, and one PUBLISH of the batch's entry keys."""
+
+
+def _seed(db_url: str, rows: int, shape: str) -> tuple[str, Outbox, Any]:
     table = "cachesync_outbox_b" + uuid.uuid4().hex[:8]
     ob = Outbox(table)
     conn = connect(db_url)
     ob.init(conn)
     cur = conn.cursor()
     d = ob._dialect(conn)
+    make = SHAPES_ROW[shape]
     for i in range(0, rows, 1000):
-        batch = [(f'["t{j}"]', None) for j in range(i, min(rows, i + 1000))]
+        batch = []
+        for j in range(i, min(rows, i + 1000)):
+            keys, ver = make(j)
+            batch.append((json.dumps(keys, separators=(",", ":")), ver))
         cur.executemany(d.sql(f"INSERT INTO {table} (cache_keys, key_version) VALUES (?, ?)"), batch)
     conn.commit()
+    return table, ob, conn
+
+
+def _cleanup(r: redis.Redis, ns: str, rows: int, shape: str) -> None:
+    make = SHAPES_ROW[shape]
+    keys = [entry_key(ns, k) for j in range(rows) for k in make(j)[0]]
+    for i in range(0, len(keys), 1000):
+        r.delete(*keys[i:i + 1000])
+
+
+def throughput(db_url: str, redis_url: str, rows: int, shape: str) -> float:
+    """``Relay.drain()`` of a backlog of ``rows`` rows of ``shape``, batches of 500: rows/s."""
+    ns = "bench" + uuid.uuid4().hex[:8]
+    table, ob, conn = _seed(db_url, rows, shape)
     cache = cachesync.Cache(redis_url, namespace=ns)
     relay = Relay(db_url, cache, table=table, batch_size=500)
     t0 = time.perf_counter()
@@ -276,17 +339,123 @@ def throughput(db_url: str, redis_url: str, rows: int) -> float:
     dt = time.perf_counter() - t0
     assert done == rows, done
     relay.close()
-    r = cache.redis
-    keys = [entry_key(ns, f"t{j}") for j in range(rows)]
-    for i in range(0, rows, 1000):
-        r.delete(*keys[i:i + 1000])
+    _cleanup(cache.redis, ns, rows, shape)
     cache.close()
     ob.drop(conn)
     conn.close()
     return rows / dt
 
 
-def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_commit: int = 10,
+def floor_throughput(db_url: str, redis_url: str, rows: int, shape: str, batched: bool) -> float:
+    """The relay's floor on the same backlog, written by hand: the same database work as the relay (PostgreSQL:
+    ``BEGIN; DELETE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 500) RETURNING ...`` prepared, then
+    ``COMMIT`` + the next-due query; MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED LIMIT 500`` then ``DELETE ...;
+    COMMIT`` on a multi-statement connection, READ COMMITTED), ``json.loads`` of each row's keys, and the same
+    Redis work sent raw with redis-py in one pipeline per batch: ``batched`` False = ``EVALSHA invalidate.lua``
+    once per 500 keys with their versions (the calls the script takes since it carries a version per key);
+    True = one call of :data:`BATCH_LUA` per batch with every key/version pair. Rows/s."""
+    from cachesync.db import MYSQL, dialect_of
+    from cachesync.scripts import SCRIPTS
+
+    ns = "bench" + uuid.uuid4().hex[:8]
+    table, ob, conn0 = _seed(db_url, rows, shape)
+    with cachesync.Cache(redis_url, namespace=ns) as c0:  # only to read the default TTLs (constants)
+        tomb_ms, wake_ms = c0.ctx.tomb_ms, c0.ctx.wake_ms
+    chan = channel(ns)
+    r = redis.Redis.from_url(redis_url)
+    inv_src = SCRIPTS["invalidate"].source
+    inv_sha = r.script_load(inv_src)
+    batch_sha = r.script_load(BATCH_LUA)
+    d = dialect_of(db_url)
+    from cachesync.outbox import PARKED, now_ms_sql
+
+    now = now_ms_sql(d)
+    claim = (f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE run_at <= {now} ORDER BY id LIMIT 500 "
+             "FOR UPDATE SKIP LOCKED) RETURNING id, cache_keys, key_version, attempts")
+    due = f"SELECT MIN(run_at) - {now} FROM {table} WHERE run_at > 0 AND run_at < {PARKED}"
+    if d is MYSQL:
+        from pymysql.constants import CLIENT
+
+        conn = connect(db_url, client_flag=CLIENT.MULTI_STATEMENTS)
+        cur = conn.cursor()
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    else:
+        conn = connect(db_url)
+        conn.autocommit = True
+        conn.execute("SET synchronous_commit = off")
+        conn.execute(f"PREPARE fl_claim AS {claim}")
+        conn.execute(f"PREPARE fl_due AS {due}")
+        cur = conn.cursor()
+
+    def send(raw: list[tuple[Any, ...]]) -> None:
+        pipe = r.pipeline(transaction=False)
+        if batched:
+            ks: list[str] = []
+            vs: list[str] = []
+            for t in raw:
+                ver = "" if t[2] is None else str(t[2])
+                for k in json.loads(t[1]):
+                    ek = f"cs:{ns}:{{{k}}}"
+                    ks += (ek, ek + ":w")
+                    vs.append(ver)
+            pipe.execute_command("EVALSHA", batch_sha, len(ks), *ks, tomb_ms, wake_ms, chan, *vs)
+        else:  # invalidate.lua itself: one call per 500 keys, each key with its own version
+            eks: list[str] = []
+            evs: list[str] = []
+            for t in raw:
+                ver = "" if t[2] is None else str(t[2])
+                for k in json.loads(t[1]):
+                    ek = f"cs:{ns}:{{{k}}}"
+                    eks += (ek, ek + ":w")
+                    evs.append(ver)
+            for i in range(0, len(evs), 500):
+                part = eks[2 * i:2 * i + 1000]
+                pipe.execute_command("EVALSHA", inv_sha, len(part), *part, tomb_ms, "d", wake_ms, chan, "",
+                                     *evs[i:i + 500])
+        pipe.execute()
+
+    t0 = time.perf_counter()
+    done = 0
+    while True:
+        if d is MYSQL:
+            cur.execute(f"SELECT id, cache_keys, key_version, attempts FROM {table} WHERE run_at <= {now} "
+                        "ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED")
+            raw = list(cur.fetchall())
+            if not raw:
+                conn.commit()
+                break
+            send(raw)
+            ids = [t[0] for t in raw]
+            cond = (f"id BETWEEN {ids[0]} AND {ids[-1]}" if ids[-1] - ids[0] == len(ids) - 1
+                    else f"id IN ({','.join(map(str, ids))})")
+            cur.execute(f"DELETE FROM {table} WHERE {cond}; COMMIT")
+            while cur.nextset():
+                pass
+        else:
+            cur.execute("BEGIN; EXECUTE fl_claim")
+            cur.nextset()
+            raw = cur.fetchall()
+            if not raw:
+                cur.execute("ROLLBACK")
+                break
+            raw.sort()
+            send(raw)
+            cur.execute("COMMIT; EXECUTE fl_due")
+            cur.nextset()
+            cur.fetchone()
+        done += len(raw)
+    dt = time.perf_counter() - t0
+    assert done == rows, done
+    cur.close()
+    conn.close()
+    _cleanup(r, ns, rows, shape)
+    r.close()
+    ob.drop(conn0)
+    conn0.close()
+    return rows / dt
+
+
+def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_commit: int = 1,
          claim_delay: float = 0.1) -> dict[str, float]:
     """``relays`` relays (threads of this process) listening while one writer commits ``rows`` rows, ``per_commit``
     ``record()`` calls (= notifications) per transaction, as fast as it can. Returns the rows/s from the first
@@ -316,7 +485,7 @@ def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_co
     t0 = time.perf_counter()
     for i in range(0, rows, per_commit):
         for j in range(i, min(rows, i + per_commit)):
-            ob.record(conn, f"l{j}")
+            ob.record(conn, f"l{j}", f"l{j}@example.com", version=j + 1)
         conn.commit()
     while ob.pending(conn):
         time.sleep(0.005)
@@ -325,8 +494,8 @@ def live(db_url: str, redis_url: str, rows: int, relays: int, fast: bool, per_co
     for t in ts:
         t.join()
     applies = sum(r.stats["fast"] + r.stats["applied"] for r in rs)
-    keys = [entry_key(ns, f"l{j}") for j in range(rows)]
-    for i in range(0, rows, 1000):
+    keys = [entry_key(ns, k) for j in range(rows) for k in (f"l{j}", f"l{j}@example.com")]
+    for i in range(0, len(keys), 1000):
         cache.redis.delete(*keys[i:i + 1000])
     cache.close()
     ob.drop(conn)
@@ -454,6 +623,20 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
                     cur.execute(q)
                 ob.emit_commit(conn, "user:1", version=i)
 
+            def one_same(i: int) -> None:  # diagnosis: Outbox.commit() whose SQL text is the same every call
+                for q in sqls:
+                    cur.execute(q)
+                ob.commit(conn, "user:1", version=1)
+
+            def rec_literal(i: int) -> None:  # diagnosis: record+commit, values inlined (new SQL text every call)
+                for q in sqls:
+                    cur.execute(q)
+                cur.execute(f"INSERT INTO {table} (cache_keys, key_version, run_at) VALUES ('[\"user:1\"]', '{i}', 0)",
+                            prepare=False)
+                conn.commit()
+
+            variants.update({"diag: Outbox.commit(), same version every call": one_same,
+                             "diag: record+commit, values inlined, never prepared": rec_literal})
             variants.update({"record, empty-payload trigger": rec_old, "pg_logical_emit_message": emit,
                              "pg_logical_emit_message + COMMIT, one round trip": emit_one})
         times: dict[str, list[float]] = {k: [] for k in variants}
@@ -465,6 +648,19 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
                 variants[k](i)
                 times[k].append(time.perf_counter() - t0)
         out[shape] = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    if d.name == "postgresql":  # diagnosis: the client-side cost of building Outbox.commit()'s one-trip text
+        from psycopg import sql as pgsql
+
+        t0 = time.perf_counter()
+        for i in range(n):
+            q, ps = ob.insert_sql(d, ob.rows_for(["user:1"], i))
+            parts = q.split("?")
+            parts[0] + "".join(pgsql.Literal(p).as_string(conn) + rest for p, rest in zip(ps, parts[1:], strict=True))
+        t1 = time.perf_counter()
+        for i in range(n):
+            ob.insert_sql(d, ob.rows_for(["user:1"], i))
+        t2 = time.perf_counter()
+        out["_client"] = {"one-trip text": (t1 - t0) / n * 1000, "record() SQL + params": (t2 - t1) / n * 1000}
     for label, (a, o) in trig.items():
         triggers.uninstall(conn, o, Rules({a: TRIGGER_KEYS}))
         if o is not ob:
@@ -482,6 +678,10 @@ def commit_cost(db_url: str, n: int, multi: bool = False) -> dict[str, dict[str,
 
 def print_commit_cost(r: dict[str, dict[str, float]]) -> None:
     for shape, v in r.items():
+        if shape == "_client":
+            print(f"client CPU per call (no I/O): Outbox.commit()'s one-trip text {v['one-trip text'] * 1000:.1f} µs; "
+                  f"record()'s SQL + parameters {v['record() SQL + params'] * 1000:.1f} µs")
+            continue
         b = v["baseline"]
         print(f"writer {shape}: baseline {b:.3f} ms")
         for k, t in v.items():
@@ -493,54 +693,68 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db-url", default=os.environ.get("CACHESYNC_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/test"))
     ap.add_argument("--redis-url", default=os.environ.get("CACHESYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
-    ap.add_argument("--n", type=int, default=500, help="commits per latency measurement (default 500)")
-    ap.add_argument("--commits", type=int, default=1000, help="writer transactions per variant (default 1000)")
-    ap.add_argument("--rows", type=int, default=50_000, help="backlog rows for the throughput run (default 50000)")
-    ap.add_argument("--live-rows", type=int, default=20_000,
-                    help="rows committed (10 per transaction) while 1 or 2 relays listen (default 20000)")
+    ap.add_argument("--n", type=int, default=300, help="commits per latency measurement (default 300)")
+    ap.add_argument("--commits", type=int, default=500, help="writer transactions per variant (default 500)")
+    ap.add_argument("--rows", type=int, default=20_000, help="backlog rows for the throughput run (default 20000)")
+    ap.add_argument("--live-rows", type=int, default=2_000,
+                    help="rows committed (one per transaction) while 1 or 2 relays listen (default 2000)")
     ap.add_argument("--mysql-multi-statements", action="store_true",
                     help="MySQL writer-cost run: connect with CLIENT.MULTI_STATEMENTS (Outbox.commit() in one trip)")
     ap.add_argument("--only-writer-cost", action="store_true", help="run only the writer-cost section (3.)")
     ap.add_argument("--only-latency", action="store_true",
                     help="run only the relay latency section (1.: notify, notify-claim, poll10ms, bus+worker)")
+    ap.add_argument("--only-throughput", action="store_true", help="run only the relay throughput section (2.)")
     ap.add_argument("--repeat", type=int, default=1, help="writer-cost runs, each with its own baseline (default 1)")
     ap.add_argument("--only-wal", action="store_true",
                     help="run only the WAL-message sections (3. and 5.; PostgreSQL)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few commits and rows (numbers meaningless)")
     a = ap.parse_args()
-    print(f"database: {a.db_url.split('://')[0]}")
-    if a.db_url.startswith("postgres") and not a.only_writer_cost and not a.only_latency:
+    if a.quick:
+        a.n, a.commits, a.rows, a.live_rows = 30, 30, 1000, 200
+    print(f"database: {a.db_url.split('://')[0]}; {env_line()}; load {load()}")
+    pg = a.db_url.startswith("postgres")
+    if a.only_throughput:
+        throughput_section(a)
+        return
+    if pg and not a.only_writer_cost and not a.only_latency:
         r = latency_wal(a.db_url, a.redis_url, a.n)
-        print(f"commit -> invalidated, emit_commit() via cachesync cdc: p50 {r['total'][0]:.2f} ms  "
+        print(f"commit -> invalidated, emit_commit() via cachesync cdc ({a.n} commits): p50 {r['total'][0]:.2f} ms  "
               f"p99 {r['total'][1]:.2f} ms  (emit_commit() itself p50 {r['commit'][0]:.2f} / p99 "
               f"{r['commit'][1]:.2f})")
     if a.only_wal:
         a.only_writer_cost = True
     if not a.only_writer_cost:
+        print(f"commit -> invalidated, {a.n} single-row commits per mode (rows with two keys and a version), "
+              "spans start when the writer's commit() returns:")
         for mode in ("notify", "notify-eager", "notify-claim", "poll10ms", "bus+worker"):
-            if mode.startswith("notify") and not a.db_url.startswith("postgres"):
+            if mode.startswith("notify") and not pg:
                 continue
             r = latency(a.db_url, a.redis_url, a.n, mode)
-            print(f"commit -> invalidated, {mode:12s}: p50 {r['total'][0]:.2f} ms  p99 {r['total'][1]:.2f} ms  "
-                  f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; after commit() returned "
-                  f"p50 {r['after'][0]:.2f} / p99 {r['after'][1]:.2f})")
+            print(f"  {mode:12s}: after commit() returned p50 {r['after'][0]:.2f} ms  p99 {r['after'][1]:.2f} ms  "
+                  f"(commit() itself p50 {r['commit'][0]:.2f} / p99 {r['commit'][1]:.2f}; from before commit() "
+                  f"p50 {r['total'][0]:.2f} / p99 {r['total'][1]:.2f})")
             if "floor" in r:
-                f, fa = r["floor"], r["floor_after"]
-                print(f"   floor, same commits (bare LISTEN client notified): p50 {f[0]:.2f} / p99 {f[1]:.2f} ms; after "
-                      f"commit() returned p50 {fa[0]:.2f} / p99 {fa[1]:.2f}; ours/floor p99 x{r['total'][1] / f[1]:.2f}")
-                print(f"   added by the relay over the floor, per commit: p50 {r['added'][0]:.2f} / p99 "
-                      f"{r['added'][1]:.2f} ms")
+                fa = r["floor_after"]
+                print(f"     floor, same commits (bare LISTEN client notified), after commit() returned: p50 {fa[0]:.2f}"
+                      f" / p99 {fa[1]:.2f} ms; ours/floor p50 "
+                      + (f"x{r['after'][0] / fa[0]:.2f}" if fa[0] > 0 else "n/a (the floor is notified before commit() returns)")
+                      + f", p99 x{r['after'][1] / fa[1]:.2f}; added by the relay over the floor, per commit: p50 "
+                      f"{r['added'][0]:.2f} / p99 {r['added'][1]:.2f} ms")
         if a.only_latency:
             return
-        print(f"relay throughput (batch 500): {throughput(a.db_url, a.redis_url, a.rows):,.0f} invalidations/s")
-        if a.db_url.startswith("postgres"):
+        throughput_section(a)
+        if pg:
+            print(f"live: one writer commits {a.live_rows} single-row transactions (two keys and a version each) while"
+                  " relays listen:")
             for relays, fast, delay in ((1, True, 0.1), (1, True, 0.0), (1, False, 0.1), (2, True, 0.1),
                                         (2, False, 0.1)):
                 r = live(a.db_url, a.redis_url, a.live_rows, relays, fast, claim_delay=delay)
                 what = f"fast path, claim delay {delay:g} s" if fast else "claim only"
-                print(f"live, {relays} relay(s), {what}: {r['rate']:,.0f} rows/s (writer-bound), Redis applies/row "
+                print(f"  {relays} relay(s), {what}: {r['rate']:,.0f} rows/s (writer-bound), Redis applies/row "
                       f"{r['applies']:.2f}, relay CPU {r['cpu']:.0f} ms/1000 rows, claims/1000 rows {r['claims']:.0f}")
     for shape, stmts in SHAPES.items():
         print(f"writer transaction {shape}: " + "; ".join(stmts) + "; COMMIT")
+    print(f"writer cost: {a.commits} transactions per variant, interleaved; load {load()}")
     runs = [commit_cost(a.db_url, a.commits, a.mysql_multi_statements) for _ in range(a.repeat)]
     for i, r in enumerate(runs):
         if a.repeat > 1:
@@ -549,10 +763,26 @@ def main() -> None:
     if a.repeat > 1:
         print("-- ratios over the runs (min-max)")
         for shape in runs[0]:
+            if shape == "_client":
+                continue
             for k in runs[0][shape]:
                 if k != "baseline":
                     rs = [r[shape][k] / r[shape]["baseline"] for r in runs]
                     print(f"writer {shape}: {k}: x{min(rs):.3f}-x{max(rs):.3f}")
+    print(f"load at the end: {load()}")
+
+
+def throughput_section(a: argparse.Namespace) -> None:
+    print(f"relay throughput, backlog of {a.rows} rows, batches of 500 (load before: {load()}):")
+    for shape in SHAPES_ROW:
+        fa = floor_throughput(a.db_url, a.redis_url, a.rows, shape, batched=False)
+        ours = throughput(a.db_url, a.redis_url, a.rows, shape)
+        fb = floor_throughput(a.db_url, a.redis_url, a.rows, shape, batched=True)
+        best = max(fa, fb)
+        print(f"  {shape:25s}: Relay.drain() {ours:7,.0f} rows/s | floor A, invalidate.lua per 500 keys "
+              f"{fa:7,.0f} rows/s | floor B, one script call per batch {fb:7,.0f} rows/s | ours/faster floor "
+              f"x{ours / best:.2f} (goal: >= 30,000 rows/s and >= x0.80)")
+    print(f"  load after: {load()}")
 
 
 if __name__ == "__main__":
