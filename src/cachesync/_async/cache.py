@@ -331,7 +331,7 @@ class AsyncCache:
         """See :meth:`cachesync.Cache.get_entry`."""
         try:
             if self._metrics is not None and self._metrics.traced:
-                return await _tr.traced_get_async(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore
+                return cast(P.Entry[Any], await _tr.traced_get_async(self, lambda: self._get_entry(key, loader, ttl)))
             return await self._get_entry(key, loader, ttl)
         except Exception:  # a read that raised (see Cache.get_entry)
             self.ctx.stats["read_errors"] += 1
@@ -342,7 +342,7 @@ class AsyncCache:
         if l1 is not None:
             e = l1.core.lookup(key)
             if e is not None:
-                return e  # type: ignore[no-any-return]
+                return cast(P.Entry[Any], e)
         return await self._read(key, loader, ttl)
 
     async def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
@@ -519,8 +519,8 @@ class AsyncCache:
             async def invalidate(*a: Any, **kw: Any) -> int:
                 return await self.invalidate(kt.format(*a, **kw))
 
-            wrapper.key = kt.format  # type: ignore[attr-defined]
-            wrapper.invalidate = invalidate  # type: ignore[attr-defined]
+            cast(Any, wrapper).key = kt.format
+            cast(Any, wrapper).invalidate = invalidate
             return wrapper
 
         return cast(AsyncCachedDecorator, deco)

@@ -228,11 +228,11 @@ class Cache:
                 raise f.exc
             if f.exc is None and P.follower_accepts(f.result):
                 _cm.joined(st, f.result)  # stats count per request: the follower's own outcome
-                return f.result  # type: ignore[no-any-return]
+                return cast(P.Entry[Any], f.result)
             st["singleflight_retries"] += 1  # the leader was interrupted, or its value may predate a write
         try:
             mine.result = fn()
-            return mine.result  # type: ignore[no-any-return]
+            return cast(P.Entry[Any], mine.result)
         except BaseException as e:
             mine.exc = e
             raise
@@ -280,7 +280,7 @@ class Cache:
         """Like :meth:`get`, returning the full :class:`Entry` (version, stale flag, source)."""
         try:
             if self._metrics is not None and self._metrics.traced:
-                return _tr.traced_get(self, lambda: self._get_entry(key, loader, ttl))  # type: ignore[no-any-return]
+                return cast(P.Entry[Any], _tr.traced_get(self, lambda: self._get_entry(key, loader, ttl)))
             return self._get_entry(key, loader, ttl)
         except Exception:  # a read that raised (loader error, Redis down with on_redis_error="fail", ...)
             self.ctx.stats["read_errors"] += 1
@@ -291,7 +291,7 @@ class Cache:
         if l1 is not None:
             e = l1.core.lookup(key)
             if e is not None:
-                return e  # type: ignore[no-any-return]
+                return cast(P.Entry[Any], e)
             return self._l1_miss(l1, key, loader, ttl)
         return self._read(key, loader, ttl)
 
@@ -484,8 +484,8 @@ class Cache:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 return self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
 
-            wrapper.key = kt.format  # type: ignore[attr-defined]
-            wrapper.invalidate = lambda *a, **kw: self.invalidate(kt.format(*a, **kw))  # type: ignore
+            cast(Any, wrapper).key = kt.format
+            cast(Any, wrapper).invalidate = lambda *a, **kw: self.invalidate(kt.format(*a, **kw))
             return wrapper
 
         return cast(CachedDecorator, deco)
