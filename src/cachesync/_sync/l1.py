@@ -115,13 +115,16 @@ class L1Sync:
                 return
             except Exception as e:  # never "up" while deaf
                 self.core.subscriber_died(e)
-                if self._conn is not None:
-                    conn, self._conn = self._conn, None
-                    try:
-                        conn.disconnect()
-                    except Exception:  # noqa: S110
-                        pass
+                self._drop_connection()
                 self._stop.wait(0.2)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.disconnect()
+            except Exception:  # noqa: S110 - the connection is gone either way
+                pass
 
     def _run_once(self) -> None:
         flow = subscription_flow(self.core)
@@ -145,12 +148,7 @@ class L1Sync:
                     self.core.set_probe(socket_probe(getattr(self._conn, "_sock", None)))
                 elif t is Close:
                     self.core.set_probe(None)
-                    if self._conn is not None:
-                        conn, self._conn = self._conn, None
-                        try:
-                            conn.disconnect()
-                        except Exception:  # noqa: S110
-                            pass
+                    self._drop_connection()
                 elif t is Sleep:
                     self._stop.wait(eff.seconds)
             except (RedisError, OSError) as e:
