@@ -334,3 +334,29 @@ def test_old_l1s_ignore_the_traceparent_line_and_new_ones_accept_messages_withou
     core.on_message(entry_key(namespace, "b").encode())
     assert seen == [["a"], ["b"]] and core.malformed_messages == 0
     core.close()
+
+
+def test_sqlalchemy_outbox_rows_carry_the_writers_trace_context(db_url):
+    """The SQLAlchemy recorder (what OutboxSync, WritePath on a Session and the ORM hooks use) writes the
+    traceparent column too."""
+    from sqlalchemy import create_engine, text
+
+    from cachesync.outbox import sqlalchemy as cs_sa
+    from test_sqlalchemy_outbox import sa_url
+
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:8]
+    ob = Outbox(table)
+    raw = connect(db_url)
+    ob.init(raw)
+    engine = create_engine(sa_url(db_url))
+    try:
+        with engine.begin() as c, TRACER.start_as_current_span("app.update") as w:
+            cs_sa.record(c, "u:1", version=3, outbox=ob)
+        with engine.begin() as c:
+            cs_sa.record(c, "u:2", outbox=ob)  # outside any span: NULL
+            rows = c.execute(text(f"SELECT cache_keys, traceparent FROM {table} ORDER BY id")).fetchall()
+        assert rows[0][1].split("-")[1] == f"{w.get_span_context().trace_id:032x}" and rows[1][1] is None
+    finally:
+        engine.dispose()
+        ob.drop(raw)
+        raw.close()

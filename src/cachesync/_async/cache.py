@@ -439,7 +439,9 @@ class AsyncCache:
         """See :meth:`cachesync.Cache.invalidate_many`."""
         versions = P.merge_invalidations(items)
         try:
-            return await self.run(P.invalidate_many_flow(self.ctx, versions))
+            # a batch applied inside a recording span (a relay delivery, a worker apply) announces that span
+            tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""
+            return await self.run(P.invalidate_many_flow(self.ctx, versions, tp))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local(list(versions))

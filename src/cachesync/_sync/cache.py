@@ -399,7 +399,9 @@ class Cache:
         """
         versions = P.merge_invalidations(items)
         try:
-            return self.run(P.invalidate_many_flow(self.ctx, versions))
+            # a batch applied inside a recording span (a relay delivery, a worker apply) announces that span
+            tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""
+            return self.run(P.invalidate_many_flow(self.ctx, versions, tp))
         finally:
             if self.l1 is not None:
                 self.l1.invalidate_local(list(versions))

@@ -48,7 +48,7 @@ def merge_invalidations(items: Iterable[tuple[Sequence[str], Any]], fn: str = "i
     return out
 
 
-def invalidate_many_flow(ctx: Context, versions: Mapping[str, str]) -> Flow[int]:
+def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent: str | None = None) -> Flow[int]:
     """Invalidate a batch: ``versions`` maps each key to its encoded committed version ("" = unknown), as
     :func:`merge_invalidations` returns it. One ``invalidate.lua`` call per slot group and
     :data:`INVALIDATE_CHUNK` keys, each key with its own version. The one invalidation path: ``invalidate``,
@@ -56,13 +56,16 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str]) -> Flow[int]
 
     Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys not yet invalidated
     when Redis cannot be reached (those already done stay done, which is harmless: invalidation is idempotent).
+    ``traceparent``: the span to announce on the channel with the keys (default: the traced cache's current one).
     """
     ukeys = list(versions)
     if not ukeys:
         return 0
     eks = [ctx.ekey(k) for k in ukeys]
-    tp = (ctx.traceparent() or "") if ctx.traced and ctx.channel else ""  # the L1s that drop these keys
-    head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel, tp]  # record it
+    if traceparent is None:  # a traced cache: the current span (the L1s that drop these keys record it)
+        traceparent = (ctx.traceparent() or "") if ctx.traced and ctx.channel else ""
+    tp = traceparent if ctx.channel else ""
+    head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel, tp]
     done: set[int] = set()
     had = 0
     for group in _groups(ctx, eks):

@@ -162,16 +162,17 @@ class Outbox:
         self.max_key_bytes = max_key_bytes
         self._tp_column: bool | None = None  # does the table have the traceparent column (read once, when tracing)
 
-    def traceparent(self, conn: Any) -> str | None:
+    def traceparent(self, conn: Any, dialect: Dialect | None = None) -> str | None:
         """The current span's W3C traceparent to store in a row, or None: no OpenTelemetry, no recording span, or
-        a table without the ``traceparent`` column (asked once per :class:`Outbox`, on ``conn``)."""
+        a table without the ``traceparent`` column (asked once per :class:`Outbox`, on the DB-API ``conn``;
+        ``dialect`` when ``conn`` is a pool's proxy, e.g. SQLAlchemy's or Django's)."""
         if not tracing.AVAILABLE:
             return None
         tp = tracing.current_traceparent()
         if tp is None:
             return None
         if self._tp_column is None:
-            self._tp_column = has_column(conn, self._dialect(conn), self.table, "traceparent")
+            self._tp_column = has_column(conn, dialect or self._dialect(conn), self.table, "traceparent")
         return tp if self._tp_column else None
 
     def _dialect(self, conn: Any) -> Dialect:

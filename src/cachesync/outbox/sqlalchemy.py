@@ -72,7 +72,9 @@ def _dialect(conn: Connection) -> Dialect:
 
 def _execute(conn: Connection, ob: Outbox, keys: Sequence[str], version: Any, delay: float,
              again_after: float | None) -> None:
-    sql, params = ob.insert_sql(_dialect(conn), ob.rows_for(keys, version, delay, again_after))
+    d = _dialect(conn)
+    tp = ob.traceparent(conn.connection, d)  # the writer's span, for the relay and the L1s (tracing)
+    sql, params = ob.insert_sql(d, ob.rows_for(keys, version, delay, again_after), tp)
     parts = sql.split("?")
     named = "".join(p + (f":p{i}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
     conn.execute(text(named), {f"p{i}": v for i, v in enumerate(params)})

@@ -123,8 +123,9 @@ def _record(groups: list[tuple[list[str], Any]], using: str) -> None:
     conn = connections[using]
     d = dialect_for(conn)
     with conn.cursor() as cur:
+        tp = ob.traceparent(conn.connection, d)  # the writer's span (tracing); the cursor opened the connection
         for keys, version in groups:
-            sql, params = ob.insert_sql(d, ob.rows_for(keys, version))
+            sql, params = ob.insert_sql(d, ob.rows_for(keys, version), tp)
             cur.execute(sql.replace("?", "%s"), params)
     wp = get_write_path()
     transaction.on_commit(functools.partial(wp.invalidate_committed, groups), using=using)
