@@ -158,3 +158,34 @@ def test_drivers_mirror_each_other(name: str, sync_mod: str, async_mod: str) -> 
             if sig is None or asig is None:
                 continue
             assert list(sig.parameters) == list(asig.parameters), (cname, meth, sig, asig)
+
+
+OLD_NAMES = [  # (old module, name, where it lives now)
+    ("cachesync.protocol", "get_flow", "cachesync.core.read"),
+    ("cachesync.protocol", "invalidate_many_flow", "cachesync.core.write"),
+    ("cachesync.protocol", "NOT_FOUND", "cachesync.core.values"),
+    ("cachesync.protocol", "Context", "cachesync.core.context"),
+    ("cachesync.sync", "Cache", "cachesync._sync.cache"),
+    ("cachesync.aio", "AsyncCache", "cachesync._async.cache"),
+    ("cachesync.l1", "L1", "cachesync.core.l1"),
+    ("cachesync.l1", "L1Options", "cachesync.core.l1"),
+    ("cachesync.l1_sync", "L1Sync", "cachesync._sync.l1"),
+    ("cachesync.l1_async", "L1Async", "cachesync._async.l1"),
+    ("cachesync.keys", "entry_key", "cachesync.core.keys"),
+    ("cachesync.options", "CacheOptions", "cachesync.core.options"),
+    ("cachesync.serializers", "JsonSerializer", "cachesync.core.serializers"),
+    ("cachesync.scripts", "SCRIPTS", "cachesync.core.scripts"),
+    ("cachesync.rules", "Rules", "cachesync.core.rules"),
+    ("cachesync.refresh", "RefreshAhead", "cachesync._sync.refresh"),
+    ("cachesync.refresh", "RefreshState", "cachesync.core.refresh"),
+    ("cachesync.bloom", "AsyncBloomFilter", "cachesync._async.bloom"),
+    ("cachesync", "Cache", "cachesync._sync.cache"),
+    ("cachesync", "RefreshOptions", "cachesync.core.refresh"),
+]
+
+
+@pytest.mark.parametrize("old, name, new", OLD_NAMES, ids=[f"{o}.{n}" for o, n, _ in OLD_NAMES])
+def test_every_old_name_still_imports_and_is_the_same_object(old: str, name: str, new: str) -> None:
+    import importlib
+
+    assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
