@@ -218,3 +218,17 @@ async def test_async_hit_fast_path_one_hmget_shared_by_concurrent_hits_and_reuse
     finally:
         await c.aclose()
         await client.aclose()
+
+
+async def test_cached_not_found_answer_async(acache) -> None:
+    @acache.cached("nfa:{i}", not_found=KeyError)
+    async def lookup(i: int) -> object:
+        return cachesync.NOT_FOUND
+
+    @acache.cached("nfb:{i}", not_found=lambda: "none")
+    async def lookup2(i: int) -> object:
+        return cachesync.NOT_FOUND
+
+    with pytest.raises(KeyError):
+        await lookup(1)
+    assert await lookup2(1) == "none"

@@ -586,3 +586,30 @@ def test_sync_fast_path_redis_down_falls_back_after_one_attempt(namespace):
         assert attempts[0] == 1
     finally:
         c.close()
+
+
+class _Gone(Exception):
+    pass
+
+
+def test_cached_not_found_answer(cache) -> None:
+    """``cached(..., not_found=...)``: what a decorated function gives for NOT_FOUND (a web endpoint must not hand
+    the marker to its framework): the marker by default, an exception raised, a callable's result, a value."""
+    calls = []
+
+    def lookup(i: int) -> object:
+        calls.append(i)
+        return cachesync.NOT_FOUND
+
+    plain = cache.cached("nf:a:{i}")(lookup)
+    raising = cache.cached("nf:b:{i}", not_found=_Gone)(lookup)
+    instance = cache.cached("nf:c:{i}", not_found=_Gone("no such row"))(lookup)
+    called = cache.cached("nf:d:{i}", not_found=lambda: {"missing": True})(lookup)
+    value = cache.cached("nf:e:{i}", not_found=None)(lookup)
+    assert plain(1) is cachesync.NOT_FOUND
+    with pytest.raises(_Gone):
+        raising(1)
+    with pytest.raises(_Gone, match="no such row"):
+        instance(1)
+    assert called(1) == {"missing": True} and value(1) is None
+    assert value(1) is None and len(calls) == 5  # the negative entry is cached: the second call loads nothing

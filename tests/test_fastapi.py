@@ -176,3 +176,24 @@ def test_put_succeeds_with_redis_down_and_the_relay_delivers(pg_url, private_red
             relay.close()
             cache.close()
         assert http.get("/users/7").json()["email"] == "b@x"
+
+
+async def test_plain_async_cache_cached_endpoint_answers_404(redis_url, namespace):
+    """The core decorator on an endpoint, without the contrib: ``not_found=HTTPException(404)``."""
+    from fastapi import HTTPException
+
+    cache = cachesync.AsyncCache(redis_url, namespace=namespace)
+    app = FastAPI()
+
+    @app.get("/u/{uid}")
+    @cache.cached("u:{uid}", not_found=HTTPException(status_code=404))
+    async def user(uid: int) -> object:
+        return {"id": uid} if uid == 1 else NOT_FOUND
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            assert (await http.get("/u/1")).json() == {"id": 1}
+            r = await http.get("/u/2")
+            assert r.status_code == 404 and "NOT_FOUND" not in r.text
+    finally:
+        await cache.aclose()

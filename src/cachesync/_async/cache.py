@@ -507,8 +507,11 @@ class AsyncCache:
             if self.l1 is not None:
                 self.l1.invalidate_local(plan.keys)
 
-    def cached(self, template: str, ttl: float | None = None) -> AsyncCachedDecorator:
+    def cached(self, template: str, ttl: float | None = None, *, not_found: Any = P.NOT_FOUND
+               ) -> AsyncCachedDecorator:
         """See :meth:`cachesync.Cache.cached`; decorates a coroutine function."""
+        answer = P.not_found_answer(not_found)
+
         def deco(fn: Callable[..., Any]) -> Any:
             if not inspect.iscoroutinefunction(fn):
                 raise UsageError(f"AsyncCache.cached decorates coroutine functions; {fn!r} is not one")
@@ -516,7 +519,8 @@ class AsyncCache:
 
             @wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return await self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+                v = await self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+                return answer() if v is P.NOT_FOUND else v
 
             async def invalidate(*a: Any, **kw: Any) -> int:
                 return await self.invalidate(kt.format(*a, **kw))

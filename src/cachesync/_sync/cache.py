@@ -474,17 +474,23 @@ class Cache:
             if self.l1 is not None:
                 self.l1.invalidate_local(plan.keys)
 
-    def cached(self, template: str, ttl: float | None = None) -> CachedDecorator:
+    def cached(self, template: str, ttl: float | None = None, *, not_found: Any = P.NOT_FOUND) -> CachedDecorator:
         """Decorator: ``@cache.cached("user:{user_id}")`` caches the function's result under the formatted key.
 
-        The wrapper has ``.key(*args, **kwargs)`` and ``.invalidate(*args, **kwargs)``.
+        The wrapper has ``.key(*args, **kwargs)`` and ``.invalidate(*args, **kwargs)``. ``not_found`` (default
+        ``NOT_FOUND``): what the wrapper gives for a ``NOT_FOUND`` result: an exception (instance or class) is
+        raised (``not_found=HTTPException(404)`` on a web endpoint), a callable is called (``not_found=lambda:
+        None``) and its result returned, any other value is returned instead.
         """
+        answer = P.not_found_answer(not_found)
+
         def deco(fn: Callable[..., Any]) -> Any:
             kt = KeyTemplate(template, fn)
 
             @wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+                v = self.get(kt.format(*args, **kwargs), lambda: fn(*args, **kwargs), ttl)
+                return answer() if v is P.NOT_FOUND else v
 
             cast(Any, wrapper).key = kt.format
             cast(Any, wrapper).invalidate = lambda *a, **kw: self.invalidate(kt.format(*a, **kw))

@@ -8,7 +8,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 import enum
 import logging
@@ -219,3 +219,20 @@ def star_keys(keys: Sequence[object], fn: str) -> None:
         if isinstance(k, (list, tuple, set, frozenset, dict)):
             raise UsageError(f"{fn}() takes keys as separate arguments, got a {type(k).__name__}: "
                              f"call {fn}(*keys)")
+
+
+def not_found_answer(not_found: Any) -> Callable[[], Any]:
+    """What a ``cached`` wrapper does for a ``NOT_FOUND`` result: raise ``not_found`` when it is an exception
+    (instance or class), call it when it is another callable (its result is the answer, as in
+    :mod:`cachesync.contrib.fastapi`), else return it."""
+    if isinstance(not_found, BaseException):
+        def raise_it() -> Any:
+            raise not_found
+        return raise_it
+    if isinstance(not_found, type) and issubclass(not_found, BaseException):
+        def raise_new() -> Any:
+            raise not_found()
+        return raise_new
+    if callable(not_found):
+        return cast(Callable[[], Any], not_found)
+    return lambda: not_found
