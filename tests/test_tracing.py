@@ -360,3 +360,37 @@ def test_sqlalchemy_outbox_rows_carry_the_writers_trace_context(db_url):
         engine.dispose()
         ob.drop(raw)
         raw.close()
+
+
+def test_the_postgresql_fast_path_carries_the_writers_trace(pg_url, redis_url, namespace):
+    """The NOTIFY payload the trigger sends carries the row's traceparent (4th item): the relay's fast path,
+    applying rows from notifications without claiming them, makes its delivery span a child of the writer."""
+    import psycopg
+
+    EXPORTER.clear()
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:8]
+    ob = Outbox(table)
+    conn = connect(pg_url)
+    ob.init(conn)
+    listener = psycopg.connect(pg_url, autocommit=True)
+    cache = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)
+    relay = Relay(pg_url, cache, table=table, init=False)
+    try:
+        assert relay.fast
+        listener.execute(f"LISTEN {table}")
+        cache.set("user:1", "old")
+        with TRACER.start_as_current_span("app.update") as w:
+            ob.commit(conn, "user:1")
+        payloads = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+        assert json.loads(payloads[0])[3].split("-")[1] == f"{w.get_span_context().trace_id:032x}"
+        assert relay._apply_payloads(payloads) == 1
+        assert cache.peek("user:1").get("v") is None
+        deliver = _spans("cachesync.relay.deliver")[0]
+        assert deliver.parent is not None and deliver.parent.span_id == w.get_span_context().span_id
+        assert deliver.attributes["cachesync.fast_path"] is True
+    finally:
+        listener.close()
+        relay.close()
+        ob.drop(conn)
+        conn.close()
+        cache.close()

@@ -101,7 +101,9 @@ def ddl(d: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
             # with a transition table (one payload per statement) cost +6 % of a 1-UPDATE transaction.
             f"CREATE OR REPLACE FUNCTION {t}_notify() RETURNS trigger LANGUAGE plpgsql AS $$ "
             "DECLARE p text := ''; BEGIN "
-            "IF NEW.run_at = 0 THEN p := json_build_array(NEW.id, NEW.cache_keys, NEW.key_version)::text; "
+            # the writer's traceparent as a 4th item (to_jsonb: NULL, not an error, on a table without the column)
+            "IF NEW.run_at = 0 THEN p := json_build_array(NEW.id, NEW.cache_keys, NEW.key_version, "
+            "to_jsonb(NEW)->>'traceparent')::text; "
             f"IF octet_length(p) > {NOTIFY_LIMIT} THEN p := ''; END IF; END IF; "
             f"PERFORM pg_notify('{t}', p); RETURN NULL; END $$",
             f"DROP TRIGGER IF EXISTS {t}_notify ON {t}",

@@ -539,6 +539,7 @@ class Relay:
         items: list[tuple[list[str], Any]] = []
         ids: list[int] = []
         seen: list[tuple[tuple[str, ...], str | None]] = []
+        tps: list[str] = []  # the writers' traceparents (4th item of a row, when the table has the column)
         for p in payloads:
             if not p:  # only a wake-up: delayed rows, or too many for one notification
                 self._claim_now = True
@@ -565,11 +566,17 @@ class Relay:
                 items.append((keys, ver))
                 ids.append(rid)
                 seen.append((tuple(keys), ver))
+                if len(row) > 3 and isinstance(row[3], str) and 0 < len(row[3]) <= 128:
+                    tps.append(row[3])
         if not items:
             return 0
         assert self.cache is not None
+        tps = list(dict.fromkeys(tps))  # as in _deliver: the first writer's trace, the others linked
         try:
-            self.cache.invalidate_many(items)
+            with tracing.span("cachesync.relay.deliver", {"cachesync.rows": len(ids), "cachesync.table": self.table,
+                                                          "cachesync.fast_path": True},
+                              tps[0] if tps else None, tps[1:]):
+                self.cache.invalidate_many(items)
         except (InvalidationError, RedisCommandError, RedisError, UsageError, BadDataError) as e:  # the claim
             # that follows retries or parks
             log.debug("cachesync relay: fast path failed, rows left to the claim: %s", e)
