@@ -69,11 +69,13 @@ def per_op(fn: Callable[[], object], n: int) -> float:
 
 
 def interleaved(cases: dict[str, Callable[[], object]], n: int, rounds: int) -> dict[str, float]:
-    """Median seconds per op of each case, rounds interleaved so drift hits every case alike."""
+    """Median seconds per op of each case, rounds interleaved so drift hits every case alike; the order of the
+    cases rotates each round, so that no case is always the first (slow: cold) or the last."""
     samples: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, fn in cases.items():
-            samples[k].append(per_op(fn, n))
+    order = list(cases)
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            samples[k].append(per_op(cases[k], n))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
