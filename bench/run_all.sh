@@ -21,3 +21,4 @@ run $py bench/bench_audit.py $q
 run $py bench/bench_triggers.py
 run $py bench/bench_bus.py $q
 run $py bench/bench_peers.py $q
+run $py bench/bench_mixed.py $q
