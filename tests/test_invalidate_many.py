@@ -103,3 +103,48 @@ async def test_async_twin(acache: cachesync.AsyncCache) -> None:
     assert [k async for k in acache.keys_with_prefix("p:")] == ["p:1"]
     with pytest.raises(UsageError):
         await acache.invalidate_many([("a", 1)])
+
+
+def test_run_reports_an_unreachable_redis_as_cache_unavailable(namespace: str) -> None:
+    """A flow that does not handle RedisDown (peek, the auditor's reads) surfaces CacheUnavailableError naming
+    the URL, never the protocol's internal signal."""
+    c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, socket_timeout=0.2, record_namespace=False)
+    try:
+        with pytest.raises(cachesync.CacheUnavailableError, match="127.0.0.1:1"):
+            c.peek("k")
+        with pytest.raises(cachesync.CacheUnavailableError):
+            c.run(P.peek_values_flow(c.ctx, ["k"]))
+    finally:
+        c.close()
+
+
+async def test_async_run_reports_an_unreachable_redis_as_cache_unavailable(namespace: str) -> None:
+    c = cachesync.AsyncCache("redis://127.0.0.1:1/0", namespace=namespace, socket_timeout=0.2,
+                             record_namespace=False)
+    try:
+        with pytest.raises(cachesync.CacheUnavailableError, match="127.0.0.1:1"):
+            await c.peek("k")
+    finally:
+        await c.aclose()
+
+
+def test_run_refuses_a_load_without_a_loader(cache: cachesync.Cache) -> None:
+    def flow() -> P.Flow[object]:
+        return (yield P.Load())
+
+    with pytest.raises(UsageError, match="no loader"):
+        cache.run(flow())
+
+
+def test_a_not_found_exception_instance_keeps_a_short_traceback(cache: cachesync.Cache) -> None:
+    gone = KeyError("gone")
+    f = cache.cached("nfi:{i}", not_found=gone)(lambda i: cachesync.NOT_FOUND)
+    depths = []
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            f(1)
+        tb, n = gone.__traceback__, 0
+        while tb is not None:
+            tb, n = tb.tb_next, n + 1
+        depths.append(n)
+    assert depths[0] == depths[1] == depths[2]  # re-raising the instance does not pile up tracebacks

@@ -159,6 +159,8 @@ class AsyncCache:
                     return cast(T, stop.value)
                 except _REDIS_DOWN as e:
                     raise CacheUnavailableError(self.url, e) from e
+                except P.RedisDown as e:  # a flow that does not handle it (peek, audit reads): never the signal
+                    raise CacheUnavailableError(self.url, e.cause) from e.cause
                 except P.CommandError as e:
                     raise RedisCommandError(self.url, e) from None
                 send, throw = None, None
@@ -191,7 +193,8 @@ class AsyncCache:
                     except BaseException as e:
                         throw = e
                 elif t is P.Load:
-                    assert loader is not None
+                    if loader is None:
+                        raise UsageError("the flow asked for a load, but run() was given no loader")
                     args = () if eff.keys is None else (eff.keys,)
                     t0 = time.perf_counter() if self._metrics is not None else 0.0
                     try:

@@ -18,7 +18,7 @@ from .. import core as P
 from .. import tracing as _tr
 from .._types import CachedDecorator
 from .._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
-from ..errors import CacheUnavailableError, InvalidationError, RedisCommandError
+from ..errors import CacheUnavailableError, InvalidationError, RedisCommandError, UsageError
 from ..core.keys import prefix_scan
 from ..core.l1 import L1Options
 from .l1 import L1Sync
@@ -135,6 +135,8 @@ class Cache:
                     return cast(T, stop.value)
                 except _REDIS_DOWN as e:
                     raise CacheUnavailableError(self.url, e) from e
+                except P.RedisDown as e:  # a flow that does not handle it (peek, audit reads): never the signal
+                    raise CacheUnavailableError(self.url, e.cause) from e.cause
                 except P.CommandError as e:
                     raise RedisCommandError(self.url, e) from None
                 send, throw = None, None
@@ -167,7 +169,8 @@ class Cache:
                     except BaseException as e:
                         throw = e
                 elif t is P.Load:
-                    assert loader is not None
+                    if loader is None:
+                        raise UsageError("the flow asked for a load, but run() was given no loader")
                     t0 = time.perf_counter() if self._metrics is not None else 0.0
                     try:
                         if eff.fallback:

@@ -226,8 +226,8 @@ def not_found_answer(not_found: Any) -> Callable[[], Any]:
     (instance or class), call it when it is another callable (its result is the answer, as in
     :mod:`cachesync.contrib.fastapi`), else return it."""
     if isinstance(not_found, BaseException):
-        def raise_it() -> Any:
-            raise not_found
+        def raise_it() -> Any:  # the same instance each time: its traceback reset, so it never grows
+            raise not_found.with_traceback(None)
         return raise_it
     if isinstance(not_found, type) and issubclass(not_found, BaseException):
         def raise_new() -> Any:
