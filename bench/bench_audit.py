@@ -18,6 +18,7 @@ import time
 import uuid
 
 import cachesync
+from cachesync.core.layout import decode_entry
 from cachesync.audit import Auditor
 from cachesync.db import connect, dialect_of
 from cachesync.protocol import Versioned
@@ -64,8 +65,9 @@ def main() -> None:
         for j in range(0, len(eks), 500):
             pipe = cache.redis.pipeline(transaction=False)
             for ek in eks[j:j + 500]:
-                pipe.hmget(ek, "v", "ver", "n")
-            pipe.execute()
+                pipe.get(ek)
+            for raw in pipe.execute():
+                decode_entry(raw)
             for ek in eks[j:j + 500]:
                 k.execute(f"SELECT version FROM {table} WHERE id = {ph}", (ek[len(ns) + 7:-1],))  # cs:ns:{u:<id>}
                 n += k.fetchone() is not None

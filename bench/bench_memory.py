@@ -1,11 +1,11 @@
-"""Redis memory per cached entry: a cachesync entry (a hash) vs a plain string key, same value, same TTL.
+"""Redis memory per cached entry: a cachesync entry vs a plain string key, same value, same TTL.
 
     .venv/bin/python bench/bench_memory.py [--redis-url URL] [--keys 100000]
 
 Without --redis-url a private redis-server is started; with one, a unique namespace is used and deleted
 afterwards. Prints MEMORY USAGE of one key of each kind and the INFO memory growth over ``--keys`` keys of
-each kind, as ratios (goal of issue 15: <= x1.30), plus an estimate for a split layout (the value in a plain
-string key beside a metadata hash under the same hash tag).
+each kind, as ratios (goal of issue 15: <= x1.30), for an entry without a version and for one with a 13-digit
+version (a millisecond timestamp, the longest common version).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import uuid
 import redis
 
 import cachesync
+from cachesync.core.layout import decode_entry
 
 from _util import env_line, private_redis
 
@@ -38,44 +39,40 @@ def run(url: str, n: int) -> None:
     value = json.loads(payload)
     c = cachesync.Cache(url, namespace=ns, ttl_jitter=0.0)
     try:
-        c.get("one", lambda: value, ttl=TTL)
         r.set(f"{ns}:plain:one", payload, ex=int(TTL))
-        ek = c.ctx.ekey("one")
-        fields = {k.decode(): v for k, v in r.hgetall(ek).items()}
-        m_entry = int(r.memory_usage(ek, samples=0))
         m_plain = int(r.memory_usage(f"{ns}:plain:one", samples=0))
-        print(f"\n## One key (MEMORY USAGE): entry hash fields {sorted(fields)}, payload {len(payload)} bytes, "
-              f"TTL {TTL:.0f}s")
-        print(f"  cachesync entry {m_entry} B   plain string {m_plain} B   => x{m_entry / m_plain:.2f} "
-              f"(goal <= x1.30: {'met' if m_entry / m_plain <= 1.3 else 'MISSED'})")
+        for label, version in (("no version", None), ("13-digit version", 1733170000000)):
+            name = f"one-{version}"
+            c.get(name, lambda: value if version is None else cachesync.Versioned(value, version), ttl=TTL)
+            ek = c.ctx.ekey(name)
+            raw = r.get(ek)
+            fields = decode_entry(raw) or {}
+            m_entry = int(r.memory_usage(ek, samples=0))
+            print(f"\n## One key (MEMORY USAGE), {label}: entry fields {sorted(fields)}, stored {len(raw or b'')} "
+                  f"bytes for a {len(payload)}-byte payload, TTL {TTL:.0f}s")
+            print(f"  cachesync entry {m_entry} B   plain string {m_plain} B   => x{m_entry / m_plain:.2f} "
+                  f"(goal <= x1.30: {'met' if m_entry / m_plain <= 1.3 else 'MISSED'})")
         # INFO memory over n keys of each kind
-        keys = [f"k{i}" for i in range(n)]
-        base = used(r)
-        for i in range(0, n, 500):
-            chunk = keys[i:i + 500]
-            c.get_many(chunk, lambda ks: dict.fromkeys(ks, value), ttl=TTL)
-        after_entries = used(r)
-        p = r.pipeline(transaction=False)
-        for i, k in enumerate(keys):
-            p.set(f"{ns}:plain:{k}", payload, ex=int(TTL))
-            if i % 1000 == 999:
-                p.execute()
-        p.execute()
-        after_plain = used(r)
-        per_entry = (after_entries - base) / n
-        per_plain = (after_plain - after_entries) / n
-        print(f"\n## INFO memory over {n} keys of each kind (used_memory growth / key)")
-        print(f"  cachesync entry {per_entry:.1f} B   plain string {per_plain:.1f} B   => x{per_entry / per_plain:.2f} "
-              f"(goal <= x1.30: {'met' if per_entry / per_plain <= 1.3 else 'MISSED'})")
-        # estimate of a split layout: the value as a plain string (same as the baseline) plus a hash holding
-        # only the metadata a filled entry keeps; measured with a hash of the same fields minus the payload
-        meta = {k: v for k, v in fields.items() if k != "v"}
-        r.hset(f"{ns}:meta:one", mapping=meta or {"x": "1"})
-        r.expire(f"{ns}:meta:one", int(TTL))
-        m_meta = int(r.memory_usage(f"{ns}:meta:one", samples=0))
-        print(f"\n## Split layout estimate: plain string {m_plain} B + metadata hash {sorted(meta)} {m_meta} B "
-              f"=> x{(m_plain + m_meta) / m_plain:.2f}; a filled entry with no version needs no metadata key "
-              f"=> x1.00 for it")
+        for label, version in (("no version", None), ("13-digit version", 1733170000000)):
+            keys = [f"k{version}:{i}" for i in range(n)]
+            base = used(r)
+            for i in range(0, n, 500):
+                chunk = keys[i:i + 500]
+                c.get_many(chunk, lambda ks: {k: value if version is None else cachesync.Versioned(value, version)
+                                              for k in ks}, ttl=TTL)
+            after_entries = used(r)
+            p = r.pipeline(transaction=False)
+            for i, k in enumerate(keys):
+                p.set(f"{ns}:plain:{version}:{k}", payload, ex=int(TTL))
+                if i % 1000 == 999:
+                    p.execute()
+            p.execute()
+            after_plain = used(r)
+            per_entry = (after_entries - base) / n
+            per_plain = (after_plain - after_entries) / n
+            print(f"\n## INFO memory over {n} keys of each kind, {label} (used_memory growth / key)")
+            print(f"  cachesync entry {per_entry:.1f} B   plain string {per_plain:.1f} B   => "
+                  f"x{per_entry / per_plain:.2f} (goal <= x1.30: {'met' if per_entry / per_plain <= 1.3 else 'MISSED'})")
         print(f"\nload average {os.getloadavg()[0]:.2f}")
     finally:
         c.close()

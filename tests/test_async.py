@@ -184,8 +184,8 @@ async def test_hung_redis_times_out_instead_of_hanging():
         srv.close()
 
 
-async def test_async_hit_fast_path_one_hmget_shared_by_concurrent_hits_and_reused_by_a_miss(redis_url, namespace):
-    """AsyncCache.get sends the flow's first command (the fast-path HMGET) itself inside the flight: a hit is
+async def test_async_hit_fast_path_one_get_shared_by_concurrent_hits_and_reused_by_a_miss(redis_url, namespace):
+    """AsyncCache.get sends the flow's first command (the fast-path GET) itself inside the flight: a hit is
     that one command, 50 concurrent hits of one key share it, and a miss hands the reply to the flow (no second
     HMGET); a foreign key is still repaired by the flow."""
     import redis.asyncio as aredis
@@ -204,17 +204,17 @@ async def test_async_hit_fast_path_one_hmget_shared_by_concurrent_hits_and_reuse
         assert await c.get("k", lambda: "v1") == "v1"
         await asyncio.sleep(0)  # the namespace record (its own task) may run now
         sent[:] = [x for x in sent if x != "SET"]
-        assert sent == ["HMGET", "EVALSHA", "EVALSHA"]
+        assert sent == ["GET", "EVALSHA", "EVALSHA"]
         sent.clear()
         results = await asyncio.gather(*(c.get_entry("k", lambda: "unused") for _ in range(50)))
         assert {(e.value, e.source) for e in results} == {("v1", "cache")}
-        assert sent == ["HMGET"]
+        assert sent == ["GET"]
         sent.clear()
         await client.delete(c.ctx.ekey("k"))
         await client.set(c.ctx.ekey("k"), "foreign")
         sent.clear()
         assert await c.get("k", lambda: "v2") == "v2"
-        assert sent == ["HMGET", "DEL", "EVALSHA", "EVALSHA"]
+        assert sent == ["GET", "DEL", "EVALSHA", "EVALSHA"]
     finally:
         await c.aclose()
         await client.aclose()

@@ -17,6 +17,7 @@ from cachesync import health
 from cachesync.cache_metrics import seen_key
 from cachesync.errors import ConfigError
 from cachesync.metrics import NOOP, PrometheusMetrics
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 
 def samples(m: PrometheusMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -333,7 +334,7 @@ def test_serializer_errors_by_operation(redis_url, namespace, r):
             c.get("a", lambda: object())  # JSON cannot encode it
         from cachesync.keys import entry_key
 
-        r.hset(entry_key(namespace, "b"), mapping={"v": b"\xff{not json", "n": "0"})
+        hset(r, entry_key(namespace, "b"), mapping={"v": b"\xff{not json", "n": "0"})
         assert c.get("b", lambda: "fresh") == "fresh"  # the unreadable entry is deleted and reloaded
         s = samples(m)
         lab = ("namespace", namespace)

@@ -22,6 +22,7 @@ import cachesync
 from cachesync import protocol as P
 from cachesync.keys import channel, entry_key, slot, wake_key
 from cachesync.scripts import SCRIPTS
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 # --------------------------------------------------------------------------- helpers
 
@@ -67,13 +68,16 @@ def _wrap_commands(cache: Any, record: Any) -> None:
         cache._command = command
 
 
-def spy(cache: Any) -> list[tuple[str, list[str]]]:
-    """Record every script a (sync or async) cache runs: (script name, KEYS)."""
+def spy(cache: Any, mget: bool = False) -> list[tuple[str, list[str]]]:
+    """Record every script a (sync or async) cache runs: (script name, KEYS); with ``mget``, also every MGET
+    ("MGET", keys)."""
     calls: list[tuple[str, list[str]]] = []
 
     def record(args: tuple[Any, ...]) -> None:
         if args[0] == "EVALSHA":
             calls.append((_BY_SHA[args[1]], list(args[3:3 + int(args[2])])))
+        elif mget and args[0] == "MGET":
+            calls.append(("MGET", list(args[1:])))
 
     _wrap_commands(cache, record)
     return calls
@@ -243,7 +247,7 @@ def test_fill_refused_after_invalidate(ccache: Any, other: Any) -> None:
 
 def test_get_many_one_script_per_slot_group(rc: RedisCluster, ccache: Any) -> None:
     ns = ccache.options.namespace
-    calls = spy(ccache)
+    calls = spy(ccache, mget=True)
     loads: list[list[str]] = []
 
     def loader_many(keys: list[str]) -> dict[str, Any]:
@@ -256,18 +260,18 @@ def test_get_many_one_script_per_slot_group(rc: RedisCluster, ccache: Any) -> No
     assert_one_slot_per_call(calls)
     n_groups = len(slots_of(ns, KEYS))
     names = Counter(n for n, _ in calls)
-    assert names == {"get": n_groups, "fill": n_groups}
+    assert names == {"MGET": n_groups, "get": n_groups, "fill": n_groups}
     shared = [keys for n, keys in calls if n == "get" and len(keys) == 4]
     assert len(shared) == 1 and set(shared[0]) == {entry_key(ns, KEYS[0]), wake_key(entry_key(ns, KEYS[0])),
                                                      entry_key(ns, KEYS[1]), wake_key(entry_key(ns, KEYS[1]))}
     calls.clear()
     again = ccache.get_many_entries(KEYS, lambda ks: pytest.fail(f"all hits expected, loaded {ks}"))
     assert all(e.source == "cache" for e in again.values())
-    assert Counter(n for n, _ in calls) == {"get": n_groups}
+    assert Counter(n for n, _ in calls) == {"MGET": n_groups}  # hits: one MGET per slot group, no script
     # the values really live on the node that owns each key's slot
     for k in KEYS[:6]:
         ek = entry_key(ns, k)
-        assert rc.hget(ek, "v") is not None
+        assert hget(rc, ek, "v") is not None
 
 
 def test_invalidate_many_keys_across_slots(ccache: Any, other: Any) -> None:
@@ -590,7 +594,7 @@ def test_l1_resubscribes_on_another_node_when_its_node_dies(tmp_path: Any, names
 
 def test_slot_migration_no_stale_read_and_invalidation_fails_loudly_until_done(tmp_path: Any,
                                                                               namespace: str) -> None:
-    """Resharding: while a key's slot migrates, a hit (plain HMGET) is still served and never stale; a script that
+    """Resharding: while a key's slot migrates, a hit (plain GET) is still served and never stale; a script that
     declares the entry hash and its (absent) wake list gets TRYAGAIN, so an invalidation raises InvalidationError
     naming the key instead of being lost; once the slot has moved, everything works again."""
     from redis_cluster import start_cluster, stop_cluster
@@ -610,7 +614,7 @@ def test_slot_migration_no_stale_read_and_invalidation_fails_loudly_until_done(t
         assert c.get(key, lambda: "v1") == "v1"
         rd.execute_command("CLUSTER", "SETSLOT", s, "IMPORTING", sid)
         rs.execute_command("CLUSTER", "SETSLOT", s, "MIGRATING", did)
-        assert c.get_entry(key, lambda: pytest.fail("hit expected")).source == "cache"  # HMGET: one key
+        assert c.get_entry(key, lambda: pytest.fail("hit expected")).source == "cache"  # GET: one key
         with pytest.raises(cachesync.errors.InvalidationError) as ei:
             c.invalidate(key)  # invalidate.lua: hash + wake list, one present, one absent -> TRYAGAIN
         assert ei.value.keys == [key]

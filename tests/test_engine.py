@@ -11,6 +11,7 @@ import pytest
 
 import cachesync
 from cachesync import NOT_FOUND, Versioned
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 
 class DB:
@@ -312,7 +313,7 @@ def test_loader_error_releases_lease(redis_url, namespace):
 def test_waiter_loads_itself_after_max_wait(redis_url, namespace, r):
     a = cachesync.Cache(redis_url, namespace=namespace, max_wait=0.05, lease_ttl=30)
     ek = f"cs:{namespace}:{{k}}"
-    r.hset(ek, mapping={"lt": "someone-else", "ld": 10**15})   # a lease holder that never fills
+    hset(r, ek, mapping={"lt": "someone-else", "ld": 10**15})   # a lease holder that never fills
     r.pexpire(ek, 30000)
     e = a.get_entry("k", lambda: "mine")
     assert e.value == "mine" and e.source == "loader" and e.filled is False
@@ -534,42 +535,42 @@ class _Recording:
         self.client.execute_command = execute_command  # type: ignore[method-assign]
 
 
-def test_sync_hit_fast_path_sends_one_hmget_and_a_miss_reuses_it(redis_url, namespace):
-    """Cache.get sends the flow's first command (the fast-path HMGET) itself: a hit is that one command; a miss,
+def test_sync_hit_fast_path_sends_one_get_and_a_miss_reuses_it(redis_url, namespace):
+    """Cache.get sends the flow's first command (the fast-path GET) itself: a hit is that one command; a miss,
     a stale-marked entry or a foreign key runs the flow, which takes the same reply instead of sending it again."""
     rec = _Recording(redis_url)
     c = cachesync.Cache(client=rec.client, namespace=namespace)
     rec.sent.clear()  # the namespace record
     try:
-        assert c.get("k", lambda: "v1") == "v1"  # miss: HMGET, then get.lua (lease) and fill.lua
-        assert rec.sent == ["HMGET", "EVALSHA", "EVALSHA"]
+        assert c.get("k", lambda: "v1") == "v1"  # miss: GET, then get.lua (lease) and fill.lua
+        assert rec.sent == ["GET", "EVALSHA", "EVALSHA"]
         rec.sent.clear()
         e = c.get_entry("k", lambda: "unused")
         assert (e.value, e.source, e.version, e.stale) == ("v1", "cache", None, False)
-        assert rec.sent == ["HMGET"]
+        assert rec.sent == ["GET"]
         assert c.stats["hits"] == 1
         c.set("k", NOT_FOUND, version=3)  # a negative entry with a version: served by the fast path too
         rec.sent.clear()
         e = c.get_entry("k", lambda: "unused")
-        assert (e.value, e.version, e.source) == (NOT_FOUND, 3, "cache") and rec.sent == ["HMGET"]
+        assert (e.value, e.version, e.source) == (NOT_FOUND, 3, "cache") and rec.sent == ["GET"]
         assert c.stats["negative_hits"] == 1
         rec.client.delete(c.ctx.ekey("k"))
-        rec.client.set(c.ctx.ekey("k"), "foreign")  # WRONGTYPE on the fast path: repaired by the flow, read anew
+        rec.client.set(c.ctx.ekey("k"), "foreign")  # not an entry: repaired by the flow, read anew
         rec.sent.clear()
         assert c.get("k", lambda: "v2") == "v2"
-        assert rec.sent == ["HMGET", "DEL", "EVALSHA", "EVALSHA"]
+        assert rec.sent == ["GET", "DEL", "EVALSHA", "EVALSHA"]
         assert c.stats["corrupt_entries"] == 1
-        rec.client.hset(c.ctx.ekey("k"), "v", b"{not json")  # undecodable payload: repaired, reloaded
+        hset(rec.client, c.ctx.ekey("k"), "v", b"{not json")  # undecodable payload: repaired, reloaded
         rec.sent.clear()
         assert c.get("k", lambda: "v3") == "v3"
-        assert rec.sent == ["HMGET", "DEL", "EVALSHA", "EVALSHA"]
+        assert rec.sent == ["GET", "DEL", "EVALSHA", "EVALSHA"]
     finally:
         c.close()
         rec.client.close()
 
 
 def test_sync_fast_path_redis_down_falls_back_after_one_attempt(namespace):
-    """A connection error on the fast-path HMGET is handed to the flow as its first reply: one attempt, then
+    """A connection error on the fast-path GET is handed to the flow as its first reply: one attempt, then
     the fallback load (no second attempt at the unreachable server)."""
     c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, connect_timeout=0.2, socket_timeout=0.2)
     attempts = [0]

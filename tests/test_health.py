@@ -25,6 +25,7 @@ from cachesync.db import connect
 from cachesync.keys import entry_key
 from cachesync.outbox import Outbox
 from private_servers import free_port, private_pg  # noqa: F401  (fixture)
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -115,7 +116,7 @@ def test_relay_metrics_move_with_traffic(kind, pg_url, redis_url, namespace, tab
         assert after[("cachesync_relay_backlog_rows", lab)] == 0
         assert after[("cachesync_unused_namespace_deliveries_total", lab)] == 20  # counted: nobody reads them
         r = redis.Redis.from_url(redis_url)
-        assert r.hexists(entry_key(namespace, "k:3"), "ti")
+        assert hexists(r, entry_key(namespace, "k:3"), "ti")
         r.delete(*[entry_key(namespace, f"k:{i}") for i in range(20)])
         r.close()
         wait_for(lambda: "cachesync relay: delivered 20 rows" in d.output(), 10, "the summary line")

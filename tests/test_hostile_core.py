@@ -23,6 +23,7 @@ from cachesync import protocol as P
 from cachesync.errors import ConfigError, UsageError
 from cachesync.keys import entry_key
 from cachesync.scripts import SCRIPTS
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 
 def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
@@ -103,7 +104,7 @@ def test_forked_reader_cannot_fill_through_a_sibling_token(redis_url: str, names
     for pid in (pa, pb):
         os.waitpid(pid, 0)
     assert cache.get(key, lambda: "loader-not-expected") == "new"
-    assert r.hget(ek, "lt") is None
+    assert hget(r, ek, "lt") is None
     cache.close()
 
 
@@ -126,18 +127,18 @@ async def test_cancelled_reader_releases_its_lease_and_wakes_other_processes(red
     task = asyncio.create_task(asyncio.wait_for(a.get(key, slow_loader), timeout=60))
     await started.wait()
     ek = entry_key(namespace, key)
-    ours = r.hget(ek, "lt")
+    ours = hget(r, ek, "lt")
     assert ours is not None
     # another process's reader registers as a waiter on the lease
     waiter_result: list[Any] = []
     t = threading.Thread(target=lambda: waiter_result.append(other.get_entry(key, lambda: "mine")))
     t.start()
-    _until(lambda: r.hget(ek, "w") is not None, "the other process to wait on the lease")
+    _until(lambda: hget(r, ek, "w") is not None, "the other process to wait on the lease")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # released at once, not left to its 60 s deadline (the woken waiter may already hold a lease of its own)
-    assert r.hget(ek, "lt") != ours
+    assert hget(r, ek, "lt") != ours
     await asyncio.to_thread(t.join, 20)
     assert not t.is_alive(), "the other process's waiter sat out the lease"
     assert waiter_result[0].value == "mine"
@@ -158,7 +159,7 @@ async def test_wait_for_timeout_releases_the_lease(redis_url: str, namespace: st
         async with asyncio.timeout(0.2):
             await a.get("k", loader)
     assert gate.is_set()
-    assert r.hget(entry_key(namespace, "k"), "lt") is None
+    assert hget(r, entry_key(namespace, "k"), "lt") is None
     assert await a.get("k", lambda: "loaded") == "loaded"  # the next reader leases at once
     await a.aclose()
 
@@ -170,7 +171,7 @@ def test_keyboard_interrupt_in_loader_releases_the_lease(cache: cachesync.Cache,
 
     with pytest.raises(KeyboardInterrupt):
         cache.get("k", loader)
-    assert r.hget(entry_key(namespace, "k"), "lt") is None
+    assert hget(r, entry_key(namespace, "k"), "lt") is None
 
 
 def test_keyboard_interrupt_in_get_many_loader_releases_every_lease(cache: cachesync.Cache, r: redis.Redis,
@@ -181,7 +182,7 @@ def test_keyboard_interrupt_in_get_many_loader_releases_every_lease(cache: cache
     with pytest.raises(SystemExit):
         cache.get_many(["a", "b", "c"], loader)
     for k in "abc":
-        assert r.hget(entry_key(namespace, k), "lt") is None
+        assert hget(r, entry_key(namespace, k), "lt") is None
 
 
 async def test_cancelled_get_many_releases_every_lease(acache: cachesync.AsyncCache, r: redis.Redis,
@@ -199,7 +200,7 @@ async def test_cancelled_get_many_releases_every_lease(acache: cachesync.AsyncCa
     with pytest.raises(asyncio.CancelledError):
         await task
     for k in "ab":
-        assert r.hget(entry_key(namespace, k), "lt") is None
+        assert hget(r, entry_key(namespace, k), "lt") is None
 
 
 # --------------------------------------------------------------------------- read-your-writes through singleflight
@@ -292,7 +293,7 @@ def test_close_waits_for_the_delayed_delete(redis_url: str, namespace: str, r: r
         pass
     c.get("k", lambda: "re-cached in the window")  # a reader in the window re-caches
     assert c.close() == []  # returns only after the second delete ran
-    assert r.hget(entry_key(namespace, "k"), "v") is None
+    assert hget(r, entry_key(namespace, "k"), "v") is None
 
 
 def test_close_reports_and_logs_undelivered_delayed_steps(namespace: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -408,11 +409,11 @@ def test_corrupted_entry_is_read_as_a_miss_and_replaced(cache: cachesync.Cache, 
                                                         fields: dict[str, bytes],
                                                         caplog: pytest.LogCaptureFixture) -> None:
     ek = entry_key(namespace, "k")
-    r.hset(ek, mapping=fields)
+    hset(r, ek, mapping=fields)
     with caplog.at_level(logging.WARNING, logger="cachesync"):
         assert cache.get("k", lambda: cachesync.Versioned("fresh", 3)) == "fresh"
         assert cache.get("k", lambda: "loader-not-expected") == "fresh"  # replaced by the fill
-        r.hset(ek, "v", b"\xff again")
+        hset(r, ek, "v", b"\xff again")
         assert cache.get("k", lambda: "fresh2") == "fresh2"
     assert cache.stats["corrupt_entries"] == 2
     assert len([rec for rec in caplog.records if "corrupted or foreign" in rec.getMessage()]) == 1  # once per key
@@ -422,7 +423,11 @@ def test_foreign_key_of_the_wrong_type_is_replaced(cache: cachesync.Cache, r: re
     ek = entry_key(namespace, "k")
     r.set(ek, "a plain string someone else wrote")
     assert cache.get("k", lambda: "fresh") == "fresh"
-    assert r.type(ek) == b"hash"
+    assert hget(r, ek, "v") == b'"fresh"'
+    r.delete(ek)
+    r.hset(ek, "v", "a hash")  # the wrong Redis type
+    assert cache.get("k", lambda: "fresh") == "fresh"
+    assert r.type(ek) == b"string" and hget(r, ek, "v") == b'"fresh"'
     r.delete(ek)
     r.rpush(ek, "a list")
     assert cache.set("k", "written") is True
@@ -437,7 +442,7 @@ def test_non_numeric_lease_floor_or_waiter_fields_do_not_break_reads(cache: cach
                                                                      namespace: str,
                                                                      fields: dict[str, bytes]) -> None:
     ek = entry_key(namespace, "k")
-    r.hset(ek, mapping=fields)
+    hset(r, ek, mapping=fields)
     assert cache.get("k", lambda: cachesync.Versioned("fresh", 2)) == "fresh"
     assert cache.get("k", lambda: "loader-not-expected") == "fresh"
     assert cache.set("k", "w", version=5) is True
@@ -445,7 +450,7 @@ def test_non_numeric_lease_floor_or_waiter_fields_do_not_break_reads(cache: cach
 
 def test_get_many_repairs_corrupted_entries(cache: cachesync.Cache, r: redis.Redis, namespace: str) -> None:
     cache.set("good", "g")
-    r.hset(entry_key(namespace, "bad"), mapping={"v": b"{not json", "ver": b"1"})
+    hset(r, entry_key(namespace, "bad"), mapping={"v": b"{not json", "ver": b"1"})
     r.set(entry_key(namespace, "foreign"), "x")
     got = cache.get_many(["good", "bad", "foreign"], lambda ks: {k: f"loaded-{k}" for k in ks})
     assert got == {"good": "g", "bad": "loaded-bad", "foreign": "loaded-foreign"}
@@ -454,7 +459,7 @@ def test_get_many_repairs_corrupted_entries(cache: cachesync.Cache, r: redis.Red
 
 async def test_async_corrupted_entry_is_read_as_a_miss(acache: cachesync.AsyncCache, r: redis.Redis,
                                                        namespace: str) -> None:
-    r.hset(entry_key(namespace, "k"), "v", b"\x00\x01")
+    hset(r, entry_key(namespace, "k"), "v", b"\x00\x01")
     r.set(entry_key(namespace, "f"), "x")
     assert await acache.get("k", lambda: "fresh") == "fresh"
     assert await acache.get("f", lambda: "fresh") == "fresh"

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from cachesync.scripts import SCRIPTS
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def k() -> list[str]:
 def test_get_miss_grants_lease_with_server_clock(run, r, k):
     out = run("get", k, "tok1", 5000, "L", 1000)
     assert out[:2] == [2, b"tok1"]
-    h = r.hgetall(k[0])
+    h = hgetall(r, k[0])
     assert h[b"lt"] == b"tok1"
     sec, usec = r.time()
     now_ms = sec * 1000 + usec // 1000
@@ -40,7 +41,7 @@ def test_get_second_reader_waits_and_registers(run, r, k):
     run("get", k, "tok1", 5000, "L", 1000)
     out = run("get", k, "tok2", 5000, "L", 1000)
     assert out[0] == 3 and 0 < out[1] <= 5000 and out[2] is None
-    assert r.hget(k[0], "w") == b"1"
+    assert hget(r, k[0], "w") == b"1"
 
 
 def test_fill_with_lease_is_a_hit_and_wakes_waiters(run, r, k):
@@ -50,15 +51,15 @@ def test_fill_with_lease_is_a_hit_and_wakes_waiters(run, r, k):
     assert run("fill", k, "tok1", 1000, b'"v"', "7", 60000, "0") == [1]
     assert r.lrange(k[1], 0, -1) == [b'F07|"v"'] * 2  # two waiters woken, each handed the value
     assert run("get", k, "tok9", 5000, "L", 1000) == [1, b'"v"', b"7", b""]
-    assert r.hget(k[0], "lt") is None
+    assert hget(r, k[0], "lt") is None
 
 
 def test_fill_after_invalidation_is_refused(run, r, k):
     run("get", k, "tok1", 5000, "L", 1000)
     assert run("invalidate", k, 10000, "d", 1000, "", "", *[""] * (len(k) // 2)) == 0
     assert run("fill", k, "tok1", 1000, b'"old"', "", 60000, "0") == [0]
-    assert r.hget(k[0], "v") is None
-    assert r.hget(k[0], "ti") is not None  # tombstone
+    assert hget(r, k[0], "v") is None
+    assert hget(r, k[0], "ti") is not None  # tombstone
 
 
 def test_fill_with_wrong_token_is_refused(run, k):
@@ -68,10 +69,10 @@ def test_fill_with_wrong_token_is_refused(run, k):
 
 def test_version_floor_refuses_older_fill_and_releases_lease(run, r, k):
     run("invalidate", k, 10000, "d", 1000, "", "", *["10"] * (len(k) // 2))
-    assert r.hget(k[0], "fl") == b"10"
+    assert hget(r, k[0], "fl") == b"10"
     run("get", k, "tok1", 5000, "L", 1000)
     assert run("fill", k, "tok1", 1000, b"9", "9", 60000, "0") == [-1]
-    assert r.hget(k[0], "lt") is None
+    assert hget(r, k[0], "lt") is None
     out = run("get", k, "tok2", 5000, "L", 1000)
     assert out[0] == 2
     assert run("fill", k, "tok2", 1000, b"10", "10", 60000, "0") == [1]
@@ -81,7 +82,7 @@ def test_invalidate_raises_floor_from_cached_version(run, r, k):
     run("get", k, "t", 5000, "L", 1000)
     run("fill", k, "t", 1000, b"1", "5", 60000, "0")
     assert run("invalidate", k, 10000, "d", 1000, "", "", *[""] * (len(k) // 2)) == 1
-    assert r.hget(k[0], "fl") == b"5"
+    assert hget(r, k[0], "fl") == b"5"
     assert 0 < r.pttl(k[0]) <= 10000
 
 
@@ -118,7 +119,7 @@ def test_set_voids_lease_and_guards_version(run, r, k):
     assert run("set", k, b"2", "2", 60000, "0", 1000, "") == 1
     assert run("fill", k, "t", 1000, b"1", "1", 60000, "0") == [0]
     assert run("set", k, b"1", "1", 60000, "0", 1000, "") == -1
-    assert r.hget(k[0], "v") == b"2"
+    assert hget(r, k[0], "v") == b"2"
     assert run("set", k, b"x", "", 60000, "0", 1000, "") == 1  # unversioned: unconditional
 
 
@@ -139,7 +140,7 @@ def test_release_wakes_waiters_and_frees_lease(run, r, k):
 
 def test_expired_lease_is_taken_over(run, r, k):
     run("get", k, "t", 5000, "L", 1000)
-    r.hset(k[0], "ld", 1)  # deadline in the past (server clock)
+    hset(r, k[0], "ld", 1)  # deadline in the past (server clock)
     assert run("get", k, "t2", 5000, "L", 1000)[:2] == [2, b"t2"]
     assert run("fill", k, "t", 1000, b"1", "", 60000, "0") == [0]
 
@@ -184,12 +185,12 @@ def test_set_wakes_waiters_with_value_and_refusal_with_retry(run, r, k):
 def test_invalidate_batch_gives_each_key_its_own_version(run, r, k):
     k2 = [f"cs:luatest:{{{uuid.uuid4().hex}}}"]
     k2.append(k2[0] + ":w")
-    r.hset(k[0], mapping={"v": "a", "ver": "3"})
-    r.hset(k2[0], mapping={"v": "b", "ver": "1"})
+    hset(r, k[0], mapping={"v": "a", "ver": "3"})
+    hset(r, k2[0], mapping={"v": "b", "ver": "1"})
     assert run("invalidate", k + k2, 10000, "d", 1000, "", "", "7", "") == 2
-    assert r.hget(k[0], "fl") == b"7"  # its own version
-    assert r.hget(k2[0], "fl") == b"1"  # no version given: the cached one becomes the floor
-    assert r.hget(k[0], "v") is None and r.hget(k2[0], "v") is None
+    assert hget(r, k[0], "fl") == b"7"  # its own version
+    assert hget(r, k2[0], "fl") == b"1"  # no version given: the cached one becomes the floor
+    assert hget(r, k[0], "v") is None and hget(r, k2[0], "v") is None
 
 
 @pytest.mark.parametrize("args", [
@@ -202,7 +203,7 @@ def test_invalidate_batch_gives_each_key_its_own_version(run, r, k):
     (10000, "d", 1000, "", "", "inf"),
 ])
 def test_invalidate_validates_before_it_mutates(run, r, k, args):
-    r.hset(k[0], mapping={"v": "a", "ver": "3"})
+    hset(r, k[0], mapping={"v": "a", "ver": "3"})
     with pytest.raises(redis.ResponseError, match="invalidate.lua"):
         run("invalidate", k, *args)
-    assert r.hgetall(k[0]) == {b"v": b"a", b"ver": b"3"}  # nothing changed
+    assert hgetall(r, k[0]) == {b"v": b"a", b"ver": b"3"}  # nothing changed

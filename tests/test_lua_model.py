@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from cachesync.scripts import SCRIPTS
 
 from conftest_services import REDIS_URL, require_service
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 KEYS = ["a", "b"]
 TOKENS = ["t1", "t2", "t3"]
@@ -162,7 +163,7 @@ class LuaVsModel(RuleBasedStateMachine):
         """The lease deadline passes (moved into the past on the server): another reader may take over."""
         e = self.model.e[k]
         if e.lt is not None:
-            self.r.hset(self.keys(k)[0], "ld", 1)
+            hset(self.r, self.keys(k)[0], "ld", 1)
             e.expired = True
 
     @invariant()
@@ -170,7 +171,7 @@ class LuaVsModel(RuleBasedStateMachine):
         if not hasattr(self, "model"):
             return
         for k in KEYS:
-            h = self.r.hgetall(self.keys(k)[0])
+            h = hgetall(self.r, self.keys(k)[0])
             e = self.model.e[k]
             assert h.get(b"v") == e.v, (k, h, e)
             assert _ver(h.get(b"ver")) == e.ver, (k, h, e)

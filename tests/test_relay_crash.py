@@ -19,6 +19,7 @@ from cachesync.db import connect
 from cachesync.keys import entry_key
 from cachesync.outbox import Outbox
 from test_outbox import db_url, wait_for  # noqa: F401  (fixture)
+from cachesync.core.layout import decode_entry
 
 N = 10_000
 RELAY_POINTS = ["claimed", "applied", "deleted", "committed"]
@@ -78,8 +79,8 @@ def tombstoned(redis_url: str, ns: str) -> int:
     r = redis.Redis.from_url(redis_url)
     pipe = r.pipeline(transaction=False)
     for j in range(N):
-        pipe.hexists(entry_key(ns, f"c:{j}"), "ti")
-    n = sum(bool(x) for x in pipe.execute())
+        pipe.get(entry_key(ns, f"c:{j}"))
+    n = sum("ti" in (decode_entry(x) or {}) for x in pipe.execute())
     r.close()
     return n
 

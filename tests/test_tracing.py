@@ -21,6 +21,7 @@ from cachesync.db import connect
 from cachesync.keys import entry_key
 from cachesync.outbox import Outbox
 from cachesync.outbox.relay import Relay
+from entries import hexists, hget, hgetall, hset  # noqa: F401
 
 EXPORTER = InMemorySpanExporter()
 
@@ -56,7 +57,7 @@ def test_relay_span_is_the_parent_of_the_worker_span(redis_url, namespace, tmp_p
         assert deliver.attributes["cachesync.rows"] == 1
         assert apply.context.trace_id == deliver.context.trace_id
         assert apply.parent is not None and apply.parent.span_id == deliver.context.span_id
-        assert cache.redis.hexists(entry_key(namespace, "t:1"), "ti")
+        assert hexists(cache.redis, entry_key(namespace, "t:1"), "ti")
     finally:
         relay.close()
         cache.invalidate("t:1")

@@ -9,8 +9,8 @@
     cachesync audit --redis-url URL --namespace NS --db-url URL --rules rules.toml [--pattern 'user:*']
                     [--grace 2] [--limit N] [--repair] [--json]
 
-How it judges. Each cached entry of the namespace (``SCAN``, read-only: ``HMGET`` of the value's presence,
-version and negative flag; no lease is taken, no TTL touched) whose key matches a key template of a rule **with a
+How it judges. Each cached entry of the namespace (``SCAN``, read-only: a pipelined ``GET`` of each entry,
+decoded for the value's presence, version and negative flag; no lease is taken, no TTL touched) whose key matches a key template of a rule **with a
 version column** (``[tables.users] keys = ["user:{id}"], version = "version"``) is looked up in the database by
 the template's columns (``SELECT version FROM users WHERE id = ?``). Versions are compared, not values: the cache
 stores the version the loader returned (``Versioned(value, version)``), and comparing values would need the

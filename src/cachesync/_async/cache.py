@@ -357,7 +357,7 @@ class AsyncCache:
         return await self._single(key, lambda: self._hit(key, loader, ttl))
 
     async def _hit(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
-        """The hit fast path (inside the flight: concurrent reads of one key still share one ``HMGET``): send
+        """The hit fast path (inside the flight: concurrent reads of one key still share one ``GET``): send
         :func:`~cachesync.protocol.get_flow`'s first command and serve :func:`~cachesync.protocol.fresh_hit`;
         anything else runs the flow, answering its first command with this reply."""
         ctx = self.ctx

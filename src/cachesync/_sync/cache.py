@@ -303,7 +303,7 @@ class Cache:
             key, ttl, lambda: self._run(P.get_flow(self.ctx, key, ttl), loader)))
 
     def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
-        """The hit fast path: send :func:`~cachesync.protocol.get_flow`'s first command (the plain ``HMGET``)
+        """The hit fast path: send :func:`~cachesync.protocol.get_flow`'s first command (the plain ``GET``)
         directly and serve :func:`~cachesync.protocol.fresh_hit`; anything else (a miss, a stale-marked or corrupt
         entry, an error) runs the flow single-flight, answering its first command with this reply. Concurrent
         hits of one key each read Redis (as a plain client would); misses share one flight."""

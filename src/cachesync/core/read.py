@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .keys import wake_key
+from .layout import decode_entry
 from .options import check_positive
 from .context import _groups, _interleave, Context, GetReply, parse_get, parse_wake
 from .effects import Cmd, CommandError, Flow, HIT, LEASED, Load, MISS, RedisDown, script, WAIT, wait
@@ -40,6 +41,55 @@ def _plain_hits(ctx: Context, ukeys: Sequence[str], idxs: list[int], reply: Sequ
                 pass
         rest.append((i, parse_get(reply[b:b + 4])[0]))
     ctx.stats["hits"] += n
+    return rest
+
+
+def _mget_hits(ctx: Context, ukeys: Sequence[str], idxs: list[int], raws: Sequence[Any],
+               result: dict[str, Entry[Any]], corrupt: list[tuple[int, Exception]]) -> list[int]:
+    """The batch ``MGET`` fast path: fresh values in the compact layout (:mod:`cachesync.core.layout`) are
+    decoded into ``result`` in one loop; foreign or undecodable entries go to ``corrupt`` (with the problem) for
+    :func:`_repair`; returns the indexes left for ``get.lua`` (misses and every other state). Counts as
+    :func:`_hit` does."""
+    if len(raws) != len(idxs):
+        raise CommandError(f"MGET answered {len(raws)} values for {len(idxs)} keys")
+    loads = ctx.ser.loads
+    rest: list[int] = []
+    hits = negs = 0
+    for i, raw in zip(idxs, raws, strict=True):
+        if raw is None:
+            rest.append(i)
+            continue
+        c = raw[0] if raw else 0
+        if c == 86 or c == 78:  # b"V" / b"N"
+            j = raw.find(b"|", 1)
+            try:
+                if j < 0:
+                    raise CorruptEntry("not a cachesync entry (no version separator)")
+                ver = decode_version(raw[1:j]) if j > 1 else None
+                if c == 86:
+                    try:
+                        value = loads(raw[j + 1:])
+                    except Exception as e:
+                        ctx.stats["deserialize_errors"] += 1
+                        raise CorruptEntry(f"payload cannot be decoded with {ctx.ser.name}: "
+                                           f"{type(e).__name__}: {e}") from e
+                    result[ukeys[i]] = cache_entry(value, ver)
+                    hits += 1
+                else:
+                    result[ukeys[i]] = cache_entry(NOT_FOUND, ver)
+                    negs += 1
+            except CorruptEntry as e:
+                corrupt.append((i, e))
+            continue
+        try:
+            decode_entry(raw)  # b"M" (get.lua judges it) or foreign
+            rest.append(i)
+        except CorruptEntry as e:
+            corrupt.append((i, e))
+    st = ctx.stats
+    st["hits"] += hits
+    if negs:
+        st["negative_hits"] += negs
     return rest
 
 
@@ -98,29 +148,49 @@ def cache_entry(value: Any, version: int | float | None) -> Entry[Any]:
 
 
 def hit_args(ctx: Context, key: str, ttl: float | None) -> tuple[str, ...]:
-    """The first command of :func:`get_flow`: the fast-path ``HMGET`` of ``key``'s entry (validates the key and
+    """The first command of :func:`get_flow`: the fast-path ``GET`` of ``key``'s entry (validates the key and
     ``ttl``). A driver may send it before starting the flow and serve :func:`fresh_hit` without the flow."""
     if ttl is not None:
         check_positive("ttl", ttl)
-    return ("HMGET", ctx.ekey(key), "v", "ver", "n", "s")
+    return ("GET", ctx.ekey(key))
 
 
-def fresh_hit(ctx: Context, key: str, f: Sequence[Any], count: bool = True) -> Entry[Any] | None:
-    """The entry that the reply ``f`` of :func:`hit_args` serves (a value that is not stale-marked, counted in
-    ``hits`` or ``negative_hits``), or None when the read must go on (:func:`get_flow` does). Raises
-    :class:`CorruptEntry` for an undecodable payload or version (the flow repairs it). A driver trying the
-    fast path passes ``count=False``: on a failure the flow judges the same reply again and counts it once."""
-    v = f[0]
-    if v is None or f[3] is not None:
+def fresh_hit(ctx: Context, key: str, f: Any, count: bool = True) -> Entry[Any] | None:
+    """The entry that the reply ``f`` of :func:`hit_args` serves (a fresh value in the compact layout of
+    :mod:`cachesync.core.layout`, counted in ``hits`` or ``negative_hits``), or None when the read must go on
+    (:func:`get_flow` does: a miss, or any other state, which ``get.lua`` judges). Raises :class:`CorruptEntry`
+    for a string that is not an entry, or an undecodable payload or version (the flow repairs it). A driver
+    trying the fast path passes ``count=False``: on a failure the flow judges the same reply again and counts
+    it once."""
+    if f is None:
         return None
-    ver = f[1]
-    version = None if ver is None else decode_version(ver)
-    if f[2] == b"1":
-        ctx.stats["negative_hits"] += 1
-        return cache_entry(NOT_FOUND, version)
-    value = ctx.decode_stored(key, v, False, count)
-    ctx.stats["hits"] += 1
-    return cache_entry(value, version)
+    c = f[0] if f else 0
+    if c == 86 or c == 78:  # b"V" / b"N"
+        i = f.find(b"|", 1)
+        if i < 0:
+            raise CorruptEntry("not a cachesync entry (no version separator)")
+        version = decode_version(f[1:i]) if i > 1 else None
+        if c == 78:
+            ctx.stats["negative_hits"] += 1
+            return cache_entry(NOT_FOUND, version)
+        value = ctx.decode_stored(key, f[i + 1:], False, count)
+        ctx.stats["hits"] += 1
+        return cache_entry(value, version)
+    if c == 77:  # b"M": stale-marked, leased, tombstone: get.lua decides (a foreign one is repaired first)
+        decode_entry(f)
+        return None
+    raise CorruptEntry("not a cachesync entry (unknown layout)")
+
+
+def _holds_value(f: Any) -> bool:
+    """Whether the reply of :func:`hit_args` holds a value (fresh or stale-marked): plain mode's miss test."""
+    if f is None:
+        return False
+    try:
+        e = decode_entry(f)
+    except CorruptEntry:
+        return False
+    return e is not None and "v" in e
 
 
 def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
@@ -131,7 +201,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
     """
     first = hit_args(ctx, key, ttl)
     ek = first[1]
-    # Fast path: one plain HMGET (cheaper than a script call) serves every fresh hit. A driver may send this
+    # Fast path: one plain GET (cheaper than a script call) serves every fresh hit. A driver may send this
     # first command itself before starting the flow (and answer it with its reply): see hit_args/fresh_hit.
     try:
         f = yield Cmd(first)
@@ -139,14 +209,14 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
         return (yield from _fallback_one(ctx, e))
     except CommandError as e:  # WRONGTYPE: a foreign key where the entry belongs
         yield from _repair(ctx, key, ek, e)
-        f = (None, None, None, None)
+        f = None
     try:
         entry = fresh_hit(ctx, key, f)
         if entry is not None:
             return entry
     except CorruptEntry as e:
         yield from _repair(ctx, key, ek, e)
-        f = (None, None, None, None)
+        f = None
     keys = [ek, wake_key(ek)]
     token = new_token()
     args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
@@ -154,7 +224,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
     o = ctx.o
     repaired = 0
     while True:
-        if ctx.mode == "P" and f[0] is None:
+        if ctx.mode == "P" and not _holds_value(f):
             reply = [MISS, None, None, None]  # plain cache-aside: a miss loads without a lease
         else:
             try:
@@ -181,7 +251,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
                 raise
             repaired += 1
             yield from _repair(ctx, key, ek, e)
-            f = (None,)
+            f = None
             continue
         if r.code == WAIT:
             remaining = o.max_wait - waited
@@ -199,7 +269,7 @@ def get_flow(ctx: Context, key: str, ttl: float | None) -> Flow[Entry[Any]]:
                     return _hit(ctx, key, hit)
             except CorruptEntry:
                 pass  # an unreadable wake-up item: read again
-            f = (None,)
+            f = None
             continue
         # LEASED (we hold the lease) or MISS (plain mode)
         ctx.stats["misses"] += 1
@@ -268,6 +338,28 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[
     args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
     result: dict[str, Entry[Any]] = {}
     pending = list(range(len(ukeys)))
+    try:  # fast path: one MGET per slot group serves every fresh hit; the rest go through get.lua
+        left: list[int] = []
+        bad: list[tuple[int, Exception]] = []
+        for group in _groups(ctx, eks):
+            raws = yield Cmd(("MGET", *[eks[i] for i in group]))
+            left += _mget_hits(ctx, ukeys, group, raws, result, bad)
+        for i, problem in bad:  # deleted, counted and logged; then read through get.lua like a miss
+            yield from _repair(ctx, ukeys[i], eks[i], problem)
+            left.append(i)
+        pending = left
+    except CommandError:
+        pass  # every key goes through get.lua, which reports or repairs
+    except RedisDown as e:
+        ctx.stats["redis_errors"] += 1
+        if ctx.o.on_redis_error == "fail":
+            raise e.cause from None
+        down = [k for k in ukeys if k not in result]
+        ctx.stats["fallback_loads"] += 1
+        got = yield Load(down, fallback=True)
+        for k in down:
+            result[k] = Entry(ctx.unwrap(got.get(k, NOT_FOUND)), source="fallback")
+        return {k: result[k] for k in ukeys}
     waited = 0.0
     o = ctx.o
     repairs = 0

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 NAMES = ("get", "fill", "set", "invalidate", "release", "peek", "bloom_add", "bloom_check", "bloom_rebuild")
+#: The scripts that read or write entries: each is sent with ``_entry.lua`` (the entry layout) in front of it.
+ENTRY_SCRIPTS = frozenset({"get", "fill", "set", "invalidate", "release", "peek"})
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,11 @@ class Script:
 def _load() -> dict[str, Script]:
     out = {}
     base = resources.files("cachesync") / "lua"
+    prelude = (base / "_entry.lua").read_text(encoding="utf-8")
     for name in NAMES:
         src = (base / f"{name}.lua").read_text(encoding="utf-8")
+        if name in ENTRY_SCRIPTS:
+            src = prelude + src
         out[name] = Script(name, src, hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest())
     return out
 

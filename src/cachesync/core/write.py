@@ -10,6 +10,7 @@ from typing import Any, Final
 from ..errors import InvalidationError, UsageError
 from ..errors import CorruptEntryError, InvalidKeyError
 from .keys import wake_key
+from .layout import decode_entry
 from .options import check_non_negative
 from .context import _groups, _interleave, Context
 from .effects import Batch, CommandError, Flow, RedisDown, Schedule, script
@@ -168,19 +169,26 @@ def peek_values_flow(ctx: Context, keys: Sequence[str]
     """Per key, without side effects (for audits): (holds a value, its version, negative entry, the stored
     payload). A value stale-marked by an invalidation (``serve_stale``) counts as no value: it is known to be
     old. One pipelined round trip."""
-    replies = yield Batch(tuple(("HMGET", ctx.ekey(k), "v", "ver", "n", "s") for k in keys))
+    replies = yield Batch(tuple(("GET", ctx.ekey(k)) for k in keys))
     out: list[tuple[bool, int | float | None, bool, bytes | None]] = []
     for r in replies:
-        if isinstance(r, CommandError):  # a foreign key (wrong type) where an entry belongs: no value
+        try:
+            if isinstance(r, CommandError):  # a foreign key (wrong type) where an entry belongs: no value
+                raise CorruptEntryError(str(r))
+            e = decode_entry(r)
+        except CorruptEntryError:
             out.append((False, None, False, None))
             continue
-        v, ver, n, stale = r
-        has_value = v is not None and stale not in (b"1", "1")
+        if e is None:
+            out.append((False, None, False, None))
+            continue
+        v = e.get("v")
+        has_value = v is not None and "s" not in e
         try:
-            dver = decode_version(ver) if ver not in (None, b"") else None
+            dver = decode_version(e["ver"]) if "ver" in e else None
         except CorruptEntryError:
             dver = None
-        out.append((has_value, dver, n in (b"1", "1"), v if has_value else None))
+        out.append((has_value, dver, "n" in e, v if has_value else None))
     return out
 
 

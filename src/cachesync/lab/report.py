@@ -211,7 +211,7 @@ def _header(title: str, info: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- sequence diagrams
 
 _SQL = re.compile(r"\b(SELECT|UPDATE|INSERT|DELETE the row|ROLLBACK|claim the row)\b")
-_REDIS = re.compile(r"(\.lua|HMGET|HGETALL|PTTL|the TTL)")
+_REDIS = re.compile(r"(\.lua|\bGET\b|PTTL|the TTL)")
 CHAR_W = 6.6  # width of one character of the 11 px monospace labels
 LINE_H = 14
 

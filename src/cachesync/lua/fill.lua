@@ -3,7 +3,7 @@
 -- (an invalidation or a writer's set removes the lease), and only if the
 -- value's version is not older than the entry's version floor.
 --
--- KEYS: for each key i, KEYS[2i-1] = entry hash, KEYS[2i] = wake list
+-- KEYS: for each key i, KEYS[2i-1] = entry (layout: _entry.lua), KEYS[2i] = wake list
 -- ARGV[1] = lease token ("" = plain mode: no lease check)
 -- ARGV[2] = wake list TTL in ms
 -- ARGV[3 + 4(i-1)] .. ARGV[6 + 4(i-1)] for key i:
@@ -16,8 +16,8 @@
 --   1 accepted, 0 refused (lease lost), -1 refused (older than the version floor)
 --
 -- Validates every argument of every key before the first write (an error reply, nothing changed): TTLs are
--- numbers in (0, 1e13] ms, versions "" or numeric, negative flags "0"/"1". A foreign key (wrong type) is
--- deleted and holds no lease; non-numeric floor or waiter fields count as absent.
+-- numbers in (0, 1e13] ms, versions "" or numeric, negative flags "0"/"1". A foreign key (wrong type, or a
+-- string that is not an entry) is deleted and holds no lease.
 local function bad_ms(x) return not x or x ~= x or x <= 0 or x > 1e13 end  -- NaN fails x == x
 local token = ARGV[1]
 local wake_ms = tonumber(ARGV[2])
@@ -36,29 +36,24 @@ for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local j = 3 + (i - 1) * 2
   local payload, ver, ttl, neg = ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2]), ARGV[j + 3]
-  local f = redis.pcall('HMGET', k, 'lt', 'fl', 'w')
-  if f.err then
+  local e = entry_get(k)
+  if not e then
     redis.call('DEL', k)
-    f = {}
+    e = {}
   end
-  local lt, fl, w = f[1], f[2], tonumber(f[3])
-  if fl and not tonumber(fl) then fl = nil end
+  local lt, fl, w = e.lt, e.fl, tonumber(e.w)
   if token ~= '' and lt ~= token then
     out[#out + 1] = 0
   elseif ver ~= '' and fl and tonumber(ver) < tonumber(fl) then
-    redis.call('HDEL', k, 'lt', 'ld', 'w')
+    e.lt, e.ld, e.w = nil, nil, nil
+    entry_put(k, e, nil)
     out[#out + 1] = -1
   else
-    redis.call('DEL', k)
     local newfl = fl
     if ver ~= '' and (not fl or tonumber(ver) > tonumber(fl)) then newfl = ver end
-    if ver ~= '' then
-      redis.call('HSET', k, 'v', payload, 'n', neg, 'ver', ver)
-    else
-      redis.call('HSET', k, 'v', payload, 'n', neg)
-    end
-    if newfl then redis.call('HSET', k, 'fl', newfl) end
-    redis.call('PEXPIRE', k, ttl)
+    local ne = {v = payload, fl = newfl, n = (neg == '1') or nil}
+    if ver ~= '' then ne.ver = ver end
+    entry_put(k, ne, ttl)
     out[#out + 1] = 1
   end
   if w and w > 0 and out[#out] ~= 0 then

@@ -3,7 +3,7 @@
 -- a short-lived tombstone recording the invalidated version and time. One call
 -- serves a whole batch: each key carries its own committed version.
 --
--- KEYS: for each key i, KEYS[2i-1] = entry hash, KEYS[2i] = wake list
+-- KEYS: for each key i, KEYS[2i-1] = entry (layout: _entry.lua), KEYS[2i] = wake list
 -- ARGV[1] = tombstone TTL in ms
 -- ARGV[2] = mode: "d" delete the value, "s" keep it but mark it stale
 -- ARGV[3] = wake list TTL in ms
@@ -15,7 +15,8 @@
 -- Reply: the number of keys that held a value (fresh or stale).
 --
 -- Validates before it mutates (error reply, nothing changed): the counts of KEYS and versions must match,
--- the TTLs be positive and each version "" or a finite number. A foreign key (wrong type) is replaced.
+-- the TTLs be positive and each version "" or a finite number. A foreign key (wrong type, or a string that
+-- is not an entry) is replaced.
 local function bad_ms(x) return not x or x ~= x or x <= 0 or x > 1e13 end  -- NaN fails x == x
 local tomb_ms, mode, wake_ms, chan, tp = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local n = #KEYS / 2
@@ -30,32 +31,24 @@ for i = 1, n do
   end
 end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nowms = entry_ms(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local had = 0
 local names = {}
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local ver = ARGV[5 + (i + 1) / 2]
-  local f = redis.pcall('HMGET', k, 'v', 'ver', 'fl', 'w')
-  if f.err then f = {} end  -- a foreign key (wrong type) where an entry belongs: replaced by the tombstone
-  local v, vver, fl, w = f[1], f[2], f[3], tonumber(f[4])
-  if vver and not tonumber(vver) then vver = nil end
-  if fl and not tonumber(fl) then fl = nil end
+  local e = entry_get(k) or {}  -- a foreign key where an entry belongs: replaced by the tombstone
+  local v, vver, fl, w = e.v, e.ver, e.fl, tonumber(e.w)
   if v then had = had + 1 end
   local newfl = fl
-  for _, c in ipairs({vver, ver}) do
-    if c and c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
+  for _, c in ipairs({vver or '', ver}) do
+    if c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
   end
   if mode == 's' and v then
-    redis.call('HDEL', k, 'lt', 'ld', 'w')
-    redis.call('HSET', k, 's', '1', 'ti', now)
-    if newfl then redis.call('HSET', k, 'fl', newfl) end
-    if redis.call('PTTL', k) < tomb_ms then redis.call('PEXPIRE', k, tomb_ms) end
+    e.lt, e.ld, e.w, e.s, e.ti, e.fl = nil, nil, nil, true, nowms, newfl
+    if redis.call('PTTL', k) < tomb_ms then entry_put(k, e, tomb_ms) else entry_put(k, e, nil) end
   else
-    redis.call('DEL', k)
-    redis.call('HSET', k, 'ti', now)
-    if newfl then redis.call('HSET', k, 'fl', newfl) end
-    redis.call('PEXPIRE', k, tomb_ms)
+    entry_put(k, {ti = nowms, fl = newfl}, tomb_ms)
   end
   -- wake waiters with "0" (retry); a value item still pending from an earlier fill is now stale: replace it
   local nw = redis.call('LLEN', KEYS[i + 1])

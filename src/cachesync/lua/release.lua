@@ -1,7 +1,7 @@
 -- cachesync release: give up a lease without filling (the loader failed),
 -- so that waiters retry at once instead of waiting for the lease deadline.
 --
--- KEYS: for each key i, KEYS[2i-1] = entry hash, KEYS[2i] = wake list
+-- KEYS: for each key i, KEYS[2i-1] = entry (layout: _entry.lua), KEYS[2i] = wake list
 -- ARGV[1] = lease token, ARGV[2] = wake list TTL in ms
 --
 -- Reply: the number of leases released.
@@ -13,11 +13,12 @@ end
 local n = 0
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
-  local f = redis.pcall('HMGET', k, 'lt', 'w')
-  if not f.err and f[1] == ARGV[1] then
-    redis.call('HDEL', k, 'lt', 'ld', 'w')
+  local e = entry_get(k)
+  if e and e.lt == ARGV[1] then
+    local w = tonumber(e.w)
+    e.lt, e.ld, e.w = nil, nil, nil
+    entry_put(k, e, nil)
     n = n + 1
-    local w = tonumber(f[2])
     if w and w > 0 then
       for _ = 1, w do redis.call('RPUSH', KEYS[i + 1], '0') end
       redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
