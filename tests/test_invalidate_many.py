@@ -148,3 +148,73 @@ def test_a_not_found_exception_instance_keeps_a_short_traceback(cache: cachesync
             tb, n = tb.tb_next, n + 1
         depths.append(n)
     assert depths[0] == depths[1] == depths[2]  # re-raising the instance does not pile up tracebacks
+
+
+@pytest.mark.parametrize("items", [
+    [(["a"], "12"), (["a"], "9")],  # digit strings: the highest number wins, not the longest or last string
+    [(["a"], "007"), (["b"], "123456789012345")],  # leading zeros kept as given; 15 digits (below 2**53)
+    [(["a"], "1.5"), (["a"], 2)],  # not digits only: through encode_version
+    [(["a"], "\u0661\u0662")],  # non-ASCII digits: str.isdigit(), so left to encode_version (which decides)
+    [(("a", "b"), None), ({"c"}, 3)],  # a tuple, a set: any iterable of keys but a string
+    [(["a"], 5), (["a"], None), (["a"], 4)],  # an unknown version never lowers a known one
+])
+def test_merge_gives_what_encoding_each_version_gives(items: list[tuple[object, object]]) -> None:
+    from cachesync.core.values import encode_version
+
+    want: dict[str, str] = {}  # the plain definition: encode each version, keep the highest per key
+    for keys, ver in items:
+        v = encode_version(ver)
+        for k in keys:  # type: ignore[attr-defined]
+            old = want.get(k)
+            if old is None or (v != "" and (old == "" or float(v) > float(old))):
+                want[k] = v
+    assert P.merge_invalidations(items) == want  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("items, err, what", [
+    ([(["a"], "99999999999999999")], UsageError, "2\\*\\*53"),  # 17 digits, beyond 2**53: refused, not passed on
+    ([(["a"], "\u00b2")], UsageError, "decimal"),  # superscript two
+    ([([["a"]], None)], InvalidKeyError, "str"),  # an unhashable key: InvalidKeyError, not TypeError
+])
+def test_merge_refuses_what_looks_like_digits_but_is_not_a_version(items: object, err: type[Exception],
+                                                                    what: str) -> None:
+    with pytest.raises(err, match=what):
+        P.merge_invalidations(items)  # type: ignore[arg-type]
+
+
+def test_key_length_is_counted_in_utf8_bytes_beyond_the_cheap_bound(namespace: str) -> None:
+    from cachesync.core.keys import check_key
+
+    assert check_key("a" * 16, 16) == "a" * 16  # 16 characters, 16 bytes: longer than 16 / 4, still fits
+    assert check_key("\u20ac" * 4, 16) == "\u20ac" * 4  # 4 characters of 3 bytes: fits without counting
+    assert check_key("\u20ac" * 5, 16) == "\u20ac" * 5  # 15 bytes: counted, fits
+    with pytest.raises(InvalidKeyError, match="17 bytes long"):
+        check_key("\u20ac" * 5 + "ab", 16)
+    with pytest.raises(InvalidKeyError, match="18 bytes long"):
+        check_key("\U0001f600" * 4 + "ab", 16)  # 4-byte characters
+    with pytest.raises(InvalidKeyError, match="empty"):
+        check_key("", 16)
+
+
+def test_unreachable_redis_names_only_the_chunks_not_done(redis_url: str, namespace: str) -> None:
+    c = cachesync.Cache(redis_url, namespace=namespace)
+    keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK + 3)]
+    real, calls = c.redis.execute_command, []
+
+    def second_call_fails(*args: object, **kw: object) -> object:
+        if args and args[0] == "EVALSHA":
+            calls.append(1)
+            if len(calls) == 2:
+                raise redis.ConnectionError("gone")
+        return real(*args, **kw)
+
+    c.redis.execute_command = second_call_fails  # type: ignore[method-assign]
+    try:
+        with pytest.raises(InvalidationError) as ei:
+            c.invalidate_many([(keys, 1)])
+    finally:
+        c.redis.execute_command = real  # type: ignore[method-assign]
+    assert list(ei.value.keys) == keys[P.INVALIDATE_CHUNK:]  # the first chunk was applied
+    assert c.stats["invalidations_failed"] == 3
+    assert floor(c, keys[0]) == b"1" and floor(c, keys[-1]) is None
+    c.close()

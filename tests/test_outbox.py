@@ -661,3 +661,64 @@ def test_module_level_commit_uses_default_table(tmp_path):
     outbox_mod.commit(conn, "user:9")
     assert Outbox().pending(conn) == 1
     conn.close()
+
+
+def _parse_reference(t: tuple, mkb: int) -> tuple[str, object]:
+    """What the relay's row checks are defined as: json.loads, checked_version, then a non-empty list of keys that
+    checked_keys accepts (or a prefixes object); anything else is parked."""
+    import json
+
+    from cachesync.bus import checked_keys, checked_version
+
+    try:
+        ks = json.loads(t[1])
+        ver = None if t[2] is None else checked_version(t[2])
+        if isinstance(ks, dict) and isinstance(ks.get("prefixes"), list):
+            return "good", ([], ver, ks["prefixes"])
+        if not isinstance(ks, list) or not ks:
+            raise ValueError("not a list")
+        checked_keys(ks, mkb)
+        return "good", (ks, ver, None)
+    except (ValueError, TypeError, cachesync.errors.UsageError):
+        return "bad", None
+
+
+@pytest.mark.parametrize("keys, version", [
+    ('["user:1","by_email:a@b.c"]', "12"),
+    ('["user:1"]', None),
+    ('["' + "a" * 16 + '"]', "1"),  # exactly max_key_bytes: longer than the cheap bound (16 / 4), still fits
+    ('["' + "\u00e9" * 8 + '"]', "1"),  # 8 two-byte characters: 16 bytes, fits
+    ('["' + "\u20ac" * 6 + '"]', "1"),  # 18 bytes: too long
+    ('["' + "a" * 17 + '"]', "1"),
+    ('[""]', "1"),
+    ('[5]', "1"),
+    ('[]', "1"),
+    ('{"prefixes": ["user:"]}', None),
+    ('{"other": 1}', None),
+    ('"user:1"', None),
+    ('["a"]', "1.5"),
+    ('["a"]', "-3"),
+    ('["a"]', "007"),
+    ('["a"]', "123456789012345"),
+    ('["a"]', "99999999999999999"),  # beyond 2**53
+    ('["a"]', "abc"),
+    ('["a"]', "nan"),
+    ('["a"]', "\u00b2"),  # str.isdigit(), not a number
+    ('["a"]', ""),
+    ('["a"]', 42),  # an integer column
+    ('["a"]', b"7"),
+])
+def test_relay_row_checks_accept_and_park_exactly_what_the_full_checks_do(tmp_path, redis_url, namespace,
+                                                                          keys, version):
+    with cachesync.Cache(redis_url, namespace=namespace, max_key_bytes=16) as c:
+        relay = Relay(f"sqlite:///{tmp_path}/t.db", c, table="t")
+        good, bad = relay._parse([(7, keys, version, 0)])
+        what, want = _parse_reference((7, keys, version, 0), 16)
+        if what == "bad":
+            assert not good and [b[0] for b in bad] == [7]
+            assert bad[0][2] == (7, keys, version, 0)  # the claimed columns, to park the row
+        else:
+            assert not bad and len(good) == 1
+            r = good[0]
+            assert (r.keys, r.version, r.prefixes) == want
+            assert (r.id, r.attempts, r.raw) == (7, 0, (7, keys, version, 0))

@@ -21,6 +21,8 @@ def check_key(key: object, max_bytes: int) -> str:
         raise InvalidKeyError(key, f"keys must be str, not {type(key).__name__}")
     if not key:
         raise InvalidKeyError(key, "keys must not be empty")
+    if len(key) * 4 <= max_bytes:  # short enough whatever its characters (UTF-8: at most 4 bytes each)
+        return key
     n = len(key.encode("utf-8", "surrogatepass"))
     if n > max_bytes:
         raise InvalidKeyError(key[:40] + "...", f"{n} bytes long; max_key_bytes is {max_bytes}")

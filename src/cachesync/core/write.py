@@ -32,19 +32,31 @@ def merge_invalidations(items: Iterable[tuple[Sequence[str], Any]], fn: str = "i
     applying the pairs one by one would leave). A pair's ``keys`` must be a list or tuple of keys, not a string.
     """
     out: dict[str, str] = {}
+    get = out.get
     for item in items:
         try:
             keys, version = item
         except (TypeError, ValueError):
             raise UsageError(f"{fn}() takes (keys, version) pairs, got {item!r}") from None
-        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+        tk = type(keys)
+        if tk is not list and tk is not tuple and (isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable)):
             raise UsageError(f"{fn}() takes a list of keys per (keys, version) pair, not {keys!r}")
-        ver = encode_version(version)
+        if version is None:
+            ver = ""
+        elif type(version) is str and len(version) < 16 and version.isascii() and version.isdigit():
+            ver = version  # what encode_version returns for it (digits only, below 2**53)
+        else:
+            ver = encode_version(version)
         for k in keys:
-            if not isinstance(k, str):
-                raise InvalidKeyError(k, f"keys must be str, not {type(k).__name__} (in {fn}())")
-            old = out.get(k)
-            if old is None or (ver != "" and (old == "" or float(ver) > float(old))):
+            try:
+                old = get(k)
+            except TypeError:  # unhashable: not a key (refused just below)
+                old = None
+            if old is None:
+                if type(k) is not str and not isinstance(k, str):
+                    raise InvalidKeyError(k, f"keys must be str, not {type(k).__name__} (in {fn}())")
+                out[k] = ver
+            elif ver != "" and (old == "" or float(ver) > float(old)):
                 out[k] = ver
     return out
 
@@ -62,13 +74,27 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent:
     ukeys = list(versions)
     if not ukeys:
         return 0
-    eks = [ctx.ekey(k) for k in ukeys]
+    ekey, known = ctx.ekey, ctx._ekeys
+    eks = [known.get(k) or ekey(k) for k in ukeys]
     if traceparent is None:  # a traced cache: the current span (the L1s that drop these keys record it)
-        traceparent = (ctx.traceparent() or "") if ctx.traced and ctx.channel else ""
+        traceparent = (ctx.traceparent() or "") if ctx.channel else ""
     tp = traceparent if ctx.channel else ""
     head = [ctx.tomb_ms, "s" if ctx.o.serve_stale else "d", ctx.wake_ms, ctx.channel, tp]
-    done: set[int] = set()
     had = 0
+    if not ctx.cluster:  # one group: the keys in order, sliced (no index lists)
+        vers = list(versions.values())
+        ks = _interleave(eks)
+        for c in range(0, len(eks), INVALIDATE_CHUNK):
+            try:
+                had += int((yield from script("invalidate", ks[2 * c:2 * (c + INVALIDATE_CHUNK)],
+                                              [*head, *vers[c:c + INVALIDATE_CHUNK]])))
+            except RedisDown as e:
+                ctx.stats["redis_errors"] += 1
+                ctx.stats["invalidations_failed"] += len(ukeys) - c
+                raise InvalidationError(ukeys[c:], e.cause) from e.cause
+        ctx.stats["invalidations"] += len(ukeys)
+        return had
+    done: set[int] = set()
     for group in _groups(ctx, eks):
         for c in range(0, len(group), INVALIDATE_CHUNK):
             chunk = group[c:c + INVALIDATE_CHUNK]

@@ -70,7 +70,7 @@ _MEMORY = 100_000
 a duplicate apply."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """A claimed outbox row."""
 
@@ -237,12 +237,18 @@ class Relay:
     def _parse(self, raw: list[tuple[Any, ...]]) -> tuple[list[Row], list[tuple[int, str, tuple[Any, ...]]]]:
         """Claimed rows -> (usable rows, unusable ones with the reason). A row is unusable when its cache_keys is
         not JSON, not a non-empty list of keys the cache accepts (``max_key_bytes``) or ``{"prefixes": [...]}``,
-        or its key_version is not a number; it is parked, never retried (retrying cannot fix the data)."""
-        good, bad = [], []
+        or its key_version is not a number; it is parked, never retried (retrying cannot fix the data).
+
+        The common row (a JSON list of plain keys short enough to need no byte count, a version of decimal digits
+        or NULL) is accepted by the cheap checks below; any other row goes through :func:`checked_keys` and
+        :func:`checked_version`, which accept or refuse it as they always did."""
+        good: list[Row] = []
+        bad: list[tuple[int, str, tuple[Any, ...]]] = []
+        mkb = self._max_key_bytes()
+        short = mkb // 4  # a key of at most this many characters fits: UTF-8 takes at most 4 bytes a character
+        age_on, tp_on, loads = bool(self._age_col), bool(self._tp_col), json.loads
         for t in raw:
             rid = t[0]
-            age = float(t[4]) if self._age_col and len(t) > 4 and t[4] is not None else None
-            tp = t[-1] if self._tp_col and len(t) > 4 and isinstance(t[-1], str) else None
             try:
                 if len(t) < 4:
                     raise BadDataError(f"outbox row has {len(t)} column(s), expected id, cache_keys, key_version, "
@@ -250,21 +256,34 @@ class Relay:
                 _, keys, ver, attempts = t[:4]
                 if not isinstance(keys, (str, bytes, bytearray)):
                     raise BadDataError(f"cache_keys is {type(keys).__name__}, not JSON text")
-                ks = json.loads(keys)
-                ver = None if ver is None else checked_version(ver)
-                if isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
+                ks = loads(keys)
+                if ver is not None:
+                    if type(ver) is str and len(ver) < 16 and ver.isascii() and ver.isdigit():
+                        pass  # what checked_version returns for it (below 2**53, digits only)
+                    else:
+                        ver = checked_version(ver)
+                if type(ks) is list and ks:
+                    for k in ks:
+                        if type(k) is not str or not k or len(k) > short:
+                            checked_keys(ks, mkb)  # the slow check decides (and names the bad key)
+                            break
+                elif isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
                         isinstance(p, str) for p in ks["prefixes"]):
                     if self.cache is None:
                         raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
                                          "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
                                          "to find them")
-                    good.append(Row(int(rid), [], ver, int(attempts), prefixes=ks["prefixes"], raw=tuple(t), age_ms=age,
-                                    traceparent=tp))
+                    good.append(Row(int(rid), [], ver, int(attempts), ks["prefixes"], t,
+                                    float(t[4]) if age_on and len(t) > 4 and t[4] is not None else None,
+                                    t[-1] if tp_on and len(t) > 4 and isinstance(t[-1], str) else None))
                     continue
-                if not isinstance(ks, list) or not ks:
+                elif not isinstance(ks, list) or not ks:
                     raise ValueError("cache_keys is not a non-empty JSON list (or {\"prefixes\": [...]})")
-                checked_keys(ks, self._max_key_bytes())
-                good.append(Row(int(rid), ks, ver, int(attempts), raw=tuple(t), age_ms=age, traceparent=tp))
+                else:
+                    checked_keys(ks, mkb)  # a list subclass: never from json.loads, checked all the same
+                good.append(Row(int(rid), ks, ver, int(attempts), None, t,
+                                float(t[4]) if age_on and len(t) > 4 and t[4] is not None else None,
+                                t[-1] if tp_on and len(t) > 4 and isinstance(t[-1], str) else None))
             except (ValueError, TypeError, RecursionError, UsageError) as e:  # incl. BadDataError, UnicodeDecodeError
                 bad.append((int(rid), f"{type(e).__name__}: {e}", tuple(t)))
         return good, bad
@@ -289,7 +308,8 @@ class Relay:
             assert self.cache is not None
             # the fast path applied the others: only if it applied exactly this row's keys and version (anyone may
             # NOTIFY the channel: a forged notification with a row's id must not stand in for the row)
-            todo = [r for r in rows if self._applied.get(r.id) != (tuple(r.keys), r.version)]
+            applied = self._applied
+            todo = [r for r in rows if applied.get(r.id) != (tuple(r.keys), r.version)] if applied else rows
             if todo:
                 try:
                     self.cache.invalidate_many([(r.keys, r.version) for r in todo])
@@ -483,10 +503,11 @@ class Relay:
     def _done(self, rows: list[Row]) -> None:
         if self.fast:
             applied, deleted = self._applied, self._deleted
-            for r in rows:
-                if applied.pop(r.id, None) == (tuple(r.keys), r.version):
-                    self.stats["skipped"] += 1
-                deleted[r.id] = None
+            if applied:
+                for r in rows:
+                    if applied.pop(r.id, None) == (tuple(r.keys), r.version):
+                        self.stats["skipped"] += 1
+            deleted.update(dict.fromkeys([r.id for r in rows]))
             _trim(deleted)
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
