@@ -54,6 +54,8 @@ from ..errors import (
     RedisCommandError,
 )
 from ..core.rules import Rules, TableRule
+from .. import core as P
+from .. import tracing as _tr
 from .._sync.cache import Cache
 from .checkpoint import FileCheckpoint
 from .options import CdcOptions, CdcOptionsKwargs
@@ -88,6 +90,9 @@ class Transaction:
     messages: int = 0
     prefixes: list[str] = field(default_factory=list)
     """Key prefixes to flush (SCAN) named by the transaction itself (a capture trigger's TRUNCATE message)."""
+    resolved: tuple[dict[str, Any], list[str]] | None = field(default=None, repr=False, compare=False)
+    """:meth:`CdcRunner.keys_of` of this transaction, computed by the runner's reader thread (so that it overlaps
+    the main thread's wait for Redis); None until then."""
 
 
 class Source(abc.ABC):
@@ -193,15 +198,18 @@ class CdcRunner:
                 return r
         return self.rules.tables.get(ch.table)
 
-    def keys_of(self, txn: Transaction) -> tuple[dict[str, Any], list[str]]:
-        """(key -> version or None, prefixes to flush) for one transaction.
+    def keys_of(self, txn: Transaction, into: dict[str, Any] | None = None,
+                prefixes: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """(key -> version or None, prefixes to flush) for one transaction; with ``into``/``prefixes`` the keys
+        (highest version of a key wins) and prefixes are added to those (a batch's) and they are returned.
 
         A change (or a key the transaction names itself) that cannot be turned into keys the cache accepts --
         a key column that is NULL or missing from the row, a version column that is not a number, a key longer
         than ``max_key_bytes`` -- is recorded and skipped (``stats["skipped"]``, one ERROR line naming the table
         and the problem); the other changes of the transaction are applied and the checkpoint moves on."""
-        keys: dict[str, str | None] = {}
-        prefixes: list[str] = []
+        keys: dict[str, str | None] = {} if into is None else into
+        if prefixes is None:
+            prefixes = []
         maxb = self.cache.options.max_key_bytes
         for ch in txn.changes:
             rule = self._rule(ch)
@@ -218,8 +226,12 @@ class CdcRunner:
                 self._warn_missing(rule, ch, rk.missing_old)
                 if self.on_missing_old_image == "flush":
                     prefixes.extend(TableRule.build(rule.table, rk.missing_old).prefixes())
+            ver = rk.version
             for k in rk.keys:
-                _merge(keys, k, rk.version)
+                if k not in keys:
+                    keys[k] = ver
+                else:
+                    _merge(keys, k, ver)
         for k, ver in txn.keys.items():  # keys the transaction named itself (logical messages)
             try:
                 checked_keys([k], maxb)
@@ -282,13 +294,22 @@ class CdcRunner:
             return
         keys: dict[str, str | None] = {}
         prefixes: list[str] = []
-        for t in txns:
-            ks, ps = self.keys_of(t)
-            for k, v in ks.items():
-                _merge(keys, k, v)
-            prefixes.extend(ps)
-            self.stats["changes"] += len(t.changes)
-            self.stats["messages"] += t.messages
+        changes = messages = 0
+        for t in txns:  # one dict for the whole batch: a key named by several transactions keeps its highest version
+            if t.resolved is None:
+                self.keys_of(t, keys, prefixes)
+            else:
+                ks, ps = t.resolved
+                for k, v in ks.items():
+                    if k not in keys:
+                        keys[k] = v
+                    else:
+                        _merge(keys, k, v)
+                prefixes.extend(ps)
+            changes += len(t.changes)
+            messages += t.messages
+        self.stats["changes"] += changes
+        self.stats["messages"] += messages
         if prefixes:
             self.flush_prefixes(prefixes)
         self._invalidate(keys)
@@ -329,8 +350,10 @@ class CdcRunner:
             self._retry("publish", lambda: bus.publish(msgs))
             self.stats["published"] += len(msgs)
             return
-        cache = self.cache
-        self._retry("invalidate", lambda: cache.invalidate_many([([k], v) for k, v in keys.items()]))
+        # the versions were checked (checked_version: already the encoded decimal string) and merged per key
+        # here, so the batch goes straight to the one invalidation flow, as Cache.invalidate_many would send it
+        versions = {k: "" if v is None else v for k, v in keys.items()}
+        self._retry("invalidate", _invalidate_versions, self.cache, versions)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -382,6 +405,8 @@ class CdcRunner:
             return False
         try:
             for txn in self.source.stream(position):
+                # its keys are formed here, while the main thread waits for Redis with the previous batch
+                txn.resolved = self.keys_of(txn)
                 if not put(txn):
                     return
             put(_END)
@@ -523,6 +548,18 @@ class CdcRunner:
                         rest.append(it)
                 self.apply(rest)
                 return None
+
+
+def _invalidate_versions(cache: Cache, versions: dict[str, str]) -> int:
+    """:meth:`Cache.invalidate_many` of an already merged batch (key -> encoded version, "" = unknown): the same
+    flow, announcing the current span and dropping the keys from the L1, without re-merging the pairs."""
+    ch = cache.ctx.channel
+    tp = (_tr.current_traceparent() or "") if ch else ""
+    try:
+        return cache.run(P.invalidate_many_flow(cache.ctx, versions, tp))
+    finally:
+        if cache.l1 is not None:
+            cache.l1.invalidate_local(list(versions))
 
 
 def _merge(keys: dict[str, str | None], k: str, ver: str | None) -> None:

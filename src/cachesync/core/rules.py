@@ -17,6 +17,7 @@ table -> list of templates or :class:`TableRule`), or from a dict.
 
 from __future__ import annotations
 
+import functools
 import string
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -28,11 +29,19 @@ from ..errors import BadDataError
 from ..errors import RuleError as RuleError  # defined in errors.py, re-exported here
 
 
-def _fields(template: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _fields(template: str) -> tuple[str, ...]:
+    """The field names of a key template, parsed once per template (every row change of a table formats the
+    same few templates)."""
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        return tuple(f for _, f, _, _ in string.Formatter().parse(template) if f is not None)
     except ValueError as e:
         raise RuleError(f"bad key template {template!r}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _fieldset(template: str) -> frozenset[str]:
+    return frozenset(_fields(template))
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ class TableRule:
     def _format(self, template: str, row: Mapping[str, Any]) -> str:
         """``template`` formatted with ``row``; a value its format spec cannot take raises :class:`RuleError`."""
         try:
-            return template.format(**{f: row[f] for f in _fields(template)})
+            return template.format_map({f: row[f] for f in _fields(template)})
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise RuleError(f"table {self.table!r}: key template {template!r} cannot format the row "
                             f"({type(e).__name__}: {e})") from None
@@ -117,18 +126,19 @@ class TableRule:
         if old is None and new is None:
             problems.append(f"table {self.table!r}: a change needs an old or a new row image")
         for t in self.keys:
-            fs = _fields(t)
+            fs = _fieldset(t)
             formed = False
-            for row in (old, new):
-                if row is None or not all(f in row for f in fs):
+            old_has = old is not None and old.keys() >= fs
+            for row, has in ((old, old_has), (new, new is not None and new.keys() >= fs)):
+                if not has:
                     continue
                 formed = True
                 try:
-                    k = self._format(t, row)
+                    k = self._format(t, row)  # type: ignore[arg-type]  # has: the row is not None
                     keys.append(checked_keys([k], max_key_bytes)[0])
                 except (RuleError, BadDataError) as e:
                     problems.append(str(e))
-            if old is not None and not all(f in old for f in fs):
+            if old is not None and not old_has:
                 missing.append(t)
             if not formed and t not in missing and (old is not None or new is not None):
                 have = sorted({c for r in (old, new) if r is not None for c in r})

@@ -1,0 +1,130 @@
+"""The CDC runner under a backlog: the reader thread forms each transaction's keys (overlapping the main thread's
+wait for Redis), the main thread applies everything queued as one batch, a key named by several transactions keeps
+its highest version, a bad row is skipped without stopping the stream, and the checkpoint moves only after the
+batch is in Redis. Real Redis; the interleaving is forced with events (no sleeps, no timed assertions)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cachesync
+from cachesync.cdc import Change, CdcRunner, FileCheckpoint, Source, Transaction
+from cachesync.rules import Rules
+from cachesync.testing._util import wait_for
+
+RULES = Rules({"users": {"keys": ["user:{id}", "user_by_email:{email}"], "version": "version"}})
+
+
+def txn(n: int, *rows: dict[str, Any]) -> Transaction:
+    return Transaction({"n": n}, None, [Change("public", "users", None, r) for r in rows])
+
+
+class Backlog(Source):
+    """Yields ``txns`` at once (a backlog), then blocks until closed."""
+
+    kind = "backlog"
+
+    def __init__(self, txns: list[Transaction]) -> None:
+        self.txns = txns
+        self.closed = threading.Event()
+        self.yielded = threading.Event()
+
+    @property
+    def ident(self) -> str:
+        return "backlog:test"
+
+    def check(self) -> None:
+        pass
+
+    def current_position(self) -> dict[str, Any]:
+        return {"n": 0}
+
+    def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
+        yield from (t for t in self.txns if t.position["n"] > position["n"])
+        self.yielded.set()
+        self.closed.wait()
+
+    def reopen(self) -> None:
+        self.closed.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+class Gated(CdcRunner):
+    """Holds its first apply until the test opens the gate, so the rest of the backlog queues up behind it."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.gate = threading.Event()
+        self.batches: list[list[Transaction]] = []
+        self.resolved_at_apply: list[bool] = []
+
+    def apply(self, txns: list[Transaction]) -> None:
+        if txns and not self.batches:
+            self.gate.wait(30)
+        if txns:
+            self.batches.append(list(txns))
+            self.resolved_at_apply.extend(t.resolved is not None for t in txns)
+        super().apply(txns)
+
+
+def test_backlog_is_one_batch_with_the_highest_version_per_key(redis_url: str, namespace: str,
+                                                              tmp_path: Path) -> None:
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        backlog = [txn(1, {"id": 1, "email": "a@x", "version": 1}),
+                   txn(2, {"id": 1, "email": "a@x", "version": 5}),
+                   txn(3, {"id": 1, "email": "a@x", "version": 3}),            # older: the floor stays at 5
+                   txn(4, {"id": 2, "email": "b@x", "version": "abc"}),        # bad version: keys without one
+                   txn(5, {"id": 4}, {"id": 3, "email": "c@x", "version": 9}),
+                   txn(6, {"email": "d@x", "version": 2})]                     # no id column: that key skipped
+        src = Backlog(backlog)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Gated(src, cache, RULES, cp, stats_interval=0)
+        th = threading.Thread(target=runner.run, daemon=True)
+        th.start()
+        wait_for(src.yielded.is_set, what="the backlog read")
+        runner.gate.set()
+        wait_for(lambda: runner.position == {"n": 6} and cp.load(src.kind, src.ident) == {"n": 6},
+                 what="the last position checkpointed")
+        runner.stop()
+        th.join(10)
+        assert not th.is_alive()
+        # the first transaction alone (it was taken before the rest arrived or with them), the rest as one batch
+        assert sum(len(b) for b in runner.batches) == 6 and len(runner.batches) <= 2
+        assert all(runner.resolved_at_apply)  # keys formed by the reader thread
+        fl = {k: (cache.peek(k) or {}).get("fl") for k in ("user:1", "user_by_email:a@x", "user:3", "user:2")}
+        assert fl["user:1"] == b"5" and fl["user_by_email:a@x"] == b"5" and fl["user:3"] == b"9"
+        assert fl["user:2"] is None  # invalidated, without a version
+        for k in ("user:1", "user:2", "user_by_email:b@x", "user:3", "user_by_email:c@x", "user_by_email:d@x"):
+            assert (cache.peek(k) or {}).get("ti"), k
+        assert runner.stats["skipped"] == 3 and runner.stats["transactions"] == 6
+    finally:
+        cache.close()
+
+
+def test_nothing_checkpointed_before_the_batch_is_in_redis(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """While the (gated) first apply has not reached Redis, the checkpoint stays where it was."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        src = Backlog([txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 50)])
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Gated(src, cache, RULES, cp, stats_interval=0)
+        th = threading.Thread(target=runner.run, daemon=True)
+        th.start()
+        wait_for(src.yielded.is_set, what="the backlog read")
+        assert cp.load(src.kind, src.ident) == {"n": 0} and runner.position == {"n": 0}
+        assert not (cache.peek("user:49") or {}).get("ti")
+        runner.gate.set()
+        wait_for(lambda: cp.load(src.kind, src.ident) == {"n": 49}, what="the last position checkpointed")
+        runner.stop()
+        th.join(10)
+        assert all((cache.peek(f"user:{i}") or {}).get("fl") == str(i).encode() for i in range(1, 50))
+    finally:
+        cache.close()
