@@ -29,6 +29,7 @@ class Backlog(Source):
 
     def __init__(self, txns: list[Transaction]) -> None:
         self.txns = txns
+        self.after_first: threading.Event | None = None  # set: the rest is yielded only once this is set
         self.closed = threading.Event()
         self.yielded = threading.Event()
 
@@ -43,7 +44,10 @@ class Backlog(Source):
         return {"n": 0}
 
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
-        yield from (t for t in self.txns if t.position["n"] > position["n"])
+        for i, t in enumerate(x for x in self.txns if x.position["n"] > position["n"]):
+            if i == 1 and self.after_first is not None:
+                self.after_first.wait(30)
+            yield t
         self.yielded.set()
         self.closed.wait()
 
@@ -60,11 +64,13 @@ class Gated(CdcRunner):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.gate = threading.Event()
+        self.entered = threading.Event()
         self.batches: list[list[Transaction]] = []
         self.resolved_at_apply: list[bool] = []
 
     def apply(self, txns: list[Transaction]) -> None:
         if txns and not self.batches:
+            self.entered.set()
             self.gate.wait(30)
         if txns:
             self.batches.append(list(txns))
@@ -86,6 +92,7 @@ def test_backlog_is_one_batch_with_the_highest_version_per_key(redis_url: str, n
         cp = FileCheckpoint(tmp_path / "cp.json")
         cp.save(src.kind, src.ident, {"n": 0})
         runner = Gated(src, cache, RULES, cp, stats_interval=0)
+        src.after_first = runner.entered
         th = threading.Thread(target=runner.run, daemon=True)
         th.start()
         wait_for(src.yielded.is_set, what="the backlog read")
@@ -95,8 +102,8 @@ def test_backlog_is_one_batch_with_the_highest_version_per_key(redis_url: str, n
         runner.stop()
         th.join(10)
         assert not th.is_alive()
-        # the first transaction alone (it was taken before the rest arrived or with them), the rest as one batch
-        assert sum(len(b) for b in runner.batches) == 6 and len(runner.batches) <= 2
+        # the first transaction alone (taken before the rest arrived), the five queued behind it as one batch
+        assert [len(b) for b in runner.batches] == [1, 5]
         assert all(runner.resolved_at_apply)  # keys formed by the reader thread
         fl = {k: (cache.peek(k) or {}).get("fl") for k in ("user:1", "user_by_email:a@x", "user:3", "user:2")}
         assert fl["user:1"] == b"5" and fl["user_by_email:a@x"] == b"5" and fl["user:3"] == b"9"
@@ -126,5 +133,35 @@ def test_nothing_checkpointed_before_the_batch_is_in_redis(redis_url: str, names
         runner.stop()
         th.join(10)
         assert all((cache.peek(f"user:{i}") or {}).get("fl") == str(i).encode() for i in range(1, 50))
+    finally:
+        cache.close()
+
+
+def test_checkpoint_interval_saves_at_most_once_per_interval_and_at_stop(redis_url: str, namespace: str,
+                                                                         tmp_path: Path) -> None:
+    """The first applied position is saved at once; a later one waits for the interval (pending, newest wins),
+    and stop saves it. The saved position is never one whose keys are not in Redis."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        src = Backlog([txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 21)])
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Gated(src, cache, RULES, cp, stats_interval=0, checkpoint_interval=3600)
+        src.after_first = runner.entered  # the first transaction is a batch of its own, the rest a second one
+        th = threading.Thread(target=runner.run, daemon=True)
+        th.start()
+        wait_for(src.yielded.is_set, what="the backlog read")
+        runner.gate.set()
+        wait_for(lambda: runner.stats["transactions"] == 20, what="the backlog applied")
+        first = runner.batches[0][-1].position
+        wait_for(lambda: cp.load(src.kind, src.ident) == first, what="the first batch's position saved")
+        assert (cache.peek("user:20") or {}).get("ti")
+        assert first == {"n": 1} and len(runner.batches) == 2
+        wait_for(lambda: runner._cp_pending == {"n": 20}, what="the newest position pending")  # not saved yet
+        assert cp.load(src.kind, src.ident) == first and runner.stats["checkpoints"] == 1
+        runner.stop()
+        th.join(10)
+        assert not th.is_alive()
+        assert cp.load(src.kind, src.ident) == {"n": 20}
     finally:
         cache.close()

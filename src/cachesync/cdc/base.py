@@ -141,7 +141,7 @@ class CdcRunner:
 
     ``options``: a :class:`~cachesync.cdc.CdcOptions` (batch_max_keys=500, queue_size=1000,
     stats_interval=10.0, reconnect_delay=0.2, reconnect_max_delay=5.0, on_missing_old_image="warn",
-    checkpoint_in_background=True: see there for what each does), or the same names as keywords -- not both
+    checkpoint_in_background=True, checkpoint_interval=0.2: see there for what each does), or the same names as keywords -- not both
     (:class:`~cachesync.errors.CdcOptionError`). The resolved values are also attributes
     (``runner.batch_max_keys``...).
 
@@ -162,6 +162,7 @@ class CdcRunner:
         self.reconnect_delay, self.reconnect_max_delay = float(o.reconnect_delay), float(o.reconnect_max_delay)
         self.on_missing_old_image = o.on_missing_old_image
         self.checkpoint_in_background = o.checkpoint_in_background
+        self.checkpoint_interval = float(o.checkpoint_interval)
         self.bus = bus
         self._cp_cond = threading.Condition()
         self._cp_pending: dict[str, Any] | None = None
@@ -365,11 +366,15 @@ class CdcRunner:
         self.stats["position"] = pos
 
     def _saver(self) -> None:
-        """Background thread: saves the newest applied position (fsync off the apply path); latest wins."""
+        """Background thread: saves the newest applied position (fsync off the apply path); latest wins, at most
+        one save per ``checkpoint_interval`` (stop/reconnect save at once)."""
+        last = -float("inf")
         while True:
             with self._cp_cond:
                 while self._cp_pending is None and not self._cp_quit:
                     self._cp_cond.wait()
+                while not self._cp_quit and (wait := last + self.checkpoint_interval - time.monotonic()) > 0:
+                    self._cp_cond.wait(wait)  # newer positions replace the pending one meanwhile
                 pos, self._cp_pending = self._cp_pending, None
                 quit_ = self._cp_quit
             if pos is not None:
@@ -378,6 +383,7 @@ class CdcRunner:
                 except BaseException as e:  # reported by the main loop
                     self._cp_error = e
                     return
+                last = time.monotonic()
             if quit_ and pos is None:
                 return
 
