@@ -165,3 +165,19 @@ def test_checkpoint_interval_saves_at_most_once_per_interval_and_at_stop(redis_u
         assert cp.load(src.kind, src.ident) == {"n": 20}
     finally:
         cache.close()
+
+
+def test_resolve_versions_match_checked_version() -> None:
+    """resolve() reads plain digit strings and ints without checked_version's regex: the same results."""
+    from cachesync.core.values import checked_version
+    from cachesync.errors import BadDataError
+
+    rule = RULES.tables["users"]
+    for raw in ["0", "7", "007", "999999999999999", "9999999999999999", "1.5", "-3", "1e3", "²", "٣", "", " 1",
+                0, 7, -7, 2**53, 2**53 + 1, -(2**53) - 1, True, 1.25]:
+        got = rule.resolve(None, {"id": 1, "email": "a", "version": raw}, 200)
+        try:
+            want, problem = checked_version(raw), False
+        except BadDataError:
+            want, problem = None, True
+        assert got.version == want and bool(got.problems) == problem, raw

@@ -166,6 +166,7 @@ class CdcRunner:
         self.bus = bus
         self._cp_cond = threading.Condition()
         self._cp_pending: dict[str, Any] | None = None
+        self._cp_idle = False  # the saver waits for a position (only then does an apply wake it)
         self._cp_quit = False
         self._cp_error: BaseException | None = None
         self._stop = threading.Event()
@@ -319,7 +320,8 @@ class CdcRunner:
         if self.checkpoint_in_background:
             with self._cp_cond:
                 self._cp_pending = pos
-                self._cp_cond.notify()
+                if self._cp_idle:  # else it is saving or pacing, and takes the newest position when done
+                    self._cp_cond.notify()
         else:
             self._save(pos)
         st = self.stats
@@ -371,8 +373,10 @@ class CdcRunner:
         last = -float("inf")
         while True:
             with self._cp_cond:
+                self._cp_idle = True
                 while self._cp_pending is None and not self._cp_quit:
                     self._cp_cond.wait()
+                self._cp_idle = False
                 while not self._cp_quit and (wait := last + self.checkpoint_interval - time.monotonic()) > 0:
                     self._cp_cond.wait(wait)  # newer positions replace the pending one meanwhile
                 pos, self._cp_pending = self._cp_pending, None

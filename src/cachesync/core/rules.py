@@ -29,6 +29,9 @@ from ..errors import BadDataError
 from ..errors import RuleError as RuleError  # defined in errors.py, re-exported here
 
 
+_MAX_EXACT = 2**53  # values.MAX_EXACT_VERSION: integer versions beyond it are refused by checked_version
+
+
 @functools.lru_cache(maxsize=4096)
 def _fields(template: str) -> tuple[str, ...]:
     """The field names of a key template, parsed once per template (every row change of a table formats the
@@ -161,7 +164,11 @@ class TableRule:
         version: str | None = None
         if self.version is not None:
             raw = (new or old or {}).get(self.version)
-            if raw is not None:
+            if type(raw) is str and len(raw) <= 15 and raw.isascii() and raw.isdigit():
+                version = raw  # what checked_version returns for plain digits (< 2**53), without its regex
+            elif type(raw) is int and -_MAX_EXACT <= raw <= _MAX_EXACT:
+                version = str(raw)  # likewise
+            elif raw is not None:
                 try:
                     version = checked_version(raw)
                 except BadDataError as e:
