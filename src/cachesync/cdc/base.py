@@ -171,6 +171,7 @@ class CdcRunner:
         self._cp_error: BaseException | None = None
         self._stop = threading.Event()
         self._warned: set[str] = set()
+        self._rules_by_table: dict[tuple[str | None, str], TableRule | None] = {}  # (schema, table) -> rule
         self.position: dict[str, Any] | None = None
         self.stats: dict[str, Any] = {
             "transactions": 0, "changes": 0, "keys": 0, "batches": 0, "checkpoints": 0, "reconnects": 0,
@@ -194,11 +195,17 @@ class CdcRunner:
     # ------------------------------------------------------------------ keys
 
     def _rule(self, ch: Change) -> TableRule | None:
-        if ch.schema:
-            r = self.rules.tables.get(f"{ch.schema}.{ch.table}")
-            if r is not None:
-                return r
-        return self.rules.tables.get(ch.table)
+        k = (ch.schema, ch.table)
+        try:
+            return self._rules_by_table[k]
+        except KeyError:
+            pass
+        r = self.rules.tables.get(f"{ch.schema}.{ch.table}") if ch.schema else None
+        if r is None:
+            r = self.rules.tables.get(ch.table)
+        if len(self._rules_by_table) < 10_000:
+            self._rules_by_table[k] = r
+        return r
 
     def keys_of(self, txn: Transaction, into: dict[str, Any] | None = None,
                 prefixes: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import BadDataError
 from ..errors import RuleError as RuleError  # defined in errors.py, re-exported here
+from .values import checked_keys, checked_version
 
 
 _MAX_EXACT = 2**53  # values.MAX_EXACT_VERSION: integer versions beyond it are refused by checked_version
@@ -45,11 +46,6 @@ def _fields(template: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4096)
 def _fieldset(template: str) -> frozenset[str]:
     return frozenset(_fields(template))
-
-
-@functools.lru_cache(maxsize=1024)
-def _all_fields(templates: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(f for t in templates for f in _fields(t))
 
 
 @dataclass(frozen=True)
@@ -85,6 +81,11 @@ class TableRule:
         if version is not None and not isinstance(version, str):
             raise RuleError(f"table {table!r}: version must be a column name, got {version!r}")
         return TableRule(table, ks, version, frozenset(cols))
+
+    @functools.cached_property
+    def _all_fields(self) -> frozenset[str]:
+        """Every field of every template (computed once per rule)."""
+        return frozenset(f for t in self.keys for f in _fields(t))
 
     def keys_for_row(self, row: Mapping[str, Any]) -> list[str]:
         missing = [c for c in self.columns if c not in row]
@@ -126,12 +127,10 @@ class TableRule:
         column that is not a number are ``problems`` (named; the rest still applies). ``missing_old``: the
         templates the old image lacks columns for (pass ``old={}`` when an old image is expected but was not
         sent, e.g. PostgreSQL without ``REPLICA IDENTITY FULL``)."""
-        from .values import checked_keys, checked_version
-
         keys: list[str] = []
         problems: list[str] = []
         missing: list[str] = []
-        if old is None and new is not None and new.keys() >= _all_fields(tuple(self.keys)):
+        if old is None and new is not None and new.keys() >= self._all_fields:
             # an insert with every column the templates use (what a backlog is mostly made of): each template
             # formed from the new image, nothing missing -- what the general loop below does, without its checks
             for t in self.keys:
