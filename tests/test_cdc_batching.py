@@ -1,7 +1,7 @@
-"""The CDC runner under a backlog: the reader thread forms each transaction's keys (overlapping the main thread's
-wait for Redis), the main thread applies everything queued as one batch, a key named by several transactions keeps
-its highest version, a bad row is skipped without stopping the stream, and the checkpoint moves only after the
-batch is in Redis. Real Redis; the interleaving is forced with events (no sleeps, no timed assertions)."""
+"""The CDC runner under a backlog: the reader thread forms each transaction's keys when the main thread is behind
+(overlapping its wait for Redis), the main thread applies everything queued as one batch, a key named by several
+transactions keeps its highest version, a bad row is skipped without stopping the stream, and the checkpoint moves
+only after the batch is in Redis. Real Redis; the interleaving is forced with events (no sleeps, no timed assertions)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import cachesync
 from cachesync.cdc import Change, CdcRunner, FileCheckpoint, Source, Transaction
@@ -78,8 +80,15 @@ class Gated(CdcRunner):
         super().apply(txns)
 
 
-def test_backlog_is_one_batch_with_the_highest_version_per_key(redis_url: str, namespace: str,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize(("batch_max_keys", "batches", "by_reader"), [
+    # queue never a batch deep: the main thread forms every transaction's keys; the five queued as one batch
+    (500, [1, 5], [False] * 6),
+    # batches of 2 keys: once 2 transactions wait in the queue, the reader thread forms the keys of the next ones
+    (2, [1, 2, 2, 1], [False, False, False, True, True, True]),
+])
+def test_backlog_batches_keep_the_highest_version_per_key(redis_url: str, namespace: str, tmp_path: Path,
+                                                          batch_max_keys: int, batches: list[int],
+                                                          by_reader: list[bool]) -> None:
     cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
     try:
         backlog = [txn(1, {"id": 1, "email": "a@x", "version": 1}),
@@ -91,7 +100,7 @@ def test_backlog_is_one_batch_with_the_highest_version_per_key(redis_url: str, n
         src = Backlog(backlog)
         cp = FileCheckpoint(tmp_path / "cp.json")
         cp.save(src.kind, src.ident, {"n": 0})
-        runner = Gated(src, cache, RULES, cp, stats_interval=0)
+        runner = Gated(src, cache, RULES, cp, stats_interval=0, batch_max_keys=batch_max_keys)
         src.after_first = runner.entered
         th = threading.Thread(target=runner.run, daemon=True)
         th.start()
@@ -102,9 +111,9 @@ def test_backlog_is_one_batch_with_the_highest_version_per_key(redis_url: str, n
         runner.stop()
         th.join(10)
         assert not th.is_alive()
-        # the first transaction alone (taken before the rest arrived), the five queued behind it as one batch
-        assert [len(b) for b in runner.batches] == [1, 5]
-        assert all(runner.resolved_at_apply)  # keys formed by the reader thread
+        # the first transaction alone (taken before the rest arrived), then the five queued behind it
+        assert [len(b) for b in runner.batches] == batches
+        assert runner.resolved_at_apply == by_reader
         fl = {k: (cache.peek(k) or {}).get("fl") for k in ("user:1", "user_by_email:a@x", "user:3", "user:2")}
         assert fl["user:1"] == b"5" and fl["user_by_email:a@x"] == b"5" and fl["user:3"] == b"9"
         assert fl["user:2"] is None  # invalidated, without a version

@@ -420,10 +420,13 @@ class CdcRunner:
                 except queue.Full:
                     continue
             return False
+        busy = max(1, min(self.batch_max_keys, self.queue_size // 2))
         try:
             for txn in self.source.stream(position):
-                # its keys are formed here, while the main thread waits for Redis with the previous batch
-                txn.resolved = self.keys_of(txn)
+                if q.qsize() >= busy:
+                    # a backlog the main thread is behind on: its keys are formed here, while the main thread
+                    # waits for Redis (when this thread is the slower one, the main thread forms them instead)
+                    txn.resolved = self.keys_of(txn)
                 if not put(txn):
                     return
             put(_END)
