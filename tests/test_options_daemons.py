@@ -137,6 +137,7 @@ BAD = [  # (class, option, bad value, old component error class that must still 
     (CdcOptions, "reconnect_max_delay", 0.1, CdcConfigError),  # below reconnect_delay (0.2)
     (CdcOptions, "on_missing_old_image", "ignore", CdcConfigError),
     (CdcOptions, "checkpoint_in_background", 1, CdcConfigError),
+    (CdcOptions, "checkpoint_interval", -1, CdcConfigError), (CdcOptions, "checkpoint_interval", NAN, CdcConfigError),
     (AuditOptions, "grace", -1, AuditError), (AuditOptions, "grace", NAN, AuditError),
     (AuditOptions, "batch", 0, AuditError), (AuditOptions, "batch", 10.5, AuditError),
 ]

@@ -186,3 +186,75 @@ def test_fuzz_truncated_and_mutated(msg: bytes, data: st.DataObject) -> None:
 @given(st.lists(st.sampled_from(VALID) | st.binary(max_size=40), max_size=12))
 def test_fuzz_message_sequences(msgs: list[bytes]) -> None:
     _feed_all(msgs)
+
+
+# --------------------------------------------------------------------------- the fast path of Decoder.feed
+# Decoder.feed reads Begin/Insert/Update/Delete/Commit in place when the payload is ``bytes`` (what psycopg2
+# hands over); any other buffer type goes through decode(), the reference. Both must agree on every input.
+
+BIN_INS = b"I" + struct.pack(">I", 16384) + b"N" + struct.pack(">h", 2) + b"b" + struct.pack(">i", 2) + b"\x00\xff" \
+    + b"n"
+UPD_K = b"U" + struct.pack(">I", 16384) + b"K" + tup(1, None) + b"N" + tup(2, "<u>")
+UPD_PLAIN = b"U" + struct.pack(">I", 16384) + b"N" + tup(1, "c@x")
+DEL_O = b"D" + struct.pack(">I", 16384) + b"O" + tup(1, "é@x")
+ROWS = [INS, UPD, DEL, BIN_INS, UPD_K, UPD_PLAIN, DEL_O]
+
+
+def _outcome(payloads: list[bytes], slow: bool) -> list[object]:
+    d = Decoder()
+    out: list[object] = []
+    for p in payloads:
+        try:
+            t = d.feed(bytearray(p) if slow else p)
+        except DecodeError as e:
+            out.append(("error", str(e)))
+            continue
+        if t is None:
+            out.append(None)
+        else:
+            out.append((t.xid, t.commit_lsn, t.end_lsn, t.commit_time,
+                        [(c.kind, c.relation.oid, c.old, c.new, c.old_kind) for c in t.changes]))
+    return out
+
+
+def test_fast_path_decodes_like_decode() -> None:
+    stream = [REL, BEGIN, *ROWS, COMMIT, BEGIN, INS, COMMIT]
+    fast = _outcome(stream, slow=False)
+    assert fast == _outcome(stream, slow=True)
+    assert fast[-1] is not None and fast[len(ROWS) + 2] is not None
+    kinds = [c[0] for c in fast[len(ROWS) + 2][4]]  # type: ignore[index]
+    assert kinds == ["insert", "update", "delete", "insert", "update", "update", "delete"]
+
+
+def test_fast_path_refuses_what_decode_refuses() -> None:
+    bad_utf8 = b"I" + struct.pack(">I", 16384) + b"N" + struct.pack(">h", 2) + b"t" + struct.pack(">i", 1) + b"\xff" + b"n"
+    cases = [
+        INS[:-1],                      # truncated
+        INS + b"x",                    # trailing byte
+        bad_utf8,                      # text that is not UTF-8
+        b"I" + struct.pack(">I", 16384) + b"N" + tup(1),            # fewer columns than the relation
+        b"I" + struct.pack(">I", 999) + b"N" + tup(1, "a"),         # unknown relation
+        b"I" + struct.pack(">I", 16384) + b"X" + tup(1, "a"),       # no 'N'
+        b"D" + struct.pack(">I", 16384) + b"N" + tup(1, "a"),       # delete without 'K'/'O'
+        b"I" + struct.pack(">I", 16384) + b"N" + struct.pack(">h", 2) + b"t" + struct.pack(">i", -1) + b"n",
+        b"I" + struct.pack(">I", 16384) + b"N" + struct.pack(">h", 2) + b"z" + b"n",
+    ]
+    for bad in cases:
+        fast = _outcome([REL, BEGIN, bad], slow=False)
+        assert fast == _outcome([REL, BEGIN, bad], slow=True), bad
+        assert isinstance(fast[-1], tuple) and fast[-1][0] == "error", bad
+    # a Commit or a row change outside a transaction, a short Begin
+    for stray in (COMMIT, INS, BEGIN[:-1]):
+        fast = _outcome([REL, stray], slow=False)
+        assert fast == _outcome([REL, stray], slow=True)
+        assert isinstance(fast[-1], tuple) and fast[-1][0] == "error"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(ROWS), st.integers(0, 40), st.integers(0, 255), st.integers(0, 40))
+def test_fast_path_agrees_on_mutated_rows(row: bytes, pos: int, byte: int, cut: int) -> None:
+    b = bytearray(row)
+    if pos < len(b):
+        b[pos] = byte
+    mutated = bytes(b[:len(b) - cut] if cut < len(b) else b)
+    assert _outcome([REL, BEGIN, mutated, COMMIT], slow=False) == _outcome([REL, BEGIN, mutated, COMMIT], slow=True)

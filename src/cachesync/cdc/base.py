@@ -54,6 +54,8 @@ from ..errors import (
     RedisCommandError,
 )
 from ..core.rules import Rules, TableRule
+from .. import core as P
+from .. import tracing as _tr
 from .._sync.cache import Cache
 from .checkpoint import FileCheckpoint
 from .options import CdcOptions, CdcOptionsKwargs
@@ -88,6 +90,9 @@ class Transaction:
     messages: int = 0
     prefixes: list[str] = field(default_factory=list)
     """Key prefixes to flush (SCAN) named by the transaction itself (a capture trigger's TRUNCATE message)."""
+    resolved: tuple[dict[str, Any], list[str]] | None = field(default=None, repr=False, compare=False)
+    """:meth:`CdcRunner.keys_of` of this transaction, computed by the runner's reader thread (so that it overlaps
+    the main thread's wait for Redis); None until then."""
 
 
 class Source(abc.ABC):
@@ -136,7 +141,7 @@ class CdcRunner:
 
     ``options``: a :class:`~cachesync.cdc.CdcOptions` (batch_max_keys=500, queue_size=1000,
     stats_interval=10.0, reconnect_delay=0.2, reconnect_max_delay=5.0, on_missing_old_image="warn",
-    checkpoint_in_background=True: see there for what each does), or the same names as keywords -- not both
+    checkpoint_in_background=True, checkpoint_interval=0.2: see there for what each does), or the same names as keywords -- not both
     (:class:`~cachesync.errors.CdcOptionError`). The resolved values are also attributes
     (``runner.batch_max_keys``...).
 
@@ -157,13 +162,16 @@ class CdcRunner:
         self.reconnect_delay, self.reconnect_max_delay = float(o.reconnect_delay), float(o.reconnect_max_delay)
         self.on_missing_old_image = o.on_missing_old_image
         self.checkpoint_in_background = o.checkpoint_in_background
+        self.checkpoint_interval = float(o.checkpoint_interval)
         self.bus = bus
         self._cp_cond = threading.Condition()
         self._cp_pending: dict[str, Any] | None = None
+        self._cp_idle = False  # the saver waits for a position (only then does an apply wake it)
         self._cp_quit = False
         self._cp_error: BaseException | None = None
         self._stop = threading.Event()
         self._warned: set[str] = set()
+        self._rules_by_table: dict[tuple[str | None, str], TableRule | None] = {}  # (schema, table) -> rule
         self.position: dict[str, Any] | None = None
         self.stats: dict[str, Any] = {
             "transactions": 0, "changes": 0, "keys": 0, "batches": 0, "checkpoints": 0, "reconnects": 0,
@@ -187,21 +195,30 @@ class CdcRunner:
     # ------------------------------------------------------------------ keys
 
     def _rule(self, ch: Change) -> TableRule | None:
-        if ch.schema:
-            r = self.rules.tables.get(f"{ch.schema}.{ch.table}")
-            if r is not None:
-                return r
-        return self.rules.tables.get(ch.table)
+        k = (ch.schema, ch.table)
+        try:
+            return self._rules_by_table[k]
+        except KeyError:
+            pass
+        r = self.rules.tables.get(f"{ch.schema}.{ch.table}") if ch.schema else None
+        if r is None:
+            r = self.rules.tables.get(ch.table)
+        if len(self._rules_by_table) < 10_000:
+            self._rules_by_table[k] = r
+        return r
 
-    def keys_of(self, txn: Transaction) -> tuple[dict[str, Any], list[str]]:
-        """(key -> version or None, prefixes to flush) for one transaction.
+    def keys_of(self, txn: Transaction, into: dict[str, Any] | None = None,
+                prefixes: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """(key -> version or None, prefixes to flush) for one transaction; with ``into``/``prefixes`` the keys
+        (highest version of a key wins) and prefixes are added to those (a batch's) and they are returned.
 
         A change (or a key the transaction names itself) that cannot be turned into keys the cache accepts --
         a key column that is NULL or missing from the row, a version column that is not a number, a key longer
         than ``max_key_bytes`` -- is recorded and skipped (``stats["skipped"]``, one ERROR line naming the table
         and the problem); the other changes of the transaction are applied and the checkpoint moves on."""
-        keys: dict[str, str | None] = {}
-        prefixes: list[str] = []
+        keys: dict[str, str | None] = {} if into is None else into
+        if prefixes is None:
+            prefixes = []
         maxb = self.cache.options.max_key_bytes
         for ch in txn.changes:
             rule = self._rule(ch)
@@ -218,8 +235,12 @@ class CdcRunner:
                 self._warn_missing(rule, ch, rk.missing_old)
                 if self.on_missing_old_image == "flush":
                     prefixes.extend(TableRule.build(rule.table, rk.missing_old).prefixes())
+            ver = rk.version
             for k in rk.keys:
-                _merge(keys, k, rk.version)
+                if k not in keys:
+                    keys[k] = ver
+                else:
+                    _merge(keys, k, ver)
         for k, ver in txn.keys.items():  # keys the transaction named itself (logical messages)
             try:
                 checked_keys([k], maxb)
@@ -282,13 +303,22 @@ class CdcRunner:
             return
         keys: dict[str, str | None] = {}
         prefixes: list[str] = []
-        for t in txns:
-            ks, ps = self.keys_of(t)
-            for k, v in ks.items():
-                _merge(keys, k, v)
-            prefixes.extend(ps)
-            self.stats["changes"] += len(t.changes)
-            self.stats["messages"] += t.messages
+        changes = messages = 0
+        for t in txns:  # one dict for the whole batch: a key named by several transactions keeps its highest version
+            if t.resolved is None:
+                self.keys_of(t, keys, prefixes)
+            else:
+                ks, ps = t.resolved
+                for k, v in ks.items():
+                    if k not in keys:
+                        keys[k] = v
+                    else:
+                        _merge(keys, k, v)
+                prefixes.extend(ps)
+            changes += len(t.changes)
+            messages += t.messages
+        self.stats["changes"] += changes
+        self.stats["messages"] += messages
         if prefixes:
             self.flush_prefixes(prefixes)
         self._invalidate(keys)
@@ -297,7 +327,8 @@ class CdcRunner:
         if self.checkpoint_in_background:
             with self._cp_cond:
                 self._cp_pending = pos
-                self._cp_cond.notify()
+                if self._cp_idle:  # else it is saving or pacing, and takes the newest position when done
+                    self._cp_cond.notify()
         else:
             self._save(pos)
         st = self.stats
@@ -329,8 +360,10 @@ class CdcRunner:
             self._retry("publish", lambda: bus.publish(msgs))
             self.stats["published"] += len(msgs)
             return
-        cache = self.cache
-        self._retry("invalidate", lambda: cache.invalidate_many([([k], v) for k, v in keys.items()]))
+        # the versions were checked (checked_version: already the encoded decimal string) and merged per key
+        # here, so the batch goes straight to the one invalidation flow, as Cache.invalidate_many would send it
+        versions = {k: "" if v is None else v for k, v in keys.items()}
+        self._retry("invalidate", _invalidate_versions, self.cache, versions)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -342,11 +375,17 @@ class CdcRunner:
         self.stats["position"] = pos
 
     def _saver(self) -> None:
-        """Background thread: saves the newest applied position (fsync off the apply path); latest wins."""
+        """Background thread: saves the newest applied position (fsync off the apply path); latest wins, at most
+        one save per ``checkpoint_interval`` (stop/reconnect save at once)."""
+        last = -float("inf")
         while True:
             with self._cp_cond:
+                self._cp_idle = True
                 while self._cp_pending is None and not self._cp_quit:
                     self._cp_cond.wait()
+                self._cp_idle = False
+                while not self._cp_quit and (wait := last + self.checkpoint_interval - time.monotonic()) > 0:
+                    self._cp_cond.wait(wait)  # newer positions replace the pending one meanwhile
                 pos, self._cp_pending = self._cp_pending, None
                 quit_ = self._cp_quit
             if pos is not None:
@@ -355,6 +394,7 @@ class CdcRunner:
                 except BaseException as e:  # reported by the main loop
                     self._cp_error = e
                     return
+                last = time.monotonic()
             if quit_ and pos is None:
                 return
 
@@ -380,8 +420,13 @@ class CdcRunner:
                 except queue.Full:
                     continue
             return False
+        busy = max(1, min(self.batch_max_keys, self.queue_size // 2))
         try:
             for txn in self.source.stream(position):
+                if q.qsize() >= busy:
+                    # a backlog the main thread is behind on: its keys are formed here, while the main thread
+                    # waits for Redis (when this thread is the slower one, the main thread forms them instead)
+                    txn.resolved = self.keys_of(txn)
                 if not put(txn):
                     return
             put(_END)
@@ -523,6 +568,18 @@ class CdcRunner:
                         rest.append(it)
                 self.apply(rest)
                 return None
+
+
+def _invalidate_versions(cache: Cache, versions: dict[str, str]) -> int:
+    """:meth:`Cache.invalidate_many` of an already merged batch (key -> encoded version, "" = unknown): the same
+    flow, announcing the current span and dropping the keys from the L1, without re-merging the pairs."""
+    ch = cache.ctx.channel
+    tp = (_tr.current_traceparent() or "") if ch else ""
+    try:
+        return cache.run(P.invalidate_many_flow(cache.ctx, versions, tp))
+    finally:
+        if cache.l1 is not None:
+            cache.l1.invalidate_local(list(versions))
 
 
 def _merge(keys: dict[str, str | None], k: str, ver: str | None) -> None:

@@ -32,6 +32,12 @@ class CdcOptions:
     """Write and fsync the checkpoint file in a helper thread (newest position wins), off the commit ->
     invalidated path; a crash then re-applies what was applied during the last fsync. False saves after every
     batch in the main loop (a crash re-applies at most one batch), an fsync per batch in the latency."""
+    checkpoint_interval: float = 0.2
+    """With ``checkpoint_in_background``: seconds between two checkpoint saves (file write + fsync, then the
+    source's ack) at most; the newest applied position wins. Never a position whose invalidations are not in
+    Redis yet; a crash re-applies what was applied since the last save (idempotent). 0 = save after every batch
+    (an fsync per single-row commit when idle, which competes with the database's own commit fsync on a shared
+    disk). The final position is always saved on stop and before a reconnect."""
 
     def __post_init__(self) -> None:
         e = CdcOptionError
@@ -45,6 +51,7 @@ class CdcOptions:
                                            f"got {self.reconnect_max_delay!r}")
         _validate.one_of("on_missing_old_image", self.on_missing_old_image, ("warn", "flush"), error=e)
         _validate.boolean("checkpoint_in_background", self.checkpoint_in_background, error=e)
+        _validate.seconds("checkpoint_interval", self.checkpoint_interval, zero=True, error=e)
 
     @classmethod
     def resolve(cls, options: CdcOptions | None, kwargs: dict[str, object]) -> CdcOptions:
@@ -62,6 +69,7 @@ class CdcOptionsKwargs(TypedDict, total=False):
     reconnect_max_delay: float
     on_missing_old_image: str
     checkpoint_in_background: bool
+    checkpoint_interval: float
 
 
 __all__ = ["CdcOptions", "CdcOptionsKwargs"]

@@ -88,6 +88,16 @@ class Relation:
     def key_columns(self) -> frozenset[str]:
         return frozenset(c.name for c in self.columns if c.key)
 
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The columns' names in order (computed once per relation)."""
+        try:
+            return self.__dict__["_names"]  # type: ignore[no-any-return]
+        except KeyError:
+            names = tuple(c.name for c in self.columns)
+            object.__setattr__(self, "_names", names)
+            return names
+
 
 @dataclass(frozen=True)
 class TypeMsg:
@@ -308,6 +318,51 @@ def decode(payload: bytes) -> Message:
     return msg
 
 
+_BEGIN = struct.Struct(">QqI")
+_COMMIT = struct.Struct(">bQQq")
+_U32 = struct.Struct(">I")
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_ROW_KINDS = frozenset((0x49, 0x55, 0x44))  # 'I', 'U', 'D'
+
+
+def _fast_tuple(buf: bytes, off: int, names: tuple[str, ...]) -> tuple[dict[str, Any], int]:
+    """TupleData at ``off`` as {column: value} (unchanged TOASTed values left out, as :meth:`Decoder._row`
+    does) and the offset after it; raises struct.error/IndexError/UnicodeDecodeError on anything malformed
+    (the caller then lets :func:`decode` name it)."""
+    n = _I16.unpack_from(buf, off)[0]
+    if n != len(names):
+        raise IndexError("column count")
+    off += 2
+    row: dict[str, Any] = {}
+    for name in names:
+        c = buf[off]
+        off += 1
+        if c == 0x74:  # 't'
+            ln = _I32.unpack_from(buf, off)[0]
+            off += 4
+            end = off + ln
+            if ln < 0 or end > len(buf):
+                raise IndexError("value length")
+            row[name] = buf[off:end].decode("utf-8")
+            off = end
+        elif c == 0x6E:  # 'n'
+            row[name] = None
+        elif c == 0x75:  # 'u': not sent
+            pass
+        elif c == 0x62:  # 'b'
+            ln = _I32.unpack_from(buf, off)[0]
+            off += 4
+            end = off + ln
+            if ln < 0 or end > len(buf):
+                raise IndexError("value length")
+            row[name] = buf[off:end]
+            off = end
+        else:
+            raise IndexError("column kind")
+    return row, off
+
+
 @dataclass
 class RowChange:
     """One decoded row change: ``kind`` is ``insert``/``update``/``delete``/``truncate``."""
@@ -367,6 +422,29 @@ class Decoder:
         return self._txn
 
     def feed(self, payload: bytes) -> DecodedTransaction | None:
+        if type(payload) is bytes and payload:
+            # fast path for what a stream of row changes is made of (Begin, Insert/Update/Delete, Commit): read
+            # in place, rows built straight into dicts; anything unusual (an unknown relation, a truncated or
+            # malformed message, text that is not UTF-8) goes through decode(), which names the problem
+            k = payload[0]
+            try:
+                if k == 0x42 and len(payload) == 21:  # 'B'
+                    _final, ts, xid = _BEGIN.unpack_from(payload, 1)
+                    self._txn = DecodedTransaction(xid, 0, 0, PG_EPOCH_UNIX + ts / 1e6)
+                    return None
+                if k == 0x43 and len(payload) == 26 and self._txn is not None:  # 'C'
+                    _flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(payload, 1)
+                    t = self._txn
+                    t.commit_lsn, t.end_lsn, t.commit_time = commit_lsn, end_lsn, PG_EPOCH_UNIX + ts / 1e6
+                    self._txn = None
+                    return t
+                if k in _ROW_KINDS and self._txn is not None:
+                    got = self._fast_row(payload, k)
+                    if got is not None:
+                        self._txn.changes.append(got)
+                        return None
+            except (struct.error, IndexError, UnicodeDecodeError):
+                pass  # decode() below raises the DecodeError naming what is wrong
         m = decode(payload)
         if isinstance(m, Begin):
             # a Begin inside a transaction means the stream restarted: drop the partial one
@@ -399,6 +477,44 @@ class Decoder:
                 self.nontransactional_messages += 1
         # Origin, Type: nothing to do
         return None
+
+    def _fast_row(self, buf: bytes, k: int) -> RowChange | None:
+        """An Insert/Update/Delete read in place, or None to let :func:`decode` handle it (the slow path is the
+        reference: same result, or the DecodeError)."""
+        oid = _U32.unpack_from(buf, 1)[0]
+        rel = self.relations.get(oid)
+        if rel is None:
+            return None
+        names = rel.column_names
+        tag = buf[5]
+        old_kind: str | None = None
+        old: dict[str, Any] | None = None
+        new: dict[str, Any] | None = None
+        off = 6
+        if k == 0x49:  # 'I': 'N' tuple
+            if tag != 0x4E:
+                return None
+            new, off = _fast_tuple(buf, off, names)
+            kind = "insert"
+        elif k == 0x55:  # 'U': ['K' | 'O' tuple] 'N' tuple
+            if tag in (0x4B, 0x4F):
+                old_kind = chr(tag)
+                old, off = _fast_tuple(buf, off, names)
+                tag = buf[off]
+                off += 1
+            if tag != 0x4E:
+                return None
+            new, off = _fast_tuple(buf, off, names)
+            kind = "update"
+        else:  # 'D': ('K' | 'O') tuple
+            if tag not in (0x4B, 0x4F):
+                return None
+            old_kind = chr(tag)
+            old, off = _fast_tuple(buf, off, names)
+            kind = "delete"
+        if off != len(buf):
+            return None
+        return RowChange(kind, rel, old, new, old_kind)
 
     def reset(self) -> None:
         """Forget the partial transaction (after a reconnect); relations are re-sent by the server."""

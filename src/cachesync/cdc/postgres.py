@@ -289,6 +289,8 @@ class PostgresSource(Source):
 
     def _change(self, rc: RowChange) -> Change:
         rel = rc.relation
+        if rc.kind == "insert":
+            return Change(rel.namespace, rel.name, None, rc.new)
         old = rc.old
         if rc.kind in ("update", "delete") and rc.old_kind != "O":
             # no full old image: only the key columns are known (from 'K', or unchanged = the new image's)
@@ -369,7 +371,7 @@ class PostgresSource(Source):
         keys: dict[str, Any] = {}
         ddl: list[Change] = []
         flush: list[str] = []
-        n = sum(self._message_keys(m, keys, ddl, flush) for m in t.messages)
+        n = sum(self._message_keys(m, keys, ddl, flush) for m in t.messages) if t.messages else 0
         if self._poisoned:  # some of its changes are unknown: every key the rules cover
             self._poisoned = False
             flush.extend(p for rule in self.rules.tables.values() for p in rule.prefixes())

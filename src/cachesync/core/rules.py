@@ -17,6 +17,7 @@ table -> list of templates or :class:`TableRule`), or from a dict.
 
 from __future__ import annotations
 
+import functools
 import string
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -26,13 +27,25 @@ from typing import Any
 
 from ..errors import BadDataError
 from ..errors import RuleError as RuleError  # defined in errors.py, re-exported here
+from .values import checked_keys, checked_version
 
 
-def _fields(template: str) -> list[str]:
+_MAX_EXACT = 2**53  # values.MAX_EXACT_VERSION: integer versions beyond it are refused by checked_version
+
+
+@functools.lru_cache(maxsize=4096)
+def _fields(template: str) -> tuple[str, ...]:
+    """The field names of a key template, parsed once per template (every row change of a table formats the
+    same few templates)."""
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        return tuple(f for _, f, _, _ in string.Formatter().parse(template) if f is not None)
     except ValueError as e:
         raise RuleError(f"bad key template {template!r}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _fieldset(template: str) -> frozenset[str]:
+    return frozenset(_fields(template))
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,11 @@ class TableRule:
             raise RuleError(f"table {table!r}: version must be a column name, got {version!r}")
         return TableRule(table, ks, version, frozenset(cols))
 
+    @functools.cached_property
+    def _all_fields(self) -> frozenset[str]:
+        """Every field of every template (computed once per rule)."""
+        return frozenset(f for t in self.keys for f in _fields(t))
+
     def keys_for_row(self, row: Mapping[str, Any]) -> list[str]:
         missing = [c for c in self.columns if c not in row]
         if missing:
@@ -79,7 +97,7 @@ class TableRule:
     def _format(self, template: str, row: Mapping[str, Any]) -> str:
         """``template`` formatted with ``row``; a value its format spec cannot take raises :class:`RuleError`."""
         try:
-            return template.format(**{f: row[f] for f in _fields(template)})
+            return template.format_map({f: row[f] for f in _fields(template)})
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise RuleError(f"table {self.table!r}: key template {template!r} cannot format the row "
                             f"({type(e).__name__}: {e})") from None
@@ -109,35 +127,47 @@ class TableRule:
         column that is not a number are ``problems`` (named; the rest still applies). ``missing_old``: the
         templates the old image lacks columns for (pass ``old={}`` when an old image is expected but was not
         sent, e.g. PostgreSQL without ``REPLICA IDENTITY FULL``)."""
-        from .values import checked_keys, checked_version
-
         keys: list[str] = []
         problems: list[str] = []
         missing: list[str] = []
-        if old is None and new is None:
-            problems.append(f"table {self.table!r}: a change needs an old or a new row image")
-        for t in self.keys:
-            fs = _fields(t)
-            formed = False
-            for row in (old, new):
-                if row is None or not all(f in row for f in fs):
-                    continue
-                formed = True
+        if old is None and new is not None and new.keys() >= self._all_fields:
+            # an insert with every column the templates use (what a backlog is mostly made of): each template
+            # formed from the new image, nothing missing -- what the general loop below does, without its checks
+            for t in self.keys:
                 try:
-                    k = self._format(t, row)
-                    keys.append(checked_keys([k], max_key_bytes)[0])
+                    keys.append(checked_keys([self._format(t, new)], max_key_bytes)[0])
                 except (RuleError, BadDataError) as e:
                     problems.append(str(e))
-            if old is not None and not all(f in old for f in fs):
-                missing.append(t)
-            if not formed and t not in missing and (old is not None or new is not None):
-                have = sorted({c for r in (old, new) if r is not None for c in r})
-                problems.append(f"table {self.table!r}: the row images lack the column(s) "
-                                f"{sorted(set(fs) - set(have))} of key template {t!r}")
+        else:
+            if old is None and new is None:
+                problems.append(f"table {self.table!r}: a change needs an old or a new row image")
+            for t in self.keys:
+                fs = _fieldset(t)
+                formed = False
+                old_has = old is not None and old.keys() >= fs
+                for row, has in ((old, old_has), (new, new is not None and new.keys() >= fs)):
+                    if not has:
+                        continue
+                    formed = True
+                    try:
+                        k = self._format(t, row)  # type: ignore[arg-type]  # has: the row is not None
+                        keys.append(checked_keys([k], max_key_bytes)[0])
+                    except (RuleError, BadDataError) as e:
+                        problems.append(str(e))
+                if old is not None and not old_has:
+                    missing.append(t)
+                if not formed and t not in missing and (old is not None or new is not None):
+                    have = sorted({c for r in (old, new) if r is not None for c in r})
+                    problems.append(f"table {self.table!r}: the row images lack the column(s) "
+                                    f"{sorted(set(fs) - set(have))} of key template {t!r}")
         version: str | None = None
         if self.version is not None:
             raw = (new or old or {}).get(self.version)
-            if raw is not None:
+            if type(raw) is str and len(raw) <= 15 and raw.isascii() and raw.isdigit():
+                version = raw  # what checked_version returns for plain digits (< 2**53), without its regex
+            elif type(raw) is int and -_MAX_EXACT <= raw <= _MAX_EXACT:
+                version = str(raw)  # likewise
+            elif raw is not None:
                 try:
                     version = checked_version(raw)
                 except BadDataError as e:
