@@ -4,7 +4,7 @@
         [--redis-url redis://127.0.0.1:6379/15] [--keys 2000] [--samples 30] [--quick]
 
 ``--keys`` rows are inserted and cached with their versions (cache-aside fills), then ``Auditor.run()`` (grace 0,
-no finding) is timed beside the floor: the same SCAN, the same HMGET pipelines of 500 and one ``SELECT version
+no finding) is timed beside the floor: the same SCAN, the same GET pipelines of 500 and one ``SELECT version
 ... WHERE id = ?`` per key, written by hand with no matching, judging or bookkeeping. Both run ``--samples`` times
 (default 30), interleaved; the medians, the ratio's range over the pairs and the load are printed.
 """
@@ -92,7 +92,7 @@ def main() -> None:
         q = len(pairs) // 4
         print(f"database: {a.db_url.split('://')[0]}, {a.keys} cached entries, {a.samples} samples per side; "
               f"load before {load0}, after " + "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-        print(f"floor (same SCAN, HMGET pipelines, one SELECT per key): {f:.3f} s = {a.keys / f:,.0f} entries/s")
+        print(f"floor (same SCAN, GET pipelines, one SELECT per key): {f:.3f} s = {a.keys / f:,.0f} entries/s")
         print(f"Auditor.run():                                         {o:.3f} s = {a.keys / o:,.0f} entries/s "
               f"(x{o / f:.2f} of the floor; per-pair ratio quartiles x{pairs[q]:.2f}-x{pairs[-1 - q]:.2f}, "
               f"min x{pairs[0]:.2f}, max x{pairs[-1]:.2f})")

@@ -273,21 +273,30 @@ lookup key, and the row's version); the second is the shape the earlier figures 
 
 BATCH_LUA = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local tomb_ms, wake_ms, chan = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local names = {}
 for i = 1, #KEYS, 2 do
   local k = KEYS[i]
   local ver = ARGV[3 + (i + 1) / 2]
-  local f = redis.call('HMGET', k, 'v', 'ver', 'fl', 'w')
-  local newfl = f[3]
-  for _, c in ipairs({f[2], ver}) do
-    if c and c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
+  local raw = redis.call('GET', k)
+  local vver, fl, w = nil, nil, nil
+  if raw then
+    local c = string.sub(raw, 1, 1)
+    if c == 'V' or c == 'N' then
+      vver = string.sub(raw, 2, string.find(raw, '|', 2, true) - 1)
+      fl = vver
+    elseif c == 'M' then
+      vver, fl, w = string.match(raw, '^M([^|]*)|([^|]*)|[^|]*|[^|]*|[^|]*|([^|]*)|')
+    end
   end
-  redis.call('DEL', k)
-  if newfl then redis.call('HSET', k, 'ti', now, 'fl', newfl) else redis.call('HSET', k, 'ti', now) end
-  redis.call('PEXPIRE', k, tomb_ms)
-  local n = redis.call('LLEN', KEYS[i + 1]) + (tonumber(f[4]) or 0)
+  if fl == '' then fl = nil end
+  local newfl = fl
+  for _, c in ipairs({vver or '', ver}) do
+    if c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
+  end
+  redis.call('SET', k, 'M|' .. (newfl or '') .. '|||||' .. now .. '|', 'PX', tomb_ms)
+  local n = redis.call('LLEN', KEYS[i + 1]) + (tonumber(w) or 0)
   if n > 0 then
     redis.call('DEL', KEYS[i + 1])
     for _ = 1, n do redis.call('RPUSH', KEYS[i + 1], '0') end
@@ -299,7 +308,7 @@ if chan ~= '' then redis.call('PUBLISH', chan, table.concat(names, '\\n')) end
 return #names
 """
 """The floor's batched Redis work, written for the benchmark (no cachesync code): what invalidate.lua does per key
-in delete mode (read the entry, raise the version floor, leave the tombstone, wake waiters), for every key/version
+in delete mode (read the entry string, raise the version floor, leave the tombstone string, wake waiters), for every key/version
 pair of a whole claimed batch in one script call, and one PUBLISH of the batch's entry keys."""
 
 
