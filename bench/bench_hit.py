@@ -176,7 +176,7 @@ def run_sync(url: str, a: argparse.Namespace, goals: Goals) -> None:
         o, r = pair(lambda m: timed(cs_many, m), lambda m: timed(raw_evalsha_many, m), n // 10, a.rounds)
         rs = sorted(x / y for x, y in zip(o, r, strict=True))
         print(f"    (not a goal) sync get_many(100) x{statistics.median(rs):.3f} [x{rs[0]:.3f}-x{rs[-1]:.3f}] of the "
-              f"layout's floor: raw EVALSHA get.lua for the 100 keys + json.loads per value")
+              f"script path: raw EVALSHA get.lua for the 100 keys + json.loads per value (what a batch cost before the MGET fast path)")
     if a.only == "pools":  # the pool choice, for the record (not a goal)
         for mc in (None, 16, 64):
             c = cachesync.Cache(url, namespace=NS, max_connections=mc)

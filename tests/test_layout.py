@@ -116,3 +116,13 @@ def test_get_many_counts_and_logs_foreign_entries_it_repairs(cache: cachesync.Ca
     assert got == {"a": "a", "b": "b", "c": "c"}
     assert cache.stats["corrupt_entries"] == 3 and cache.stats["deserialize_errors"] == 1
     assert cache.get_many(["a", "b", "c"], lambda ks: pytest.fail("hits expected")) == got
+
+
+def test_get_many_values_keep_the_callers_order_with_hits_misses_and_negatives(cache: cachesync.Cache) -> None:
+    cache.get_many(["b", "d"], lambda ks: {"b": "B"})  # b cached, d cached as NOT_FOUND
+    got = cache.get_many(["d", "a", "b", "c", "a"], lambda ks: {k: k.upper() for k in ks})
+    assert list(got) == ["d", "a", "b", "c"]
+    assert got == {"d": cachesync.NOT_FOUND, "a": "A", "b": "B", "c": "C"}
+    assert list(cache.get_many(["c", "b", "a"], lambda ks: pytest.fail("hits expected"))) == ["c", "b", "a"]
+    entries = cache.get_many_entries(["d", "b"], lambda ks: pytest.fail("hits expected"))
+    assert entries["d"].value is cachesync.NOT_FOUND and entries["b"].source == "cache"

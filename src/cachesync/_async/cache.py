@@ -398,8 +398,15 @@ class AsyncCache:
     async def get_many(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
                        ttl: float | None = None) -> dict[str, Any]:
         """See :meth:`cachesync.Cache.get_many`; ``loader_many`` may be a coroutine function."""
-        entries = await self.get_many_entries(keys, loader_many, ttl)
-        return {k: e.value for k, e in entries.items()}
+        if self.l1 is not None:
+            entries = await self.get_many_entries(keys, loader_many, ttl)
+            return {k: e.value for k, e in entries.items()}
+        keys = P.key_list(keys, "get_many")
+        try:
+            return await self.run(P.get_many_values_flow(self.ctx, keys, ttl), loader_many)
+        except Exception:
+            self.ctx.stats["read_errors"] += len(set(keys))
+            raise
 
     async def get_many_entries(self, keys: Iterable[str], loader_many: Callable[[list[str]], Any],
                                ttl: float | None = None) -> dict[str, P.Entry[Any]]:
@@ -440,7 +447,10 @@ class AsyncCache:
 
     async def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """See :meth:`cachesync.Cache.invalidate_many`."""
-        versions = P.merge_invalidations(items)
+        return await self._invalidate_merged(P.merge_invalidations(items))
+
+    async def _invalidate_merged(self, versions: dict[str, str]) -> int:
+        """See :meth:`cachesync.Cache._invalidate_merged`."""
         try:
             # a batch applied inside a recording span (a relay delivery, a worker apply) announces that span
             tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""

@@ -339,8 +339,15 @@ class Cache:
 
         ``loader_many`` returns a mapping key -> value (or ``Versioned``); a key it leaves out is ``NOT_FOUND``.
         """
-        entries = self.get_many_entries(keys, loader_many, ttl)
-        return {k: e.value for k, e in entries.items()}
+        if self.l1 is not None:
+            entries = self.get_many_entries(keys, loader_many, ttl)
+            return {k: e.value for k, e in entries.items()}
+        keys = P.key_list(keys, "get_many")
+        try:
+            return self.run(P.get_many_values_flow(self.ctx, keys, ttl), loader_many)
+        except Exception:
+            self.ctx.stats["read_errors"] += len(set(keys))
+            raise
 
     @overload
     def get_many_entries(self, keys: Iterable[str],
@@ -400,7 +407,11 @@ class Cache:
         call. Returns how many keys held a value; raises :class:`InvalidationError` naming the keys not yet
         invalidated when Redis cannot be reached (idempotent: retry the whole batch).
         """
-        versions = P.merge_invalidations(items)
+        return self._invalidate_merged(P.merge_invalidations(items))
+
+    def _invalidate_merged(self, versions: dict[str, str]) -> int:
+        """:meth:`invalidate_many` of an already merged batch (key -> encoded version, "" = unknown; what
+        :func:`~cachesync.core.merge_invalidations` returns): CDC merges while it reads and calls this."""
         try:
             # a batch applied inside a recording span (a relay delivery, a worker apply) announces that span
             tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""

@@ -54,8 +54,6 @@ from ..errors import (
     RedisCommandError,
 )
 from ..core.rules import Rules, TableRule
-from .. import core as P
-from .. import tracing as _tr
 from .._sync.cache import Cache
 from .checkpoint import FileCheckpoint
 from .options import CdcOptions, CdcOptionsKwargs
@@ -572,14 +570,8 @@ class CdcRunner:
 
 def _invalidate_versions(cache: Cache, versions: dict[str, str]) -> int:
     """:meth:`Cache.invalidate_many` of an already merged batch (key -> encoded version, "" = unknown): the same
-    flow, announcing the current span and dropping the keys from the L1, without re-merging the pairs."""
-    ch = cache.ctx.channel
-    tp = (_tr.current_traceparent() or "") if ch else ""
-    try:
-        return cache.run(P.invalidate_many_flow(cache.ctx, versions, tp))
-    finally:
-        if cache.l1 is not None:
-            cache.l1.invalidate_local(list(versions))
+    path (span announced, keys dropped from the L1), without re-merging the pairs."""
+    return cache._invalidate_merged(versions)
 
 
 def _merge(keys: dict[str, str | None], k: str, ver: str | None) -> None:

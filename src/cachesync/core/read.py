@@ -45,9 +45,9 @@ def _plain_hits(ctx: Context, ukeys: Sequence[str], idxs: list[int], reply: Sequ
 
 
 def _mget_hits(ctx: Context, ukeys: Sequence[str], idxs: list[int], raws: Sequence[Any],
-               result: dict[str, Entry[Any]], corrupt: list[tuple[int, Exception]]) -> list[int]:
+               result: dict[str, Any], corrupt: list[tuple[int, Exception]], bare: bool) -> list[int]:
     """The batch ``MGET`` fast path: fresh values in the compact layout (:mod:`cachesync.core.layout`) are
-    decoded into ``result`` in one loop; foreign or undecodable entries go to ``corrupt`` (with the problem) for
+    decoded into ``result`` in one loop (as entries, or with ``bare`` as the values alone); foreign or undecodable entries go to ``corrupt`` (with the problem) for
     :func:`_repair`; returns the indexes left for ``get.lua`` (misses and every other state). Counts as
     :func:`_hit` does."""
     if len(raws) != len(idxs):
@@ -73,10 +73,10 @@ def _mget_hits(ctx: Context, ukeys: Sequence[str], idxs: list[int], raws: Sequen
                         ctx.stats["deserialize_errors"] += 1
                         raise CorruptEntry(f"payload cannot be decoded with {ctx.ser.name}: "
                                            f"{type(e).__name__}: {e}") from e
-                    result[ukeys[i]] = cache_entry(value, ver)
+                    result[ukeys[i]] = value if bare else cache_entry(value, ver)
                     hits += 1
                 else:
-                    result[ukeys[i]] = cache_entry(NOT_FOUND, ver)
+                    result[ukeys[i]] = NOT_FOUND if bare else cache_entry(NOT_FOUND, ver)
                     negs += 1
             except CorruptEntry as e:
                 corrupt.append((i, e))
@@ -329,7 +329,18 @@ def _release_many(ctx: Context, eks: list[str], idxs: list[int], token: str) -> 
 
 
 def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[dict[str, Entry[Any]]]:
-    """Read a batch: one ``get.lua`` per slot group, one ``loader_many`` call for all leased keys, one fill."""
+    """Read a batch: one ``MGET`` per slot group serves the fresh hits; for the rest one ``get.lua`` per slot
+    group, one ``loader_many`` call for all leased keys, one fill. Returns each key's :class:`Entry`."""
+    return (yield from _get_many(ctx, keys, ttl, False))
+
+
+def get_many_values_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[dict[str, Any]]:
+    """:func:`get_many_flow` answering each key's value (``NOT_FOUND`` included) instead of its entry, what
+    ``Cache.get_many`` returns: a hit served by the ``MGET`` builds no :class:`Entry`."""
+    return (yield from _get_many(ctx, keys, ttl, True))
+
+
+def _get_many(ctx: Context, keys: Sequence[str], ttl: float | None, bare: bool) -> Flow[dict[str, Any]]:
     ukeys = list(dict.fromkeys(keys))
     if ttl is not None:
         check_positive("ttl", ttl)
@@ -337,13 +348,22 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[
     token = new_token()
     args = [token, ctx.lease_ms, ctx.mode, ctx.wake_ms]
     result: dict[str, Entry[Any]] = {}
+    fast: dict[str, Any] = {}  # the MGET's hits: bare values (``bare``) or entries
+
+    def finish() -> dict[str, Any]:
+        if bare:
+            if not result and len(fast) == len(ukeys) and not ctx.cluster:
+                return fast  # every key a hit, in the caller's order
+            return {k: fast[k] if k in fast else result[k].value for k in ukeys}
+        return {k: fast[k] if k in fast else result[k] for k in ukeys}
+
     pending = list(range(len(ukeys)))
     try:  # fast path: one MGET per slot group serves every fresh hit; the rest go through get.lua
         left: list[int] = []
         bad: list[tuple[int, Exception]] = []
         for group in _groups(ctx, eks):
             raws = yield Cmd(("MGET", *[eks[i] for i in group]))
-            left += _mget_hits(ctx, ukeys, group, raws, result, bad)
+            left += _mget_hits(ctx, ukeys, group, raws, fast, bad, bare)
         for i, problem in bad:  # deleted, counted and logged; then read through get.lua like a miss
             yield from _repair(ctx, ukeys[i], eks[i], problem)
             left.append(i)
@@ -354,12 +374,12 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[
         ctx.stats["redis_errors"] += 1
         if ctx.o.on_redis_error == "fail":
             raise e.cause from None
-        down = [k for k in ukeys if k not in result]
+        down = [k for k in ukeys if k not in fast]
         ctx.stats["fallback_loads"] += 1
         got = yield Load(down, fallback=True)
         for k in down:
             result[k] = Entry(ctx.unwrap(got.get(k, NOT_FOUND)), source="fallback")
-        return {k: result[k] for k in ukeys}
+        return finish()
     waited = 0.0
     o = ctx.o
     repairs = 0
@@ -479,4 +499,4 @@ def get_many_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -> Flow[
         elapsed, _ = yield from wait(ctx, wks, min(min(w for _, w in waiting), remaining) + 0.001)
         waited += elapsed
         pending = [i for i, _ in waiting] + (corrupt if corrupt and repairs <= 3 else [])
-    return {k: result[k] for k in ukeys}
+    return finish()
