@@ -355,7 +355,7 @@ def test_a_ttl_redis_would_refuse_stores_nothing(cache: cachesync.Cache, r: redi
 
 
 @pytest.mark.parametrize("version", [math.nan, math.inf, Decimal("NaN"), Decimal("Infinity"), "nan", "inf", "1e999",
-                                     2**60, "0x10", "", True])
+                                     2**60, "0x10", "", True, "\u0661\u0662"])  # last: Arabic-Indic digits
 def test_versions_redis_cannot_compare_are_refused(cache: cachesync.Cache, version: object) -> None:
     with pytest.raises(UsageError, match="version"):
         cache.invalidate("k", version=version)

@@ -154,7 +154,6 @@ def test_a_not_found_exception_instance_keeps_a_short_traceback(cache: cachesync
     [(["a"], "12"), (["a"], "9")],  # digit strings: the highest number wins, not the longest or last string
     [(["a"], "007"), (["b"], "123456789012345")],  # leading zeros kept as given; 15 digits (below 2**53)
     [(["a"], "1.5"), (["a"], 2)],  # not digits only: through encode_version
-    [(["a"], "\u0661\u0662")],  # non-ASCII digits: str.isdigit(), so left to encode_version (which decides)
     [(("a", "b"), None), ({"c"}, 3)],  # a tuple, a set: any iterable of keys but a string
     [(["a"], 5), (["a"], None), (["a"], 4)],  # an unknown version never lowers a known one
 ])
@@ -218,3 +217,15 @@ def test_unreachable_redis_names_only_the_chunks_not_done(redis_url: str, namesp
     assert c.stats["invalidations_failed"] == 3
     assert floor(c, keys[0]) == b"1" and floor(c, keys[-1]) is None
     c.close()
+
+
+def test_non_ascii_digit_versions_are_refused_by_merge_and_encode_version() -> None:
+    """Python's float() reads Arabic-Indic digits, Lua's tonumber() does not: such a version would make the whole
+    invalidate.lua call fail (a relay or CDC batch stuck on one row), so both refuse it as bad data."""
+    from cachesync.core.values import encode_version
+
+
+    with pytest.raises(UsageError, match="version"):
+        encode_version("\u0661\u0662")
+    with pytest.raises(UsageError, match="version"):
+        P.merge_invalidations([(["a"], "\u0661\u0662")])

@@ -704,6 +704,7 @@ def _parse_reference(t: tuple, mkb: int) -> tuple[str, object]:
     ('["a"]', "abc"),
     ('["a"]', "nan"),
     ('["a"]', "\u00b2"),  # str.isdigit(), not a number
+    ('["a"]', "\u0661\u0662"),  # Unicode digits: Python's float() reads them, Lua's tonumber() does not
     ('["a"]', ""),
     ('["a"]', 42),  # an integer column
     ('["a"]', b"7"),

@@ -96,7 +96,7 @@ def new_token() -> str:
 MAX_EXACT_VERSION = 2**53
 """Largest integer version the Lua scripts compare exactly (Lua numbers are doubles); larger ones are refused."""
 
-_NUMERIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_NUMERIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # ASCII digits: what Lua reads
 
 
 def encode_version(v: Any) -> str:
