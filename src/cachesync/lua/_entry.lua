@@ -33,27 +33,25 @@ local function entry_get(k)
     return {v = string.sub(raw, i + 1), ver = ver, fl = ver, n = (c == 78) or nil}
   end
   if c ~= 77 then return nil end  -- not "M"
-  local f, pos = {}, 2
-  for j = 1, 7 do
-    local i = string.find(raw, '|', pos, true)
-    if not i then return nil end
-    f[j] = string.sub(raw, pos, i - 1)
-    pos = i + 1
-  end
-  if not (entry_num(f[1], true) and entry_num(f[2], true) and entry_num(f[5]) and entry_num(f[6])
-          and entry_num(f[7])) or string.find(f[3], '[^vns]') then
+  local ver, fl, flags, lt, ld, w, ti, pos = string.match(raw,
+    '^M([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|()')
+  if not pos or not (entry_num(ver, true) and entry_num(fl, true) and entry_num(ld) and entry_num(w)
+                     and entry_num(ti)) then
     return nil
   end
   local e = {}
-  if f[1] ~= '' then e.ver = f[1] end
-  if f[2] ~= '' then e.fl = f[2] end
-  if f[4] ~= '' then e.lt = f[4] end
-  if f[5] ~= '' then e.ld = f[5] end
-  if f[6] ~= '' then e.w = f[6] end
-  if f[7] ~= '' then e.ti = f[7] end
-  if string.find(f[3], 'v', 1, true) then e.v = string.sub(raw, pos) end
-  if string.find(f[3], 'n', 1, true) then e.n = true end
-  if string.find(f[3], 's', 1, true) then e.s = true end
+  if ver ~= '' then e.ver = ver end
+  if fl ~= '' then e.fl = fl end
+  if lt ~= '' then e.lt = lt end
+  if ld ~= '' then e.ld = ld end
+  if w ~= '' then e.w = w end
+  if ti ~= '' then e.ti = ti end
+  if flags ~= '' then
+    if string.find(flags, '[^vns]') then return nil end
+    if string.find(flags, 'v', 1, true) then e.v = string.sub(raw, pos) end
+    if string.find(flags, 'n', 1, true) then e.n = true end
+    if string.find(flags, 's', 1, true) then e.s = true end
+  end
   return e
 end
 
@@ -72,8 +70,8 @@ local function entry_put(k, e, px)
     if e.v then flags = 'v' end
     if e.n then flags = flags .. 'n' end
     if e.s then flags = flags .. 's' end
-    raw = table.concat({'M' .. (e.ver or ''), e.fl or '', flags, e.lt or '', e.ld or '', e.w or '', e.ti or '',
-                        e.v or ''}, '|')
+    raw = 'M' .. (e.ver or '') .. '|' .. (e.fl or '') .. '|' .. flags .. '|' .. (e.lt or '') .. '|' .. (e.ld or '')
+          .. '|' .. (e.w or '') .. '|' .. (e.ti or '') .. '|' .. (e.v or '')
   end
   if px then
     redis.call('SET', k, raw, 'PX', px)

@@ -41,9 +41,8 @@ for i = 1, #KEYS, 2 do
   local v, vver, fl, w = e.v, e.ver, e.fl, tonumber(e.w)
   if v then had = had + 1 end
   local newfl = fl
-  for _, c in ipairs({vver or '', ver}) do
-    if c ~= '' and (not newfl or tonumber(c) > tonumber(newfl)) then newfl = c end
-  end
+  if vver and (not newfl or tonumber(vver) > tonumber(newfl)) then newfl = vver end
+  if ver ~= '' and (not newfl or tonumber(ver) > tonumber(newfl)) then newfl = ver end
   if mode == 's' and v then
     e.lt, e.ld, e.w, e.s, e.ti, e.fl = nil, nil, nil, true, nowms, newfl
     if redis.call('PTTL', k) < tomb_ms then entry_put(k, e, tomb_ms) else entry_put(k, e, nil) end
