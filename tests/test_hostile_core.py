@@ -484,3 +484,15 @@ async def test_async_single_string_is_not_a_sequence_of_keys(acache: cachesync.A
         await acache.get_many("user:1", lambda ks: {})
     with pytest.raises(UsageError, match="separate arguments"):
         await acache.invalidate(("a",))  # type: ignore[arg-type]
+
+
+def test_a_key_with_a_lone_surrogate_is_refused_with_a_clear_error(cache: cachesync.Cache) -> None:
+    """A str that has no UTF-8 form could never be sent to Redis: refused as an invalid key (naming it), not a
+    UnicodeEncodeError from inside redis-py; a relay parks such a row (tests/test_outbox.py)."""
+    from cachesync.errors import InvalidKeyError
+
+    for call in (lambda: cache.get("a\ud800", lambda: 1), lambda: cache.invalidate("a\ud800"),
+                 lambda: cache.invalidate_many([(["ok", "a\ud800"], None)])):
+        with pytest.raises(InvalidKeyError, match="surrogate"):
+            call()
+    assert cache.get("\u00e9t\u00e9", lambda: 1) == 1  # non-ASCII keys are fine

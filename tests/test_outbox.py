@@ -704,7 +704,10 @@ def _parse_reference(t: tuple, mkb: int) -> tuple[str, object]:
     ('["a"]', "abc"),
     ('["a"]', "nan"),
     ('["a"]', "\u00b2"),  # str.isdigit(), not a number
-    ('["a"]', "\u0661\u0662"),  # Unicode digits: Python's float() reads them, Lua's tonumber() does not
+    ('["a"]', "\u0661\u0662"),
+    ('["a\\ud800"]', None),  # a lone surrogate (valid JSON escape): no UTF-8 form, Redis could never get it
+    ('["\u00e9\u00e9\u00e9\u00e9\u00e9"]', None),  # non-ASCII: the byte count decides (10 bytes <= 16)
+    ('["\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9"]', None),  # 18 bytes > 16: parked  # Unicode digits: Python's float() reads them, Lua's tonumber() does not
     ('["a"]', ""),
     ('["a"]', 42),  # an integer column
     ('["a"]', b"7"),

@@ -361,7 +361,7 @@ class CdcRunner:
         # the versions were checked (checked_version: already the encoded decimal string) and merged per key
         # here, so the batch goes straight to the one invalidation flow, as Cache.invalidate_many would send it
         versions = {k: "" if v is None else v for k, v in keys.items()}
-        self._retry("invalidate", _invalidate_versions, self.cache, versions)
+        self._retry("invalidate", self.cache._invalidate_merged, versions)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -566,12 +566,6 @@ class CdcRunner:
                         rest.append(it)
                 self.apply(rest)
                 return None
-
-
-def _invalidate_versions(cache: Cache, versions: dict[str, str]) -> int:
-    """:meth:`Cache.invalidate_many` of an already merged batch (key -> encoded version, "" = unknown): the same
-    path (span announced, keys dropped from the L1), without re-merging the pairs."""
-    return cache._invalidate_merged(versions)
 
 
 def _merge(keys: dict[str, str | None], k: str, ver: str | None) -> None:

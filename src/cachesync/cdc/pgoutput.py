@@ -338,26 +338,18 @@ def _fast_tuple(buf: bytes, off: int, names: tuple[str, ...]) -> tuple[dict[str,
     for name in names:
         c = buf[off]
         off += 1
-        if c == 0x74:  # 't'
+        if c == 0x74 or c == 0x62:  # 't' text, 'b' binary
             ln = _I32.unpack_from(buf, off)[0]
             off += 4
             end = off + ln
             if ln < 0 or end > len(buf):
                 raise IndexError("value length")
-            row[name] = buf[off:end].decode("utf-8")
+            row[name] = buf[off:end].decode("utf-8") if c == 0x74 else buf[off:end]
             off = end
         elif c == 0x6E:  # 'n'
             row[name] = None
         elif c == 0x75:  # 'u': not sent
             pass
-        elif c == 0x62:  # 'b'
-            ln = _I32.unpack_from(buf, off)[0]
-            off += 4
-            end = off + ln
-            if ln < 0 or end > len(buf):
-                raise IndexError("value length")
-            row[name] = buf[off:end]
-            off = end
         else:
             raise IndexError("column kind")
     return row, off

@@ -16,14 +16,18 @@ from ..errors import InvalidKeyError, UsageError
 
 
 def check_key(key: object, max_bytes: int) -> str:
-    """Validate a cache key: a non-empty ``str`` of at most ``max_bytes`` UTF-8 bytes."""
+    """Validate a cache key: a non-empty ``str`` of at most ``max_bytes`` UTF-8 bytes (a lone surrogate, which
+    has no UTF-8 form and so could never be sent to Redis, is refused)."""
     if not isinstance(key, str):
         raise InvalidKeyError(key, f"keys must be str, not {type(key).__name__}")
     if not key:
         raise InvalidKeyError(key, "keys must not be empty")
-    if len(key) * 4 <= max_bytes:  # short enough whatever its characters (UTF-8: at most 4 bytes each)
+    if len(key) <= max_bytes and key.isascii():  # one byte a character
         return key
-    n = len(key.encode("utf-8", "surrogatepass"))
+    try:
+        n = len(key.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidKeyError(key[:40], f"not valid UTF-8 text (a lone surrogate at position {e.start})") from None
     if n > max_bytes:
         raise InvalidKeyError(key[:40] + "...", f"{n} bytes long; max_key_bytes is {max_bytes}")
     return key

@@ -239,13 +239,13 @@ class Relay:
         not JSON, not a non-empty list of keys the cache accepts (``max_key_bytes``) or ``{"prefixes": [...]}``,
         or its key_version is not a number; it is parked, never retried (retrying cannot fix the data).
 
-        The common row (a JSON list of plain keys short enough to need no byte count, a version of decimal digits
+        The common row (a JSON list of ASCII keys short enough to need no byte count, a version of decimal digits
         or NULL) is accepted by the cheap checks below; any other row goes through :func:`checked_keys` and
         :func:`checked_version`, which accept or refuse it as they always did."""
         good: list[Row] = []
         bad: list[tuple[int, str, tuple[Any, ...]]] = []
         mkb = self._max_key_bytes()
-        short = mkb // 4  # a key of at most this many characters fits: UTF-8 takes at most 4 bytes a character
+        short = mkb  # an ASCII key of at most this many characters fits (one byte a character)
         age_on, tp_on, loads = bool(self._age_col), bool(self._tp_col), json.loads
         for t in raw:
             rid = t[0]
@@ -264,7 +264,7 @@ class Relay:
                         ver = checked_version(ver)
                 if type(ks) is list and ks:
                     for k in ks:
-                        if type(k) is not str or not k or len(k) > short:
+                        if type(k) is not str or not k or len(k) > short or not k.isascii():
                             checked_keys(ks, mkb)  # the slow check decides (and names the bad key)
                             break
                 elif isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
