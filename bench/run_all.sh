@@ -22,3 +22,4 @@ run $py bench/bench_triggers.py
 run $py bench/bench_bus.py $q
 run $py bench/bench_peers.py $q
 run $py bench/bench_mixed.py $q
+run $py bench/bench_lua.py
