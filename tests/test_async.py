@@ -184,6 +184,34 @@ async def test_hung_redis_times_out_instead_of_hanging():
         srv.close()
 
 
+async def test_cancelled_leader_of_a_hung_hit_lets_its_followers_read_again_and_leaves_no_flight():
+    """The hit fast path leads the key's flight itself: when the leader is cancelled while its GET hangs, its
+    followers read again (one of them leads, the watchdog ends its GET), and no flight or in-flight command is
+    left behind; an error of the GET is the flow's (fallback), a cancellation the caller's."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    url = f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
+    try:
+        c = cachesync.AsyncCache(url, socket_timeout=0.3, record_namespace=False)
+        leader = asyncio.create_task(c.get_entry("k", lambda: "db"))
+        while "k" not in c._flights or not c._watchdog.inflight:
+            await asyncio.sleep(0)  # the leader is inside its GET
+        followers = [asyncio.create_task(c.get_entry("k", lambda: "db")) for _ in range(3)]
+        while c.stats["singleflight_joins"] < 3:
+            await asyncio.sleep(0)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        got = await asyncio.gather(*followers)
+        assert [e.value for e in got] == ["db"] * 3 and {e.source for e in got} == {"fallback"}
+        assert c.stats["singleflight_retries"] >= 1
+        assert c._flights == {} and c._watchdog.inflight == {} and c._watchdog.expired == set()
+        await c.aclose()
+    finally:
+        srv.close()
+
+
 async def test_async_hit_fast_path_one_get_shared_by_concurrent_hits_and_reused_by_a_miss(redis_url, namespace):
     """AsyncCache.get sends the flow's first command (the fast-path GET) itself inside the flight: a hit is
     that one command, 50 concurrent hits of one key share it, and a miss hands the reply to the flow (no second

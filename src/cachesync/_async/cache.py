@@ -69,6 +69,28 @@ class _Watchdog:
             self.task.cancel()
         self.task, self.loop = None, None
 
+    def enter(self) -> asyncio.Task[Any]:
+        """Start bounding the current task's command (the timer task starts with the first command of a loop)."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            self.start(loop)
+        task = asyncio.current_task()
+        assert task is not None
+        self.inflight[task] = loop.time()
+        return task
+
+    def cancelled(self, task: asyncio.Task[Any]) -> None:
+        """In the ``except CancelledError`` of a bounded command: raise the timeout if the watchdog cancelled it
+        (undoing its cancellation), else return and let the caller re-raise the cancellation."""
+        if task in self.expired:
+            task.uncancel()
+            raise RedisTimeoutError(f"no answer within socket_timeout={self.timeout}s") from None
+
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        del self.inflight[task]
+        if self.expired:
+            self.expired.discard(task)
+
 
 class AsyncCache:
     """The asyncio twin of :class:`cachesync.Cache`: same options, same methods, awaited.
@@ -106,23 +128,15 @@ class AsyncCache:
             return await r.execute_command(*eff.args, target_nodes=nodes)
         # A hung Redis must be an error, not a hang: one watchdog task per cache cancels commands older than
         # socket_timeout (a timer per command, asyncio.timeout or redis.asyncio's wait_for, costs ~10 % of a hit).
-        loop = asyncio.get_running_loop()
         wd = self._watchdog
-        if wd.loop is not loop:
-            wd.start(loop)
-        task = asyncio.current_task()
-        assert task is not None
-        wd.inflight[task] = loop.time()
+        task = wd.enter()
         try:
             return await self.redis.execute_command(*eff.args)
         except asyncio.CancelledError:
-            if task in wd.expired:
-                task.uncancel()
-                raise RedisTimeoutError(f"no answer within socket_timeout={wd.timeout}s") from None
+            wd.cancelled(task)
             raise
         finally:
-            del wd.inflight[task]
-            wd.expired.discard(task)
+            wd.leave(task)
 
     async def _batch(self, eff: P.Batch) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
@@ -246,16 +260,17 @@ class AsyncCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry[Any]]]) -> P.Entry[Any]:
-        if self._unrecorded:
-            self._unrecorded = False
-            task = asyncio.get_running_loop().create_task(_cm.record_namespace_async(self))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        if not self.options.singleflight:
-            return await fn()
-        waiters = self._flights.get(key)
-        while waiters is not None:
+    def _record(self) -> None:
+        """Record the namespace in Redis (once, in the background: the first read needs a running loop)."""
+        self._unrecorded = False
+        task = asyncio.get_running_loop().create_task(_cm.record_namespace_async(self))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, key: str, waiters: list[asyncio.Future[P.Entry[Any]]]) -> P.Entry[Any] | None:
+        """Wait for the flight ``waiters`` of ``key`` (and any newer one): its result if this caller may take it,
+        or None when no flight is left and this caller must lead one (no await between the return and the lead)."""
+        while True:
             # a follower waits on a future of its own: cancelling it never cancels the leader or the others
             self.ctx.stats["singleflight_joins"] += 1
             w: asyncio.Future[P.Entry[Any]] = asyncio.get_running_loop().create_future()
@@ -266,23 +281,43 @@ class AsyncCache:
                 return res
             # the leader was cancelled, or its value may predate a write: read again (lead, or join a newer flight)
             self.ctx.stats["singleflight_retries"] += 1
-            waiters = self._flights.get(key)
+            nxt = self._flights.get(key)
+            if nxt is None:
+                return None
+            waiters = nxt
+
+    def _land(self, key: str, waiters: list[asyncio.Future[P.Entry[Any]]], res: Any,
+              exc: BaseException | None = None) -> None:
+        """End the flight of ``key`` led by this caller: its followers get ``res``, or ``exc`` (a cancelled
+        leader's followers read again)."""
+        del self._flights[key]
+        for w in waiters:
+            if not w.done():
+                if exc is None:
+                    w.set_result(res)
+                elif isinstance(exc, asyncio.CancelledError):
+                    w.set_result(_RETRY)
+                else:
+                    w.set_exception(exc)
+
+    async def _single(self, key: str, fn: Callable[[], Awaitable[P.Entry[Any]]]) -> P.Entry[Any]:
+        """``fn()`` single-flight: concurrent callers for one key share one call (see :meth:`_hit`)."""
+        if self._unrecorded:
+            self._record()
+        if not self.options.singleflight:
+            return await fn()
+        waiters = self._flights.get(key)
+        if waiters is not None:
+            res = await self._follow(key, waiters)
+            if res is not None:
+                return res
         waiters = self._flights[key] = []
         try:
             res = await fn()
         except BaseException as e:
-            del self._flights[key]
-            for w in waiters:
-                if not w.done():
-                    if isinstance(e, asyncio.CancelledError):
-                        w.set_result(_RETRY)
-                    else:
-                        w.set_exception(e)
+            self._land(key, waiters, None, e)
             raise
-        del self._flights[key]
-        for w in waiters:
-            if not w.done():
-                w.set_result(res)
+        self._land(key, waiters, res)
         return res
 
     # ------------------------------------------------------------------ reads
@@ -348,34 +383,73 @@ class AsyncCache:
                 return cast(P.Entry[Any], e)
         return await self._read(key, loader, ttl)
 
-    async def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
+    def _read(self, key: str, loader: Callable[..., Any], ttl: float | None) -> Awaitable[P.Entry[Any]]:
         """A read after the L1 (if any) had no copy: single-flight (concurrent reads of one key share one)."""
         l1 = self.l1
         if l1 is not None:
-            return await self._single(key, lambda: l1.load(
+            return self._single(key, lambda: l1.load(
                 key, ttl, lambda: self._run(P.get_flow(self.ctx, key, ttl), loader)))
-        return await self._single(key, lambda: self._hit(key, loader, ttl))
+        return self._hit(key, loader, ttl)
 
     async def _hit(self, key: str, loader: Callable[..., Any], ttl: float | None) -> P.Entry[Any]:
-        """The hit fast path (inside the flight: concurrent reads of one key still share one ``GET``): send
-        :func:`~cachesync.protocol.get_flow`'s first command and serve :func:`~cachesync.protocol.fresh_hit`;
-        anything else runs the flow, answering its first command with this reply."""
+        """The hit fast path, single-flight (concurrent reads of one key share one ``GET``), in one coroutine:
+        send :func:`~cachesync.protocol.get_flow`'s first command and serve :func:`~cachesync.protocol.fresh_hit`;
+        anything else runs the flow, answering its first command with this reply. Same flight steps as
+        :meth:`_single`, same watchdog steps as :meth:`_command`."""
         ctx = self.ctx
-        cmd = P.Cmd(P.hit_args(ctx, key, ttl))
-        first: tuple[Any, BaseException | None]
+        args = P.hit_args(ctx, key, ttl)
+        if self._unrecorded:
+            self._record()
+        single = self.options.singleflight
+        waiters: list[asyncio.Future[P.Entry[Any]]] = []
+        if single:
+            joined = self._flights.get(key)
+            if joined is not None:
+                res = await self._follow(key, joined)
+                if res is not None:
+                    return res
+            self._flights[key] = waiters
         try:
-            f = await self._command(cmd)
+            first: tuple[Any, BaseException | None]
+            wd = self._watchdog
+            task = wd.enter()
+            try:
+                f = await self.redis.execute_command(*args)
+            except asyncio.CancelledError:
+                wd.cancelled(task)
+                raise
+            finally:
+                wd.leave(task)
         except Exception as e:  # mapped by _run exactly as if the flow had sent the command
             first = (None, e)
+        except BaseException as e:  # CancelledError (its followers read again), KeyboardInterrupt
+            if single:
+                self._land(key, waiters, None, e)
+            raise
         else:
             try:
                 entry = P.fresh_hit(ctx, key, f, False)
-                if entry is not None:
-                    return entry
             except P.CorruptEntry:
                 pass  # the flow sees the same reply and repairs the entry
+            except BaseException as e:
+                if single:
+                    self._land(key, waiters, None, e)
+                raise
+            else:
+                if entry is not None:
+                    if single:
+                        self._land(key, waiters, entry)
+                    return entry
             first = (f, None)
-        return await self._run(P.get_flow(ctx, key, ttl), loader, first)
+        try:
+            res = await self._run(P.get_flow(ctx, key, ttl), loader, first)
+        except BaseException as e:
+            if single:
+                self._land(key, waiters, None, e)
+            raise
+        if single:
+            self._land(key, waiters, res)
+        return res
 
     @overload
     async def get_many(self, keys: Iterable[str],
