@@ -8,6 +8,7 @@ import socket
 import pytest
 
 import cachesync
+from cachesync import protocol as P
 from cachesync import NOT_FOUND, Versioned
 
 
@@ -180,6 +181,27 @@ async def test_hung_redis_times_out_instead_of_hanging():
         s.close()
         await c.aclose()
         await f.aclose()
+    finally:
+        srv.close()
+
+
+async def test_hung_redis_bounds_pipelined_batches_too():
+    """A pipelined batch (an audit's peek of many keys, a batch of several invalidate.lua calls) is bounded by
+    socket_timeout like a single command: an error naming the timeout, not a hang."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    url = f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
+    try:
+        c = cachesync.AsyncCache(url, socket_timeout=0.2, record_namespace=False)
+        with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
+            await asyncio.wait_for(c.run(P.peek_values_flow(c.ctx, ["a", "b"])), 10)
+        keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK + 1)]
+        with pytest.raises(cachesync.InvalidationError, match="socket_timeout") as ei:
+            await asyncio.wait_for(c.invalidate_many([(keys, 1)]), 10)
+        assert list(ei.value.keys) == keys
+        assert c._watchdog.inflight == {}
+        await c.aclose()
     finally:
         srv.close()
 

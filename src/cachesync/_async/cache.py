@@ -142,12 +142,21 @@ class AsyncCache:
         pipe = self.redis.pipeline(transaction=False)
         for args in eff.cmds:
             pipe.execute_command(*args)
-        res = await pipe.execute(raise_on_error=False)
+        wd = self._watchdog  # bounded like a single command (see _command)
+        task = wd.enter()
+        try:
+            res = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            wd.cancelled(task)
+            raise
+        finally:
+            wd.leave(task)
         out: list[Any] = []
         for r in res:
             if isinstance(r, _REDIS_DOWN):
                 raise r
-            out.append(P.CommandError(str(r)) if isinstance(r, Exception) else r)
+            out.append(P.NoScript() if isinstance(r, NoScriptError) else
+                       P.CommandError(str(r)) if isinstance(r, Exception) else r)
         return out
 
     async def run(self, flow: P.Flow[T], loader: Callable[..., Any] | None = None) -> T:

@@ -109,7 +109,8 @@ class Cache:
         for r in res:
             if isinstance(r, _REDIS_DOWN):
                 raise r
-            out.append(P.CommandError(str(r)) if isinstance(r, Exception) else r)
+            out.append(P.NoScript() if isinstance(r, NoScriptError) else
+                       P.CommandError(str(r)) if isinstance(r, Exception) else r)
         return out
 
     def run(self, flow: P.Flow[T], loader: Callable[..., Any] | None = None) -> T:

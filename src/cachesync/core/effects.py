@@ -54,8 +54,8 @@ class Schedule:
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Run several plain Redis commands in one pipelined round trip (not a transaction); send back their replies
-    in order, an error reply as a :class:`CommandError` in its place. Keyed commands only (they are routed by
-    key on a cluster)."""
+    in order, an error reply as a :class:`CommandError` in its place (NOSCRIPT as a :class:`NoScript`). Keyed
+    commands only (they are routed by key on a cluster)."""
 
     cmds: tuple[tuple[Any, ...], ...]
 

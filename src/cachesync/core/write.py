@@ -13,7 +13,8 @@ from .keys import wake_key
 from .layout import decode_entry
 from .options import check_non_negative
 from .context import _groups, _interleave, Context
-from .effects import Batch, CommandError, Flow, RedisDown, Schedule, script
+from .effects import Batch, CommandError, Flow, NoScript, RedisDown, Schedule, script
+from .scripts import SCRIPTS
 from .strategies import resolve_strategy, SP, Step
 from .values import decode_version, encode_version, MISSING, star_keys, Versioned
 
@@ -84,14 +85,16 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent:
     if not ctx.cluster:  # one group: the keys in order, sliced (no index lists)
         vers = list(versions.values())
         ks = _interleave(eks)
-        for c in range(0, len(eks), INVALIDATE_CHUNK):
+        starts = range(0, len(eks), INVALIDATE_CHUNK)
+        if len(starts) > 1:  # several calls: pipelined in one round trip (each call still one atomic script)
+            had = yield from _pipelined(ctx, ukeys, ks, vers, head, starts)
+        else:
             try:
-                had += int((yield from script("invalidate", ks[2 * c:2 * (c + INVALIDATE_CHUNK)],
-                                              [*head, *vers[c:c + INVALIDATE_CHUNK]])))
+                had = int((yield from script("invalidate", ks, [*head, *vers])))
             except RedisDown as e:
                 ctx.stats["redis_errors"] += 1
-                ctx.stats["invalidations_failed"] += len(ukeys) - c
-                raise InvalidationError(ukeys[c:], e.cause) from e.cause
+                ctx.stats["invalidations_failed"] += len(ukeys)
+                raise InvalidationError(ukeys, e.cause) from e.cause
         ctx.stats["invalidations"] += len(ukeys)
         return had
     done: set[int] = set()
@@ -107,6 +110,47 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent:
                 raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
             done.update(chunk)
     ctx.stats["invalidations"] += len(ukeys)
+    return had
+
+
+def _pipelined(ctx: Context, ukeys: list[str], ks: list[str], vers: list[str], head: list[Any],
+               starts: range) -> Flow[int]:
+    """The ``invalidate.lua`` calls of :func:`invalidate_many_flow` on one node, one per chunk of
+    :data:`INVALIDATE_CHUNK` keys, sent in one pipelined round trip. A chunk answered NOSCRIPT is sent again
+    through :func:`script` (which loads it). When Redis cannot be reached, the :class:`InvalidationError` names
+    every key whose call was not answered: with the round trip cut, a sent call may or may not have run, so those
+    keys are still to invalidate (harmless if they were: invalidation is idempotent)."""
+    sha = SCRIPTS["invalidate"].sha
+    cmds = []
+    for c in starts:
+        kk = ks[2 * c:2 * (c + INVALIDATE_CHUNK)]
+        cmds.append(("EVALSHA", sha, len(kk), *kk, *head, *vers[c:c + INVALIDATE_CHUNK]))
+    try:
+        replies = yield Batch(tuple(cmds))
+    except RedisDown as e:
+        ctx.stats["redis_errors"] += 1
+        ctx.stats["invalidations_failed"] += len(ukeys)
+        raise InvalidationError(ukeys, e.cause) from e.cause
+    had = 0
+    error: CommandError | None = None
+    unanswered = [isinstance(r, (CommandError, NoScript)) for r in replies]
+    for i, (c, r) in enumerate(zip(starts, replies, strict=True)):
+        if isinstance(r, CommandError):
+            error = error or r  # the other calls ran: report the first refusal after them
+            continue
+        if isinstance(r, NoScript):
+            try:
+                r = yield from script("invalidate", ks[2 * c:2 * (c + INVALIDATE_CHUNK)],
+                                      [*head, *vers[c:c + INVALIDATE_CHUNK]])
+            except RedisDown as e:
+                left = [k for j, c2 in enumerate(starts) if unanswered[j] for k in ukeys[c2:c2 + INVALIDATE_CHUNK]]
+                ctx.stats["redis_errors"] += 1
+                ctx.stats["invalidations_failed"] += len(left)
+                raise InvalidationError(left, e.cause) from e.cause
+            unanswered[i] = False
+        had += int(r)
+    if error is not None:
+        raise error
     return had
 
 
