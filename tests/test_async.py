@@ -185,9 +185,10 @@ async def test_hung_redis_times_out_instead_of_hanging():
         srv.close()
 
 
-async def test_hung_redis_bounds_pipelined_batches_too():
-    """A pipelined batch (an audit's peek of many keys, a batch of several invalidate.lua calls) is bounded by
-    socket_timeout like a single command: an error naming the timeout, not a hang."""
+async def test_hung_redis_bounds_pipelined_batches_ping_and_scans_too():
+    """A pipelined batch (an audit's peek of many keys, a batch of several invalidate.lua calls), ping() and
+    keys_with_prefix() are bounded by socket_timeout like a single command: an error naming the timeout, not a
+    hang."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
@@ -200,6 +201,14 @@ async def test_hung_redis_bounds_pipelined_batches_too():
         with pytest.raises(cachesync.InvalidationError, match="socket_timeout") as ei:
             await asyncio.wait_for(c.invalidate_many([(keys, 1)]), 10)
         assert list(ei.value.keys) == keys
+        # the health check and a prefix scan are bounded too (both used to hang)
+        with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
+            await asyncio.wait_for(c.ping(), 10)
+
+        async def scan() -> list[str]:
+            return [k async for k in c.keys_with_prefix("user:")]
+        with pytest.raises(cachesync.InvalidationError, match="socket_timeout"):
+            await asyncio.wait_for(scan(), 10)
         assert c._watchdog.inflight == {}
         await c.aclose()
     finally:

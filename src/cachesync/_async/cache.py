@@ -125,13 +125,18 @@ class AsyncCache:
         if eff.route is not None and self.ctx.cluster:  # a keyless command: on the key's primary, or on all
             r = self.redis
             nodes = r.get_primaries() if eff.route == "*" else r.get_node_from_key(eff.route)
-            return await r.execute_command(*eff.args, target_nodes=nodes)
-        # A hung Redis must be an error, not a hang: one watchdog task per cache cancels commands older than
-        # socket_timeout (a timer per command, asyncio.timeout or redis.asyncio's wait_for, costs ~10 % of a hit).
+            return await self._bounded(r.execute_command(*eff.args, target_nodes=nodes))
+        return await self._bounded(self.redis.execute_command(*eff.args))
+
+    async def _bounded(self, aw: Awaitable[T]) -> T:
+        """Await one client call under the watchdog: a hung Redis raises ``TimeoutError`` after socket_timeout
+        instead of hanging (every command, pipeline, ping and SCAN page). One watchdog task per cache cancels
+        calls older than socket_timeout (a timer per call, asyncio.timeout or redis.asyncio's wait_for, costs
+        ~10 % of a hit; :meth:`_hit` inlines these steps)."""
         wd = self._watchdog
         task = wd.enter()
         try:
-            return await self.redis.execute_command(*eff.args)
+            return await aw
         except asyncio.CancelledError:
             wd.cancelled(task)
             raise
@@ -142,15 +147,7 @@ class AsyncCache:
         pipe = self.redis.pipeline(transaction=False)
         for args in eff.cmds:
             pipe.execute_command(*args)
-        wd = self._watchdog  # bounded like a single command (see _command)
-        task = wd.enter()
-        try:
-            res = await pipe.execute(raise_on_error=False)
-        except asyncio.CancelledError:
-            wd.cancelled(task)
-            raise
-        finally:
-            wd.leave(task)
+        res = await self._bounded(pipe.execute(raise_on_error=False))
         out: list[Any] = []
         for r in res:
             if isinstance(r, _REDIS_DOWN):
@@ -404,7 +401,7 @@ class AsyncCache:
         """The hit fast path, single-flight (concurrent reads of one key share one ``GET``), in one coroutine:
         send :func:`~cachesync.protocol.get_flow`'s first command and serve :func:`~cachesync.protocol.fresh_hit`;
         anything else runs the flow, answering its first command with this reply. Same flight steps as
-        :meth:`_single`, same watchdog steps as :meth:`_command`."""
+        :meth:`_single`, same watchdog steps as :meth:`_bounded`."""
         ctx = self.ctx
         args = P.hit_args(ctx, key, ttl)
         if self._unrecorded:
@@ -549,7 +546,12 @@ class AsyncCache:
         seen: set[str] = set()
         try:
             for pat in pats:
-                async for raw in self.redis.scan_iter(match=pat, count=1000):
+                pages = self.redis.scan_iter(match=pat, count=1000)
+                while True:
+                    try:  # each step bounded by socket_timeout; the caller's own time between steps is not
+                        raw = await self._bounded(pages.__anext__())
+                    except StopAsyncIteration:
+                        break
                     k = match(raw)
                     if k is not None and k not in seen:
                         seen.add(k)
@@ -638,9 +640,9 @@ class AsyncCache:
         """Raise :class:`CacheUnavailableError` unless Redis answers."""
         try:
             if self.ctx.cluster:  # every primary must answer (a plain PING reaches one node only)
-                await self.redis.ping(target_nodes="primaries")
+                await self._bounded(self.redis.ping(target_nodes="primaries"))
             else:
-                await self.redis.ping()
+                await self._bounded(self.redis.ping())
         except _REDIS_DOWN as e:
             raise CacheUnavailableError(self.url, e) from e
 
