@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +20,8 @@ from hypothesis import strategies as st
 import cachesync
 from cachesync.keys import channel, entry_key
 from cachesync.l1 import L1, L1Options
+
+from private_servers import free_port
 
 
 def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
@@ -134,3 +142,76 @@ def test_any_message_applies_or_counts_as_malformed(data: bytes | str) -> None:
     assert core.messages == 1
     core.on_message(entry_key("ns", "k"))
     assert core.stats["invalidations"] >= 1
+
+
+# --------------------------------------------------------------------------- a frozen Redis (SIGSTOP)
+
+
+@pytest.fixture
+def frozen_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private redis-server that the test can freeze (SIGSTOP: connections stay open, nothing answers)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="cs-frozen-")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", d], stdout=subprocess.DEVNULL)
+    try:
+        _until(lambda: _answers(port), "private redis-server")
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_a_frozen_redis_stops_the_l1_serving_and_reads_fall_back(
+        frozen_redis: tuple[str, subprocess.Popen[bytes]], namespace: str) -> None:
+    """Redis freezes (no invalidation can arrive, nothing answers): within two ping intervals the L1 stops serving
+    its copies (it cannot know they are current) and reads go to the loader; after the thaw the L1 serves again."""
+    url, proc = frozen_redis
+    c = cachesync.Cache(url, namespace=namespace, socket_timeout=0.3, l1={"ping_interval": 0.1})
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(10)
+        assert c.get("k", lambda: "cached") == "cached"
+        assert c.get_entry("k", lambda: "db").source == "l1"
+        os.kill(proc.pid, signal.SIGSTOP)
+        _until(lambda: c.get_entry("k", lambda: "db").source != "l1", "the L1 to stop serving", timeout=10)
+        e = c.get_entry("k", lambda: "db")
+        assert e.source == "fallback" and e.value == "db"
+        os.kill(proc.pid, signal.SIGCONT)
+        _until(lambda: c.get_entry("k", lambda: "db").source in ("l1", "cache"), "reads through Redis again")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        c.close()
+
+
+async def test_async_a_frozen_redis_stops_the_l1_serving_and_reads_fall_back(
+        frozen_redis: tuple[str, subprocess.Popen[bytes]], namespace: str) -> None:
+    url, proc = frozen_redis
+    c = cachesync.AsyncCache(url, namespace=namespace, socket_timeout=0.3, l1={"ping_interval": 0.1})
+    try:
+        assert await c.get("k", lambda: "cached") == "cached"
+        assert c.l1 is not None and await c.l1.wait_ready(10)
+        assert await c.get("k", lambda: "cached") == "cached"
+        assert (await c.get_entry("k", lambda: "db")).source == "l1"
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while (await asyncio.wait_for(c.get_entry("k", lambda: "db"), 5)).source == "l1":
+            assert time.monotonic() < deadline, "the L1 kept serving after Redis froze"
+            await asyncio.sleep(0.005)
+        e = await asyncio.wait_for(c.get_entry("k", lambda: "db"), 5)  # bounded by socket_timeout, not a hang
+        assert e.source == "fallback" and e.value == "db"
+        assert await asyncio.wait_for(c.get("other", lambda: "db2"), 5) == "db2"
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        await c.aclose()
