@@ -1,7 +1,7 @@
 """Mixed workload (issue 15): 90 % reads / 10 % writes over 1000 zipf keys on PostgreSQL, 4 processes.
 
     .venv/bin/python bench/bench_mixed.py [--db-url URL] [--redis-url URL] [--seconds 10] [--rounds 2]
-                                          [--workers 4] [--quick]
+                                          [--workers 4] [--variants ABC] [--quick]
 
 Two variants, measured in the same run and alternating (A B A B ...), each phase starting cold under its own
 Redis namespace / prefix (keys deleted at the end, never FLUSHDB):
@@ -12,6 +12,9 @@ Redis namespace / prefix (keys deleted at the end, never FLUSHDB):
       ``w.set_value(payload, version=v)``, so the invalidation after the block raises the version floor.
   (B) hand-written plain cache-aside with redis-py (unsafe): GET -> on a miss SELECT and SET key json EX 300;
       a write is UPDATE then DEL key.
+  (C) an extra line, no goal: (A) with ``leases=False``: a miss is GET + SELECT + ``fill.lua`` without the
+      lease round trip (safe in this workload only because every load and every write carries a version; the
+      fill's floor check refuses an older row). It shows what the lease itself costs. ``--variants AB`` skips it.
 
 Both run on autocommit connections (psycopg 3): the UPDATE is committed when ``execute`` returns, before the
 cache step. Each worker process uses the same seeded operation sequence in both variants of one round (seeded
@@ -72,8 +75,8 @@ def worker(variant: str, db_url: str, redis_url: str, table: str, ns: str, seed:
     rng = random.Random(seed)
     lat = array("d")
     reads = writes = 0
-    if variant == "A":
-        cache = cachesync.Cache(redis_url, namespace=ns)
+    if variant != "B":  # C: the same without leases (safe here only because every load and write has a version)
+        cache = cachesync.Cache(redis_url, namespace=ns, leases=variant == "A")
 
         def read(i: int) -> object:
             def load() -> cachesync.Versioned[str]:
@@ -124,7 +127,7 @@ def worker(variant: str, db_url: str, redis_url: str, table: str, ns: str, seed:
             lat.append(now - s)
             reads += 1
     elapsed = now - t0
-    if variant == "A":
+    if variant != "B":
         cache.close()
     else:
         r.close()
@@ -135,7 +138,7 @@ def worker(variant: str, db_url: str, redis_url: str, table: str, ns: str, seed:
 def inconsistent(variant: str, redis_url: str, ns: str, rows: dict[int, tuple[str, int]]) -> tuple[int, int]:
     """(keys holding a value, of which differ from the row), read after every worker stopped."""
     cached = bad = 0
-    if variant == "A":
+    if variant != "B":
         cache = cachesync.Cache(redis_url, namespace=ns, record_namespace=False)
         for i, (p, v) in rows.items():
             e = cache.peek(f"row:{i}")
@@ -161,7 +164,7 @@ def inconsistent(variant: str, redis_url: str, ns: str, rows: dict[int, tuple[st
 
 def cleanup(redis_url: str, variant: str, ns: str) -> int:
     r = redis.Redis.from_url(redis_url)
-    pattern = f"cs:{ns}:*" if variant == "A" else f"{ns}:*"
+    pattern = f"{ns}:*" if variant == "B" else f"cs:{ns}:*"
     n = 0
     batch: list[bytes] = []
     for k in r.scan_iter(match=pattern, count=1000):
@@ -173,6 +176,9 @@ def cleanup(redis_url: str, variant: str, ns: str) -> int:
         n += r.delete(*batch)
     r.close()
     return n
+
+
+NAMES = {"A": "cachesync", "B": "plain cache-aside", "C": "cachesync leases=False"}
 
 
 def phase(variant: str, a: argparse.Namespace, table: str, rnd: int, db: Any) -> dict[str, Any]:
@@ -200,7 +206,7 @@ def phase(variant: str, a: argparse.Namespace, table: str, rnd: int, db: Any) ->
     ops = sum((rd + wr) / el for rd, wr, el, _ in res)
     d = {"ops": ops, "p50": pct(lat, 50), "p99": pct(lat, 99), "reads": sum(r[0] for r in res),
          "writes": sum(r[1] for r in res), "cached": cached, "bad": bad}
-    name = "cachesync" if variant == "A" else "plain cache-aside"
+    name = NAMES[variant]
     print(f"  round {rnd} {variant} {name:<18} {ops:>8.0f} ops/s   read p50 {d['p50'] * 1e6:7.0f} µs  "
           f"p99 {d['p99'] * 1e6:7.0f} µs   reads {d['reads']}, writes {d['writes']}   after quiescence: "
           f"{cached} keys cached, {bad} inconsistent   (load {os.getloadavg()[0]:.2f})", flush=True)
@@ -228,14 +234,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each phase (default 10)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of A then B (default 2)")
     ap.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    ap.add_argument("--variants", default="ABC", help="which phases to run each round (default ABC; A and B are "
+                    "needed for the goals)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 s, 1 round (numbers meaningless)")
     a = ap.parse_args()
+    if not set(a.variants) <= set("ABC") or not {"A", "B"} <= set(a.variants):
+        raise SystemExit("--variants: letters of ABC, with A and B")
     if a.quick:
         a.seconds, a.rounds = 2.0, 1
     if a.seconds <= 0 or a.rounds < 1 or a.workers < 1:
         raise SystemExit("--seconds must be > 0, --rounds and --workers >= 1")
     load0 = os.getloadavg()
-    print(f"bench_mixed: {env_line()}; {a.workers} processes, {a.seconds:g} s per phase, {a.rounds} rounds (A B); "
+    print(f"bench_mixed: {env_line()}; {a.workers} processes, {a.seconds:g} s per phase, {a.rounds} rounds ({' '.join(a.variants)}); "
           f"{KEYS} keys zipf s={ZIPF_S}, {WRITE_FRACTION:.0%} writes; load average before "
           f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
     table = f"bench_mixed_{uuid.uuid4().hex[:8]}"
@@ -245,9 +255,9 @@ def main() -> None:
         with db.cursor() as c:
             c.executemany(f"INSERT INTO {table} VALUES (%s, 1, 'row ' || %s || ' v1 ' || %s)",
                           [(i, i, PAD) for i in range(1, KEYS + 1)])
-        res: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+        res: dict[str, list[dict[str, Any]]] = {v: [] for v in a.variants}
         for rnd in range(1, a.rounds + 1):
-            for variant in ("A", "B"):
+            for variant in a.variants:
                 res[variant].append(phase(variant, a, table, rnd, db))
     finally:
         db.execute(f"DROP TABLE IF EXISTS {table}")
@@ -266,8 +276,17 @@ def main() -> None:
     bb = [d["bad"] for d in B]
     print(f"  {'inconsistent keys':<22} cachesync {ba} (of {[d['cached'] for d in A]} cached)   goal 0: "
           f"{'met' if not any(ba) else 'MISSED'}   plain cache-aside {bb} (of {[d['cached'] for d in B]} cached)")
-    print(f"  samples: reads A {[d['reads'] for d in A]}, B {[d['reads'] for d in B]}; writes A "
-          f"{[d['writes'] for d in A]}, B {[d['writes'] for d in B]}")
+    if "C" in res:  # where the cost goes: the same library without the lease round trip on a miss
+        C = res["C"]
+        print("  extra lines, no goal: cachesync leases=False (no lease on a miss: GET + SELECT + fill.lua; safe in"
+              " this workload only because every load and every write carries a version)")
+        ratio_line("  throughput", "plain cache-aside", "", [d["ops"] for d in C], [d["ops"] for d in B],
+                   ".0f", 1, "ops/s")
+        ratio_line("  read p99", "plain cache-aside", "", [d["p99"] for d in C], [d["p99"] for d in B],
+                   ".0f", 1e6, "µs")
+        print(f"    inconsistent keys: {[d['bad'] for d in C]} (of {[d['cached'] for d in C]} cached)")
+    print("  samples: " + "; ".join(f"{v}: reads {[d['reads'] for d in res[v]]}, writes {[d['writes'] for d in res[v]]}"
+                                    for v in a.variants))
 
 
 if __name__ == "__main__":
