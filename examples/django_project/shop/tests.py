@@ -60,6 +60,23 @@ class IntegrationTests(TransactionTestCase):
             self.assertTrue(invalidated(k), k)
         self.assertEqual(floor(f"article:{a.pk}"), "2")
 
+    def test_outbox_rows_carry_the_writers_trace_context(self) -> None:
+        """With OpenTelemetry, a save inside the application's span stores that span's traceparent in the outbox
+        row (the relay and the L1s then trace under the writer); outside any span the column stays NULL."""
+        from opentelemetry.sdk.trace import TracerProvider
+
+        tracer = TracerProvider().get_tracer("shop-tests")
+        with tracer.start_as_current_span("app.update") as span, transaction.atomic():
+            traced = Article.objects.create(slug="traced", title="T")
+        with transaction.atomic():
+            plain = Article.objects.create(slug="plain", title="P")
+        with connection.cursor() as cur:
+            cur.execute(f"SELECT cache_keys, traceparent FROM {get_outbox().table} ORDER BY id")
+            rows = cur.fetchall()
+        tps = {tp for keys, tp in rows if f"article:{traced.pk}" in keys}
+        self.assertEqual({tp.split("-")[1] for tp in tps}, {f"{span.get_span_context().trace_id:032x}"})
+        self.assertEqual({tp for keys, tp in rows if f"article:{plain.pk}" in keys}, {None})
+
     def test_rollback_records_and_invalidates_nothing(self) -> None:
         a = Article.objects.create(slug="a", title="A")
         n = len(outbox_keys())
