@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import cachesync
+import cachesync.protocol
 from cachesync import NOT_FOUND, NotFound
 from cachesync.options import CacheOptions, CacheOptionsKwargs
 
