@@ -369,6 +369,20 @@ class PostgresSource(Source):
         return out
 
     def _txn(self, t: DecodedTransaction) -> Transaction:
+        end = t.end_lsn
+        if not t.messages and not self._poisoned:  # what a stream of row changes is made of
+            changes = []
+            for c in t.changes:
+                if c.kind == "insert":
+                    rel = c.relation
+                    changes.append(Change(rel.namespace, rel.name, None, c.new))
+                else:
+                    changes.append(self._change(c))
+            return Transaction({"lsn": end, "lsn_text": f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"}, t.commit_time, changes)
+        return self._txn_general(t)
+
+    def _txn_general(self, t: DecodedTransaction) -> Transaction:
+        """:meth:`_txn` for any transaction (the reference its fast path is checked against)."""
         keys: dict[str, Any] = {}
         ddl: list[Change] = []
         flush: list[str] = []
