@@ -9,8 +9,8 @@ each with the position to resume *after* it. The runner:
 2. starts one reader thread that runs ``source.stream(position)`` and puts each transaction into a
    bounded queue (``queue_size``): when Redis is slow the queue fills, the reader blocks, the socket
    stops being read and the database buffers -- the reader never reads ahead unboundedly. An
-   :attr:`Source.inline` source (PostgreSQL) is instead iterated in the main thread: it yields ``None``
-   whenever it has caught up, and what was gathered is applied then (or once ``batch_max_keys`` keys are
+   :attr:`Source.inline` source (PostgreSQL) is instead iterated in the main thread, through its
+   :meth:`Source.stream_marks`, which yields ``None`` whenever it has caught up: what was gathered is applied then (or once ``batch_max_keys`` keys are
    gathered); while a batch is applied nothing is read. No thread hand-off on the commit -> invalidated path;
 3. in the main thread takes one transaction (waiting), then whatever else is already queued, up to
    ``batch_max_keys`` keys: a lone commit is applied at once (latency), a backlog in batches
@@ -126,8 +126,9 @@ class Source(abc.ABC):
 
     def stream_marks(self, position: dict[str, Any]) -> Iterator[Transaction | None]:
         """:meth:`stream`, plus a ``None`` whenever it has caught up (nothing more can be read without waiting),
-        before it waits, and at least every 0.2 s while idle; for an :attr:`inline` source (the runner then
-        stops it by closing the generator, not with :meth:`close`)."""
+        before it waits, and at least every 0.2 s while idle; for an :attr:`inline` source. The runner stops it
+        by closing the generator at a mark (then calls :meth:`close`), so it must yield a mark at least every
+        0.2 s while nothing arrives."""
         raise NotImplementedError(f"{type(self).__name__} is not an inline source")
 
     def ack(self, position: dict[str, Any]) -> None:  # noqa: B027 - optional hook
