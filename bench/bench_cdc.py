@@ -430,6 +430,8 @@ def bench(kind: str, db_url: str, redis_url: str, commits: int, rows: int, segme
                 else:
                     ours_r.append(ours())
                     floor_r.append(floor_catchup(fb, redis_url, ns, shape, last, tomb_ms, wake_ms))
+                fb.drop()  # one bare slot at a time (max_replication_slots)
+                bares.remove(fb)
             out[shape] = {"ours": ours_r, "floor": floor_r}
     finally:
         for t in tables.values():
