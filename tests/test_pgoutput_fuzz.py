@@ -258,3 +258,23 @@ def test_fast_path_agrees_on_mutated_rows(row: bytes, pos: int, byte: int, cut: 
         b[pos] = byte
     mutated = bytes(b[:len(b) - cut] if cut < len(b) else b)
     assert _outcome([REL, BEGIN, mutated, COMMIT], slow=False) == _outcome([REL, BEGIN, mutated, COMMIT], slow=True)
+
+
+def test_source_txn_fast_path_matches_the_general_one() -> None:
+    """PostgresSource._txn builds a transaction of row changes only (no logical message, nothing undecodable) on
+    a fast path; the general path is the reference: the same changes (old images cut to the key columns when the
+    old row is not full), position and commit time."""
+    from cachesync.cdc.postgres import PostgresSource
+    from cachesync.rules import Rules
+
+    src = PostgresSource("postgresql://u@127.0.0.1:5432/db", Rules({"users": ["user:{id}", "e:{email}"]}))
+    d = Decoder()
+    t = None
+    for p in [REL, BEGIN, *ROWS, TRUNC, COMMIT]:
+        t = d.feed(p) or t
+    assert t is not None and not t.messages
+    fast, ref = src._txn(t), src._txn_general(t)
+    assert [c.kind for c in t.changes][-1] == "truncate"
+    assert (fast.position, fast.commit_time, fast.changes, fast.keys, fast.prefixes, fast.messages) == \
+        (ref.position, ref.commit_time, ref.changes, ref.keys, ref.prefixes, ref.messages)
+    assert fast.position == {"lsn": 200, "lsn_text": "0/C8"} and len(fast.changes) == len(ROWS) + 1

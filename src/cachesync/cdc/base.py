@@ -8,7 +8,10 @@ each with the position to resume *after* it. The runner:
 1. loads the checkpoint (or, on first start, takes the source's current position and saves it);
 2. starts one reader thread that runs ``source.stream(position)`` and puts each transaction into a
    bounded queue (``queue_size``): when Redis is slow the queue fills, the reader blocks, the socket
-   stops being read and the database buffers -- the reader never reads ahead unboundedly;
+   stops being read and the database buffers -- the reader never reads ahead unboundedly. An
+   :attr:`Source.inline` source (PostgreSQL) is instead iterated in the main thread, through its
+   :meth:`Source.stream_marks`, which yields ``None`` whenever it has caught up: what was gathered is applied then (or once ``batch_max_keys`` keys are
+   gathered); while a batch is applied nothing is read. No thread hand-off on the commit -> invalidated path;
 3. in the main thread takes one transaction (waiting), then whatever else is already queued, up to
    ``batch_max_keys`` keys: a lone commit is applied at once (latency), a backlog in batches
    (throughput). The keys of a batch go to Redis in as few atomic script calls as possible
@@ -94,9 +97,14 @@ class Transaction:
 
 
 class Source(abc.ABC):
-    """A stream of committed transactions. ``stream`` runs in the reader thread; the rest in the main one."""
+    """A stream of committed transactions. ``stream`` runs in the reader thread (or, for an :attr:`inline`
+    source, in the runner's own thread); the rest in the main one."""
 
     kind: str = "source"
+    inline: bool = False
+    """True: the source implements :meth:`stream_marks`, and the runner iterates that in its own thread, applying
+    what it holds at each ``None`` -- no reader thread, no queue, no hand-off between threads. False (default):
+    a reader thread runs :meth:`stream` and fills the bounded queue."""
 
     @property
     @abc.abstractmethod
@@ -115,6 +123,13 @@ class Source(abc.ABC):
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
         """Committed transactions after ``position``, blocking; raises :class:`Disconnected` /
         :class:`PositionLost`; returns when :meth:`close` was called."""
+
+    def stream_marks(self, position: dict[str, Any]) -> Iterator[Transaction | None]:
+        """:meth:`stream`, plus a ``None`` whenever it has caught up (nothing more can be read without waiting),
+        before it waits, and at least every 0.2 s while idle; for an :attr:`inline` source. The runner stops it
+        by closing the generator at a mark (then calls :meth:`close`), so it must yield a mark at least every
+        0.2 s while nothing arrives."""
+        raise NotImplementedError(f"{type(self).__name__} is not an inline source")
 
     def ack(self, position: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Everything up to ``position`` is applied and checkpointed (thread-safe; default: nothing)."""
@@ -467,18 +482,32 @@ class CdcRunner:
         if self.checkpoint_in_background:
             saver = threading.Thread(target=self._saver, daemon=True, name="cachesync-cdc-checkpoint")
             saver.start()
+        # read in this thread only a source that says so and whose class has stream_marks (a wrapper that
+        # forwards attributes but not that method is read through its own stream(), in a reader thread)
+        inline = bool(getattr(self.source, "inline", False)) and callable(
+            getattr(type(self.source), "stream_marks", None))
         try:
             while not self._stop.is_set():
-                q: queue.Queue[Any] = queue.Queue(self.queue_size)
-                quit_ = threading.Event()
                 self.source.reopen()
-                th = threading.Thread(target=self._reader, args=(self.position, q, quit_), daemon=True,
-                                      name="cachesync-cdc-reader")
-                th.start()
-                err = self._consume(q)
-                quit_.set()
-                self.source.close()
-                th.join(timeout=5.0)
+                if inline:
+                    stream = self.source.stream_marks(self.position)
+                    try:
+                        err = self._consume_inline(stream)
+                    finally:
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()  # a generator: its cleanup (closing the connection) runs now
+                        self.source.close()
+                else:
+                    q: queue.Queue[Any] = queue.Queue(self.queue_size)
+                    quit_ = threading.Event()
+                    th = threading.Thread(target=self._reader, args=(self.position, q, quit_), daemon=True,
+                                          name="cachesync-cdc-reader")
+                    th.start()
+                    err = self._consume(q)
+                    quit_.set()
+                    self.source.close()
+                    th.join(timeout=5.0)
                 if saver is not None:
                     with self._cp_cond:
                         self._cp_quit = True
@@ -520,6 +549,38 @@ class CdcRunner:
                 saver.join(timeout=10)
             self.source.close()
             self._maybe_stats(force=True)
+
+    def _consume_inline(self, stream: Iterator[Transaction | None]) -> BaseException | None:
+        """Read an :attr:`Source.inline` source in this thread: transactions are gathered up to
+        ``batch_max_keys`` keys and applied as soon as the source yields ``None`` (caught up: a lone commit goes
+        to Redis at once, with no hand-off between threads) or the batch is full; until stop (None) or a source
+        error (returned, after applying what was read before it). While a batch is applied nothing is read (the
+        database buffers: backpressure, as with a full queue)."""
+        batch: list[Transaction] = []
+        nkeys = 0
+        limit = self.batch_max_keys
+        stop = self._stop
+        while True:
+            err: BaseException | None = None
+            try:
+                item = next(stream)
+            except StopIteration:
+                item, err = None, Disconnected("the source stream ended")
+            except Exception as e:  # as the reader thread hands it over (KeyboardInterrupt & co. propagate)
+                item, err = None, e
+            if item is not None:
+                batch.append(item)
+                nkeys += (len(item.changes) + len(item.keys)) or 1
+                if nkeys < limit and not stop.is_set():
+                    continue
+            if batch:
+                self.apply(batch)
+                batch, nkeys = [], 0
+            self._maybe_stats()
+            if err is not None:
+                return err
+            if stop.is_set():
+                return None
 
     def _consume(self, q: queue.Queue[Any]) -> BaseException | None:
         """Apply transactions from ``q`` until stop (None) or a source error (returned)."""

@@ -85,6 +85,7 @@ class PostgresSource(Source):
     """
 
     kind = "postgresql"
+    inline = True  # read in the runner's thread (stream_marks: a None before it waits for the server)
 
     def __init__(self, db_url: str, rules: Rules, *, slot: str = "cachesync", publication: str = "cachesync",
                  feedback_interval: float = 1.0, create: bool = True, connect_timeout: float = 5.0,
@@ -368,6 +369,20 @@ class PostgresSource(Source):
         return out
 
     def _txn(self, t: DecodedTransaction) -> Transaction:
+        end = t.end_lsn
+        if not t.messages and not self._poisoned:  # what a stream of row changes is made of
+            changes = []
+            for c in t.changes:
+                if c.kind == "insert":
+                    rel = c.relation
+                    changes.append(Change(rel.namespace, rel.name, None, c.new))
+                else:
+                    changes.append(self._change(c))
+            return Transaction({"lsn": end, "lsn_text": f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"}, t.commit_time, changes)
+        return self._txn_general(t)
+
+    def _txn_general(self, t: DecodedTransaction) -> Transaction:
+        """:meth:`_txn` for any transaction (the reference its fast path is checked against)."""
         keys: dict[str, Any] = {}
         ddl: list[Change] = []
         flush: list[str] = []
@@ -379,6 +394,14 @@ class PostgresSource(Source):
                            [self._change(c) for c in t.changes] + ddl, keys=keys, messages=n, prefixes=flush)
 
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
+        for t in self._stream(position, False):
+            if t is not None:
+                yield t
+
+    def stream_marks(self, position: dict[str, Any]) -> Iterator[Transaction | None]:
+        return self._stream(position, True)
+
+    def _stream(self, position: dict[str, Any], marks: bool) -> Iterator[Transaction | None]:
         import psycopg2
         from psycopg2.extras import LogicalReplicationConnection
 
@@ -409,8 +432,12 @@ class PostgresSource(Source):
                     if self._closed.is_set():
                         return
                     self._raise(e, position)
-                now = time.monotonic()
                 if msg is None:
+                    if marks:
+                        yield None  # caught up: the runner applies what it holds (before any feedback or wait)
+                        if self._closed.is_set():
+                            return
+                    now = time.monotonic()
                     ack = self._acked
                     if not decoder.in_transaction and self._delivered <= ack and cur.wal_end > ack:
                         ack = cur.wal_end  # idle and everything applied: let the server release WAL
@@ -450,6 +477,7 @@ class PostgresSource(Source):
                     continue  # applied before the checkpoint
                 self._delivered = t.end_lsn
                 yield self._txn(t)
+                now = time.monotonic()
                 if now - last_fb >= self.feedback_interval:
                     try:
                         cur.send_feedback(write_lsn=self._acked, flush_lsn=self._acked, apply_lsn=self._acked)

@@ -1,0 +1,232 @@
+"""The CDC runner reading an inline source (``Source.inline``: PostgreSQL) in its own thread, checked against the
+reader-thread path on the same transactions: lone commits applied at each "caught up" mark, a backlog in batches of
+``batch_max_keys``, the highest version per key, bad rows skipped, nothing checkpointed before its batch is in
+Redis, what was read before a source error applied and checkpointed before the reconnect, stop while idle. Real
+Redis; interleavings forced with events (no sleeps, no timed assertions)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cachesync
+from cachesync.cdc import Change, CdcRunner, Disconnected, FileCheckpoint, Source, Transaction
+from cachesync.rules import Rules
+from cachesync.testing._util import wait_for
+
+RULES = Rules({"users": {"keys": ["user:{id}", "user_by_email:{email}"], "version": "version"}})
+
+
+def txn(n: int, *rows: dict[str, Any]) -> Transaction:
+    return Transaction({"n": n}, None, [Change("public", "users", None, r) for r in rows])
+
+
+def backlog() -> list[Transaction]:
+    return [txn(1, {"id": 1, "email": "a@x", "version": 1}),
+            txn(2, {"id": 1, "email": "a@x", "version": 5}),
+            txn(3, {"id": 1, "email": "a@x", "version": 3}),            # older: the floor stays at 5
+            txn(4, {"id": 2, "email": "b@x", "version": "abc"}),        # bad version: keys without one
+            txn(5, {"id": 4}, {"id": 3, "email": "c@x", "version": 9}),
+            txn(6, {"email": "d@x", "version": 2})]                     # no id column: that key skipped
+
+
+class Script(Source):
+    """Yields ``items`` (transactions, ``None`` = caught up, an exception = raised) after the checkpoint, then
+    ``None`` marks until closed (each after a bounded wait, as a real source's select does)."""
+
+    kind = "script"
+
+    def __init__(self, items: list[Transaction | None | Exception], inline: bool) -> None:
+        self.items = items
+        self.inline = inline
+        self.closed = threading.Event()
+        self.streams = 0
+        self.threads: set[str] = set()  # the threads stream() ran in
+        self.done = threading.Event()  # every item yielded
+        self.hold: threading.Event | None = None  # set by the test: the stream waits on it before its first item
+
+    @property
+    def ident(self) -> str:
+        return "script:test"
+
+    def check(self) -> None:
+        pass
+
+    def current_position(self) -> dict[str, Any]:
+        return {"n": 0}
+
+    def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
+        for t in self.stream_marks(position, marks=False):
+            if t is not None:
+                yield t
+
+    def stream_marks(self, position: dict[str, Any], marks: bool = True) -> Iterator[Transaction | None]:
+        self.streams += 1
+        self.threads.add(threading.current_thread().name)
+        if self.hold is not None:
+            self.hold.wait(30)
+        for it in self.items:
+            if isinstance(it, Exception):
+                self.items = [x for x in self.items if x is not it]  # raised once: the reconnect reads on
+                raise it
+            if it is None or it.position["n"] > position["n"]:
+                yield it
+        self.done.set()
+        while not self.closed.is_set():
+            if marks:
+                yield None
+            self.closed.wait(0.01)
+
+    def reopen(self) -> None:
+        self.closed.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+class Recording(CdcRunner):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def apply(self, txns: list[Transaction]) -> None:
+        if txns:
+            self.entered.set()
+            if self.gate is not None:
+                self.gate.wait(30)
+            self.batches.append([t.position["n"] for t in txns])
+            self.threads.add(threading.current_thread().name)
+        super().apply(txns)
+
+
+def run_until(runner: Recording, src: Script, cp: FileCheckpoint, last: int) -> None:
+    th = threading.Thread(target=runner.run, daemon=True, name="runner-main")
+    th.start()
+    wait_for(lambda: cp.load(src.kind, src.ident) == {"n": last}, what="the last position checkpointed")
+    runner.stop()
+    th.join(10)
+    assert not th.is_alive()
+
+
+def state(cache: cachesync.Cache) -> dict[str, tuple[Any, Any]]:
+    return {k: ((cache.peek(k) or {}).get("fl"), bool((cache.peek(k) or {}).get("ti")))
+            for k in ("user:1", "user_by_email:a@x", "user:2", "user_by_email:b@x", "user:3", "user_by_email:c@x",
+                      "user:4", "user_by_email:d@x")}
+
+
+@pytest.mark.parametrize(("items", "batch_max_keys", "batches"), [
+    # caught up after each commit: each applied alone, at once
+    ([x for t in backlog() for x in (t, None)], 500, [[1], [2], [3], [4], [5], [6]]),
+    # a backlog (no mark until the end): one batch
+    ([*backlog(), None], 500, [[1, 2, 3, 4, 5, 6]]),
+    # a backlog in batches of at most 2 keys' worth of changes (the 2-row transaction fills one alone)
+    ([*backlog(), None], 2, [[1, 2], [3, 4], [5], [6]]),
+])
+def test_inline_matches_the_reader_thread(redis_url: str, tmp_path: Path, items: list[Any], batch_max_keys: int,
+                                          batches: list[list[int]]) -> None:
+    """Same transactions through the inline path and the reader-thread path (the reference): the same keys,
+    versions and stats in Redis; the inline path applies in the runner's own thread, in the batches the marks and
+    ``batch_max_keys`` make."""
+    results = []
+    for inline in (True, False):
+        cache = cachesync.Cache(redis_url, namespace="t" + uuid.uuid4().hex[:12], tombstone_ttl=120)
+        try:
+            src = Script([backlog()[i - 1] if isinstance(x, Transaction) and (i := x.position["n"]) else None
+                          for x in items], inline)
+            cp = FileCheckpoint(tmp_path / f"cp{inline}.json")
+            cp.save(src.kind, src.ident, {"n": 0})
+            runner = Recording(src, cache, RULES, cp, stats_interval=0, batch_max_keys=batch_max_keys)
+            if not inline:
+                src.hold = threading.Event()  # the whole backlog queued before the first apply: one batch
+            th = threading.Thread(target=runner.run, daemon=True, name="runner-main")
+            th.start()
+            if src.hold is not None:
+                wait_for(lambda: runner.position is not None, what="the runner started")
+                src.hold.set()
+            wait_for(lambda cp=cp, src=src: cp.load(src.kind, src.ident) == {"n": 6}, what="everything applied")
+            runner.stop()
+            th.join(10)
+            assert not th.is_alive()
+            if inline:
+                assert runner.batches == batches
+                assert src.threads == runner.threads == {"runner-main"}  # no reader thread, no hand-off
+            else:
+                assert src.threads == {"cachesync-cdc-reader"}
+            st = {k: runner.stats[k] for k in ("transactions", "changes", "keys", "skipped")}
+            results.append((state(cache), st["transactions"], st["changes"], st["skipped"]))
+        finally:
+            cache.close()
+    assert results[0] == results[1]
+    s = results[0][0]
+    assert s["user:1"] == (b"5", True) and s["user_by_email:a@x"] == (b"5", True) and s["user:3"] == (b"9", True)
+    assert s["user:2"] == (None, True) and s["user:4"] == (None, True) and s["user_by_email:d@x"] == (b"2", True)
+    assert results[0][1:] == (6, 7, 3)
+
+
+def test_inline_checkpoint_waits_for_redis(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """While the (gated) apply has not reached Redis, nothing is checkpointed and nothing more is read."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        src = Script([*(txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 11)), None], True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0, batch_max_keys=4)
+        runner.gate = threading.Event()
+        th = threading.Thread(target=runner.run, daemon=True, name="runner-main")
+        th.start()
+        wait_for(runner.entered.is_set, what="the first apply")
+        assert cp.load(src.kind, src.ident) == {"n": 0} and runner.position == {"n": 0}
+        assert not (cache.peek("user:1") or {}).get("ti") and not src.done.is_set()  # backpressure
+        runner.gate.set()
+        wait_for(lambda: cp.load(src.kind, src.ident) == {"n": 10}, what="the last position checkpointed")
+        runner.stop()
+        th.join(10)
+        assert runner.batches == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+        assert all((cache.peek(f"user:{i}") or {}).get("fl") == str(i).encode() for i in range(1, 11))
+    finally:
+        cache.close()
+
+
+def test_inline_source_error_applies_what_was_read_first(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """A Disconnected after two transactions (no mark between): both are applied and checkpointed, the runner
+    reconnects from there, and the rest follows; nothing is applied twice or lost."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        ts = [txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 5)]
+        src = Script([ts[0], ts[1], Disconnected("killed"), ts[2], ts[3], None], True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0, reconnect_delay=0.01)
+        run_until(runner, src, cp, 4)
+        assert runner.batches == [[1, 2], [3, 4]] and src.streams == 2 and runner.stats["reconnects"] == 1
+        assert all((cache.peek(f"user:{i}") or {}).get("fl") == str(i).encode() for i in range(1, 5))
+    finally:
+        cache.close()
+
+
+def test_inline_stop_while_idle_and_bad_config_error(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """Stop while the source only yields idle marks returns with the checkpoint saved; an unexpected source error
+    (not Disconnected/PositionLost) leaves run() after applying what came before it."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        src = Script([txn(1, {"id": 1, "email": "a@x", "version": 1}), None], True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0)
+        run_until(runner, src, cp, 1)
+        src2 = Script([txn(2, {"id": 2, "email": "b@x", "version": 2}), RuntimeError("boom")], True)
+        runner2 = Recording(src2, cache, RULES, cp, stats_interval=0)
+        with pytest.raises(RuntimeError, match="boom"):
+            runner2.run()
+        assert runner2.batches == [[2]] and cp.load(src2.kind, src2.ident) == {"n": 2}
+        assert (cache.peek("user:2") or {}).get("fl") == b"2"
+    finally:
+        cache.close()
