@@ -230,3 +230,23 @@ def test_inline_stop_while_idle_and_bad_config_error(redis_url: str, namespace: 
         assert (cache.peek("user:2") or {}).get("fl") == b"2"
     finally:
         cache.close()
+
+
+def test_the_daemons_observed_source_is_read_inline_and_counted(redis_url: str, namespace: str,
+                                                                tmp_path: Path) -> None:
+    """``cachesync cdc`` wraps its source to count what it reads (metrics): the wrapper offers ``stream_marks``,
+    so the daemon reads an inline source in the runner's thread too, and counts transactions, not marks."""
+    from cachesync.health import _ObservedSource
+
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        src = Script([x for t in backlog() for x in (t, None)], inline=True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        observed = _ObservedSource(src)
+        runner = Recording(observed, cache, RULES, cp, stats_interval=0)
+        run_until(runner, src, cp, 6)
+        assert src.threads == runner.threads == {"runner-main"}
+        assert observed.transactions == 6 and observed.changes == 7
+    finally:
+        cache.close()

@@ -363,6 +363,15 @@ class _ObservedSource:
             self.changes += len(txn.changes)
             yield txn
 
+    def stream_marks(self, position: Any) -> Any:
+        """The inline source's stream (PostgreSQL: read in the runner's thread), counted the same way; an
+        ``inline`` source without it is read through :meth:`stream` in the reader thread."""
+        for txn in self._source.stream_marks(position):
+            if txn is not None:
+                self.transactions += 1
+                self.changes += len(txn.changes)
+            yield txn
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
 
