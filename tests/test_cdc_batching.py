@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cachesync
 from cachesync.cdc import Change, CdcRunner, FileCheckpoint, Source, Transaction
@@ -190,3 +192,24 @@ def test_resolve_versions_match_checked_version() -> None:
         except BadDataError:
             want, problem = None, True
         assert got.version == want and bool(got.problems) == problem, raw
+
+
+_VALUES = st.one_of(st.integers(-10**20, 10**20), st.text(max_size=30), st.none(), st.floats(allow_nan=True),
+                    st.booleans(), st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+                                           min_size=1, max_size=2), st.just("x" * 300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(row=st.fixed_dictionaries({"id": _VALUES, "email": _VALUES, "n": _VALUES}),
+       max_key_bytes=st.sampled_from([8, 40, 200]))
+def test_resolve_insert_fast_path_matches_the_general_loop(row: dict[str, Any], max_key_bytes: int) -> None:
+    """An insert with every column takes resolve()'s fast path (the whole row formatted, ASCII keys accepted without
+    counting); an empty old image (``old={}``) sends the same new image through the general loop: the same keys,
+    version and problems, whatever the values (format specs a value cannot take, empty, too long, non-ASCII, lone
+    surrogates)."""
+    rule = Rules({"t": {"keys": ["t:{id}", "t_by:{email}", "n:{n:05d}", "r:{email!r}", "w:{id:>6}"],
+                        "version": "n"}}).tables["t"]
+    fast = rule.resolve(None, row, max_key_bytes)
+    general = rule.resolve({}, row, max_key_bytes)
+    assert (fast.keys, fast.version, fast.problems) == (general.keys, general.version, general.problems), row
+    assert fast.missing_old == [] and general.missing_old == list(rule.keys)

@@ -48,6 +48,10 @@ def _fieldset(template: str) -> frozenset[str]:
     return frozenset(_fields(template))
 
 
+_FORMAT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+"""What formatting a key template with a row may raise (a bad value for its format spec): a :class:`RuleError`."""
+
+
 @dataclass(frozen=True)
 class TableRule:
     """Key templates of one table (``keys``) and, optionally, the row's version column."""
@@ -98,7 +102,7 @@ class TableRule:
         """``template`` formatted with ``row``; a value its format spec cannot take raises :class:`RuleError`."""
         try:
             return template.format_map({f: row[f] for f in _fields(template)})
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        except _FORMAT_ERRORS as e:
             raise RuleError(f"table {self.table!r}: key template {template!r} cannot format the row "
                             f"({type(e).__name__}: {e})") from None
 
@@ -135,8 +139,19 @@ class TableRule:
             # formed from the new image, nothing missing -- what the general loop below does, without its checks
             for t in self.keys:
                 try:
-                    keys.append(checked_keys([self._format(t, new)], max_key_bytes)[0])
-                except (RuleError, BadDataError) as e:
+                    k = t.format_map(new)  # the whole row: what _format's subset gives when every field is there
+                except _FORMAT_ERRORS:
+                    try:
+                        k = self._format(t, new)  # the same error, named as the general loop names it
+                    except RuleError as e:
+                        problems.append(str(e))
+                        continue
+                if k and len(k) <= max_key_bytes and k.isascii():  # what checked_keys accepts without counting
+                    keys.append(k)
+                    continue
+                try:
+                    keys.append(checked_keys([k], max_key_bytes)[0])
+                except BadDataError as e:
                     problems.append(str(e))
         else:
             if old is None and new is None:
