@@ -305,14 +305,18 @@ class ClusterSubscriptionPool:
         return None
 
 
-def socket_probe(sock: Any) -> Callable[[], bool] | None:
-    """"Has data arrived on ``sock``?" as one non-blocking ``select`` (None when there is no socket)."""
+def socket_probe(sock: Any, stream: Any = None) -> Callable[[], bool] | None:
+    """"Has data arrived on ``sock``?" as one non-blocking ``select`` (None when there is no socket). ``stream``:
+    the connection's ``asyncio.StreamReader``, where the event loop moves arrived data before the subscriber task
+    runs; data waiting there counts too (its ``_buffer``: a reader without one is probed on the socket only)."""
     if sock is None:
         return None
     fd = sock.fileno()
     sel = select.select
     rd = (fd,)
-    return lambda: bool(sel(rd, (), (), 0)[0])
+    if stream is None or not isinstance(getattr(stream, "_buffer", None), bytearray):
+        return lambda: bool(sel(rd, (), (), 0)[0])
+    return lambda: bool(stream._buffer) or bool(sel(rd, (), (), 0)[0])
 
 
 def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:

@@ -150,7 +150,8 @@ class L1Async:
                     self._conn = self._pool.make_connection()
                     await self._conn.connect()
                     writer = getattr(self._conn, "_writer", None)
-                    self.core.set_probe(socket_probe(writer.get_extra_info("socket") if writer else None))
+                    self.core.set_probe(socket_probe(writer.get_extra_info("socket") if writer else None,
+                                                     getattr(self._conn, "_reader", None)))
                 elif t is Close:
                     self.core.set_probe(None)
                     if self._conn is not None:
