@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 import socket
 
 import pytest
@@ -162,85 +163,79 @@ async def test_sync_and_async_share_state(acache, redis_url, namespace):
     s.close()
 
 
-async def test_hung_redis_times_out_instead_of_hanging():
-    """A server that accepts connections and never answers (a hung Redis): socket_timeout bounds each command."""
+@pytest.fixture
+def hung_url() -> Iterator[str]:
+    """A server that accepts connections and never answers (a hung Redis)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
-    url = f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
     try:
-        c = cachesync.AsyncCache(url, socket_timeout=0.2)
-        e = await c.get_entry("k", lambda: "db")
-        assert e.source == "fallback" and e.value == "db"
-        f = cachesync.AsyncCache(url, socket_timeout=0.2, on_redis_error="fail")
-        with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
-            await f.get("k", lambda: 1)
-        s = cachesync.Cache(url, socket_timeout=0.2, on_redis_error="fail")
-        with pytest.raises(cachesync.CacheUnavailableError):
-            s.get("k", lambda: 1)
-        s.close()
-        await c.aclose()
-        await f.aclose()
+        yield f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
     finally:
         srv.close()
 
 
-async def test_hung_redis_bounds_pipelined_batches_ping_and_scans_too():
+async def test_hung_redis_times_out_instead_of_hanging(hung_url: str):
+    """A server that accepts connections and never answers (a hung Redis): socket_timeout bounds each command."""
+    url = hung_url
+    c = cachesync.AsyncCache(url, socket_timeout=0.2)
+    e = await c.get_entry("k", lambda: "db")
+    assert e.source == "fallback" and e.value == "db"
+    f = cachesync.AsyncCache(url, socket_timeout=0.2, on_redis_error="fail")
+    with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
+        await f.get("k", lambda: 1)
+    s = cachesync.Cache(url, socket_timeout=0.2, on_redis_error="fail")
+    with pytest.raises(cachesync.CacheUnavailableError):
+        s.get("k", lambda: 1)
+    s.close()
+    await c.aclose()
+    await f.aclose()
+
+
+async def test_hung_redis_bounds_pipelined_batches_ping_and_scans_too(hung_url: str):
     """A pipelined batch (an audit's peek of many keys, a batch of several invalidate.lua calls), ping() and
     keys_with_prefix() are bounded by socket_timeout like a single command: an error naming the timeout, not a
     hang."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    url = f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
-    try:
-        c = cachesync.AsyncCache(url, socket_timeout=0.2, record_namespace=False)
-        with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
-            await asyncio.wait_for(c.run(P.peek_values_flow(c.ctx, ["a", "b"])), 10)
-        keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK + 1)]
-        with pytest.raises(cachesync.InvalidationError, match="socket_timeout") as ei:
-            await asyncio.wait_for(c.invalidate_many([(keys, 1)]), 10)
-        assert list(ei.value.keys) == keys
-        # the health check and a prefix scan are bounded too (both used to hang)
-        with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
-            await asyncio.wait_for(c.ping(), 10)
+    url = hung_url
+    c = cachesync.AsyncCache(url, socket_timeout=0.2, record_namespace=False)
+    with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
+        await asyncio.wait_for(c.run(P.peek_values_flow(c.ctx, ["a", "b"])), 10)
+    keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK + 1)]
+    with pytest.raises(cachesync.InvalidationError, match="socket_timeout") as ei:
+        await asyncio.wait_for(c.invalidate_many([(keys, 1)]), 10)
+    assert list(ei.value.keys) == keys
+    # the health check and a prefix scan are bounded too (both used to hang)
+    with pytest.raises(cachesync.CacheUnavailableError, match="socket_timeout"):
+        await asyncio.wait_for(c.ping(), 10)
 
-        async def scan() -> list[str]:
-            return [k async for k in c.keys_with_prefix("user:")]
-        with pytest.raises(cachesync.InvalidationError, match="socket_timeout"):
-            await asyncio.wait_for(scan(), 10)
-        assert c._watchdog.inflight == {}
-        await c.aclose()
-    finally:
-        srv.close()
+    async def scan() -> list[str]:
+        return [k async for k in c.keys_with_prefix("user:")]
+    with pytest.raises(cachesync.InvalidationError, match="socket_timeout"):
+        await asyncio.wait_for(scan(), 10)
+    assert c._watchdog.inflight == {}
+    await c.aclose()
 
 
-async def test_cancelled_leader_of_a_hung_hit_lets_its_followers_read_again_and_leaves_no_flight():
+async def test_cancelled_leader_of_a_hung_hit_lets_its_followers_read_again_and_leaves_no_flight(hung_url: str):
     """The hit fast path leads the key's flight itself: when the leader is cancelled while its GET hangs, its
     followers read again (one of them leads, the watchdog ends its GET), and no flight or in-flight command is
     left behind; an error of the GET is the flow's (fallback), a cancellation the caller's."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    url = f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
-    try:
-        c = cachesync.AsyncCache(url, socket_timeout=0.3, record_namespace=False)
-        leader = asyncio.create_task(c.get_entry("k", lambda: "db"))
-        while "k" not in c._flights or not c._watchdog.inflight:
-            await asyncio.sleep(0)  # the leader is inside its GET
-        followers = [asyncio.create_task(c.get_entry("k", lambda: "db")) for _ in range(3)]
-        while c.stats["singleflight_joins"] < 3:
-            await asyncio.sleep(0)
-        leader.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await leader
-        got = await asyncio.gather(*followers)
-        assert [e.value for e in got] == ["db"] * 3 and {e.source for e in got} == {"fallback"}
-        assert c.stats["singleflight_retries"] >= 1
-        assert c._flights == {} and c._watchdog.inflight == {} and c._watchdog.expired == set()
-        await c.aclose()
-    finally:
-        srv.close()
+    url = hung_url
+    c = cachesync.AsyncCache(url, socket_timeout=0.3, record_namespace=False)
+    leader = asyncio.create_task(c.get_entry("k", lambda: "db"))
+    while "k" not in c._flights or not c._watchdog.inflight:
+        await asyncio.sleep(0)  # the leader is inside its GET
+    followers = [asyncio.create_task(c.get_entry("k", lambda: "db")) for _ in range(3)]
+    while c.stats["singleflight_joins"] < 3:
+        await asyncio.sleep(0)
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    got = await asyncio.gather(*followers)
+    assert [e.value for e in got] == ["db"] * 3 and {e.source for e in got} == {"fallback"}
+    assert c.stats["singleflight_retries"] >= 1
+    assert c._flights == {} and c._watchdog.inflight == {} and c._watchdog.expired == set()
+    await c.aclose()
 
 
 async def test_async_hit_fast_path_one_get_shared_by_concurrent_hits_and_reused_by_a_miss(redis_url, namespace):

@@ -3,7 +3,9 @@ workers, CDC and the auditor call), ``keys_with_prefix``, and ``Cache.run`` for 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -195,12 +197,33 @@ def test_key_length_is_counted_in_utf8_bytes_beyond_the_cheap_bound(namespace: s
         check_key("", 16)
 
 
+@contextlib.contextmanager
+def pipelines_executed_by(client: redis.Redis, execute: Callable[[redis.client.Pipeline, Callable[[], list[object]]],
+                                                                  list[object]]) -> Iterator[None]:
+    """While inside, each pipeline of ``client`` runs ``execute(pipeline, real_execute)`` when executed (to watch
+    what it sends, or to lose its replies)."""
+    real_pipeline = client.pipeline
+
+    def pipeline(*a: object, **kw: object) -> redis.client.Pipeline:
+        p = real_pipeline(*a, **kw)
+        ex = p.execute
+        p.execute = lambda *ea, **ekw: execute(p, lambda: ex(*ea, **ekw))  # type: ignore[method-assign]
+        return p
+
+    client.pipeline = pipeline  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        client.pipeline = real_pipeline  # type: ignore[method-assign]
+
+
 def test_big_batches_send_their_chunks_in_one_round_trip(cache: cachesync.Cache, r: redis.Redis) -> None:
     """Several ``invalidate.lua`` calls of one batch go in one pipeline (one round trip), each call still one
     atomic script with its own keys and versions."""
     keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK * 2 + 7)]
     cache.invalidate("warm-up")  # the script is loaded
-    real_pipeline, single, piped = cache.redis.pipeline, [], []
+    single: list[int] = []
+    piped: list[list[object]] = []
     real = cache.redis.execute_command
 
     def counting(*args: object, **kw: object) -> object:
@@ -208,23 +231,16 @@ def test_big_batches_send_their_chunks_in_one_round_trip(cache: cachesync.Cache,
             single.append(1)
         return real(*args, **kw)
 
-    def pipeline(*a: object, **kw: object) -> redis.client.Pipeline:
-        p = real_pipeline(*a, **kw)
-        ex = p.execute
-
-        def execute(*ea: object, **ekw: object) -> list[object]:
-            piped.append([c[0][0] for c in p.command_stack])
-            return ex(*ea, **ekw)
-        p.execute = execute  # type: ignore[method-assign]
-        return p
+    def execute(p: redis.client.Pipeline, ex: Callable[[], list[object]]) -> list[object]:
+        piped.append([c[0][0] for c in p.command_stack])
+        return ex()
 
     cache.redis.execute_command = counting  # type: ignore[method-assign]
-    cache.redis.pipeline = pipeline  # type: ignore[method-assign]
     try:
-        assert cache.invalidate_many([(keys, 7)]) == 0
+        with pipelines_executed_by(cache.redis, execute):
+            assert cache.invalidate_many([(keys, 7)]) == 0
     finally:
         cache.redis.execute_command = real  # type: ignore[method-assign]
-        cache.redis.pipeline = real_pipeline  # type: ignore[method-assign]
     assert single == [] and piped == [["EVALSHA"] * 3]
     assert all(floor(cache, k) == b"7" for k in keys)
 
@@ -246,24 +262,12 @@ def test_a_cut_round_trip_names_every_key_it_carried(redis_url: str, namespace: 
     c = cachesync.Cache(redis_url, namespace=namespace)
     c.invalidate("warm-up")
     keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK + 3)]
-    real_pipeline = c.redis.pipeline
+    def replies_lost(p: redis.client.Pipeline, ex: Callable[[], list[object]]) -> list[object]:
+        ex()  # the calls run; the replies are lost
+        raise redis.ConnectionError("gone")
 
-    def pipeline(*a: object, **kw: object) -> redis.client.Pipeline:
-        p = real_pipeline(*a, **kw)
-        ex = p.execute
-
-        def execute(*ea: object, **ekw: object) -> list[object]:
-            ex(*ea, **ekw)  # the calls run; the replies are lost
-            raise redis.ConnectionError("gone")
-        p.execute = execute  # type: ignore[method-assign]
-        return p
-
-    c.redis.pipeline = pipeline  # type: ignore[method-assign]
-    try:
-        with pytest.raises(InvalidationError) as ei:
-            c.invalidate_many([(keys, 1)])
-    finally:
-        c.redis.pipeline = real_pipeline  # type: ignore[method-assign]
+    with pipelines_executed_by(c.redis, replies_lost), pytest.raises(InvalidationError) as ei:
+        c.invalidate_many([(keys, 1)])
     assert list(ei.value.keys) == keys
     assert c.stats["invalidations_failed"] == len(keys) and c.stats["invalidations"] == 1  # the warm-up
     assert floor(c, keys[0]) == b"1" and floor(c, keys[-1]) == b"1"
