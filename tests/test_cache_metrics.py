@@ -7,6 +7,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -421,3 +422,27 @@ async def test_async_reads_that_raise_count_as_error_requests(redis_url, namespa
         assert c.stats["read_errors"] == 3
     finally:
         await c.aclose()
+
+
+def test_close_waits_for_the_namespace_record(redis_url: str, namespace: str, r: redis.Redis) -> None:
+    """The namespace record (one SET on a background thread) lands before ``close()`` returns: a caller that
+    deletes the namespace's keys after closing (the lab does) finds nothing written behind it."""
+    gate, entered = threading.Event(), threading.Event()
+
+    class Slow(redis.Redis):
+        def set(self, *a: Any, **kw: Any) -> Any:
+            entered.set()
+            gate.wait(10)
+            return super().set(*a, **kw)
+
+    client = Slow.from_url(redis_url)
+    c = cachesync.Cache(client=client, namespace=namespace)
+    assert entered.wait(10)
+    closed = threading.Event()
+    t = threading.Thread(target=lambda: (c.close(), closed.set()))
+    t.start()
+    assert not closed.wait(0.2)  # close() waits for the record
+    gate.set()
+    t.join(10)
+    assert closed.is_set() and r.exists(seen_key(namespace))
+    client.close()

@@ -166,8 +166,9 @@ def seen_key(namespace: str) -> str:
     return f"cs:{namespace}:seen"
 
 
-def record_namespace_sync(cache: Any) -> None:
-    """Record the cache's namespace in Redis (one SET with a TTL, on a background thread; errors ignored)."""
+def record_namespace_sync(cache: Any) -> Any:
+    """Record the cache's namespace in Redis (one SET with a TTL, on a background thread; errors ignored).
+    Returns the thread (``close()`` waits for it, so that nothing is written after a cache is closed)."""
     import threading
     import time
 
@@ -179,7 +180,9 @@ def record_namespace_sync(cache: Any) -> None:
 
             logging.getLogger("cachesync").debug("cachesync: could not record namespace: %s", e)
 
-    threading.Thread(target=run, name="cachesync-seen", daemon=True).start()
+    t = threading.Thread(target=run, name="cachesync-seen", daemon=True)
+    t.start()
+    return t
 
 
 async def record_namespace_async(cache: Any) -> None:

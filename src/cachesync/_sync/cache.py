@@ -88,8 +88,7 @@ class Cache:
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Sync(self, l1_options, owned_url)
-        if record_namespace:
-            _cm.record_namespace_sync(self)
+        self._seen: threading.Thread | None = _cm.record_namespace_sync(self) if record_namespace else None
 
     # ------------------------------------------------------------------ driver
 
@@ -541,6 +540,9 @@ class Cache:
             self.l1.close()
         wait = self.options.double_delete_delay + 10.0 if timeout is None else check_non_negative("timeout", timeout)
         deadline = time.monotonic() + wait
+        if self._seen is not None:  # the namespace record (one SET): not written after close() returns
+            self._seen.join(min(wait, self.options.socket_timeout + self.options.connect_timeout))
+            self._seen = None
         with self._pending_lock:
             pending = list(self._pending)
         for p in pending:
