@@ -1,7 +1,8 @@
 """cachesync beside its peers (cashews, aiocache, dogpile.cache, cachetools) on the same workloads, in one run.
 
     pip install -e '.[bench]'          # the peers: an optional extra, never a runtime dependency
-    .venv/bin/python bench/bench_peers.py [--redis-url redis://127.0.0.1:6379/15] [--quick]
+    .venv/bin/python bench/bench_peers.py [--redis-url redis://127.0.0.1:6379/15] [--only hits|stampede|coherence]
+                                          [--repeat 1] [--quick]
 
 Workloads (each library with its documented defaults except the serializer, JSON everywhere it can be chosen;
 every key under a unique prefix of this run, deleted at the end; never FLUSHDB):
@@ -461,8 +462,13 @@ def main() -> None:
     ap.add_argument("--loader-ms", type=int, default=50)
     ap.add_argument("--coherence-rounds", type=int, default=100)
     ap.add_argument("--stampede-redis-url", help="Redis for the stampede (default: a private redis-server)")
+    ap.add_argument("--only", choices=["hits", "stampede", "coherence"], help="run one part (default: all)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of the stampede and of the coherence check, each "
+                    "printed (default 1)")
     ap.add_argument("--quick", action="store_true", help="smoke run (numbers meaningless)")
     a = ap.parse_args()
+    if a.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     if a.quick:
         a.n, a.rounds, a.requests, a.coherence_rounds = 50, 2, 100, 5
     import aiocache
@@ -474,41 +480,46 @@ def main() -> None:
           f"dogpile.cache {dogpile.__version__}, cachetools {cachetools.__version__}")
     print(f"load before: {load()}; {a.rounds} interleaved rounds of {a.n} calls (batch: {max(1, a.n // 20)} calls of "
           f"100 keys; L1: {a.n * 20} sync / {a.n * 10} async calls) per line")
-    s = sync_hits(a.redis_url, a.n, a.rounds)
-    r = asyncio.run(async_hits(a.redis_url, a.n, a.rounds))
-    base = {"hit: ": "hit: raw redis-py GET+json", "batch: ": "batch: raw MGET+json",
-            "L1: ": "L1: cachetools TTLCache[key]", "async hit: ": "async hit: redis.asyncio GET+json",
-            "async batch: ": "async batch: MGET+json", "async L1: ": "async L1: TTLCache[key] awaited"}
-    print(f"\n{'workload: library':<48} {'median':>10}  ratio to the raw line of its group")
-    for k, v in {**s, **r}.items():
-        b = next(base[p] for p in sorted(base, key=len, reverse=True) if k.startswith(p))
-        unit = f"{v * 1e9:8.0f} ns" if "L1" in k else f"{v * 1e6:8.1f} µs"
-        print(f"{k:<48} {unit}  x{v / ({**s, **r})[b]:.2f}")
-    print(f"\nstampede: {a.requests} requests for one missing key from {a.processes} processes, loader "
-          f"{a.loader_ms} ms (commands counted in the clients; a private redis-server unless --stampede-redis-url)")
-    kinds = ("shared-future floor", "cachesync", "cashews lock=True", "aiocache cached_stampede")
-    if a.stampede_redis_url:
-        st = {k: stampede(k, a.stampede_redis_url, a.requests, a.processes, a.loader_ms) for k in kinds}
-    else:  # 1000 connections opened at once: a private redis-server (maxclients 4000), not the shared one
-        with private_redis() as purl:
-            st = {k: stampede(k, purl, a.requests, a.processes, a.loader_ms) for k in kinds}
-    f = st["shared-future floor"]["max_ms"]
-    print(f"{'':<26} {'loader calls':>12} {'cmd/request':>12} {'p50 ms':>8} {'max ms':>8}  max / floor")
-    for k, x in st.items():
-        if "failed" in x:
-            print(f"{k:<26} failed (a worker process raised; see its traceback above)")
-            continue
-        print(f"{k:<26} {x['loader_calls']:>12.0f} {x['per_request']:>12.3f} {x['p50_ms']:>8.1f} {x['max_ms']:>8.1f}"
-              f"  x{x['max_ms'] / f:.2f}")
-    print("  (dogpile.cache is sync only: not in the stampede of asyncio tasks)")
-    print(f"\nL1 coherence: another process writes through the same library; reads here until the new value "
-          f"({a.coherence_rounds} rounds, 200 ms cap)")
-    for kind in ("cachesync", "cashews client_side"):
-        c = asyncio.run(coherence(kind, a.redis_url, a.coherence_rounds))
-        print(f"  {kind:<22}: rounds with a stale read after the write returned {c['stale_rounds']:.0f}/"
-              f"{c['rounds']:.0f}, stale reads {c['stale_reads']:.0f}, longest to the new value "
-              f"{c['worst_ms']:.1f} ms")
-    print("  cachetools TTLCache: no invalidation at all, stale until its TTL")
+    if a.only in (None, "hits"):
+        s = sync_hits(a.redis_url, a.n, a.rounds)
+        r = asyncio.run(async_hits(a.redis_url, a.n, a.rounds))
+        base = {"hit: ": "hit: raw redis-py GET+json", "batch: ": "batch: raw MGET+json",
+                "L1: ": "L1: cachetools TTLCache[key]", "async hit: ": "async hit: redis.asyncio GET+json",
+                "async batch: ": "async batch: MGET+json", "async L1: ": "async L1: TTLCache[key] awaited"}
+        print(f"\n{'workload: library':<48} {'median':>10}  ratio to the raw line of its group")
+        for k, v in {**s, **r}.items():
+            b = next(base[p] for p in sorted(base, key=len, reverse=True) if k.startswith(p))
+            unit = f"{v * 1e9:8.0f} ns" if "L1" in k else f"{v * 1e6:8.1f} µs"
+            print(f"{k:<48} {unit}  x{v / ({**s, **r})[b]:.2f}")
+    if a.only in (None, "stampede"):
+        for _rep in range(a.repeat):
+            print(f"\nstampede: {a.requests} requests for one missing key from {a.processes} processes, loader "
+                  f"{a.loader_ms} ms (commands counted in the clients; a private redis-server unless --stampede-redis-url)")
+            kinds = ("shared-future floor", "cachesync", "cashews lock=True", "aiocache cached_stampede")
+            if a.stampede_redis_url:
+                st = {k: stampede(k, a.stampede_redis_url, a.requests, a.processes, a.loader_ms) for k in kinds}
+            else:  # 1000 connections opened at once: a private redis-server (maxclients 4000), not the shared one
+                with private_redis() as purl:
+                    st = {k: stampede(k, purl, a.requests, a.processes, a.loader_ms) for k in kinds}
+            f = st["shared-future floor"]["max_ms"]
+            print(f"{'':<26} {'loader calls':>12} {'cmd/request':>12} {'p50 ms':>8} {'max ms':>8}  max / floor")
+            for k, x in st.items():
+                if "failed" in x:
+                    print(f"{k:<26} failed (a worker process raised; see its traceback above)")
+                    continue
+                print(f"{k:<26} {x['loader_calls']:>12.0f} {x['per_request']:>12.3f} {x['p50_ms']:>8.1f} {x['max_ms']:>8.1f}"
+                      f"  x{x['max_ms'] / f:.2f}")
+            print("  (dogpile.cache is sync only: not in the stampede of asyncio tasks)")
+    if a.only in (None, "coherence"):
+        for _rep in range(a.repeat):
+            print(f"\nL1 coherence: another process writes through the same library; reads here until the new value "
+                  f"({a.coherence_rounds} rounds, 200 ms cap)")
+            for kind in ("cachesync", "cashews client_side"):
+                c = asyncio.run(coherence(kind, a.redis_url, a.coherence_rounds))
+                print(f"  {kind:<22}: rounds with a stale read after the write returned {c['stale_rounds']:.0f}/"
+                      f"{c['rounds']:.0f}, stale reads {c['stale_reads']:.0f}, longest to the new value "
+                      f"{c['worst_ms']:.1f} ms")
+            print("  cachetools TTLCache: no invalidation at all, stale until its TTL")
     print(f"load after: {load()}")
 
 

@@ -426,23 +426,26 @@ async def test_async_reads_that_raise_count_as_error_requests(redis_url, namespa
 
 def test_close_waits_for_the_namespace_record(redis_url: str, namespace: str, r: redis.Redis) -> None:
     """The namespace record (one SET on a background thread) lands before ``close()`` returns: a caller that
-    deletes the namespace's keys after closing (the lab does) finds nothing written behind it."""
+    deletes the namespace's keys after closing (the lab does) finds nothing written behind it. The SET is held at a
+    gate while ``close()`` runs; the order of the two events is what is checked."""
     gate, entered = threading.Event(), threading.Event()
+    order: list[str] = []
 
-    class Slow(redis.Redis):
+    class Gated(redis.Redis):
         def set(self, *a: Any, **kw: Any) -> Any:
             entered.set()
             gate.wait(10)
-            return super().set(*a, **kw)
+            out = super().set(*a, **kw)
+            order.append("recorded")
+            return out
 
-    client = Slow.from_url(redis_url)
+    client = Gated.from_url(redis_url)
     c = cachesync.Cache(client=client, namespace=namespace)
     assert entered.wait(10)
-    closed = threading.Event()
-    t = threading.Thread(target=lambda: (c.close(), closed.set()))
+    t = threading.Thread(target=lambda: (c.close(), order.append("closed")))
     t.start()
-    assert not closed.wait(0.2)  # close() waits for the record
+    t.join(0.2)  # without the wait in close(), "closed" is appended here, before the gate opens
     gate.set()
     t.join(10)
-    assert closed.is_set() and r.exists(seen_key(namespace))
+    assert order == ["recorded", "closed"] and r.exists(seen_key(namespace))
     client.close()

@@ -547,15 +547,18 @@ class AsyncCache:
         try:
             for pat in pats:
                 pages = self.redis.scan_iter(match=pat, count=1000)
-                while True:
-                    try:  # each step bounded by socket_timeout; the caller's own time between steps is not
-                        raw = await self._bounded(pages.__anext__())
-                    except StopAsyncIteration:
-                        break
-                    k = match(raw)
-                    if k is not None and k not in seen:
-                        seen.add(k)
-                        yield k
+                try:
+                    while True:
+                        try:  # each step bounded by socket_timeout; the caller's own time between steps is not
+                            raw = await self._bounded(pages.__anext__())
+                        except StopAsyncIteration:
+                            break
+                        k = match(raw)
+                        if k is not None and k not in seen:
+                            seen.add(k)
+                            yield k
+                finally:  # a caller that stops early (or a timeout) closes the SCAN iterator too
+                    await pages.aclose()
         except _REDIS_DOWN as e:
             raise InvalidationError([f"{p}*" for p in prefixes], e) from e
 

@@ -369,16 +369,10 @@ class PostgresSource(Source):
         return out
 
     def _txn(self, t: DecodedTransaction) -> Transaction:
-        end = t.end_lsn
-        if not t.messages and not self._poisoned:  # what a stream of row changes is made of
-            changes = []
-            for c in t.changes:
-                if c.kind == "insert":
-                    rel = c.relation
-                    changes.append(Change(rel.namespace, rel.name, None, c.new))
-                else:
-                    changes.append(self._change(c))
-            return Transaction({"lsn": end, "lsn_text": f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"}, t.commit_time, changes)
+        if not t.messages and not self._poisoned:  # row changes only (what a stream is mostly made of)
+            change = self._change
+            return Transaction({"lsn": t.end_lsn, "lsn_text": lsn_str(t.end_lsn)}, t.commit_time,
+                               [change(c) for c in t.changes])
         return self._txn_general(t)
 
     def _txn_general(self, t: DecodedTransaction) -> Transaction:
