@@ -206,7 +206,7 @@ async def test_cancelled_get_many_releases_every_lease(acache: cachesync.AsyncCa
 # --------------------------------------------------------------------------- read-your-writes through singleflight
 
 
-def test_follower_that_starts_after_a_write_never_gets_the_older_value(cache: cachesync.Cache) -> None:
+def test_follower_that_joined_before_a_write_never_gets_the_refused_older_value(cache: cachesync.Cache) -> None:
     db = {"v": "old"}
     loaded = threading.Event()
     go = threading.Event()
@@ -221,12 +221,12 @@ def test_follower_that_starts_after_a_write_never_gets_the_older_value(cache: ca
     lt = threading.Thread(target=lambda: leader_out.append(cache.get_entry("k", leader_loader)))
     lt.start()
     loaded.wait(10)
-    db["v"] = "new"  # the write commits ...
-    cache.invalidate("k")  # ... and its invalidation returns
     follower_out: list[Any] = []
     ft = threading.Thread(target=lambda: follower_out.append(cache.get("k", lambda: db["v"])))
-    ft.start()  # this read begins after the invalidation returned
+    ft.start()  # this read joins the leader's flight before the write (a read started after it leads its own)
     _until(lambda: cache.stats["singleflight_joins"] == 1, "the follower to join the leader's flight")
+    db["v"] = "new"  # the write commits ...
+    cache.invalidate("k")  # ... and its invalidation returns
     go.set()
     lt.join(10)
     ft.join(10)
@@ -235,7 +235,7 @@ def test_follower_that_starts_after_a_write_never_gets_the_older_value(cache: ca
     assert cache.stats["singleflight_retries"] == 1
 
 
-async def test_async_follower_that_starts_after_a_write_never_gets_the_older_value(
+async def test_async_follower_that_joined_before_a_write_never_gets_the_refused_older_value(
         acache: cachesync.AsyncCache) -> None:
     db = {"v": "old"}
     loaded = asyncio.Event()
@@ -249,16 +249,120 @@ async def test_async_follower_that_starts_after_a_write_never_gets_the_older_val
 
     leader = asyncio.create_task(acache.get_entry("k", leader_loader))
     await loaded.wait()
-    db["v"] = "new"
-    await acache.invalidate("k")
     follower = asyncio.create_task(acache.get("k", lambda: db["v"]))
     while acache.stats["singleflight_joins"] < 1:
-        await asyncio.sleep(0)  # let the follower run up to its join
+        await asyncio.sleep(0)  # let the follower run up to its join (before the write)
+    db["v"] = "new"
+    await acache.invalidate("k")
     go.set()
     e = await leader
     assert e.value == "old" and not e.filled
     assert await follower == "new"
     assert acache.stats["singleflight_retries"] == 1
+
+
+# a reader that starts after an invalidation returned must not take a value read (or filled) before it: the
+# leader's GET or fill ran in Redis before the invalidation, its reply reached the leader only after it returned
+
+
+def _gated_sync_client(redis_url: str, gate: threading.Event, reached: threading.Event,
+                       when: Any) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    real = client.execute_command
+
+    def execute_command(*args: Any, **kw: Any) -> Any:
+        res = real(*args, **kw)
+        if when(args) and threading.current_thread().name == "leader":
+            reached.set()  # the command ran in Redis; its reply is held back from the caller
+            gate.wait(10)
+        return res
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    return client
+
+
+def test_follower_that_starts_after_an_invalidation_never_gets_a_fill_accepted_before_it(
+        redis_url: str, namespace: str) -> None:
+    gate, reached = threading.Event(), threading.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    client = _gated_sync_client(redis_url, gate, reached, lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    c = cachesync.Cache(client=client, namespace=namespace, record_namespace=False)
+    db = {"v": "old"}
+    try:
+        leader_out: list[Any] = []
+        lt = threading.Thread(target=lambda: leader_out.append(c.get_entry("k", lambda: db["v"])), name="leader")
+        lt.start()
+        assert reached.wait(10)  # the leader's fill of "old" was accepted by Redis
+        db["v"] = "new"  # the write commits ...
+        c.invalidate("k")  # ... and its invalidation returns
+        follower_out: list[Any] = []
+        ft = threading.Thread(target=lambda: follower_out.append(c.get("k", lambda: db["v"])))
+        ft.start()  # this read begins after the invalidation returned
+        _until(lambda: c.stats["singleflight_joins"] == 1 or not ft.is_alive(), "the follower to join or finish")
+        gate.set()
+        lt.join(10)
+        ft.join(10)
+        assert leader_out[0].value == "old" and leader_out[0].filled  # concurrent with the write: either is right
+        assert follower_out == ["new"]
+    finally:
+        gate.set()
+        c.close()
+        client.close()
+
+
+def _gated_async_client(redis_url: str, gate: asyncio.Event, reached: asyncio.Event, when: Any) -> Any:
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(redis_url)
+    real = client.execute_command
+
+    async def execute_command(*args: Any, **kw: Any) -> Any:
+        res = await real(*args, **kw)
+        if when(args) and not reached.is_set():
+            reached.set()  # the command ran in Redis; its reply is held back from the caller
+            await gate.wait()
+        return res
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    return client
+
+
+@pytest.mark.parametrize("held", ["hit", "fill"])
+@pytest.mark.parametrize("l1", [False, True])
+@pytest.mark.parametrize("op", ["invalidate", "set", "write"])
+async def test_async_follower_that_starts_after_an_invalidation_never_gets_a_value_read_before_it(
+        redis_url: str, namespace: str, held: str, l1: bool, op: str) -> None:
+    gate, reached = asyncio.Event(), asyncio.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    when = (lambda a: a[0] == "GET") if held == "hit" else (lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    c0 = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)
+    if held == "hit":
+        c0.get("k", lambda: "old")  # cached: the leader's read is a hit
+    c0.close()
+    client = _gated_async_client(redis_url, gate, reached, when)
+    c = cachesync.AsyncCache(client=client, namespace=namespace, record_namespace=False, l1=l1)
+    if l1:
+        assert c.l1 is not None and await c.l1.wait_ready(5)
+    db = {"v": "old"}
+    try:
+        leader = asyncio.create_task(c.get_entry("k", lambda: db["v"]))
+        await asyncio.wait_for(reached.wait(), 10)  # Redis answered the leader's read (or accepted its fill) with "old"
+        if op == "write":
+            async with c.write("k"):
+                db["v"] = "new"
+        else:
+            db["v"] = "new"  # the write commits ...
+            await (c.invalidate("k") if op == "invalidate" else c.set("k", "new"))  # ... and its cache step returns
+        follower = asyncio.create_task(c.get("k", lambda: db["v"]))  # begins after the invalidation returned
+        while c.stats["singleflight_joins"] < 1 and not follower.done():
+            await asyncio.sleep(0)
+        gate.set()
+        assert (await leader).value == "old"  # concurrent with the write: either is right
+        assert await follower == "new"
+    finally:
+        gate.set()
+        await c.aclose()
+        await client.aclose()
 
 
 def test_followers_accept_a_filled_value(cache: cachesync.Cache) -> None:

@@ -296,7 +296,8 @@ class AsyncCache:
               exc: BaseException | None = None) -> None:
         """End the flight of ``key`` led by this caller: its followers get ``res``, or ``exc`` (a cancelled
         leader's followers read again)."""
-        del self._flights[key]
+        if self._flights.get(key) is waiters:  # else _written detached it (a newer flight may lead now)
+            del self._flights[key]
         for w in waiters:
             if not w.done():
                 if exc is None:
@@ -522,8 +523,15 @@ class AsyncCache:
         try:
             return await self.run(P.invalidate_flow(self.ctx, keys, version))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(keys)
+            self._written(keys)
+
+    def _written(self, keys: Sequence[str]) -> None:
+        """See :meth:`cachesync.Cache._written`: drop the L1 copies, detach the keys' flights in progress."""
+        if self._flights:
+            for k in keys:
+                self._flights.pop(k, None)
+        if self.l1 is not None:
+            self.l1.invalidate_local(keys)
 
     async def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """See :meth:`cachesync.Cache.invalidate_many`."""
@@ -536,8 +544,7 @@ class AsyncCache:
             tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""
             return await self.run(P.invalidate_many_flow(self.ctx, versions, tp))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(list(versions))
+            self._written(list(versions))
 
     async def keys_with_prefix(self, *prefixes: str) -> AsyncIterator[str]:
         """See :meth:`cachesync.Cache.keys_with_prefix`."""
@@ -573,8 +580,7 @@ class AsyncCache:
         try:
             return await self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local((key,))
+            self._written((key,))
 
     @asynccontextmanager
     async def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
@@ -599,14 +605,12 @@ class AsyncCache:
             try:
                 await self.run(plan.after(failed=True))
             finally:
-                if self.l1 is not None:
-                    self.l1.invalidate_local(plan.keys)
+                self._written(plan.keys)
             raise
         try:
             await self.run(plan.after(failed=False))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(plan.keys)
+            self._written(plan.keys)
 
     def cached(self, template: str, ttl: float | None = None, *, not_found: Any = P.NOT_FOUND
                ) -> AsyncCachedDecorator:

@@ -81,6 +81,7 @@ class Cache:
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
         self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()  # a flight's end and _written's detach (never the join)
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
         self._pending: set[_Pending] = set()
@@ -240,7 +241,9 @@ class Cache:
             mine.exc = e
             raise
         finally:
-            del self._flights[key]
+            with self._flights_lock:
+                if self._flights.get(key) is mine:  # else _written detached it (a newer flight may lead now)
+                    del self._flights[key]
             mine.lock.release()
 
     # ------------------------------------------------------------------ reads
@@ -397,8 +400,18 @@ class Cache:
         try:
             return self.run(P.invalidate_flow(self.ctx, keys, version))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(keys)
+            self._written(keys)
+
+    def _written(self, keys: Sequence[str]) -> None:
+        """After a write's cache step (returned or raised): drop this process's L1 copies, and detach the keys'
+        flights in progress, whose GET or fill may have run in Redis before the step (read-your-writes: a read
+        that starts now leads a flight of its own instead of joining one; their followers keep them)."""
+        if self._flights:
+            with self._flights_lock:
+                for k in keys:
+                    self._flights.pop(k, None)
+        if self.l1 is not None:
+            self.l1.invalidate_local(keys)
 
     def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """Invalidate a batch of ``(keys, version)`` pairs, each key with its own committed version, exactly as
@@ -417,8 +430,7 @@ class Cache:
             tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""
             return self.run(P.invalidate_many_flow(self.ctx, versions, tp))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(list(versions))
+            self._written(list(versions))
 
     def keys_with_prefix(self, *prefixes: str) -> Iterator[str]:
         """Every cached key of this namespace that starts with one of ``prefixes`` (``""``: every key), each
@@ -448,8 +460,7 @@ class Cache:
         try:
             return self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local((key,))
+            self._written((key,))
 
     @contextmanager
     def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
@@ -479,14 +490,12 @@ class Cache:
             try:
                 self.run(plan.after(failed=True))
             finally:
-                if self.l1 is not None:
-                    self.l1.invalidate_local(plan.keys)
+                self._written(plan.keys)
             raise
         try:
             self.run(plan.after(failed=False))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(plan.keys)
+            self._written(plan.keys)
 
     def cached(self, template: str, ttl: float | None = None, *, not_found: Any = P.NOT_FOUND) -> CachedDecorator:
         """Decorator: ``@cache.cached("user:{user_id}")`` caches the function's result under the formatted key.
