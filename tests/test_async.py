@@ -286,3 +286,43 @@ async def test_cached_not_found_answer_async(acache) -> None:
     with pytest.raises(KeyError):
         await lookup(1)
     assert await lookup2(1) == "none"
+
+
+async def test_followers_of_a_hit_that_fell_back_do_not_queue_one_timeout_each_on_a_hung_redis(hung_url: str):
+    """A hung Redis: the leader's GET times out and it loads uncached (fallback), which its followers may not take
+    (read-your-writes); they read again on their own, side by side: one more socket_timeout for all of them, not
+    a chain of flights each waiting socket_timeout in turn (the last of 6 readers waited 6 timeouts)."""
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(hung_url)
+    sent: list[str] = []
+    pending = [0, 0]  # GETs unanswered now, most at once
+    real = client.execute_command
+
+    async def execute_command(*args, **kw):
+        sent.append(str(args[0]))
+        pending[0] += 1
+        pending[1] = max(pending)
+        try:
+            return await real(*args, **kw)
+        finally:
+            pending[0] -= 1
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    c = cachesync.AsyncCache(client=client, socket_timeout=0.3, record_namespace=False)
+    try:
+        leader = asyncio.create_task(c.get_entry("k", lambda: "db"))
+        while "k" not in c._flights or not c._watchdog.inflight:
+            await asyncio.sleep(0)  # the leader is inside its GET
+        followers = [asyncio.create_task(c.get_entry("k", lambda: "db")) for _ in range(5)]
+        while c.stats["singleflight_joins"] < 5:
+            await asyncio.sleep(0)
+        assert (await leader).source == "fallback"
+        got = await asyncio.gather(*followers)
+        assert [(e.value, e.source) for e in got] == [("db", "fallback")] * 5
+        # the followers' own GETs were all sent at once, when the leader landed (not one after another)
+        assert sent == ["GET"] * 6 and pending[1] == 5 and c.stats["singleflight_retries"] == 5
+        assert c._flights == {} and c._watchdog.inflight == {}
+    finally:
+        await c.aclose()
+        await client.aclose()

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 _RETRY: Any = object()
+_ALONE: Any = object()  # _follow: the flight fell back (Redis failed its leader): read again outside any flight
 
 AsyncScheduler = Callable[[float, Callable[[], Awaitable[None]]], Any]
 
@@ -275,7 +276,8 @@ class AsyncCache:
 
     async def _follow(self, key: str, waiters: list[asyncio.Future[P.Entry[Any]]]) -> P.Entry[Any] | None:
         """Wait for the flight ``waiters`` of ``key`` (and any newer one): its result if this caller may take it,
-        or None when no flight is left and this caller must lead one (no await between the return and the lead)."""
+        None when no flight is left and this caller must lead one (no await between the return and the lead), or
+        ``_ALONE`` when it must read again outside any flight."""
         while True:
             # a follower waits on a future of its own: cancelling it never cancels the leader or the others
             self.ctx.stats["singleflight_joins"] += 1
@@ -287,6 +289,10 @@ class AsyncCache:
                 return res
             # the leader was cancelled, or its value may predate a write: read again (lead, or join a newer flight)
             self.ctx.stats["singleflight_retries"] += 1
+            if res is not _RETRY and res.source == "fallback":
+                # Redis failed the leader (down, or hung: its GET waited socket_timeout): the followers read again
+                # side by side, each alone; a new flight would make them wait one socket_timeout each in turn
+                return _ALONE  # type: ignore[no-any-return]
             nxt = self._flights.get(key)
             if nxt is None:
                 return None
@@ -316,6 +322,8 @@ class AsyncCache:
         waiters = self._flights.get(key)
         if waiters is not None:
             res = await self._follow(key, waiters)
+            if res is _ALONE:
+                return await fn()
             if res is not None:
                 return res
         waiters = self._flights[key] = []
@@ -413,9 +421,12 @@ class AsyncCache:
             joined = self._flights.get(key)
             if joined is not None:
                 res = await self._follow(key, joined)
-                if res is not None:
+                if res is _ALONE:
+                    single = False
+                elif res is not None:
                     return res
-            self._flights[key] = waiters
+            if single:
+                self._flights[key] = waiters
         try:
             first: tuple[Any, BaseException | None]
             wd = self._watchdog
