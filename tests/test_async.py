@@ -326,3 +326,26 @@ async def test_followers_of_a_hit_that_fell_back_do_not_queue_one_timeout_each_o
     finally:
         await c.aclose()
         await client.aclose()
+
+
+async def test_a_cancellation_that_meets_the_watchdogs_is_not_swallowed(hung_url: str):
+    """The caller cancels a read (a request timeout, a shutdown) at the very moment the watchdog cancels its hung
+    GET: the task must end cancelled, not turn both into one TimeoutError and go on to load (fallback)."""
+    c = cachesync.AsyncCache(hung_url, socket_timeout=0.2, record_namespace=False)
+
+    class CancelledToo(set):  # the caller's cancel() lands in the same tick as the watchdog's
+        def add(self, t: asyncio.Task) -> None:
+            super().add(t)
+            t.cancel()
+
+    c._watchdog.expired = CancelledToo()
+    loads: list[int] = []
+    task = asyncio.create_task(c.get_entry("k", lambda: loads.append(1) or "db"))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert loads == [] and c._flights == {} and c._watchdog.inflight == {}
+    c._watchdog.expired = set()
+    # alone, the watchdog's cancellation is still the timeout (the flow falls back)
+    e = await c.get_entry("k", lambda: "db")
+    assert e.source == "fallback"
+    await c.aclose()

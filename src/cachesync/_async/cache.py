@@ -82,9 +82,9 @@ class _Watchdog:
 
     def cancelled(self, task: asyncio.Task[Any]) -> None:
         """In the ``except CancelledError`` of a bounded command: raise the timeout if the watchdog cancelled it
-        (undoing its cancellation), else return and let the caller re-raise the cancellation."""
-        if task in self.expired:
-            task.uncancel()
+        (undoing its cancellation), else return and let the caller re-raise the cancellation (also when someone
+        else cancelled the task too: its cancellation is not swallowed by the timeout)."""
+        if task in self.expired and task.uncancel() == 0:
             raise RedisTimeoutError(f"no answer within socket_timeout={self.timeout}s") from None
 
     def leave(self, task: asyncio.Task[Any]) -> None:
