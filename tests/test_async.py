@@ -349,3 +349,18 @@ async def test_a_cancellation_that_meets_the_watchdogs_is_not_swallowed(hung_url
     e = await c.get_entry("k", lambda: "db")
     assert e.source == "fallback"
     await c.aclose()
+
+
+async def test_the_watchdog_comes_back_after_its_task_was_cancelled(hung_url: str):
+    """A shutdown that cancels every task of the loop (or any stray cancel) also ends the watchdog task: the
+    next command starts a new one instead of running unbounded (against a hung Redis: a hang)."""
+    c = cachesync.AsyncCache(hung_url, socket_timeout=0.2, record_namespace=False)
+    assert (await c.get_entry("k", lambda: "db")).source == "fallback"
+    wd = c._watchdog.task
+    assert wd is not None
+    wd.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wd
+    e = await asyncio.wait_for(c.get_entry("k", lambda: "db"), 10)  # (the bound only keeps a hang from lasting)
+    assert e.source == "fallback" and c._watchdog.task is not wd
+    await c.aclose()

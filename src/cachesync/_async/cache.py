@@ -54,6 +54,12 @@ class _Watchdog:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.task = loop.create_task(self._run(), name="cachesync-watchdog")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The timer task ended (a shutdown that cancels every task, say): the next command starts a new one."""
+        if self.task is task:
+            self.task, self.loop = None, None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
