@@ -108,6 +108,45 @@ def test_forked_reader_cannot_fill_through_a_sibling_token(redis_url: str, names
     cache.close()
 
 
+
+def test_a_child_forked_while_a_read_is_in_flight_does_not_wait_for_it_forever(cache: cachesync.Cache) -> None:
+    """multiprocessing with fork from a threaded app: a thread is leading a read of "k" (its flight's lock held)
+    when another thread forks. The child has no such thread: its own read of "k" must not join that flight and
+    block for ever."""
+    loading, go = threading.Event(), threading.Event()
+
+    def loader() -> str:
+        loading.set()
+        go.wait(10)
+        return "parent"
+
+    t = threading.Thread(target=lambda: cache.get("k", loader))
+    t.start()
+    assert loading.wait(10)  # the flight of "k" is led by t
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            v = cache.get("k", lambda: "child")
+            os.write(w_fd, v.encode())
+        finally:
+            os._exit(0)
+    os.close(w_fd)
+    try:
+        done = threading.Event()
+        got: list[bytes] = []
+        threading.Thread(target=lambda: (got.append(os.read(r_fd, 100)), done.set()), daemon=True).start()
+        answered = done.wait(10)  # (the bound only keeps a hang from lasting)
+    finally:
+        if not answered:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        go.set()
+        t.join(10)
+        os.close(r_fd)
+    assert answered and got == [b"child"]
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

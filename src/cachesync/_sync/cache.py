@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, Unpack, cast, overload
@@ -29,6 +31,21 @@ T = TypeVar("T")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 
 Scheduler = Callable[[float, Callable[[], None]], Any]
+
+
+_CACHES: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: the flights they were leading (their locks held) would
+    never end there, and a read of such a key in the child would join one and wait for ever."""
+    for c in list(_CACHES):
+        c._flights = {}
+        c._flights_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Flight:
@@ -82,6 +99,7 @@ class Cache:
         self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()  # a flight's end and _written's detach (never the join)
+        _CACHES.add(self)  # (reset in a forked child)
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
         self._pending: set[_Pending] = set()
