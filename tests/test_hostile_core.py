@@ -639,3 +639,78 @@ def test_a_key_with_a_lone_surrogate_is_refused_with_a_clear_error(cache: caches
         with pytest.raises(InvalidKeyError, match="surrogate"):
             call()
     assert cache.get("\u00e9t\u00e9", lambda: 1) == 1  # non-ASCII keys are fine
+
+
+@pytest.mark.parametrize("held", ["hit", "fill"])
+async def test_async_l1_follower_that_starts_after_another_process_write_was_heard_never_gets_the_older_value(
+        redis_url: str, namespace: str, held: str) -> None:
+    """With an L1 this process hears other processes' invalidations: once its subscriber has applied one, a read
+    that starts must not join a flight whose GET (or accepted fill) ran in Redis before that write."""
+    gate, reached = asyncio.Event(), asyncio.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    when = (lambda a: a[0] == "GET") if held == "hit" else (lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    other = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)  # another process
+    if held == "hit":
+        other.get("k", lambda: "old")
+    client = _gated_async_client(redis_url, gate, reached, when)
+    c = cachesync.AsyncCache(client=client, namespace=namespace, record_namespace=False, l1=True)
+    assert c.l1 is not None and await c.l1.wait_ready(5)
+    core = c.l1.core
+    db = {"v": "old"}
+    try:
+        leader = asyncio.create_task(c.get_entry("k", lambda: db["v"]))
+        await asyncio.wait_for(reached.wait(), 10)  # Redis answered the leader's read (or accepted its fill)
+        heard = core.stats["invalidations"]
+        db["v"] = "new"
+        other.set("k", "new")  # the other process's write returns
+        for _ in range(5000):
+            if core.stats["invalidations"] > heard:
+                break
+            await asyncio.sleep(0.002)  # this process's subscriber applies it
+        assert core.stats["invalidations"] > heard
+        follower = asyncio.create_task(c.get("k", lambda: db["v"]))
+        while c.stats["singleflight_joins"] < 1 and not follower.done():
+            await asyncio.sleep(0)
+        gate.set()
+        assert (await leader).value == "old"
+        assert await follower == "new"
+    finally:
+        gate.set()
+        other.close()
+        await c.aclose()
+        await client.aclose()
+
+
+def test_l1_follower_that_starts_after_another_process_write_was_heard_never_gets_a_fill_accepted_before_it(
+        redis_url: str, namespace: str) -> None:
+    gate, reached = threading.Event(), threading.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    client = _gated_sync_client(redis_url, gate, reached, lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    c = cachesync.Cache(client=client, namespace=namespace, record_namespace=False, l1=True)
+    other = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)  # another process
+    assert c.l1 is not None and c.l1.wait_ready(5)
+    core = c.l1.core
+    db = {"v": "old"}
+    try:
+        leader_out: list[Any] = []
+        lt = threading.Thread(target=lambda: leader_out.append(c.get_entry("k", lambda: db["v"])), name="leader")
+        lt.start()
+        assert reached.wait(10)  # the leader's fill of "old" was accepted by Redis
+        heard = core.stats["invalidations"]
+        db["v"] = "new"
+        other.invalidate("k")  # the other process's write returns ...
+        _until(lambda: core.stats["invalidations"] > heard, "this process's subscriber to apply it")
+        follower_out: list[Any] = []
+        ft = threading.Thread(target=lambda: follower_out.append(c.get("k", lambda: db["v"])))
+        ft.start()  # ... and this read begins after it was heard
+        _until(lambda: c.stats["singleflight_joins"] == 1 or not ft.is_alive(), "the follower to join or finish")
+        gate.set()
+        lt.join(10)
+        ft.join(10)
+        assert leader_out[0].value == "old"
+        assert follower_out == ["new"]
+    finally:
+        gate.set()
+        other.close()
+        c.close()
+        client.close()

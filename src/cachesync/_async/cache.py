@@ -125,6 +125,7 @@ class AsyncCache:
         self.l1: L1Async | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Async(self, l1_options, owned_url)
+            self.l1.core.add_listener(self._detach)  # another process's write, heard: its keys' flights too
 
     # ------------------------------------------------------------------ driver
 
@@ -544,11 +545,18 @@ class AsyncCache:
 
     def _written(self, keys: Sequence[str]) -> None:
         """See :meth:`cachesync.Cache._written`: drop the L1 copies, detach the keys' flights in progress."""
-        if self._flights:
-            for k in keys:
-                self._flights.pop(k, None)
+        self._detach(keys)
         if self.l1 is not None:
             self.l1.invalidate_local(keys)
+
+    def _detach(self, keys: Sequence[str] | None) -> None:
+        """See :meth:`cachesync.Cache._detach` (the L1's subscriber task calls it on this loop)."""
+        if self._flights:
+            if keys is None:
+                self._flights.clear()
+            else:
+                for k in keys:
+                    self._flights.pop(k, None)
 
     async def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """See :meth:`cachesync.Cache.invalidate_many`."""

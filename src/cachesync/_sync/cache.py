@@ -107,6 +107,7 @@ class Cache:
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Sync(self, l1_options, owned_url)
+            self.l1.core.add_listener(self._detach)  # another process's write, heard: its keys' flights too
         self._seen: threading.Thread | None = _cm.record_namespace_sync(self) if record_namespace else None
 
     # ------------------------------------------------------------------ driver
@@ -424,12 +425,20 @@ class Cache:
         """After a write's cache step (returned or raised): drop this process's L1 copies, and detach the keys'
         flights in progress, whose GET or fill may have run in Redis before the step (read-your-writes: a read
         that starts now leads a flight of its own instead of joining one; their followers keep them)."""
-        if self._flights:
-            with self._flights_lock:
-                for k in keys:
-                    self._flights.pop(k, None)
+        self._detach(keys)
         if self.l1 is not None:
             self.l1.invalidate_local(keys)
+
+    def _detach(self, keys: Sequence[str] | None) -> None:
+        """Detach the flights in progress of ``keys`` (None: all), see :meth:`_written`; also what the L1 calls when
+        it applies an invalidation (another process's write) or flushes. Never raises."""
+        if self._flights:
+            with self._flights_lock:
+                if keys is None:
+                    self._flights.clear()
+                else:
+                    for k in keys:
+                        self._flights.pop(k, None)
 
     def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """Invalidate a batch of ``(keys, version)`` pairs, each key with its own committed version, exactly as
