@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 import socket
 
 import pytest
@@ -161,18 +160,6 @@ async def test_sync_and_async_share_state(acache, redis_url, namespace):
     s.invalidate("k")
     assert await acache.get("k", lambda: 2) == 2
     s.close()
-
-
-@pytest.fixture
-def hung_url() -> Iterator[str]:
-    """A server that accepts connections and never answers (a hung Redis)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    try:
-        yield f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
-    finally:
-        srv.close()
 
 
 async def test_hung_redis_times_out_instead_of_hanging(hung_url: str):

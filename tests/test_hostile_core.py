@@ -714,3 +714,38 @@ def test_l1_follower_that_starts_after_another_process_write_was_heard_never_get
         other.close()
         c.close()
         client.close()
+
+
+def test_followers_of_a_read_that_fell_back_load_side_by_side(hung_url: str) -> None:
+    """A hung Redis: every thread's GET times out; the flight's leader loads uncached (fallback), which its
+    followers may not take; they then load on their own side by side (at most fallback_concurrency at once),
+    not in a chain of flights where each waits for the previous one's load."""
+    n = 4
+    c = cachesync.Cache(hung_url, socket_timeout=0.2, record_namespace=False)
+    leading, go = threading.Event(), threading.Event()
+    together = threading.Barrier(n, timeout=10)  # the followers' own loads: all at once, or broken
+
+    def leader_loader() -> str:
+        leading.set()
+        go.wait(10)
+        return "db"
+
+    def follower_loader() -> str:
+        together.wait()
+        return "db"
+
+    outs: list[Any] = []
+    lt = threading.Thread(target=lambda: outs.append(c.get_entry("k", leader_loader)))
+    lt.start()
+    assert leading.wait(10)
+    fts = [threading.Thread(target=lambda: outs.append(c.get_entry("k", follower_loader))) for _ in range(n)]
+    for t in fts:
+        t.start()
+    _until(lambda: c.stats["singleflight_joins"] == n, "the followers to join")
+    go.set()
+    for t in [lt, *fts]:
+        t.join(30)
+    assert not together.broken
+    assert [(e.value, e.source) for e in outs] == [("db", "fallback")] * (n + 1)
+    assert c._flights == {}
+    c.close()

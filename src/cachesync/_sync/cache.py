@@ -253,6 +253,10 @@ class Cache:
                 _cm.joined(st, f.result)  # stats count per request: the follower's own outcome
                 return cast(P.Entry[Any], f.result)
             st["singleflight_retries"] += 1  # the leader was interrupted, or its value may predate a write
+            if f.exc is None and f.result.source == "fallback":
+                # Redis failed the leader: the followers read again side by side, each alone (in a new flight
+                # each would wait for the previous one's load in turn)
+                return fn()
         try:
             mine.result = fn()
             return cast(P.Entry[Any], mine.result)
