@@ -681,3 +681,39 @@ def test_cdc_retries_a_redis_error_reply(private_redis, pg_url, namespace, tmp_p
     finally:
         e.close()
         cache.close()
+
+
+def test_cdc_inline_never_acknowledges_a_commit_redis_refused(private_redis, pg_url, namespace, tmp_path) -> None:
+    """PostgreSQL is read in the runner's thread: while Redis refuses a commit's invalidation, neither the
+    checkpoint nor the slot's confirmed position moves past that commit (a restart would read it again); once
+    Redis accepts, both do."""
+    import psycopg
+
+    url = private_redis
+    cache = cachesync.Cache(url, namespace=namespace, tombstone_ttl=120)
+    e = Env(_Pg(), pg_url, cache, tmp_path)
+    e.runner_kw = {"checkpoint_in_background": False}
+    slot_sql = "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s"
+    try:
+        r = e.start()
+        assert e.source is not None and e.source.inline
+        e.write(f"INSERT INTO {e.table} VALUES (1, 'a@x', 'A')")
+        e.wait_keys("u:1")
+        _fill(url)
+        lsn = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            (before,) = c.execute(lsn).fetchone()
+            e.write(f"INSERT INTO {e.table} VALUES (2, 'b@x', 'B')")
+            (after,) = c.execute(lsn).fetchone()  # past that commit
+            wait_for(lambda: r.stats["redis_retries"] >= 3 or e.error, 30, "retries of the refused invalidation")
+            assert e.error is None
+            assert int(r.position["lsn"]) < after
+            (confirmed,) = c.execute(slot_sql, (e.slot,)).fetchone()  # type: ignore[attr-defined]
+            assert int(confirmed) < after
+            _free(url)
+            e.wait_keys("u:2", "e:b@x")
+            wait_for(lambda: int(r.position["lsn"]) > before or e.error, 30, "the checkpoint past it")
+            assert e.error is None
+    finally:
+        e.close()
+        cache.close()
