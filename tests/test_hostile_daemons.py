@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 import cachesync
+from cachesync import protocol as P
 from cachesync.bus import Bus, Invalidation
 from cachesync.bus.worker import Worker
 from cachesync.db import connect
@@ -717,3 +718,28 @@ def test_cdc_inline_never_acknowledges_a_commit_redis_refused(private_redis, pg_
     finally:
         e.close()
         cache.close()
+
+
+@pytest.mark.parametrize("n", [3, 2 * P.INVALIDATE_CHUNK + 3])  # one script call; several, pipelined
+def test_an_invalidation_redis_refuses_names_its_keys(private_redis, namespace, n) -> None:
+    """An error reply (a read-only replica after a failover, OOM) to an invalidation is an InvalidationError
+    naming every key not invalidated, counted in invalidations_failed, never reported done; WritePath's
+    on_invalidation_error="log" then logs it (the commit stands) instead of raising a RedisCommandError."""
+    from cachesync import WritePath
+
+    url = private_redis
+    cache = cachesync.Cache(url, namespace=namespace)
+    keys = [f"k{i}" for i in range(n)]
+    cache.set(keys[0], "cached")
+    _fill(url)
+    try:
+        with pytest.raises(cachesync.InvalidationError, match="read only") as ei:
+            cache.invalidate_many([(keys, 3)])
+        assert list(ei.value.keys) == keys
+        assert cache.stats["invalidations_failed"] == n and cache.stats["invalidations"] == 0
+        wp = WritePath(cache, Outbox("cachesync_outbox"))
+        assert wp.invalidate_committed([(keys, 4)]) is False  # logged, not raised
+    finally:
+        _free(url)
+    assert cache.invalidate_many([(keys, 3)]) == 1
+    cache.close()

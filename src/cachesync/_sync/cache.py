@@ -449,7 +449,8 @@ class Cache:
         :meth:`invalidate` does for each pair: one ``invalidate.lua`` call per 500 keys (per slot group on a
         cluster). A key named twice keeps its highest version. What the relay, the workers, CDC and the auditor
         call. Returns how many keys held a value; raises :class:`InvalidationError` naming the keys not yet
-        invalidated when Redis cannot be reached (idempotent: retry the whole batch).
+        invalidated when Redis cannot be reached or refuses a call (an error reply: a read-only replica, OOM)
+        (idempotent: retry the whole batch).
         """
         return self._invalidate_merged(P.merge_invalidations(items))
 
