@@ -147,6 +147,66 @@ def test_a_child_forked_while_a_read_is_in_flight_does_not_wait_for_it_forever(c
     assert answered and got == [b"child"]
 
 
+def _in_child(fn: Any, bound: float = 10.0) -> bytes | None:
+    """Run ``fn() -> bytes`` in a forked child; its answer, or None if it gave none within ``bound`` seconds (the
+    bound only keeps a hang from lasting: the child is killed)."""
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w_fd, fn())
+        finally:
+            os._exit(0)
+    os.close(w_fd)
+    got: list[bytes] = []
+    done = threading.Event()
+    threading.Thread(target=lambda: (got.append(os.read(r_fd, 1000)), done.set()), daemon=True).start()
+    answered = done.wait(bound)
+    if not answered:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    os.close(r_fd)
+    return got[0] if answered else None
+
+
+def test_a_child_forked_while_fallback_loads_run_gets_its_own_fallback_permits(redis_url: str,
+                                                                               namespace: str) -> None:
+    """Redis down, fallback_concurrency=1: a parent thread is in its fallback load (the one permit taken) when
+    another thread forks. The child's fallback load must not wait for a permit no thread of its own holds."""
+    c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, fallback_concurrency=1, connect_timeout=0.2)
+    loading, go = threading.Event(), threading.Event()
+
+    def loader() -> str:
+        loading.set()
+        go.wait(10)
+        return "parent"
+
+    t = threading.Thread(target=lambda: c.get("k", loader))
+    t.start()
+    try:
+        assert loading.wait(10)
+        assert _in_child(lambda: c.get("k", lambda: "child").encode()) == b"child"
+    finally:
+        go.set()
+        t.join(10)
+        c.close()
+
+
+def test_a_child_forked_after_a_delayed_step_was_scheduled_does_not_report_it_undelivered(
+        cache: cachesync.Cache, caplog: pytest.LogCaptureFixture) -> None:
+    """The parent's delayed second delete is the parent's to deliver: the child's close() neither waits for it nor
+    logs it as NOT delivered."""
+    with cache.write("k", strategy="delayed_double_delete", delay=0.5):
+        pass
+    assert cache._pending
+
+    def child() -> bytes:
+        t0 = time.monotonic()
+        left = cache.close(timeout=5)
+        return f"{left!r} {time.monotonic() - t0 < 4}".encode()
+    assert _in_child(child) == b"[] True"
+
+
 # --------------------------------------------------------------------------- cancellation
 
 
@@ -749,3 +809,69 @@ def test_followers_of_a_read_that_fell_back_load_side_by_side(hung_url: str) -> 
     assert [(e.value, e.source) for e in outs] == [("db", "fallback")] * (n + 1)
     assert c._flights == {}
     c.close()
+
+
+# ---------------------------------------------------------------------------- NOSCRIPT that does not go away
+
+
+def _flush_after_load(cache: Any, r: redis.Redis, times: int) -> list[int]:
+    """Make Redis forget the scripts right after each of the cache's next ``times`` SCRIPT LOADs (as a script
+    cache flushed again and again would): returns a one-item counter of the loads seen."""
+    seen = [0]
+    inner = cache._command
+
+    def command(eff: Any) -> Any:
+        out = inner(eff)
+        if eff.args[:2] == ("SCRIPT", "LOAD"):
+            seen[0] += 1
+            if seen[0] <= times:
+                r.script_flush()
+        return out
+    cache._command = command
+    return seen
+
+
+def test_a_script_flushed_after_each_load_is_a_named_error_not_the_internal_signal(cache: cachesync.Cache,
+                                                                                  r: redis.Redis) -> None:
+    # P.NoScript is the driver -> flow signal: it must never reach a caller. A script lost again right after its
+    # reload is loaded again (up to P.SCRIPT_LOADS times), then refused with an error that names the script.
+    r.script_flush()
+    seen = _flush_after_load(cache, r, times=10**6)
+    with pytest.raises(cachesync.RedisCommandError, match="get.lua"):
+        cache.get("k", lambda: 1)
+    assert P.SCRIPT_LOADS <= seen[0] <= 2 * P.SCRIPT_LOADS  # get.lua's loads (and release.lua's, after it)
+    r.script_flush()
+    seen[0] = 0
+    with pytest.raises(cachesync.InvalidationError) as ei:  # an invalidation names its keys
+        cache.invalidate("k")
+    assert ei.value.keys == ["k"] and "invalidate.lua" in str(ei.value)
+
+
+def test_a_script_flushed_once_after_its_load_is_loaded_again(cache: cachesync.Cache, r: redis.Redis) -> None:
+    r.script_flush()
+    seen = _flush_after_load(cache, r, times=1)
+    assert cache.get("k", lambda: 1) == 1
+    assert seen[0] == 3  # get.lua twice (flushed after its first load), then fill.lua
+    assert cache.get("k", lambda: 2) == 1
+
+
+async def test_async_a_script_flushed_after_each_load_is_a_named_error(redis_url: str, namespace: str,
+                                                                       r: redis.Redis) -> None:
+    c = cachesync.AsyncCache(redis_url, namespace=namespace)
+    try:
+        seen = [0]
+        inner = c._command
+
+        async def command(eff: Any) -> Any:
+            out = await inner(eff)
+            if eff.args[:2] == ("SCRIPT", "LOAD"):
+                seen[0] += 1
+                r.script_flush()
+            return out
+        c._command = command  # type: ignore[method-assign]
+        r.script_flush()
+        with pytest.raises(cachesync.RedisCommandError, match="get.lua"):
+            await c.get("k", lambda: 1)
+        assert P.SCRIPT_LOADS <= seen[0] <= 2 * P.SCRIPT_LOADS
+    finally:
+        await c.aclose()

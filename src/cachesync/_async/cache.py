@@ -191,6 +191,8 @@ class AsyncCache:
                     raise CacheUnavailableError(self.url, e.cause) from e.cause
                 except P.CommandError as e:
                     raise RedisCommandError(self.url, e) from None
+                except P.NoScript:  # a flow that sent EVALSHA itself and did not reload: never the signal
+                    raise RedisCommandError(self.url, P.CommandError("NOSCRIPT: the script is not loaded")) from None
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:

@@ -38,10 +38,16 @@ _CACHES: weakref.WeakSet[Cache] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     """A forked child has none of its parent's threads: the flights they were leading (their locks held) would
-    never end there, and a read of such a key in the child would join one and wait for ever."""
+    never end there, and a read of such a key in the child would join one and wait for ever; the fallback permits
+    they held would never come back (a child's fallback loads would block for ever once they were all taken);
+    the delayed steps they had scheduled are the parent's to deliver (the child's close() would wait for them and
+    report them undelivered), and a lock one of them held would stay held."""
     for c in list(_CACHES):
         c._flights = {}
         c._flights_lock = threading.Lock()
+        c._fallback = threading.BoundedSemaphore(c.options.fallback_concurrency)
+        c._pending = set()
+        c._pending_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -159,6 +165,8 @@ class Cache:
                     raise CacheUnavailableError(self.url, e.cause) from e.cause
                 except P.CommandError as e:
                     raise RedisCommandError(self.url, e) from None
+                except P.NoScript:  # a flow that sent EVALSHA itself and did not reload: never the signal
+                    raise RedisCommandError(self.url, P.CommandError("NOSCRIPT: the script is not loaded")) from None
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
