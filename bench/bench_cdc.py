@@ -68,8 +68,8 @@ def pct(xs: list[float], p: float) -> float:
 
 class TimedRunner(CdcRunner):
     """Records when each row was applied (every row of a batch of a few transactions -- the latency runs apply one
-    at a time --, only the last row of a larger one: the catch-up waits for the last row, and the bookkeeping
-    is not the runner's work) and when the first transaction was received (the catch-up's start)."""
+    at a time --, only the rows of the last transaction with changes of a larger one: the catch-up waits for the
+    last row, and the bookkeeping is not the runner's work) and when the first transaction was received (the catch-up's start)."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -85,7 +85,9 @@ class TimedRunner(CdcRunner):
         if self.first is None:
             self.first = txns[0].received
         with self.cond:
-            for t in (txns if len(txns) <= 4 else txns[-1:]):
+            # a larger batch: its last transaction with row changes (transactions of other tables on the shared
+            # server come through as empty ones, and may follow the backlog's last row in its batch)
+            for t in (txns if len(txns) <= 4 else next(([t] for t in reversed(txns) if t.changes), [])):
                 for ch in t.changes:
                     if ch.new is not None:
                         self.applied[int(ch.new["id"])] = now

@@ -6,12 +6,15 @@ A :class:`Source` (MariaDB binlog, PostgreSQL logical decoding) yields only *com
 each with the position to resume *after* it. The runner:
 
 1. loads the checkpoint (or, on first start, takes the source's current position and saves it);
-2. starts one reader thread that runs ``source.stream(position)`` and puts each transaction into a
-   bounded queue (``queue_size``): when Redis is slow the queue fills, the reader blocks, the socket
-   stops being read and the database buffers -- the reader never reads ahead unboundedly. An
-   :attr:`Source.inline` source (PostgreSQL) is instead iterated in the main thread, through its
-   :meth:`Source.stream_marks`, which yields ``None`` whenever it has caught up: what was gathered is applied then (or once ``batch_max_keys`` keys are
-   gathered); while a batch is applied nothing is read. No thread hand-off on the commit -> invalidated path;
+2. reads an :attr:`Source.inline` source (PostgreSQL, MariaDB/MySQL) in the main thread, through its
+   :meth:`Source.stream_marks`, which yields ``None`` whenever it has caught up: what was gathered is applied then
+   (or once ``batch_max_keys`` keys are gathered). No thread hand-off on the commit -> invalidated path. A full
+   batch (a backlog) is sent to Redis ahead (:meth:`CdcRunner._send_ahead`, on the runner's own connection:
+   :mod:`cachesync.cdc.direct`) and the next batch is read meanwhile; its reply is read, and only then its
+   position checkpointed, before the next batch is sent (at most one in flight). Any other source runs in one
+   reader thread (``source.stream(position)``) that puts each transaction into a bounded queue (``queue_size``):
+   when Redis is slow the queue fills, the reader blocks, the socket stops being read and the database buffers --
+   the reader never reads ahead unboundedly;
 3. in the main thread takes one transaction (waiting), then whatever else is already queued, up to
    ``batch_max_keys`` keys: a lone commit is applied at once (latency), a backlog in batches
    (throughput). The keys of a batch go to Redis in as few atomic script calls as possible

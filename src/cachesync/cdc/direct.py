@@ -26,6 +26,12 @@ from .._sync.cache import Cache
 from ..errors import CacheUnavailableError, RedisCommandError
 
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_HIREDIS: Any = getattr(redis.connection, "HiredisRespSerializer", None)
+_pack: Any
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack = None
 
 
 class Pending:
@@ -58,6 +64,7 @@ class DirectInvalidator:
         self.pool: Any = cache.redis.connection_pool
         self.conn: Any = None
         self._pending: Pending | None = None  # a started batch whose replies are still to read
+        self._hiredis = False  # the connection packs with hiredis: pack with it directly
 
     @staticmethod
     def usable(cache: Cache) -> bool:
@@ -157,8 +164,12 @@ class DirectInvalidator:
         try:
             if conn is None:
                 conn = self.conn = self.pool.get_connection()
-            conn.send_packed_command(conn.pack_commands(cmds) if len(cmds) > 1 else conn.pack_command(*cmds[0]),
-                                     check_health=False)
+                self._hiredis = _pack is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS
+            if self._hiredis:  # what its packer does with these arguments (str, int): hiredis.pack_command
+                packed: Any = [_pack(c) for c in cmds] if len(cmds) > 1 else _pack(cmds[0])
+            else:
+                packed = conn.pack_commands(cmds) if len(cmds) > 1 else conn.pack_command(*cmds[0])
+            conn.send_packed_command(packed, check_health=False)
         except BaseException:
             self._drop()
             raise

@@ -10,6 +10,12 @@ mysql-replication 1.0.17 quirks handled here (see docs/cdc.md): with ``is_mariad
 since), so after each commit ``auto_position`` is advanced on the reader object; it is used in blocking mode
 and every other disconnection ends the stream (:class:`~cachesync.cdc.base.Disconnected`) so that the runner's
 own reconnect loop resumes from the last checkpoint.
+
+Read inline (:attr:`MySQLSource.inline`, :meth:`MySQLSource.stream_marks`): the stream connection's packet read is
+wrapped so that, between two transactions, it first checks whether a byte can be read without waiting (PyMySQL's
+buffered reader, then a non-blocking peek of the socket); if not it raises before reading anything (the library's
+state stays that of a packet boundary), the stream yields its ``None`` mark and waits in ``select`` (0.2 s at
+most) -- so the runner applies a lone commit at once and can stop while idle, with no reader thread.
 """
 
 from __future__ import annotations
