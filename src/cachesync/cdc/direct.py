@@ -166,7 +166,7 @@ class DirectInvalidator:
                 conn = self.conn = self.pool.get_connection()
                 self._hiredis = _pack is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS
             if self._hiredis:  # what its packer does with these arguments (str, int): hiredis.pack_command
-                packed: Any = [_pack(c) for c in cmds] if len(cmds) > 1 else _pack(cmds[0])
+                packed: Any = [_pack(c) for c in cmds]
             else:
                 packed = conn.pack_commands(cmds) if len(cmds) > 1 else conn.pack_command(*cmds[0])
             conn.send_packed_command(packed, check_health=False)
