@@ -172,7 +172,9 @@ def test_inline_matches_the_reader_thread(redis_url: str, tmp_path: Path, items:
 
 
 def test_inline_checkpoint_waits_for_redis(redis_url: str, namespace: str, tmp_path: Path) -> None:
-    """While the (gated) apply has not reached Redis, nothing is checkpointed and nothing more is read."""
+    """While the (gated) apply has not returned, nothing is checkpointed and at most one more batch is read (a full
+    batch of a backlog is sent to Redis ahead, then the next one is read; that one is sent only after the first
+    was applied): backpressure."""
     cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
     try:
         src = Script([*(txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 11)), None], True)
@@ -184,7 +186,7 @@ def test_inline_checkpoint_waits_for_redis(redis_url: str, namespace: str, tmp_p
         th.start()
         wait_for(runner.entered.is_set, what="the first apply")
         assert cp.load(src.kind, src.ident) == {"n": 0} and runner.position == {"n": 0}
-        assert not (cache.peek("user:1") or {}).get("ti") and not src.done.is_set()  # backpressure
+        assert not (cache.peek("user:5") or {}).get("ti") and not src.done.is_set()  # backpressure
         runner.gate.set()
         wait_for(lambda: cp.load(src.kind, src.ident) == {"n": 10}, what="the last position checkpointed")
         runner.stop()
@@ -248,5 +250,41 @@ def test_the_daemons_observed_source_is_read_inline_and_counted(redis_url: str, 
         run_until(runner, src, cp, 6)
         assert src.threads == runner.threads == {"runner-main"}
         assert observed.transactions == 6 and observed.changes == 7
+    finally:
+        cache.close()
+
+
+def test_a_batch_sent_ahead_is_checkpointed_after_its_reply_and_resent_when_the_connection_is_cut(
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """A full batch of a backlog is sent to Redis ahead (its invalidations reach Redis while the next batch is
+    read), but its position is checkpointed only once its reply was read; when the connection is cut before that,
+    the whole batch is sent again: every key invalidated, every position checkpointed in order, nothing lost."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        src = Script([*(txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 11)), None], True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0, batch_max_keys=4, reconnect_delay=0.01)
+        assert runner._direct is not None
+        runner.gate = threading.Event()
+        th = threading.Thread(target=runner.run, daemon=True, name="runner-main")
+        th.start()
+        wait_for(runner.entered.is_set, what="the first apply")
+        # the first batch was sent ahead: in Redis already, its reply unread, its position not checkpointed
+        wait_for(lambda: bool((cache.peek("user:4") or {}).get("ti")), what="the batch sent ahead in Redis")
+        assert cp.load(src.kind, src.ident) == {"n": 0} and runner.position == {"n": 0}
+        conn = runner._direct.conn
+        assert conn is not None and runner._direct._pending is not None
+        cache.redis.delete(cache.ctx.ekey("user:1"))  # the entry the batch wrote: gone, so only a second send can put it back
+        conn.disconnect()  # the connection lost before the reply is read
+        runner.gate.set()
+        wait_for(lambda: cp.load(src.kind, src.ident) == {"n": 10}, what="the last position checkpointed")
+        runner.stop()
+        th.join(10)
+        assert runner.batches == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+        assert runner.stats["redis_retries"] >= 1
+        assert (cache.peek("user:1") or {}).get("fl") == b"1"  # sent again after the cut
+        assert all((cache.peek(f"user:{i}") or {}).get("fl") == str(i).encode() for i in range(1, 11))
+        assert all((cache.peek(f"user_by_email:u{i}@x") or {}).get("fl") == str(i).encode() for i in range(1, 11))
     finally:
         cache.close()

@@ -6,12 +6,15 @@ A :class:`Source` (MariaDB binlog, PostgreSQL logical decoding) yields only *com
 each with the position to resume *after* it. The runner:
 
 1. loads the checkpoint (or, on first start, takes the source's current position and saves it);
-2. starts one reader thread that runs ``source.stream(position)`` and puts each transaction into a
-   bounded queue (``queue_size``): when Redis is slow the queue fills, the reader blocks, the socket
-   stops being read and the database buffers -- the reader never reads ahead unboundedly. An
-   :attr:`Source.inline` source (PostgreSQL) is instead iterated in the main thread, through its
-   :meth:`Source.stream_marks`, which yields ``None`` whenever it has caught up: what was gathered is applied then (or once ``batch_max_keys`` keys are
-   gathered); while a batch is applied nothing is read. No thread hand-off on the commit -> invalidated path;
+2. reads an :attr:`Source.inline` source (PostgreSQL, MariaDB/MySQL) in the main thread, through its
+   :meth:`Source.stream_marks`, which yields ``None`` whenever it has caught up: what was gathered is applied then
+   (or once ``batch_max_keys`` keys are gathered). No thread hand-off on the commit -> invalidated path. A full
+   batch (a backlog) is sent to Redis ahead (:meth:`CdcRunner._send_ahead`, on the runner's own connection:
+   :mod:`cachesync.cdc.direct`) and the next batch is read meanwhile; its reply is read, and only then its
+   position checkpointed, before the next batch is sent (at most one in flight). Any other source runs in one
+   reader thread (``source.stream(position)``) that puts each transaction into a bounded queue (``queue_size``):
+   when Redis is slow the queue fills, the reader blocks, the socket stops being read and the database buffers --
+   the reader never reads ahead unboundedly;
 3. in the main thread takes one transaction (waiting), then whatever else is already queued, up to
    ``batch_max_keys`` keys: a lone commit is applied at once (latency), a backlog in batches
    (throughput). The keys of a batch go to Redis in as few atomic script calls as possible
@@ -59,6 +62,7 @@ from ..errors import (
 from ..core.rules import Rules, TableRule
 from .._sync.cache import Cache
 from .checkpoint import FileCheckpoint
+from .direct import DirectInvalidator, Pending
 from .options import CdcOptions, CdcOptionsKwargs
 
 log = logging.getLogger("cachesync.cdc")
@@ -194,6 +198,10 @@ class CdcRunner:
         }
         self.stats.update(source.counters())
         self._last_stats = time.monotonic()
+        # a single Redis server: the batches go out on one connection of the cache's pool kept by the runner
+        self._direct = DirectInvalidator(cache) if DirectInvalidator.usable(cache) else None
+        self._ahead: tuple[list[Transaction], dict[str, str | None], list[str], int, int, Pending | None] | None = None
+        """A batch :meth:`_send_ahead` gathered (and sent): (txns, keys, prefixes, changes, messages, pending)."""
 
     # ------------------------------------------------------------------ control
 
@@ -308,12 +316,8 @@ class CdcRunner:
         self.stats["flushed_keys"] += len(keys)
         return len(keys)
 
-    def apply(self, txns: list[Transaction]) -> None:
-        """Invalidate the keys of ``txns`` (few script calls), then save the checkpoint and ack the source."""
-        if self._cp_error is not None:
-            raise self._cp_error
-        if not txns:
-            return
+    def _gather(self, txns: list[Transaction]) -> tuple[dict[str, str | None], list[str], int, int]:
+        """(keys, prefixes, changes, messages) of a batch."""
         keys: dict[str, str | None] = {}
         prefixes: list[str] = []
         changes = messages = 0
@@ -330,11 +334,56 @@ class CdcRunner:
                 prefixes.extend(ps)
             changes += len(t.changes)
             messages += t.messages
+        return keys, prefixes, changes, messages
+
+    def _send_ahead(self, txns: list[Transaction]) -> bool:
+        """Send the invalidations of a full batch of a backlog to Redis without waiting for the reply, so that the
+        next batch is read while Redis runs the scripts; :meth:`apply` of the same list (which must come next, and
+        before any other batch) reads the reply, then checkpoints. Only the plain case (a single Redis server, no
+        bus, no prefix flush in the batch); False (nothing sent) otherwise -- :meth:`apply` then does it all."""
+        d = self._direct
+        if d is None or self.bus is not None or self._ahead is not None or self._cp_error is not None:
+            return False
+        keys, prefixes, changes, messages = self._gather(txns)
+        if prefixes:
+            self._ahead = (txns, keys, prefixes, changes, messages, None)  # gathered once; applied in order
+            return True
+        versions = {k: "" if v is None else v for k, v in keys.items()}
+        self._ahead = (txns, keys, prefixes, changes, messages, d.start(versions) if versions else None)
+        return True
+
+    def apply(self, txns: list[Transaction]) -> None:
+        """Invalidate the keys of ``txns`` (few script calls), then save the checkpoint and ack the source."""
+        if self._cp_error is not None:
+            raise self._cp_error
+        ahead = self._ahead
+        if ahead is not None and ahead[0] is not txns:
+            self.apply(ahead[0])  # a batch sent ahead is applied (and checkpointed) first, whatever comes next
+            ahead = None
+        if not txns:
+            return
+        pending = None
+        if ahead is not None:
+            self._ahead = None
+            _, keys, prefixes, changes, messages, pending = ahead
+        else:
+            keys, prefixes, changes, messages = self._gather(txns)
         self.stats["changes"] += changes
         self.stats["messages"] += messages
         if prefixes:
             self.flush_prefixes(prefixes)
-        self._invalidate(keys)
+        if pending is not None:
+            d = self._direct
+            assert d is not None
+            first = [pending]
+
+            def finish(versions: dict[str, str]) -> int:
+                if first:  # the reply of what was sent ahead; on failure the whole batch is sent again
+                    return d.finish(first.pop())
+                return d.invalidate(versions)
+            self._retry("invalidate", finish, pending.versions)
+        else:
+            self._invalidate(keys)
         now_wall, now = time.time(), time.monotonic()
         pos = txns[-1].position
         if self.checkpoint_in_background:
@@ -376,7 +425,8 @@ class CdcRunner:
         # the versions were checked (checked_version: already the encoded decimal string) and merged per key
         # here, so the batch goes straight to the one invalidation flow, as Cache.invalidate_many would send it
         versions = {k: "" if v is None else v for k, v in keys.items()}
-        self._retry("invalidate", self.cache._invalidate_merged, versions)
+        d = self._direct
+        self._retry("invalidate", self.cache._invalidate_merged if d is None else d.invalidate, versions)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -549,6 +599,8 @@ class CdcRunner:
                 saver.join(timeout=10)
             self.source.close()
             self._maybe_stats(force=True)
+            if self._direct is not None:
+                self._direct.close()
 
     def _consume_inline(self, stream: Iterator[Transaction | None]) -> BaseException | None:
         """Read an :attr:`Source.inline` source in this thread: transactions are gathered up to
@@ -571,8 +623,16 @@ class CdcRunner:
             if item is not None:
                 batch.append(item)
                 nkeys += (len(item.changes) + len(item.keys)) or 1
-                if nkeys < limit and not stop.is_set():
+                if nkeys < limit:
                     continue
+                # a full batch of a backlog: applied while the next one is read (the one sent before it first)
+                if self._ahead is not None:
+                    self.apply(self._ahead[0])
+                if not stop.is_set() and self._send_ahead(batch):
+                    batch, nkeys = [], 0
+                    continue
+            if self._ahead is not None:
+                self.apply(self._ahead[0])
             if batch:
                 self.apply(batch)
                 batch, nkeys = [], 0

@@ -10,12 +10,19 @@ mysql-replication 1.0.17 quirks handled here (see docs/cdc.md): with ``is_mariad
 since), so after each commit ``auto_position`` is advanced on the reader object; it is used in blocking mode
 and every other disconnection ends the stream (:class:`~cachesync.cdc.base.Disconnected`) so that the runner's
 own reconnect loop resumes from the last checkpoint.
+
+Read inline (:attr:`MySQLSource.inline`, :meth:`MySQLSource.stream_marks`): the stream connection's packet read is
+wrapped so that, between two transactions, it first checks whether a byte can be read without waiting (PyMySQL's
+buffered reader, then a non-blocking peek of the socket); if not it raises before reading anything (the library's
+state stays that of a packet boundary), the stream yields its ``None`` mark and waits in ``select`` (0.2 s at
+most) -- so the runner applies a lone commit at once and can stop while idle, with no reader thread.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import select
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -120,6 +127,28 @@ def _parse_gtids(s: str) -> dict[int, str]:
     return out
 
 
+class _WouldBlock(Exception):
+    """Raised by the stream connection's packet read, before it reads anything, when no packet has arrived."""
+
+
+def _has_data(conn: Any) -> bool:
+    """Whether PyMySQL connection ``conn`` can read a byte without waiting: in its buffered reader already, or
+    readable from the socket now (a non-blocking peek). True also when the connection is closed or broken (the read
+    then raises as it would have)."""
+    rf, sock = getattr(conn, "_rfile", None), getattr(conn, "_sock", None)
+    if rf is None or sock is None:
+        return True
+    try:
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            return bool(rf.peek(1))  # b"": nothing buffered and the socket would block (or end of stream)
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return True
+
+
 def _pymysql_connect(**kw: Any) -> Any:
     """PyMySQL connect for mysql-replication, which still passes the deprecated ``db``/``passwd`` names."""
     import pymysql
@@ -139,6 +168,7 @@ class MySQLSource(Source):
     """
 
     kind = "mysql"
+    inline = True  # read in the runner's thread (stream_marks: a None before it would wait for the server)
 
     def __init__(self, db_url: str, server_id: int, tables: list[str] | None = None, *,
                  connect_timeout: float = 5.0) -> None:
@@ -245,6 +275,17 @@ class MySQLSource(Source):
             conn.close()
 
     def stream(self, position: dict[str, Any]) -> Iterator[Transaction]:
+        for t in self._stream(position, False):
+            if t is not None:
+                yield t
+
+    def stream_marks(self, position: dict[str, Any]) -> Iterator[Transaction | None]:
+        """:meth:`stream` with a ``None`` between two transactions whenever the next binlog packet has not arrived
+        yet (checked before each packet is read: in the socket's buffer, or readable without waiting), before it
+        waits for it -- at most 0.2 s at a time, then ``None`` again."""
+        return self._stream(position, True)
+
+    def _stream(self, position: dict[str, Any], marks: bool) -> Iterator[Transaction | None]:
         import pymysql
         from pymysqlreplication import BinLogStreamReader
         from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
@@ -278,16 +319,45 @@ class MySQLSource(Source):
                 raise Disconnected(f"binlog connection to {self.url} lost")
             connected[0] = True
             connect()
-            self.connection_id = reader._stream_connection.thread_id()
+            sc = reader._stream_connection
+            self.connection_id = sc.thread_id()
+            if marks:
+                read_packet = sc._read_packet
+
+                def checked_read_packet(*a: Any, **kw: Any) -> Any:
+                    # between transactions, and not just after select() said the socket is readable: raise
+                    # (before reading anything, so the reader's state stays consistent) instead of waiting
+                    if gate[0]:
+                        if gate[1]:
+                            gate[1] = False
+                        elif not _has_data(sc):
+                            raise _WouldBlock
+                    return read_packet(*a, **kw)
+                sc._read_packet = checked_read_packet
 
         reader._BinLogStreamReader__connect_to_stream = connect_once
         txn: Transaction | None = None
         standalone = False
         gtid: str | None = None
+        gate = [False, False]  # [check for data before reading a packet, except for the next one]
         try:
             while True:
                 try:
+                    gate[0] = marks and txn is None
                     ev = reader.fetchone()
+                except _WouldBlock:
+                    yield None  # caught up: the runner applies what it holds before this waits
+                    if self._closed:
+                        return
+                    sock = getattr(reader._stream_connection, "_sock", None)
+                    try:
+                        if sock is None or select.select([sock], [], [], 0.2)[0]:
+                            gate[1] = True  # readable (or closed): read the next packet without checking
+                    except (OSError, ValueError) as e:
+                        if self._closed:
+                            return
+                        raise Disconnected(f"binlog connection to {self.url} lost: {e}") from None
+                    continue
                 except Disconnected:
                     if self._closed:
                         return

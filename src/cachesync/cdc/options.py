@@ -19,7 +19,7 @@ class CdcOptions:
     """Keys per applied batch (a backlog is applied in batches of at most this many keys)."""
     queue_size: int = 1000
     """Transactions the reader thread reads ahead at most (then it blocks and the database buffers); not used by a
-    source read in the runner's own thread (PostgreSQL)."""
+    source read in the runner's own thread (PostgreSQL, MariaDB/MySQL)."""
     stats_interval: float = 10.0
     """Seconds between stats log lines / Redis stats-hash writes; 0 = never."""
     reconnect_delay: float = 0.2

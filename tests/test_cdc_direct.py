@@ -1,0 +1,101 @@
+"""The CDC runner's invalidation transport (``cachesync.cdc.direct``): the core invalidation flow on one connection
+the runner keeps, checked against ``Cache.invalidate_many`` (the reference) on the same batches -- one script call,
+and several pipelined (more than 500 keys) --; the connection reused between batches, a lost connection replaced,
+a batch whose reply was never read reported as not invalidated, an unreachable Redis an InvalidationError. Real
+Redis (and a port nothing listens on)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Any
+
+import pytest
+
+import cachesync
+from cachesync.cdc.direct import DirectInvalidator
+from cachesync.errors import InvalidationError
+
+
+def _state(cache: cachesync.Cache, keys: list[str]) -> list[Any]:
+    return [((p := cache.peek(k) or {}).get("fl"), bool(p.get("ti")), p.get("v")) for k in keys]
+
+
+@pytest.mark.parametrize("n", [3, 1201])
+def test_direct_matches_invalidate_many(redis_url: str, n: int) -> None:
+    results = []
+    for direct in (True, False):
+        cache = cachesync.Cache(redis_url, namespace="t" + uuid.uuid4().hex[:12], tombstone_ttl=120)
+        try:
+            keys = [f"k:{i}" for i in range(n)]
+            for k in keys[::2]:
+                cache.set(k, "x", version=1)
+            versions = {k: ("" if i % 3 == 0 else str(i + 1)) for i, k in enumerate(keys)}
+            if direct:
+                d = DirectInvalidator(cache)
+                assert DirectInvalidator.usable(cache)
+                had = d.invalidate(versions)
+                d.close()
+            else:
+                had = cache.invalidate_many(([k], None if v == "" else v) for k, v in versions.items())
+            results.append((had, _state(cache, keys), cache.ctx.stats["invalidations"]))
+        finally:
+            cache.close()
+    assert results[0] == results[1]
+    assert results[0][0] == (n + 1) // 2
+
+
+def test_direct_keeps_one_connection_and_replaces_a_lost_one(redis_url: str, namespace: str) -> None:
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        d = DirectInvalidator(cache)
+        d.invalidate({"a": "1"})
+        conn = d.conn
+        d.invalidate({"b": "2"})
+        assert d.conn is conn  # reused
+        conn._sock.shutdown(socket.SHUT_RDWR)  # lost (the server closed it, say)
+        with pytest.raises(InvalidationError):
+            d.invalidate({"c": "3"})
+        assert d.conn is None
+        d.invalidate({"c": "3"})  # a new connection
+        assert d.conn is not None  # (the pool may hand back the same Connection object, reconnected)
+        assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
+        d.close()
+    finally:
+        cache.close()
+
+
+def test_a_started_batch_is_not_invalidated_until_its_reply_is_read(redis_url: str, namespace: str) -> None:
+    """start() sends; anything else sent on the connection before finish() drops the connection, and finish() of
+    the unread batch then raises InvalidationError (the caller sends it again), never a wrong reply."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        d = DirectInvalidator(cache)
+        p1 = d.start({"a": "1"})
+        assert d.invalidate({"b": "2"}) == 0  # on a new connection
+        with pytest.raises(InvalidationError):
+            d.finish(p1)
+        p2 = d.start({"c": "3"})
+        assert d.finish(p2) == 0
+        assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
+        d.close()
+    finally:
+        cache.close()
+
+
+def test_direct_with_redis_unreachable_raises_invalidation_error() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    cache = cachesync.Cache(f"redis://127.0.0.1:{port}/0", namespace="t" + uuid.uuid4().hex[:12])
+    try:
+        d = DirectInvalidator(cache)
+        with pytest.raises(InvalidationError) as e:
+            d.invalidate({"a": "1", "b": ""})
+        assert set(e.value.keys) == {"a", "b"}
+        p = d.start({"c": "1"})
+        with pytest.raises(InvalidationError):
+            d.finish(p)
+    finally:
+        cache.close()
