@@ -117,8 +117,7 @@ class DirectInvalidator:
             return int(self._run(p.flow, send, throw))
         finally:
             p.flow.close()
-            if cache.l1 is not None:
-                cache.l1.invalidate_local(list(p.versions))
+            cache._written(list(p.versions))  # as Cache.invalidate_many: the L1 copies, the keys' flights
 
     def _run(self, flow: Any, send: Any, throw: BaseException | None) -> Any:
         while True:
@@ -130,6 +129,8 @@ class DirectInvalidator:
                 raise CacheUnavailableError(self.cache.url, e.cause) from e.cause
             except P.CommandError as e:
                 raise RedisCommandError(self.cache.url, e) from None
+            except P.NoScript:  # never the signal (the invalidation flow reloads; as the cache's driver maps it)
+                raise RedisCommandError(self.cache.url, P.CommandError("NOSCRIPT: the script is not loaded")) from None
             send, throw = self._answer(eff, 0)
 
     def _answer(self, eff: Any, unread: int) -> tuple[Any, BaseException | None]:
