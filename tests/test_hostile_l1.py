@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 import cachesync
 from cachesync.keys import channel, entry_key
 from cachesync.l1 import L1, L1Options
+from cachesync.serializers import JsonSerializer
 
 from private_servers import free_port
 
@@ -242,3 +244,52 @@ async def test_async_an_invalidation_already_in_the_connection_buffer_is_not_ser
         assert "k" not in core and core.stats["malformed_messages"] == 0 and core.stats["state"] == "up"
     finally:
         await a.aclose()
+
+
+class _GatedJson(JsonSerializer):
+    """JSON whose ``dumps`` of one marked value, in one thread, stops until released (the L1 sizes a filled value
+    with it: a thread switch there lands between the L1's fill checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed: Any = None
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def dumps(self, value: Any) -> bytes:
+        if self.armed is not None and self.armed is threading.current_thread() and value == "old":
+            self.armed = None
+            self.entered.set()
+            assert self.release.wait(10)
+        return super().dumps(value)
+
+
+def test_an_invalidation_while_a_fill_is_sized_drops_the_fill(redis_url: str, namespace: str) -> None:
+    """The fill race inside finish(): the value was read, the fill passed its first check, and the invalidation's
+    message is applied while the value is being sized. The fill must not land (it did: the key had already left
+    the in-flight set, so the invalidation left no mark and the second check let the old value in)."""
+    ser = _GatedJson()
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True, serializer=ser)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        core = c.l1.core
+        heard = threading.Event()
+        core.add_listener(lambda keys: heard.set() if keys and "k" in keys else None)
+        other.set("k", "old")
+        assert heard.wait(10)  # (its own announcement, before the read)
+        heard.clear()
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(c.get_entry("k", lambda: "unused")))
+        ser.armed = t
+        t.start()
+        assert ser.entered.wait(10)  # the Redis read returned "old"; finish() is sizing it
+        other.set("k", "new")
+        assert heard.wait(10)  # the subscriber applied the invalidation
+        ser.release.set()
+        t.join(10)
+        assert out[0].value == "old" and out[0].source == "cache"
+        assert "k" not in core, "the old value was filled after its invalidation had been applied"
+        assert c.get("k", lambda: "unused") == "new"
+    finally:
+        other.close()
+        c.close()
