@@ -293,3 +293,44 @@ def test_an_invalidation_while_a_fill_is_sized_drops_the_fill(redis_url: str, na
     finally:
         other.close()
         c.close()
+
+
+def test_close_while_the_subscriber_confirms_a_resubscribe_keeps_the_l1_closed(redis_url: str, namespace: str,
+                                                                               r: redis.Redis) -> None:
+    """close() lands while the subscriber thread is inside on_subscribed (after the SUBSCRIBE confirmation): the
+    L1 must stay closed. (It came up again: "up", enabled, with no subscriber left, filling and serving copies
+    that no invalidation reaches.)"""
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        l1, core = c.l1, c.l1.core
+        entered, release = threading.Event(), threading.Event()
+        sub: list[threading.Thread] = []
+
+        def listener(keys: Any) -> None:  # on_subscribed flushes first: hold the subscriber there
+            if keys is None and core.state == "down" and not entered.is_set():
+                sub.append(threading.current_thread())
+                entered.set()
+                assert release.wait(10)
+
+        core.add_listener(listener)
+        killed = [cl for cl in r.client_list() if cl.get("name") == f"cachesync-l1:{namespace}"]
+        assert len(killed) == 1
+        r.execute_command("CLIENT", "KILL", "ID", killed[0]["id"])
+        assert entered.wait(10)  # the resubscribe is confirmed; on_subscribed has not enabled the L1 yet
+        closer = threading.Thread(target=l1.close)
+        closer.start()
+        _until(lambda: core.closed, "close() to mark the L1 closed")
+        release.set()
+        closer.join(10)
+        sub[0].join(10)
+        assert not sub[0].is_alive()
+        assert core.stats["state"] == "closed" and not core.enabled, core.stats
+        other.set("k", "v1")
+        assert c.get("k", lambda: "unused") == "v1"
+        other.set("k", "v2")
+        assert c.get_entry("k", lambda: "unused").value == "v2"  # nothing kept by a deaf L1
+    finally:
+        other.close()
+        c.close()

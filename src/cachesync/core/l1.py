@@ -402,9 +402,13 @@ class L1:
         """The SUBSCRIBE is confirmed: from now on every invalidation reaches :meth:`on_message`."""
         self.clear("subscribed")
         self.caught_up()  # the L1 is empty: nothing it holds can be behind (the probe still sees new data)
+        if self.closed:  # close() came first (the flow ends next): never "up" with no subscriber left
+            return
         if self.subscribes > 0:
             log.warning("cachesync L1 (namespace %s): invalidation subscription is back; L1 enabled again", self.ns)
         with self._lock:
+            if self.closed:
+                return
             self.enabled = True
             self.state = "up"
             self.subscribes += 1
