@@ -269,6 +269,8 @@ class Relay:
                             break
                 elif isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
                         isinstance(p, str) for p in ks["prefixes"]):
+                    for p in ks["prefixes"]:
+                        p.encode()  # UnicodeEncodeError (a lone surrogate JSON spelt): no SCAN can carry it
                     if self.cache is None:
                         raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
                                          "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
