@@ -125,3 +125,28 @@ def test_worker_run_stops(bus, cache):
     wait_for(lambda: w.stats["messages"] == 1, 30, "the worker")
     stop.set()
     t.join()
+
+
+def test_redis_streams_group_lost_with_the_stream_is_recreated(redis_url, cache):
+    """The bus Redis lost the stream and its group (a restart without AOF, a DEL): the worker's next consume
+    recreates the group and applies what was published since. (XREADGROUP answered NOGROUP, a ResponseError the
+    worker does not retry: Worker.run died, and no invalidation was applied any more.)"""
+    import redis as redis_lib
+
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    name = "csw" + uuid.uuid4().hex[:10]
+    b = RedisStreamsBus(redis_url, name, claim_idle=0.3)
+    r = redis_lib.Redis.from_url(redis_url)
+    try:
+        w = Worker(b, cache, group="g")
+        assert w.run_once(0.01) == 0  # the group exists now
+        r.delete(name)  # the stream and its group are gone
+        cache.set("k", "v")
+        b.publish([Invalidation(("k",), None)])
+        drain(w, lambda: w.stats["messages"] == 1)
+        assert invalidated(cache, "k")
+    finally:
+        b.destroy()
+        b.close()
+        r.close()

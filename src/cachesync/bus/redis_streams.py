@@ -153,7 +153,20 @@ class RedisStreamsBus(Bus):
         try:
             self._ensure_group(group)
             while True:
-                out = self._consume_once(group, consumer, max_messages, deadline)
+                try:
+                    out = self._consume_once(group, consumer, max_messages, deadline)
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    # the stream went with its group (a bus Redis restarted without AOF, a DEL): create it again,
+                    # from the start of what the stream holds now (a ResponseError here stopped Worker.run)
+                    log.warning("Redis Streams bus %r: consumer group %r is gone (%s); creating it again",
+                                self.name, group, e)
+                    self._groups.discard(group)
+                    self._cursor.pop(group, None)
+                    self._next_claim.pop(group, None)
+                    self._ensure_group(group)
+                    out = []
                 if out or time.monotonic() >= deadline:
                     return out
         except _DOWN as e:
