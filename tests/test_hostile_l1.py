@@ -334,3 +334,24 @@ def test_close_while_the_subscriber_confirms_a_resubscribe_keeps_the_l1_closed(r
     finally:
         other.close()
         c.close()
+
+
+def test_a_url_asking_for_resp3_still_subscribes_the_l1_over_resp2(redis_url: str, namespace: str) -> None:
+    """``?protocol=3`` (or ``health_check_interval``) in the cache's URL must not reach the
+    L1's subscription, which reads RESP2 pub/sub replies. (URL query options override from_url's keywords: the
+    subscription spoke RESP3, never saw its SUBSCRIBE confirmed, and the L1 stayed "connecting", bypassed, with
+    no log line.)"""
+    sep = "&" if "?" in redis_url else "?"
+    url = f"{redis_url}{sep}protocol=3&health_check_interval=1"
+    c = cachesync.Cache(url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(10), c.l1.stats
+        assert c.get("k", lambda: "v1") == "v1"
+        assert c.get_entry("k", lambda: "unused").source == "l1"
+        other.set("k", "v2")
+        _until(lambda: "k" not in c.l1.core, "the invalidation to reach the L1")  # type: ignore[union-attr]
+        assert c.get("k", lambda: "unused") == "v2"
+    finally:
+        other.close()
+        c.close()

@@ -239,8 +239,11 @@ def subscription_pool(pool_cls: Any, url: str | None, client: Any, connect_timeo
     named ``cachesync-l1:<namespace>`` in ``CLIENT LIST``."""
     name = f"cachesync-l1:{ns}"
     if url is not None:
-        return pool_cls.from_url(url, protocol=2, decode_responses=False, health_check_interval=0,
-                                 socket_connect_timeout=connect_timeout, socket_keepalive=True, client_name=name)
+        pool = pool_cls.from_url(url, socket_connect_timeout=connect_timeout, socket_keepalive=True)
+        # set after from_url: the URL's query options (?protocol=3, ?decode_responses=...) override its keywords,
+        # and a RESP3 subscription never saw its SUBSCRIBE confirmed (the L1 stayed bypassed, silently)
+        pool.connection_kwargs.update(protocol=2, decode_responses=False, health_check_interval=0, client_name=name)
+        return pool
     if type(client).__name__ == "RedisCluster":
         return ClusterSubscriptionPool(pool_cls, client, name)
     cp = getattr(client, "connection_pool", None)
