@@ -22,6 +22,8 @@ import cachesync
 from cachesync.keys import channel, entry_key
 from cachesync.l1 import L1, L1Options
 from cachesync.serializers import JsonSerializer
+from redis._parsers import _RESP2Parser
+from redis._parsers.socket import SocketBuffer
 
 from private_servers import free_port
 
@@ -355,3 +357,60 @@ def test_a_url_asking_for_resp3_still_subscribes_the_l1_over_resp2(redis_url: st
     finally:
         other.close()
         c.close()
+
+
+class _GatedSocketBuffer(SocketBuffer):
+    """redis-py's buffer of the pure-Python parser, stopped (as a GIL-starved thread would be) right after a read
+    of the L1's subscriber thread took bytes off the socket, while armed."""
+
+    armed = False
+    consumed = threading.Event()
+    release = threading.Event()
+
+    def _read_from_socket(self, *args: Any, **kwargs: Any) -> bool:
+        got = super()._read_from_socket(*args, **kwargs)
+        cls = _GatedSocketBuffer
+        if got and cls.armed and threading.current_thread().name.startswith("cachesync-l1-"):
+            cls.armed = False
+            cls.consumed.set()
+            assert cls.release.wait(10)
+        return bool(got)
+
+
+class _GatedParser(_RESP2Parser):
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)
+        self._buffer.__class__ = _GatedSocketBuffer
+
+
+def test_an_invalidation_read_off_the_socket_but_not_applied_is_not_served(redis_url: str, namespace: str) -> None:
+    """Rule 5 when the subscriber's read moved the invalidation from the socket into redis-py's buffer and the
+    thread then stalls (the pure-Python parser, and hiredis before redis-py 8, read the socket in can_read): the
+    lookups' probe sees an empty socket, so the subscriber must already count as behind. (It marked itself behind
+    only after can_read returned: a stall there served the old copy.)"""
+    pool = redis.ConnectionPool.from_url(redis_url, parser_class=_GatedParser, protocol=2)
+    client = redis.Redis(connection_pool=pool)
+    c = cachesync.Cache(client=client, namespace=namespace, ttl_jitter=0.0,
+                        l1=L1Options(ping_interval=60.0, lag_check_interval=1e-9))
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        core = c.l1.core
+        heard = threading.Event()
+        core.add_listener(lambda keys: heard.set() if keys and "k" in keys else None)
+        other.set("k", "old")
+        assert heard.wait(10)
+        assert c.get("k", lambda: "unused") == "old"
+        _until(lambda: c.get_entry("k", lambda: "unused").source == "l1", "the subscriber to catch up")
+        _GatedSocketBuffer.armed = True
+        other.set("k", "new")
+        assert _GatedSocketBuffer.consumed.wait(10)  # the subscriber holds the message, not applied yet
+        e = c.get_entry("k", lambda: "unused")
+        _GatedSocketBuffer.release.set()
+        assert e.value == "new" and e.source != "l1", e
+    finally:
+        _GatedSocketBuffer.armed = False
+        _GatedSocketBuffer.release.set()
+        other.close()
+        c.close()
+        client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ class L1Sync:
         self._pool = subscription_pool(redis.ConnectionPool, url, None if url else cache.redis,
                                        cache.options.connect_timeout, cache.options.namespace)
         self._conn: Any = None
+        self._buffered = True  # the subscription connection's parser may hold bytes (see _read)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.core.add_state_listener(lambda up: self._ready.set() if up else self._ready.clear())
@@ -91,19 +93,36 @@ class L1Sync:
     # ---------------------------------------------------------------- the subscriber thread
 
     def _read(self, timeout: float) -> Any:
+        # Behind (rule 5 of cachesync.l1) is set BEFORE any call that may take bytes off the socket: redis-py's
+        # can_read reads the socket into the parser's buffer (the pure-Python parser; hiredis before redis-py 8),
+        # where the lookups' probe cannot see them. (Set after can_read returned, a subscriber stalled in between
+        # served the old copy.) The wait itself polls the socket, which takes nothing off it.
         core = self.core
         conn = self._conn
-        if conn.can_read(timeout=0):  # more is buffered or has arrived: the L1 is still behind
+        if self._buffered:  # the last read may have brought more than one reply
             core.behind()
-            return conn.read_response()
+            if conn.can_read(timeout=0):
+                return conn.read_response()
+            self._buffered = False
         core.caught_up()  # everything that reached the connection is applied
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            raise OSError("the subscription connection has no socket")
+        fd = sock.fileno()
+        poller = select.poll() if hasattr(select, "poll") else None  # (select.select refuses fds >= 1024)
+        if poller is not None:
+            poller.register(fd, select.POLLIN)
+        pending = getattr(sock, "pending", None)  # TLS: bytes decrypted above the OS socket
         deadline = time.monotonic() + timeout
         while not core.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if conn.can_read(timeout=min(left, _POLL)):
-                core.behind()  # lookups bypass until this is applied (rule 5 of cachesync.l1)
+            t = min(left, _POLL)
+            if (pending is not None and pending()) or (
+                    bool(poller.poll(t * 1000)) if poller is not None else bool(select.select((fd,), (), (), t)[0])):
+                core.behind()  # lookups bypass until this is applied
+                self._buffered = True
                 return conn.read_response()
         return None
 
@@ -144,6 +163,7 @@ class L1Sync:
                     self._conn.send_command(*eff.args)
                 elif t is Connect:
                     self._conn = self._pool.make_connection()
+                    self._buffered = True
                     self._conn.connect()
                     self.core.set_probe(socket_probe(getattr(self._conn, "_sock", None)))
                 elif t is Close:
