@@ -414,3 +414,29 @@ def test_an_invalidation_read_off_the_socket_but_not_applied_is_not_served(redis
         other.close()
         c.close()
         client.close()
+
+
+def test_a_subscription_socket_above_fd_1024_still_serves_hits(redis_url: str, namespace: str) -> None:
+    """A busy process holds more than 1024 descriptors, so the subscription's socket lands above FD_SETSIZE: the
+    lookups' lag check must still work there. (It used select.select, which raises ValueError for such a
+    descriptor; the lookup counted that as "behind", so the L1 bypassed every read, only lag_bypasses told.)"""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip("needs RLIMIT_NOFILE >= 1200")
+    fds = []
+    try:
+        while not fds or fds[-1] < 1030:
+            fds.append(os.dup(0))
+        c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=L1Options(lag_check_interval=1e-9))
+        try:
+            assert c.l1 is not None and c.l1.wait_ready(5)
+            assert c.l1._conn is not None and c.l1._conn._sock.fileno() > 1024
+            assert c.get("k", lambda: "v1") == "v1"
+            _until(lambda: c.get_entry("k", lambda: "unused").source == "l1", "an L1 hit")
+        finally:
+            c.close()
+    finally:
+        for fd in fds:
+            os.close(fd)

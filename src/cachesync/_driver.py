@@ -315,11 +315,21 @@ def socket_probe(sock: Any, stream: Any = None) -> Callable[[], bool] | None:
     if sock is None:
         return None
     fd = sock.fileno()
-    sel = select.select
-    rd = (fd,)
+    if hasattr(select, "poll"):  # select.select raises ValueError for a descriptor >= 1024 (a busy process)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        pl = poller.poll
+
+        def poll() -> bool:
+            return bool(pl(0))
+    else:  # pragma: no cover - Windows
+        sel, rd = select.select, (fd,)
+
+        def poll() -> bool:
+            return bool(sel(rd, (), (), 0)[0])
     if stream is None or not isinstance(getattr(stream, "_buffer", None), bytearray):
-        return lambda: bool(sel(rd, (), (), 0)[0])
-    return lambda: bool(stream._buffer) or bool(sel(rd, (), (), 0)[0])
+        return poll
+    return lambda: bool(stream._buffer) or poll()
 
 
 def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:
