@@ -17,7 +17,7 @@ from cachesync.db import connect
 from cachesync.outbox import Outbox
 from cachesync.outbox.relay import Relay
 from cachesync.rules import Rules
-from test_outbox import free_port, invalidated, wait_for
+from test_outbox import PrivateRedis, free_port, invalidated, wait_for
 
 RULES = Rules({"users": ["user:{id}", "user_by_email:{email}", "users:count"]})
 
@@ -150,3 +150,44 @@ def test_redis_streams_group_lost_with_the_stream_is_recreated(redis_url, cache)
         b.destroy()
         b.close()
         r.close()
+
+
+@pytest.fixture
+def bus_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of our own for the bus (its maxmemory is changed: never the shared one)."""
+    pr = PrivateRedis()
+    pr.start()
+    yield pr
+    pr.close()
+
+
+def test_redis_streams_bus_out_of_memory_is_an_outage_the_worker_waits_out(bus_redis, cache):
+    """The bus Redis is full (maxmemory, noeviction) or read-only (a failover to a replica): its errors are
+    BusUnavailableError, which Worker.run backs off and retries. (They were plain ResponseErrors: Worker.run,
+    which retries only BusUnavailableError, died, and a full bus Redis stopped every worker.)"""
+    import redis as redis_lib
+
+    from cachesync.bus import BusUnavailableError
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    admin = redis_lib.Redis.from_url(bus_redis.url)
+    b = RedisStreamsBus(bus_redis.url, "csw" + uuid.uuid4().hex[:10], claim_idle=0.3)
+    try:
+        w = Worker(b, cache, group="g")
+        assert w.run_once(0.01) == 0
+        cache.set("k", "v")
+        b.publish([Invalidation(("k",), None)])
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with pytest.raises(BusUnavailableError, match="OutOfMemoryError"):
+            w.run_once(0.01)
+        with pytest.raises(BusUnavailableError, match="OutOfMemoryError"):
+            b.publish([Invalidation(("k",), None)])
+        admin.config_set("maxmemory", "0")
+        drain(w, lambda: w.stats["messages"] == 1)
+        assert invalidated(cache, "k")
+    finally:
+        admin.config_set("maxmemory", "0")
+        b.destroy()
+        b.close()
+        admin.close()

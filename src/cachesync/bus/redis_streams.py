@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._driver import check_redis_url, redact_url, scrub
@@ -28,7 +28,10 @@ from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalida
 
 log = logging.getLogger("cachesync.bus")
 
-_DOWN = (RedisConnectionError, RedisTimeoutError)
+_DOWN = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError)
+"""Errors of an unusable bus Redis (BusUnavailableError: retried with backoff): unreachable, full (maxmemory with
+noeviction) or a read-only replica after a failover. (The last two were plain ResponseErrors, which stopped
+Worker.run.)"""
 
 _NACK = """
 local t = redis.call('TIME')
