@@ -191,3 +191,32 @@ def test_redis_streams_bus_out_of_memory_is_an_outage_the_worker_waits_out(bus_r
         b.destroy()
         b.close()
         admin.close()
+
+
+def test_a_row_with_more_keys_than_one_bus_message_holds_is_published_in_parts(bus, tmp_path, cache):
+    """A row naming 20 000 long keys (a TRUNCATE's prefixes resolve to every key present; 1.4 MB of JSON): more
+    than one NATS message may carry (max_payload, 1 MiB by default). The relay publishes the keys in several
+    messages, and the worker applies them all. (One message per row: the publish failed with MaxPayloadError, a
+    BusUnavailableError, so the relay retried the batch forever and no row behind it was delivered.)"""
+    url = f"sqlite:///{tmp_path}/big.db"
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:10]
+    ob = Outbox(table)
+    conn = connect(url)
+    ob.init(conn)
+    keys = [f"big:{i:064d}" for i in range(20_000)]
+    cache.set(keys[0], "v")
+    cache.set(keys[-1], "v")
+    cache.set("after", "v")
+    ob.record(conn, *keys)
+    ob.record(conn, "after")
+    conn.commit()
+    relay = Relay(url, bus=bus, table=table)
+    try:
+        assert relay.drain() == 2
+    finally:
+        relay.close()
+    w = Worker(bus, cache, group="g", batch_size=100)
+    drain(w, lambda: invalidated(cache, keys[0]) and invalidated(cache, keys[-1]) and invalidated(cache, "after"))
+    assert w.stats["keys"] >= len(keys) + 1
+    ob.drop(conn)
+    conn.close()
