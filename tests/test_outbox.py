@@ -422,6 +422,8 @@ def test_fast_path_defers_the_claim_while_notifications_keep_coming(pg_url, pg_o
         pg_outbox.record(conn, "later:1", delay=3600)  # a wake-up without rows: the relay claims now
         conn.commit()
         wait_for(lambda: pg_outbox.pending(conn) == 1, 10, "the claim of the applied rows")
+        # (the relay counts a claim after its COMMIT: the stats may lag the table by that much)
+        wait_for(lambda: relay.stats["rows"] == 3, 10, "the claim to be counted")
         st = relay.stats
         assert (st["fast"], st["skipped"], st["applied"], st["rows"]) == (3, 3, 0, 3)
     finally:
