@@ -220,3 +220,24 @@ def test_a_row_with_more_keys_than_one_bus_message_holds_is_published_in_parts(b
     assert w.stats["keys"] >= len(keys) + 1
     ob.drop(conn)
     conn.close()
+
+
+def test_redis_streams_bus_url_query_options_do_not_change_its_protocol(redis_url, cache):
+    """``?decode_responses=true`` / ``?protocol=3`` in the bus URL (copied from an application's Redis URL): the
+    bus still reads RESP2 bytes. (decode_responses made every message look as if it had no 'm' field: each was
+    dead-lettered with an empty body, its invalidation lost; protocol=3 made consume raise ValueError.)"""
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    sep = "&" if "?" in redis_url else "?"
+    b = RedisStreamsBus(f"{redis_url}{sep}decode_responses=true&protocol=3", "csw" + uuid.uuid4().hex[:10],
+                        claim_idle=0.3)
+    try:
+        cache.set("k", "v")
+        b.publish([Invalidation(("k",), "7")])
+        w = Worker(b, cache, group="g")
+        drain(w, lambda: w.stats["messages"] == 1)
+        assert invalidated(cache, "k")
+        assert w.stats["dead"] == 0 and b.malformed == 0 and b.dead_letters() == []
+    finally:
+        b.destroy()
+        b.close()

@@ -85,10 +85,15 @@ class RedisStreamsBus(Bus):
         self.maxlen = maxlen
         self.socket_timeout = socket_timeout
         try:
-            self.r: Any = redis.Redis.from_url(url, protocol=2, socket_timeout=socket_timeout,
-                                          socket_connect_timeout=socket_timeout)
+            pool = redis.ConnectionPool.from_url(url, socket_timeout=socket_timeout,
+                                                 socket_connect_timeout=socket_timeout)
         except (ValueError, TypeError) as e:  # redis-py echoes tokens of the URL (e.g. a bad port)
             raise BusError(f"bus URL {self.url!r}: {scrub(e, url)}") from None
+        # set after from_url, whose keywords the URL's query options override: the bus reads RESP2 replies of
+        # bytes whatever the URL says (?decode_responses=true dead-lettered every message with an empty body,
+        # ?protocol=3 broke consume)
+        pool.connection_kwargs.update(protocol=2, decode_responses=False)
+        self.r: Any = redis.Redis(connection_pool=pool)
         self._nack = self.r.register_script(_NACK)
         self._promote = self.r.register_script(_PROMOTE)
         self._groups: set[str] = set()
