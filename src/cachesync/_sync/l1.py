@@ -17,6 +17,20 @@ from ..core.l1 import Close, Connect, L1Options, Read, Send, Sleep, Subscription
 _POLL = 0.05  # how often a blocked read looks at the closed flag
 
 
+def _parser_has_data(conn: Any) -> bool | None:
+    """Whether redis-py's parser of ``conn`` holds bytes it has not returned yet, looked at without reading the
+    socket (hiredis: its reader's buffer, and the reply redis-py before 8 parsed ahead in ``can_read``; the
+    pure-Python parser: its socket buffer); None for a parser it cannot look into."""
+    p = getattr(conn, "_parser", None)
+    reader = getattr(p, "_reader", None)
+    if reader is not None and callable(getattr(reader, "has_data", None)):
+        return bool(reader.has_data()) or getattr(p, "_next_response", False) is not False
+    buf = getattr(p, "_buffer", None)
+    if buf is not None and callable(getattr(buf, "unread_bytes", None)):
+        return bool(buf.unread_bytes())
+    return None
+
+
 class L1Sync:
     """The L1 of a :class:`cachesync.Cache` (``cache.l1``): the store (``core``) plus its subscriber thread."""
 
@@ -100,31 +114,42 @@ class L1Sync:
         core = self.core
         conn = self._conn
         if self._buffered:  # the last read may have brought more than one reply
-            core.behind()
-            if conn.can_read(timeout=0):
+            has = _parser_has_data(conn)
+            if has is None:  # a parser we cannot look into: ask it, as behind (it may read the socket)
+                core.behind()
+                if conn.can_read(timeout=0):
+                    return conn.read_response()
+            elif has:
+                core.behind()
                 return conn.read_response()
             self._buffered = False
         core.caught_up()  # everything that reached the connection is applied
         sock = getattr(conn, "_sock", None)
         if sock is None:
             raise OSError("the subscription connection has no socket")
-        fd = sock.fileno()
-        poller = select.poll() if hasattr(select, "poll") else None  # (select.select refuses fds >= 1024)
-        if poller is not None:
-            poller.register(fd, select.POLLIN)
-        pending = getattr(sock, "pending", None)  # TLS: bytes decrypted above the OS socket
         deadline = time.monotonic() + timeout
         while not core.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            t = min(left, _POLL)
-            if (pending is not None and pending()) or (
-                    bool(poller.poll(t * 1000)) if poller is not None else bool(select.select((fd,), (), (), t)[0])):
+            if self._wait_readable(sock, min(left, _POLL)):
                 core.behind()  # lookups bypass until this is applied
                 self._buffered = True
                 return conn.read_response()
         return None
+
+    @staticmethod
+    def _wait_readable(sock: Any, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for bytes on the subscription's socket, taking none off it (``poll``:
+        ``select.select`` refuses descriptors >= 1024; TLS: bytes already decrypted count)."""
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        if hasattr(select, "poll"):
+            p = select.poll()
+            p.register(sock.fileno(), select.POLLIN)
+            return bool(p.poll(timeout * 1000))
+        return bool(select.select((sock.fileno(),), (), (), timeout)[0])  # pragma: no cover - Windows
 
     def _run(self) -> None:
         """The subscriber thread: restarted (after bypassing the L1) whenever it fails unexpectedly."""
