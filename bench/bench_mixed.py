@@ -1,10 +1,10 @@
 """Mixed workload (issue 15): 90 % reads / 10 % writes over 1000 zipf keys on PostgreSQL, 4 processes.
 
     .venv/bin/python bench/bench_mixed.py [--db-url URL] [--redis-url URL] [--seconds 10] [--rounds 2]
-                                          [--workers 4] [--variants ABC] [--quick]
+                                          [--workers 4] [--variants ABCD] [--quick]
 
-Two variants, measured in the same run and alternating (A B A B ...), each phase starting cold under its own
-Redis namespace / prefix (keys deleted at the end, never FLUSHDB):
+Two variants and two extra lines, measured in the same run and alternating (A B C D A B C D ...), each phase
+starting cold under its own Redis namespace / prefix (keys deleted at the end, never FLUSHDB):
 
   (A) cachesync: ``cache.get(f"row:{id}", loader)``, the loader SELECTs the row and returns
       ``Versioned(payload, v)``; a write is ``with cache.write(key) as w:`` (the default strategy
@@ -14,7 +14,11 @@ Redis namespace / prefix (keys deleted at the end, never FLUSHDB):
       a write is UPDATE then DEL key.
   (C) an extra line, no goal: (A) with ``leases=False``: a miss is GET + SELECT + ``fill.lua`` without the
       lease round trip (safe in this workload only because every load and every write carries a version; the
-      fill's floor check refuses an older row). It shows what the lease itself costs. ``--variants AB`` skips it.
+      fill's floor check refuses an older row). It shows what the lease itself costs.
+  (D) an extra line, no goal: (A) with ``strategy="db_then_set_versioned"`` (the write stores the row it
+      returned, guarded by its version, instead of invalidating: the next read of the key is a hit, not a
+      miss). A shipped, safe strategy, safe here because every write supplies the row's increasing version;
+      not the default, which must be safe for writes without a version. ``--variants AB`` skips C and D.
 
 Both run on autocommit connections (psycopg 3): the UPDATE is committed when ``execute`` returns, before the
 cache step. Each worker process uses the same seeded operation sequence in both variants of one round (seeded
@@ -76,7 +80,8 @@ def worker(variant: str, db_url: str, redis_url: str, table: str, ns: str, seed:
     lat = array("d")
     reads = writes = 0
     if variant != "B":  # C: the same without leases (safe here only because every load and write has a version)
-        cache = cachesync.Cache(redis_url, namespace=ns, leases=variant == "A")
+        cache = cachesync.Cache(redis_url, namespace=ns, leases=variant != "C",
+                                strategy="db_then_set_versioned" if variant == "D" else "db_then_invalidate")
 
         def read(i: int) -> object:
             def load() -> cachesync.Versioned[str]:
@@ -178,7 +183,8 @@ def cleanup(redis_url: str, variant: str, ns: str) -> int:
     return n
 
 
-NAMES = {"A": "cachesync", "B": "plain cache-aside", "C": "cachesync leases=False"}
+NAMES = {"A": "cachesync", "B": "plain cache-aside", "C": "cachesync leases=False",
+         "D": "cachesync db_then_set_versioned"}
 
 
 def phase(variant: str, a: argparse.Namespace, table: str, rnd: int, db: Any) -> dict[str, Any]:
@@ -234,12 +240,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each phase (default 10)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of A then B (default 2)")
     ap.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
-    ap.add_argument("--variants", default="ABC", help="which phases to run each round (default ABC; A and B are "
+    ap.add_argument("--variants", default="ABCD", help="which phases to run each round (default ABCD; A and B are "
                     "needed for the goals)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 s, 1 round (numbers meaningless)")
     a = ap.parse_args()
-    if not set(a.variants) <= set("ABC") or not {"A", "B"} <= set(a.variants):
-        raise SystemExit("--variants: letters of ABC, with A and B")
+    if not set(a.variants) <= set("ABCD") or not {"A", "B"} <= set(a.variants):
+        raise SystemExit("--variants: letters of ABCD, with A and B")
     if a.quick:
         a.seconds, a.rounds = 2.0, 1
     if a.seconds <= 0 or a.rounds < 1 or a.workers < 1:
@@ -285,6 +291,15 @@ def main() -> None:
         ratio_line("  read p99", "plain cache-aside", "", [d["p99"] for d in C], [d["p99"] for d in B],
                    ".0f", 1e6, "µs")
         print(f"    inconsistent keys: {[d['bad'] for d in C]} (of {[d['cached'] for d in C]} cached)")
+    if "D" in res:  # the versioned write-through strategy: a write leaves the new row cached, no miss after it
+        D = res["D"]
+        print("  extra line, no goal: cachesync strategy=\"db_then_set_versioned\" (the write stores the returned row "
+              "guarded by its version; safe when every write supplies an increasing version)")
+        ratio_line("  throughput", "plain cache-aside", "", [d["ops"] for d in D], [d["ops"] for d in B],
+                   ".0f", 1, "ops/s")
+        ratio_line("  read p99", "plain cache-aside", "", [d["p99"] for d in D], [d["p99"] for d in B],
+                   ".0f", 1e6, "µs")
+        print(f"    inconsistent keys: {[d['bad'] for d in D]} (of {[d['cached'] for d in D]} cached)")
     print("  samples: " + "; ".join(f"{v}: reads {[d['reads'] for d in res[v]]}, writes {[d['writes'] for d in res[v]]}"
                                     for v in a.variants))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -49,3 +50,15 @@ def l1cache(redis_url: str, namespace: str) -> Iterator[cachesync.Cache]:
     assert c.l1 is not None and c.l1.wait_ready(5)
     yield c
     c.close()
+
+
+@pytest.fixture
+def hung_url() -> Iterator[str]:
+    """A server that accepts connections and never answers (a hung Redis)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    try:
+        yield f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
+    finally:
+        srv.close()

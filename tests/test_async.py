@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 import socket
 
 import pytest
@@ -163,18 +162,6 @@ async def test_sync_and_async_share_state(acache, redis_url, namespace):
     s.close()
 
 
-@pytest.fixture
-def hung_url() -> Iterator[str]:
-    """A server that accepts connections and never answers (a hung Redis)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    try:
-        yield f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
-    finally:
-        srv.close()
-
-
 async def test_hung_redis_times_out_instead_of_hanging(hung_url: str):
     """A server that accepts connections and never answers (a hung Redis): socket_timeout bounds each command."""
     url = hung_url
@@ -286,3 +273,81 @@ async def test_cached_not_found_answer_async(acache) -> None:
     with pytest.raises(KeyError):
         await lookup(1)
     assert await lookup2(1) == "none"
+
+
+async def test_followers_of_a_hit_that_fell_back_do_not_queue_one_timeout_each_on_a_hung_redis(hung_url: str):
+    """A hung Redis: the leader's GET times out and it loads uncached (fallback), which its followers may not take
+    (read-your-writes); they read again on their own, side by side: one more socket_timeout for all of them, not
+    a chain of flights each waiting socket_timeout in turn (the last of 6 readers waited 6 timeouts)."""
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(hung_url)
+    sent: list[str] = []
+    pending = [0, 0]  # GETs unanswered now, most at once
+    real = client.execute_command
+
+    async def execute_command(*args, **kw):
+        sent.append(str(args[0]))
+        pending[0] += 1
+        pending[1] = max(pending)
+        try:
+            return await real(*args, **kw)
+        finally:
+            pending[0] -= 1
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    c = cachesync.AsyncCache(client=client, socket_timeout=0.3, record_namespace=False)
+    try:
+        leader = asyncio.create_task(c.get_entry("k", lambda: "db"))
+        while "k" not in c._flights or not c._watchdog.inflight:
+            await asyncio.sleep(0)  # the leader is inside its GET
+        followers = [asyncio.create_task(c.get_entry("k", lambda: "db")) for _ in range(5)]
+        while c.stats["singleflight_joins"] < 5:
+            await asyncio.sleep(0)
+        assert (await leader).source == "fallback"
+        got = await asyncio.gather(*followers)
+        assert [(e.value, e.source) for e in got] == [("db", "fallback")] * 5
+        # the followers' own GETs were all sent at once, when the leader landed (not one after another)
+        assert sent == ["GET"] * 6 and pending[1] == 5 and c.stats["singleflight_retries"] == 5
+        assert c._flights == {} and c._watchdog.inflight == {}
+    finally:
+        await c.aclose()
+        await client.aclose()
+
+
+async def test_a_cancellation_that_meets_the_watchdogs_is_not_swallowed(hung_url: str):
+    """The caller cancels a read (a request timeout, a shutdown) at the very moment the watchdog cancels its hung
+    GET: the task must end cancelled, not turn both into one TimeoutError and go on to load (fallback)."""
+    c = cachesync.AsyncCache(hung_url, socket_timeout=0.2, record_namespace=False)
+
+    class CancelledToo(set):  # the caller's cancel() lands in the same tick as the watchdog's
+        def add(self, t: asyncio.Task) -> None:
+            super().add(t)
+            t.cancel()
+
+    c._watchdog.expired = CancelledToo()
+    loads: list[int] = []
+    task = asyncio.create_task(c.get_entry("k", lambda: loads.append(1) or "db"))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert loads == [] and c._flights == {} and c._watchdog.inflight == {}
+    c._watchdog.expired = set()
+    # alone, the watchdog's cancellation is still the timeout (the flow falls back)
+    e = await c.get_entry("k", lambda: "db")
+    assert e.source == "fallback"
+    await c.aclose()
+
+
+async def test_the_watchdog_comes_back_after_its_task_was_cancelled(hung_url: str):
+    """A shutdown that cancels every task of the loop (or any stray cancel) also ends the watchdog task: the
+    next command starts a new one instead of running unbounded (against a hung Redis: a hang)."""
+    c = cachesync.AsyncCache(hung_url, socket_timeout=0.2, record_namespace=False)
+    assert (await c.get_entry("k", lambda: "db")).source == "fallback"
+    wd = c._watchdog.task
+    assert wd is not None
+    wd.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await wd
+    e = await asyncio.wait_for(c.get_entry("k", lambda: "db"), 10)  # (the bound only keeps a hang from lasting)
+    assert e.source == "fallback" and c._watchdog.task is not wd
+    await c.aclose()

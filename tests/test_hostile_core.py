@@ -108,6 +108,105 @@ def test_forked_reader_cannot_fill_through_a_sibling_token(redis_url: str, names
     cache.close()
 
 
+
+def test_a_child_forked_while_a_read_is_in_flight_does_not_wait_for_it_forever(cache: cachesync.Cache) -> None:
+    """multiprocessing with fork from a threaded app: a thread is leading a read of "k" (its flight's lock held)
+    when another thread forks. The child has no such thread: its own read of "k" must not join that flight and
+    block for ever."""
+    loading, go = threading.Event(), threading.Event()
+
+    def loader() -> str:
+        loading.set()
+        go.wait(10)
+        return "parent"
+
+    t = threading.Thread(target=lambda: cache.get("k", loader))
+    t.start()
+    assert loading.wait(10)  # the flight of "k" is led by t
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            v = cache.get("k", lambda: "child")
+            os.write(w_fd, v.encode())
+        finally:
+            os._exit(0)
+    os.close(w_fd)
+    try:
+        done = threading.Event()
+        got: list[bytes] = []
+        threading.Thread(target=lambda: (got.append(os.read(r_fd, 100)), done.set()), daemon=True).start()
+        answered = done.wait(10)  # (the bound only keeps a hang from lasting)
+    finally:
+        if not answered:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        go.set()
+        t.join(10)
+        os.close(r_fd)
+    assert answered and got == [b"child"]
+
+
+def _in_child(fn: Any, bound: float = 10.0) -> bytes | None:
+    """Run ``fn() -> bytes`` in a forked child; its answer, or None if it gave none within ``bound`` seconds (the
+    bound only keeps a hang from lasting: the child is killed)."""
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w_fd, fn())
+        finally:
+            os._exit(0)
+    os.close(w_fd)
+    got: list[bytes] = []
+    done = threading.Event()
+    threading.Thread(target=lambda: (got.append(os.read(r_fd, 1000)), done.set()), daemon=True).start()
+    answered = done.wait(bound)
+    if not answered:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    os.close(r_fd)
+    return got[0] if answered else None
+
+
+def test_a_child_forked_while_fallback_loads_run_gets_its_own_fallback_permits(redis_url: str,
+                                                                               namespace: str) -> None:
+    """Redis down, fallback_concurrency=1: a parent thread is in its fallback load (the one permit taken) when
+    another thread forks. The child's fallback load must not wait for a permit no thread of its own holds."""
+    c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, fallback_concurrency=1, connect_timeout=0.2)
+    loading, go = threading.Event(), threading.Event()
+
+    def loader() -> str:
+        loading.set()
+        go.wait(10)
+        return "parent"
+
+    t = threading.Thread(target=lambda: c.get("k", loader))
+    t.start()
+    try:
+        assert loading.wait(10)
+        assert _in_child(lambda: c.get("k", lambda: "child").encode()) == b"child"
+    finally:
+        go.set()
+        t.join(10)
+        c.close()
+
+
+def test_a_child_forked_after_a_delayed_step_was_scheduled_does_not_report_it_undelivered(
+        cache: cachesync.Cache, caplog: pytest.LogCaptureFixture) -> None:
+    """The parent's delayed second delete is the parent's to deliver: the child's close() neither waits for it nor
+    logs it as NOT delivered."""
+    with cache.write("k", strategy="delayed_double_delete", delay=0.5):
+        pass
+    assert cache._pending
+
+    def child() -> bytes:
+        t0 = time.monotonic()
+        left = cache.close(timeout=5)
+        return f"{left!r} {time.monotonic() - t0 < 4}".encode()
+    assert _in_child(child) == b"[] True"
+
+
 # --------------------------------------------------------------------------- cancellation
 
 
@@ -206,7 +305,7 @@ async def test_cancelled_get_many_releases_every_lease(acache: cachesync.AsyncCa
 # --------------------------------------------------------------------------- read-your-writes through singleflight
 
 
-def test_follower_that_starts_after_a_write_never_gets_the_older_value(cache: cachesync.Cache) -> None:
+def test_follower_that_joined_before_a_write_never_gets_the_refused_older_value(cache: cachesync.Cache) -> None:
     db = {"v": "old"}
     loaded = threading.Event()
     go = threading.Event()
@@ -221,12 +320,12 @@ def test_follower_that_starts_after_a_write_never_gets_the_older_value(cache: ca
     lt = threading.Thread(target=lambda: leader_out.append(cache.get_entry("k", leader_loader)))
     lt.start()
     loaded.wait(10)
-    db["v"] = "new"  # the write commits ...
-    cache.invalidate("k")  # ... and its invalidation returns
     follower_out: list[Any] = []
     ft = threading.Thread(target=lambda: follower_out.append(cache.get("k", lambda: db["v"])))
-    ft.start()  # this read begins after the invalidation returned
+    ft.start()  # this read joins the leader's flight before the write (a read started after it leads its own)
     _until(lambda: cache.stats["singleflight_joins"] == 1, "the follower to join the leader's flight")
+    db["v"] = "new"  # the write commits ...
+    cache.invalidate("k")  # ... and its invalidation returns
     go.set()
     lt.join(10)
     ft.join(10)
@@ -235,7 +334,7 @@ def test_follower_that_starts_after_a_write_never_gets_the_older_value(cache: ca
     assert cache.stats["singleflight_retries"] == 1
 
 
-async def test_async_follower_that_starts_after_a_write_never_gets_the_older_value(
+async def test_async_follower_that_joined_before_a_write_never_gets_the_refused_older_value(
         acache: cachesync.AsyncCache) -> None:
     db = {"v": "old"}
     loaded = asyncio.Event()
@@ -249,16 +348,120 @@ async def test_async_follower_that_starts_after_a_write_never_gets_the_older_val
 
     leader = asyncio.create_task(acache.get_entry("k", leader_loader))
     await loaded.wait()
-    db["v"] = "new"
-    await acache.invalidate("k")
     follower = asyncio.create_task(acache.get("k", lambda: db["v"]))
     while acache.stats["singleflight_joins"] < 1:
-        await asyncio.sleep(0)  # let the follower run up to its join
+        await asyncio.sleep(0)  # let the follower run up to its join (before the write)
+    db["v"] = "new"
+    await acache.invalidate("k")
     go.set()
     e = await leader
     assert e.value == "old" and not e.filled
     assert await follower == "new"
     assert acache.stats["singleflight_retries"] == 1
+
+
+# a reader that starts after an invalidation returned must not take a value read (or filled) before it: the
+# leader's GET or fill ran in Redis before the invalidation, its reply reached the leader only after it returned
+
+
+def _gated_sync_client(redis_url: str, gate: threading.Event, reached: threading.Event,
+                       when: Any) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    real = client.execute_command
+
+    def execute_command(*args: Any, **kw: Any) -> Any:
+        res = real(*args, **kw)
+        if when(args) and threading.current_thread().name == "leader":
+            reached.set()  # the command ran in Redis; its reply is held back from the caller
+            gate.wait(10)
+        return res
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    return client
+
+
+def test_follower_that_starts_after_an_invalidation_never_gets_a_fill_accepted_before_it(
+        redis_url: str, namespace: str) -> None:
+    gate, reached = threading.Event(), threading.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    client = _gated_sync_client(redis_url, gate, reached, lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    c = cachesync.Cache(client=client, namespace=namespace, record_namespace=False)
+    db = {"v": "old"}
+    try:
+        leader_out: list[Any] = []
+        lt = threading.Thread(target=lambda: leader_out.append(c.get_entry("k", lambda: db["v"])), name="leader")
+        lt.start()
+        assert reached.wait(10)  # the leader's fill of "old" was accepted by Redis
+        db["v"] = "new"  # the write commits ...
+        c.invalidate("k")  # ... and its invalidation returns
+        follower_out: list[Any] = []
+        ft = threading.Thread(target=lambda: follower_out.append(c.get("k", lambda: db["v"])))
+        ft.start()  # this read begins after the invalidation returned
+        _until(lambda: c.stats["singleflight_joins"] == 1 or not ft.is_alive(), "the follower to join or finish")
+        gate.set()
+        lt.join(10)
+        ft.join(10)
+        assert leader_out[0].value == "old" and leader_out[0].filled  # concurrent with the write: either is right
+        assert follower_out == ["new"]
+    finally:
+        gate.set()
+        c.close()
+        client.close()
+
+
+def _gated_async_client(redis_url: str, gate: asyncio.Event, reached: asyncio.Event, when: Any) -> Any:
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(redis_url)
+    real = client.execute_command
+
+    async def execute_command(*args: Any, **kw: Any) -> Any:
+        res = await real(*args, **kw)
+        if when(args) and not reached.is_set():
+            reached.set()  # the command ran in Redis; its reply is held back from the caller
+            await gate.wait()
+        return res
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    return client
+
+
+@pytest.mark.parametrize("held", ["hit", "fill"])
+@pytest.mark.parametrize("l1", [False, True])
+@pytest.mark.parametrize("op", ["invalidate", "set", "write"])
+async def test_async_follower_that_starts_after_an_invalidation_never_gets_a_value_read_before_it(
+        redis_url: str, namespace: str, held: str, l1: bool, op: str) -> None:
+    gate, reached = asyncio.Event(), asyncio.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    when = (lambda a: a[0] == "GET") if held == "hit" else (lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    c0 = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)
+    if held == "hit":
+        c0.get("k", lambda: "old")  # cached: the leader's read is a hit
+    c0.close()
+    client = _gated_async_client(redis_url, gate, reached, when)
+    c = cachesync.AsyncCache(client=client, namespace=namespace, record_namespace=False, l1=l1)
+    if l1:
+        assert c.l1 is not None and await c.l1.wait_ready(5)
+    db = {"v": "old"}
+    try:
+        leader = asyncio.create_task(c.get_entry("k", lambda: db["v"]))
+        await asyncio.wait_for(reached.wait(), 10)  # Redis answered the leader's read (or accepted its fill) with "old"
+        if op == "write":
+            async with c.write("k"):
+                db["v"] = "new"
+        else:
+            db["v"] = "new"  # the write commits ...
+            await (c.invalidate("k") if op == "invalidate" else c.set("k", "new"))  # ... and its cache step returns
+        follower = asyncio.create_task(c.get("k", lambda: db["v"]))  # begins after the invalidation returned
+        while c.stats["singleflight_joins"] < 1 and not follower.done():
+            await asyncio.sleep(0)
+        gate.set()
+        assert (await leader).value == "old"  # concurrent with the write: either is right
+        assert await follower == "new"
+    finally:
+        gate.set()
+        await c.aclose()
+        await client.aclose()
 
 
 def test_followers_accept_a_filled_value(cache: cachesync.Cache) -> None:
@@ -496,3 +699,179 @@ def test_a_key_with_a_lone_surrogate_is_refused_with_a_clear_error(cache: caches
         with pytest.raises(InvalidKeyError, match="surrogate"):
             call()
     assert cache.get("\u00e9t\u00e9", lambda: 1) == 1  # non-ASCII keys are fine
+
+
+@pytest.mark.parametrize("held", ["hit", "fill"])
+async def test_async_l1_follower_that_starts_after_another_process_write_was_heard_never_gets_the_older_value(
+        redis_url: str, namespace: str, held: str) -> None:
+    """With an L1 this process hears other processes' invalidations: once its subscriber has applied one, a read
+    that starts must not join a flight whose GET (or accepted fill) ran in Redis before that write."""
+    gate, reached = asyncio.Event(), asyncio.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    when = (lambda a: a[0] == "GET") if held == "hit" else (lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    other = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)  # another process
+    if held == "hit":
+        other.get("k", lambda: "old")
+    client = _gated_async_client(redis_url, gate, reached, when)
+    c = cachesync.AsyncCache(client=client, namespace=namespace, record_namespace=False, l1=True)
+    assert c.l1 is not None and await c.l1.wait_ready(5)
+    core = c.l1.core
+    db = {"v": "old"}
+    try:
+        leader = asyncio.create_task(c.get_entry("k", lambda: db["v"]))
+        await asyncio.wait_for(reached.wait(), 10)  # Redis answered the leader's read (or accepted its fill)
+        heard = core.stats["invalidations"]
+        db["v"] = "new"
+        other.set("k", "new")  # the other process's write returns
+        for _ in range(5000):
+            if core.stats["invalidations"] > heard:
+                break
+            await asyncio.sleep(0.002)  # this process's subscriber applies it
+        assert core.stats["invalidations"] > heard
+        follower = asyncio.create_task(c.get("k", lambda: db["v"]))
+        while c.stats["singleflight_joins"] < 1 and not follower.done():
+            await asyncio.sleep(0)
+        gate.set()
+        assert (await leader).value == "old"
+        assert await follower == "new"
+    finally:
+        gate.set()
+        other.close()
+        await c.aclose()
+        await client.aclose()
+
+
+def test_l1_follower_that_starts_after_another_process_write_was_heard_never_gets_a_fill_accepted_before_it(
+        redis_url: str, namespace: str) -> None:
+    gate, reached = threading.Event(), threading.Event()
+    fill_sha = SCRIPTS["fill"].sha
+    client = _gated_sync_client(redis_url, gate, reached, lambda a: a[0] == "EVALSHA" and a[1] == fill_sha)
+    c = cachesync.Cache(client=client, namespace=namespace, record_namespace=False, l1=True)
+    other = cachesync.Cache(redis_url, namespace=namespace, record_namespace=False)  # another process
+    assert c.l1 is not None and c.l1.wait_ready(5)
+    core = c.l1.core
+    db = {"v": "old"}
+    try:
+        leader_out: list[Any] = []
+        lt = threading.Thread(target=lambda: leader_out.append(c.get_entry("k", lambda: db["v"])), name="leader")
+        lt.start()
+        assert reached.wait(10)  # the leader's fill of "old" was accepted by Redis
+        heard = core.stats["invalidations"]
+        db["v"] = "new"
+        other.invalidate("k")  # the other process's write returns ...
+        _until(lambda: core.stats["invalidations"] > heard, "this process's subscriber to apply it")
+        follower_out: list[Any] = []
+        ft = threading.Thread(target=lambda: follower_out.append(c.get("k", lambda: db["v"])))
+        ft.start()  # ... and this read begins after it was heard
+        _until(lambda: c.stats["singleflight_joins"] == 1 or not ft.is_alive(), "the follower to join or finish")
+        gate.set()
+        lt.join(10)
+        ft.join(10)
+        assert leader_out[0].value == "old"
+        assert follower_out == ["new"]
+    finally:
+        gate.set()
+        other.close()
+        c.close()
+        client.close()
+
+
+def test_followers_of_a_read_that_fell_back_load_side_by_side(hung_url: str) -> None:
+    """A hung Redis: every thread's GET times out; the flight's leader loads uncached (fallback), which its
+    followers may not take; they then load on their own side by side (at most fallback_concurrency at once),
+    not in a chain of flights where each waits for the previous one's load."""
+    n = 4
+    c = cachesync.Cache(hung_url, socket_timeout=0.2, record_namespace=False)
+    leading, go = threading.Event(), threading.Event()
+    together = threading.Barrier(n, timeout=10)  # the followers' own loads: all at once, or broken
+
+    def leader_loader() -> str:
+        leading.set()
+        go.wait(10)
+        return "db"
+
+    def follower_loader() -> str:
+        together.wait()
+        return "db"
+
+    outs: list[Any] = []
+    lt = threading.Thread(target=lambda: outs.append(c.get_entry("k", leader_loader)))
+    lt.start()
+    assert leading.wait(10)
+    fts = [threading.Thread(target=lambda: outs.append(c.get_entry("k", follower_loader))) for _ in range(n)]
+    for t in fts:
+        t.start()
+    _until(lambda: c.stats["singleflight_joins"] == n, "the followers to join")
+    go.set()
+    for t in [lt, *fts]:
+        t.join(30)
+    assert not together.broken
+    assert [(e.value, e.source) for e in outs] == [("db", "fallback")] * (n + 1)
+    assert c._flights == {}
+    c.close()
+
+
+# ---------------------------------------------------------------------------- NOSCRIPT that does not go away
+
+
+def _flush_after_load(cache: Any, r: redis.Redis, times: int) -> list[int]:
+    """Make Redis forget the scripts right after each of the cache's next ``times`` SCRIPT LOADs (as a script
+    cache flushed again and again would): returns a one-item counter of the loads seen."""
+    seen = [0]
+    inner = cache._command
+
+    def command(eff: Any) -> Any:
+        out = inner(eff)
+        if eff.args[:2] == ("SCRIPT", "LOAD"):
+            seen[0] += 1
+            if seen[0] <= times:
+                r.script_flush()
+        return out
+    cache._command = command
+    return seen
+
+
+def test_a_script_flushed_after_each_load_is_a_named_error_not_the_internal_signal(cache: cachesync.Cache,
+                                                                                  r: redis.Redis) -> None:
+    # P.NoScript is the driver -> flow signal: it must never reach a caller. A script lost again right after its
+    # reload is loaded again (up to P.SCRIPT_LOADS times), then refused with an error that names the script.
+    r.script_flush()
+    seen = _flush_after_load(cache, r, times=10**6)
+    with pytest.raises(cachesync.RedisCommandError, match="get.lua"):
+        cache.get("k", lambda: 1)
+    assert P.SCRIPT_LOADS <= seen[0] <= 2 * P.SCRIPT_LOADS  # get.lua's loads (and release.lua's, after it)
+    r.script_flush()
+    seen[0] = 0
+    with pytest.raises(cachesync.InvalidationError) as ei:  # an invalidation names its keys
+        cache.invalidate("k")
+    assert ei.value.keys == ["k"] and "invalidate.lua" in str(ei.value)
+
+
+def test_a_script_flushed_once_after_its_load_is_loaded_again(cache: cachesync.Cache, r: redis.Redis) -> None:
+    r.script_flush()
+    seen = _flush_after_load(cache, r, times=1)
+    assert cache.get("k", lambda: 1) == 1
+    assert seen[0] == 3  # get.lua twice (flushed after its first load), then fill.lua
+    assert cache.get("k", lambda: 2) == 1
+
+
+async def test_async_a_script_flushed_after_each_load_is_a_named_error(redis_url: str, namespace: str,
+                                                                       r: redis.Redis) -> None:
+    c = cachesync.AsyncCache(redis_url, namespace=namespace)
+    try:
+        seen = [0]
+        inner = c._command
+
+        async def command(eff: Any) -> Any:
+            out = await inner(eff)
+            if eff.args[:2] == ("SCRIPT", "LOAD"):
+                seen[0] += 1
+                r.script_flush()
+            return out
+        c._command = command  # type: ignore[method-assign]
+        r.script_flush()
+        with pytest.raises(cachesync.RedisCommandError, match="get.lua"):
+            await c.get("k", lambda: 1)
+        assert P.SCRIPT_LOADS <= seen[0] <= 2 * P.SCRIPT_LOADS
+    finally:
+        await c.aclose()

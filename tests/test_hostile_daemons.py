@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 import cachesync
+from cachesync import protocol as P
 from cachesync.bus import Bus, Invalidation
 from cachesync.bus.worker import Worker
 from cachesync.db import connect
@@ -681,3 +682,64 @@ def test_cdc_retries_a_redis_error_reply(private_redis, pg_url, namespace, tmp_p
     finally:
         e.close()
         cache.close()
+
+
+def test_cdc_inline_never_acknowledges_a_commit_redis_refused(private_redis, pg_url, namespace, tmp_path) -> None:
+    """PostgreSQL is read in the runner's thread: while Redis refuses a commit's invalidation, neither the
+    checkpoint nor the slot's confirmed position moves past that commit (a restart would read it again); once
+    Redis accepts, both do."""
+    import psycopg
+
+    url = private_redis
+    cache = cachesync.Cache(url, namespace=namespace, tombstone_ttl=120)
+    e = Env(_Pg(), pg_url, cache, tmp_path)
+    e.runner_kw = {"checkpoint_in_background": False}
+    slot_sql = "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s"
+    try:
+        r = e.start()
+        assert e.source is not None and e.source.inline
+        e.write(f"INSERT INTO {e.table} VALUES (1, 'a@x', 'A')")
+        e.wait_keys("u:1")
+        _fill(url)
+        lsn = "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            (before,) = c.execute(lsn).fetchone()
+            e.write(f"INSERT INTO {e.table} VALUES (2, 'b@x', 'B')")
+            (after,) = c.execute(lsn).fetchone()  # past that commit
+            wait_for(lambda: r.stats["redis_retries"] >= 3 or e.error, 30, "retries of the refused invalidation")
+            assert e.error is None
+            assert int(r.position["lsn"]) < after
+            (confirmed,) = c.execute(slot_sql, (e.slot,)).fetchone()  # type: ignore[attr-defined]
+            assert int(confirmed) < after
+            _free(url)
+            e.wait_keys("u:2", "e:b@x")
+            wait_for(lambda: int(r.position["lsn"]) > before or e.error, 30, "the checkpoint past it")
+            assert e.error is None
+    finally:
+        e.close()
+        cache.close()
+
+
+@pytest.mark.parametrize("n", [3, 2 * P.INVALIDATE_CHUNK + 3])  # one script call; several, pipelined
+def test_an_invalidation_redis_refuses_names_its_keys(private_redis, namespace, n) -> None:
+    """An error reply (a read-only replica after a failover, OOM) to an invalidation is an InvalidationError
+    naming every key not invalidated, counted in invalidations_failed, never reported done; WritePath's
+    on_invalidation_error="log" then logs it (the commit stands) instead of raising a RedisCommandError."""
+    from cachesync import WritePath
+
+    url = private_redis
+    cache = cachesync.Cache(url, namespace=namespace)
+    keys = [f"k{i}" for i in range(n)]
+    cache.set(keys[0], "cached")
+    _fill(url)
+    try:
+        with pytest.raises(cachesync.InvalidationError, match="read only") as ei:
+            cache.invalidate_many([(keys, 3)])
+        assert list(ei.value.keys) == keys
+        assert cache.stats["invalidations_failed"] == n and cache.stats["invalidations"] == 0
+        wp = WritePath(cache, Outbox("cachesync_outbox"))
+        assert wp.invalidate_committed([(keys, 4)]) is False  # logged, not raised
+    finally:
+        _free(url)
+    assert cache.invalidate_many([(keys, 3)]) == 1
+    cache.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 import os
 import shutil
@@ -440,3 +441,36 @@ def test_a_subscription_socket_above_fd_1024_still_serves_hits(redis_url: str, n
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def test_async_a_cancelled_subscriber_task_is_not_up_and_restarts(redis_url: str, namespace: str) -> None:
+    """A shutdown that cancels every task of the loop (or a stray cancel) ends the L1's subscriber task: the L1
+    must not stay "up" (``wait_ready`` true, copies kept) with nobody applying invalidations or pinging; it is
+    flushed and bypassed like a subscriber that died, and the next read starts a new subscriber."""
+    a = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    b = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, record_namespace=False)
+    try:
+        assert a.l1 is not None and await a.l1.wait_ready(5)
+        core = a.l1.core
+        await a.get("k", lambda: "v1")
+        assert "k" in core
+        sub = a.l1._task
+        assert sub is not None
+        sub.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sub
+        assert core.stats["state"] != "up" and "k" not in core and core.stats["subscriber_deaths"] == 1
+        b.set("k", "v2")
+        assert await a.get("k", lambda: "x") == "v2"  # read from Redis; it starts a new subscriber
+        assert await a.l1.wait_ready(5) and a.l1._task is not sub
+        await a.get("k", lambda: "x")
+        assert "k" in core
+        b.set("k", "v3")
+        for _ in range(5000):  # the new subscriber hears the write
+            if "k" not in core:
+                break
+            await asyncio.sleep(0.002)
+        assert await a.get("k", lambda: "x") == "v3"
+    finally:
+        b.close()
+        await a.aclose()

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 _RETRY: Any = object()
+_ALONE: Any = object()  # _follow: the flight fell back (Redis failed its leader): read again outside any flight
 
 AsyncScheduler = Callable[[float, Callable[[], Awaitable[None]]], Any]
 
@@ -53,6 +54,12 @@ class _Watchdog:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.task = loop.create_task(self._run(), name="cachesync-watchdog")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The timer task ended (a shutdown that cancels every task, say): the next command starts a new one."""
+        if self.task is task:
+            self.task, self.loop = None, None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,9 +88,9 @@ class _Watchdog:
 
     def cancelled(self, task: asyncio.Task[Any]) -> None:
         """In the ``except CancelledError`` of a bounded command: raise the timeout if the watchdog cancelled it
-        (undoing its cancellation), else return and let the caller re-raise the cancellation."""
-        if task in self.expired:
-            task.uncancel()
+        (undoing its cancellation), else return and let the caller re-raise the cancellation (also when someone
+        else cancelled the task too: its cancellation is not swallowed by the timeout)."""
+        if task in self.expired and task.uncancel() == 0:
             raise RedisTimeoutError(f"no answer within socket_timeout={self.timeout}s") from None
 
     def leave(self, task: asyncio.Task[Any]) -> None:
@@ -118,6 +125,7 @@ class AsyncCache:
         self.l1: L1Async | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Async(self, l1_options, owned_url)
+            self.l1.core.add_listener(self._detach)  # another process's write, heard: its keys' flights too
 
     # ------------------------------------------------------------------ driver
 
@@ -183,6 +191,8 @@ class AsyncCache:
                     raise CacheUnavailableError(self.url, e.cause) from e.cause
                 except P.CommandError as e:
                     raise RedisCommandError(self.url, e) from None
+                except P.NoScript:  # a flow that sent EVALSHA itself and did not reload: never the signal
+                    raise RedisCommandError(self.url, P.CommandError("NOSCRIPT: the script is not loaded")) from None
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
@@ -275,7 +285,8 @@ class AsyncCache:
 
     async def _follow(self, key: str, waiters: list[asyncio.Future[P.Entry[Any]]]) -> P.Entry[Any] | None:
         """Wait for the flight ``waiters`` of ``key`` (and any newer one): its result if this caller may take it,
-        or None when no flight is left and this caller must lead one (no await between the return and the lead)."""
+        None when no flight is left and this caller must lead one (no await between the return and the lead), or
+        ``_ALONE`` when it must read again outside any flight."""
         while True:
             # a follower waits on a future of its own: cancelling it never cancels the leader or the others
             self.ctx.stats["singleflight_joins"] += 1
@@ -287,6 +298,10 @@ class AsyncCache:
                 return res
             # the leader was cancelled, or its value may predate a write: read again (lead, or join a newer flight)
             self.ctx.stats["singleflight_retries"] += 1
+            if res is not _RETRY and res.source == "fallback":
+                # Redis failed the leader (down, or hung: its GET waited socket_timeout): the followers read again
+                # side by side, each alone; a new flight would make them wait one socket_timeout each in turn
+                return _ALONE  # type: ignore[no-any-return]
             nxt = self._flights.get(key)
             if nxt is None:
                 return None
@@ -296,7 +311,8 @@ class AsyncCache:
               exc: BaseException | None = None) -> None:
         """End the flight of ``key`` led by this caller: its followers get ``res``, or ``exc`` (a cancelled
         leader's followers read again)."""
-        del self._flights[key]
+        if self._flights.get(key) is waiters:  # else _written detached it (a newer flight may lead now)
+            del self._flights[key]
         for w in waiters:
             if not w.done():
                 if exc is None:
@@ -315,6 +331,8 @@ class AsyncCache:
         waiters = self._flights.get(key)
         if waiters is not None:
             res = await self._follow(key, waiters)
+            if res is _ALONE:
+                return await fn()
             if res is not None:
                 return res
         waiters = self._flights[key] = []
@@ -412,9 +430,12 @@ class AsyncCache:
             joined = self._flights.get(key)
             if joined is not None:
                 res = await self._follow(key, joined)
-                if res is not None:
+                if res is _ALONE:
+                    single = False
+                elif res is not None:
                     return res
-            self._flights[key] = waiters
+            if single:
+                self._flights[key] = waiters
         try:
             first: tuple[Any, BaseException | None]
             wd = self._watchdog
@@ -522,8 +543,22 @@ class AsyncCache:
         try:
             return await self.run(P.invalidate_flow(self.ctx, keys, version))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(keys)
+            self._written(keys)
+
+    def _written(self, keys: Sequence[str]) -> None:
+        """See :meth:`cachesync.Cache._written`: drop the L1 copies, detach the keys' flights in progress."""
+        self._detach(keys)
+        if self.l1 is not None:
+            self.l1.invalidate_local(keys)
+
+    def _detach(self, keys: Sequence[str] | None) -> None:
+        """See :meth:`cachesync.Cache._detach` (the L1's subscriber task calls it on this loop)."""
+        if self._flights:
+            if keys is None:
+                self._flights.clear()
+            else:
+                for k in keys:
+                    self._flights.pop(k, None)
 
     async def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """See :meth:`cachesync.Cache.invalidate_many`."""
@@ -536,8 +571,7 @@ class AsyncCache:
             tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""
             return await self.run(P.invalidate_many_flow(self.ctx, versions, tp))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(list(versions))
+            self._written(list(versions))
 
     async def keys_with_prefix(self, *prefixes: str) -> AsyncIterator[str]:
         """See :meth:`cachesync.Cache.keys_with_prefix`."""
@@ -573,8 +607,7 @@ class AsyncCache:
         try:
             return await self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local((key,))
+            self._written((key,))
 
     @asynccontextmanager
     async def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
@@ -599,14 +632,12 @@ class AsyncCache:
             try:
                 await self.run(plan.after(failed=True))
             finally:
-                if self.l1 is not None:
-                    self.l1.invalidate_local(plan.keys)
+                self._written(plan.keys)
             raise
         try:
             await self.run(plan.after(failed=False))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(plan.keys)
+            self._written(plan.keys)
 
     def cached(self, template: str, ttl: float | None = None, *, not_found: Any = P.NOT_FOUND
                ) -> AsyncCachedDecorator:

@@ -115,17 +115,28 @@ class L1Async:
 
     async def _run(self) -> None:
         """The subscriber task: restarted (after bypassing the L1) whenever it fails unexpectedly."""
-        while not self.core.closed:
-            try:
-                await self._run_once()
-                return
-            except Exception as e:  # never "up" while deaf
+        try:
+            while not self.core.closed:
+                try:
+                    await self._run_once()
+                    return
+                except Exception as e:  # never "up" while deaf
+                    self.core.subscriber_died(e)
+                    if self._conn is not None:
+                        conn, self._conn = self._conn, None
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                    await asyncio.sleep(0.2)
+        except asyncio.CancelledError as e:
+            if not self.core.closed:  # cancelled from outside (a shutdown cancelling every task): deaf, not "up"
                 self.core.subscriber_died(e)
+                self.core.set_probe(None)
+                self._task = None  # the next read starts a new subscriber
                 if self._conn is not None:
                     conn, self._conn = self._conn, None
-                    with contextlib.suppress(Exception):
-                        await conn.disconnect()
-                await asyncio.sleep(0.2)
+                    with contextlib.suppress(BaseException):
+                        await conn.disconnect(nowait=True)
+            raise
 
     async def _run_once(self) -> None:
         flow = subscription_flow(self.core)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, Unpack, cast, overload
@@ -29,6 +31,27 @@ T = TypeVar("T")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, *CLUSTER_DOWN)
 
 Scheduler = Callable[[float, Callable[[], None]], Any]
+
+
+_CACHES: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: the flights they were leading (their locks held) would
+    never end there, and a read of such a key in the child would join one and wait for ever; the fallback permits
+    they held would never come back (a child's fallback loads would block for ever once they were all taken);
+    the delayed steps they had scheduled are the parent's to deliver (the child's close() would wait for them and
+    report them undelivered), and a lock one of them held would stay held."""
+    for c in list(_CACHES):
+        c._flights = {}
+        c._flights_lock = threading.Lock()
+        c._fallback = threading.BoundedSemaphore(c.options.fallback_concurrency)
+        c._pending = set()
+        c._pending_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Flight:
@@ -81,6 +104,8 @@ class Cache:
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
         self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()  # a flight's end and _written's detach (never the join)
+        _CACHES.add(self)  # (reset in a forked child)
         self._fallback = threading.BoundedSemaphore(self.options.fallback_concurrency)
         self._scheduler = scheduler or _thread_scheduler
         self._pending: set[_Pending] = set()
@@ -88,6 +113,7 @@ class Cache:
         self.l1: L1Sync | None = None  # in-process L1 (``l1=``): see cachesync.l1 and docs/l1.md
         if l1_options is not None:
             self.l1 = L1Sync(self, l1_options, owned_url)
+            self.l1.core.add_listener(self._detach)  # another process's write, heard: its keys' flights too
         self._seen: threading.Thread | None = _cm.record_namespace_sync(self) if record_namespace else None
 
     # ------------------------------------------------------------------ driver
@@ -139,6 +165,8 @@ class Cache:
                     raise CacheUnavailableError(self.url, e.cause) from e.cause
                 except P.CommandError as e:
                     raise RedisCommandError(self.url, e) from None
+                except P.NoScript:  # a flow that sent EVALSHA itself and did not reload: never the signal
+                    raise RedisCommandError(self.url, P.CommandError("NOSCRIPT: the script is not loaded")) from None
                 send, throw = None, None
                 t = type(eff)
                 if t is P.Cmd:
@@ -233,6 +261,10 @@ class Cache:
                 _cm.joined(st, f.result)  # stats count per request: the follower's own outcome
                 return cast(P.Entry[Any], f.result)
             st["singleflight_retries"] += 1  # the leader was interrupted, or its value may predate a write
+            if f.exc is None and f.result.source == "fallback":
+                # Redis failed the leader: the followers read again side by side, each alone (in a new flight
+                # each would wait for the previous one's load in turn)
+                return fn()
         try:
             mine.result = fn()
             return cast(P.Entry[Any], mine.result)
@@ -240,7 +272,9 @@ class Cache:
             mine.exc = e
             raise
         finally:
-            del self._flights[key]
+            with self._flights_lock:
+                if self._flights.get(key) is mine:  # else _written detached it (a newer flight may lead now)
+                    del self._flights[key]
             mine.lock.release()
 
     # ------------------------------------------------------------------ reads
@@ -397,15 +431,34 @@ class Cache:
         try:
             return self.run(P.invalidate_flow(self.ctx, keys, version))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(keys)
+            self._written(keys)
+
+    def _written(self, keys: Sequence[str]) -> None:
+        """After a write's cache step (returned or raised): drop this process's L1 copies, and detach the keys'
+        flights in progress, whose GET or fill may have run in Redis before the step (read-your-writes: a read
+        that starts now leads a flight of its own instead of joining one; their followers keep them)."""
+        self._detach(keys)
+        if self.l1 is not None:
+            self.l1.invalidate_local(keys)
+
+    def _detach(self, keys: Sequence[str] | None) -> None:
+        """Detach the flights in progress of ``keys`` (None: all), see :meth:`_written`; also what the L1 calls when
+        it applies an invalidation (another process's write) or flushes. Never raises."""
+        if self._flights:
+            with self._flights_lock:
+                if keys is None:
+                    self._flights.clear()
+                else:
+                    for k in keys:
+                        self._flights.pop(k, None)
 
     def invalidate_many(self, items: Iterable[tuple[Sequence[str], Any]]) -> int:
         """Invalidate a batch of ``(keys, version)`` pairs, each key with its own committed version, exactly as
         :meth:`invalidate` does for each pair: one ``invalidate.lua`` call per 500 keys (per slot group on a
         cluster). A key named twice keeps its highest version. What the relay, the workers, CDC and the auditor
         call. Returns how many keys held a value; raises :class:`InvalidationError` naming the keys not yet
-        invalidated when Redis cannot be reached (idempotent: retry the whole batch).
+        invalidated when Redis cannot be reached or refuses a call (an error reply: a read-only replica, OOM)
+        (idempotent: retry the whole batch).
         """
         return self._invalidate_merged(P.merge_invalidations(items))
 
@@ -417,8 +470,7 @@ class Cache:
             tp = (_tr.current_traceparent() or "") if self.ctx.channel else ""
             return self.run(P.invalidate_many_flow(self.ctx, versions, tp))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(list(versions))
+            self._written(list(versions))
 
     def keys_with_prefix(self, *prefixes: str) -> Iterator[str]:
         """Every cached key of this namespace that starts with one of ``prefixes`` (``""``: every key), each
@@ -448,8 +500,7 @@ class Cache:
         try:
             return self.run(P.set_flow(self.ctx, key, value, ttl, version, guarded=True))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local((key,))
+            self._written((key,))
 
     @contextmanager
     def write(self, *keys: str, strategy: str | None = None, value: Any = P.MISSING, version: Any = None,
@@ -479,14 +530,12 @@ class Cache:
             try:
                 self.run(plan.after(failed=True))
             finally:
-                if self.l1 is not None:
-                    self.l1.invalidate_local(plan.keys)
+                self._written(plan.keys)
             raise
         try:
             self.run(plan.after(failed=False))
         finally:
-            if self.l1 is not None:
-                self.l1.invalidate_local(plan.keys)
+            self._written(plan.keys)
 
     def cached(self, template: str, ttl: float | None = None, *, not_found: Any = P.NOT_FOUND) -> CachedDecorator:
         """Decorator: ``@cache.cached("user:{user_id}")`` caches the function's result under the formatted key.

@@ -48,10 +48,10 @@ plus :mod:`.keys`, :mod:`.options`, :mod:`.serializers`, :mod:`.rules`, :mod:`.s
 from __future__ import annotations
 
 from .values import NotFound, NOT_FOUND, MISSING, Versioned, Entry, new_token, MAX_EXACT_VERSION, encode_version, CorruptEntry, decode_version, checked_version, checked_keys, key_list, star_keys, not_found_answer
-from .effects import Cmd, Load, Schedule, Batch, NoScript, CommandError, RedisDown, Flow, HIT, LEASED, WAIT, MISS, script, wait
+from .effects import Cmd, Load, Schedule, Batch, NoScript, CommandError, RedisDown, Flow, HIT, LEASED, WAIT, MISS, SCRIPT_LOADS, script, wait
 from .strategies import Step, Strategy, INV, SV, SP, STRATEGIES, resolve_strategy
 from .context import Context, GetReply, parse_get, parse_wake
 from .read import cache_entry, fresh_hit, get_flow, follower_accepts, get_many_flow, get_many_values_flow, hit_args
 from .write import INVALIDATE_CHUNK, merge_invalidations, invalidate_many_flow, invalidate_flow, set_flow, steps_flow, WritePlan, peek_values_flow, peek_flow
 
-__all__ = ['not_found_answer', 'cache_entry', 'fresh_hit', 'hit_args', 'Batch', 'Cmd', 'CommandError', 'Context', 'CorruptEntry', 'Entry', 'Flow', 'GetReply', 'HIT', 'INV', 'INVALIDATE_CHUNK', 'LEASED', 'Load', 'MAX_EXACT_VERSION', 'MISS', 'MISSING', 'NOT_FOUND', 'NoScript', 'NotFound', 'RedisDown', 'SP', 'STRATEGIES', 'SV', 'Schedule', 'Step', 'Strategy', 'Versioned', 'WAIT', 'WritePlan', 'checked_keys', 'checked_version', 'decode_version', 'encode_version', 'follower_accepts', 'get_flow', 'get_many_flow', 'get_many_values_flow', 'invalidate_flow', 'invalidate_many_flow', 'key_list', 'merge_invalidations', 'new_token', 'parse_get', 'parse_wake', 'peek_flow', 'peek_values_flow', 'resolve_strategy', 'script', 'set_flow', 'star_keys', 'steps_flow', 'wait']
+__all__ = ['not_found_answer', 'cache_entry', 'fresh_hit', 'hit_args', 'Batch', 'Cmd', 'CommandError', 'Context', 'CorruptEntry', 'Entry', 'Flow', 'GetReply', 'HIT', 'INV', 'INVALIDATE_CHUNK', 'LEASED', 'Load', 'MAX_EXACT_VERSION', 'MISS', 'MISSING', 'NOT_FOUND', 'NoScript', 'NotFound', 'RedisDown', 'SP', 'SCRIPT_LOADS', 'STRATEGIES', 'SV', 'Schedule', 'Step', 'Strategy', 'Versioned', 'WAIT', 'WritePlan', 'checked_keys', 'checked_version', 'decode_version', 'encode_version', 'follower_accepts', 'get_flow', 'get_many_flow', 'get_many_values_flow', 'invalidate_flow', 'invalidate_many_flow', 'key_list', 'merge_invalidations', 'new_token', 'parse_get', 'parse_wake', 'peek_flow', 'peek_values_flow', 'resolve_strategy', 'script', 'set_flow', 'star_keys', 'steps_flow', 'wait']

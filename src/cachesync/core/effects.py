@@ -85,15 +85,26 @@ HIT, LEASED, WAIT, MISS = 1, 2, 3, 0
 # --------------------------------------------------------------------------- sub-flows
 
 
+SCRIPT_LOADS = 3
+"""How many times :func:`script` loads a script that Redis keeps answering NOSCRIPT for (its script cache flushed
+again between the load and the call) before it gives up with a :class:`CommandError`."""
+
+
 def script(name: str, keys: list[str], args: list[Any]) -> Flow[Any]:
-    """Run Lua script ``name`` (``EVALSHA``; on NOSCRIPT, ``SCRIPT LOAD`` where the keys live, then again)."""
+    """Run Lua script ``name`` (``EVALSHA``; on NOSCRIPT, ``SCRIPT LOAD`` where the keys live, then again, up to
+    :data:`SCRIPT_LOADS` times; then a :class:`CommandError` naming the script: NOSCRIPT never leaves a flow)."""
     s = SCRIPTS[name]
     cmd = ("EVALSHA", s.sha, len(keys), *keys, *args)
+    for _ in range(SCRIPT_LOADS):
+        try:
+            return (yield Cmd(cmd))
+        except NoScript:
+            yield Cmd(("SCRIPT", "LOAD", s.source), route=keys[0] if keys else "*")
     try:
         return (yield Cmd(cmd))
     except NoScript:
-        yield Cmd(("SCRIPT", "LOAD", s.source), route=keys[0] if keys else "*")
-        return (yield Cmd(cmd))
+        raise CommandError(f"NOSCRIPT: Redis lost the cachesync script {name}.lua again right after each of "
+                           f"{SCRIPT_LOADS} SCRIPT LOADs (its script cache is being flushed)") from None
 
 
 def wait(ctx: Context, wake_keys: list[str], timeout: float) -> Flow[tuple[float, Any]]:

@@ -69,7 +69,8 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent:
     ``invalidate_many``, the write strategies, the relay, the workers, CDC and the auditor all come here.
 
     Returns how many keys held a value. Raises :class:`InvalidationError` naming the keys not yet invalidated
-    when Redis cannot be reached (those already done stay done, which is harmless: invalidation is idempotent).
+    when Redis cannot be reached, or refuses a call with an error reply (a read-only replica, OOM: that call's keys
+    may be partly done) (those already done stay done, which is harmless: invalidation is idempotent).
     ``traceparent``: the span to announce on the channel with the keys (default: the traced cache's current one).
     """
     ukeys = list(versions)
@@ -95,6 +96,9 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent:
                 ctx.stats["redis_errors"] += 1
                 ctx.stats["invalidations_failed"] += len(ukeys)
                 raise InvalidationError(ukeys, e.cause) from e.cause
+            except CommandError as e:  # refused (a read-only replica, OOM): maybe partly applied, all still to do
+                ctx.stats["invalidations_failed"] += len(ukeys)
+                raise InvalidationError(ukeys, e) from e
         ctx.stats["invalidations"] += len(ukeys)
         return had
     done: set[int] = set()
@@ -108,6 +112,9 @@ def invalidate_many_flow(ctx: Context, versions: Mapping[str, str], traceparent:
                 ctx.stats["redis_errors"] += 1
                 ctx.stats["invalidations_failed"] += len(ukeys) - len(done)
                 raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e.cause) from e.cause
+            except CommandError as e:  # refused: this chunk and the rest are still to do
+                ctx.stats["invalidations_failed"] += len(ukeys) - len(done)
+                raise InvalidationError([ukeys[i] for i in range(len(ukeys)) if i not in done], e) from e
             done.update(chunk)
     ctx.stats["invalidations"] += len(ukeys)
     return had
@@ -119,7 +126,8 @@ def _pipelined(ctx: Context, ukeys: list[str], ks: list[str], vers: list[str], h
     :data:`INVALIDATE_CHUNK` keys, sent in one pipelined round trip. A chunk answered NOSCRIPT is sent again
     through :func:`script` (which loads it). When Redis cannot be reached, the :class:`InvalidationError` names
     every key whose call was not answered: with the round trip cut, a sent call may or may not have run, so those
-    keys are still to invalidate (harmless if they were: invalidation is idempotent)."""
+    keys are still to invalidate (harmless if they were: invalidation is idempotent). Refused calls (error
+    replies) are reported after the others ran, in one :class:`InvalidationError` naming their keys."""
     sha = SCRIPTS["invalidate"].sha
     cmds = []
     for c in starts:
@@ -134,6 +142,10 @@ def _pipelined(ctx: Context, ukeys: list[str], ks: list[str], vers: list[str], h
     had = 0
     error: CommandError | None = None
     unanswered = [isinstance(r, (CommandError, NoScript)) for r in replies]
+
+    def left() -> list[str]:
+        return [k for j, c2 in enumerate(starts) if unanswered[j] for k in ukeys[c2:c2 + INVALIDATE_CHUNK]]
+
     for i, (c, r) in enumerate(zip(starts, replies, strict=True)):
         if isinstance(r, CommandError):
             error = error or r  # the other calls ran: report the first refusal after them
@@ -143,14 +155,19 @@ def _pipelined(ctx: Context, ukeys: list[str], ks: list[str], vers: list[str], h
                 r = yield from script("invalidate", ks[2 * c:2 * (c + INVALIDATE_CHUNK)],
                                       [*head, *vers[c:c + INVALIDATE_CHUNK]])
             except RedisDown as e:
-                left = [k for j, c2 in enumerate(starts) if unanswered[j] for k in ukeys[c2:c2 + INVALIDATE_CHUNK]]
+                todo = left()
                 ctx.stats["redis_errors"] += 1
-                ctx.stats["invalidations_failed"] += len(left)
-                raise InvalidationError(left, e.cause) from e.cause
+                ctx.stats["invalidations_failed"] += len(todo)
+                raise InvalidationError(todo, e.cause) from e.cause
+            except CommandError as e:
+                error = error or e
+                continue  # still unanswered
             unanswered[i] = False
         had += int(r)
-    if error is not None:
-        raise error
+    if error is not None:  # refused calls (a read-only replica, OOM): maybe partly applied, their keys still to do
+        todo = left()
+        ctx.stats["invalidations_failed"] += len(todo)
+        raise InvalidationError(todo, error) from error
     return had
 
 
