@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -21,6 +22,9 @@ from hypothesis import strategies as st
 import cachesync
 from cachesync.keys import channel, entry_key
 from cachesync.l1 import L1, L1Options
+from cachesync.serializers import JsonSerializer
+from redis._parsers import _RESP2Parser
+from redis._parsers.socket import SocketBuffer
 
 from private_servers import free_port
 
@@ -243,6 +247,200 @@ async def test_async_an_invalidation_already_in_the_connection_buffer_is_not_ser
         assert "k" not in core and core.stats["malformed_messages"] == 0 and core.stats["state"] == "up"
     finally:
         await a.aclose()
+
+
+class _GatedJson(JsonSerializer):
+    """JSON whose ``dumps`` of one marked value, in one thread, stops until released (the L1 sizes a filled value
+    with it: a thread switch there lands between the L1's fill checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed: Any = None
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def dumps(self, value: Any) -> bytes:
+        if self.armed is not None and self.armed is threading.current_thread() and value == "old":
+            self.armed = None
+            self.entered.set()
+            assert self.release.wait(10)
+        return super().dumps(value)
+
+
+def test_an_invalidation_while_a_fill_is_sized_drops_the_fill(redis_url: str, namespace: str) -> None:
+    """The fill race inside finish(): the value was read, the fill passed its first check, and the invalidation's
+    message is applied while the value is being sized. The fill must not land (it did: the key had already left
+    the in-flight set, so the invalidation left no mark and the second check let the old value in)."""
+    ser = _GatedJson()
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True, serializer=ser)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        core = c.l1.core
+        heard = threading.Event()
+        core.add_listener(lambda keys: heard.set() if keys and "k" in keys else None)
+        other.set("k", "old")
+        assert heard.wait(10)  # (its own announcement, before the read)
+        heard.clear()
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(c.get_entry("k", lambda: "unused")))
+        ser.armed = t
+        t.start()
+        assert ser.entered.wait(10)  # the Redis read returned "old"; finish() is sizing it
+        other.set("k", "new")
+        assert heard.wait(10)  # the subscriber applied the invalidation
+        ser.release.set()
+        t.join(10)
+        assert out[0].value == "old" and out[0].source == "cache"
+        assert "k" not in core, "the old value was filled after its invalidation had been applied"
+        assert c.get("k", lambda: "unused") == "new"
+    finally:
+        other.close()
+        c.close()
+
+
+def test_close_while_the_subscriber_confirms_a_resubscribe_keeps_the_l1_closed(redis_url: str, namespace: str,
+                                                                               r: redis.Redis) -> None:
+    """close() lands while the subscriber thread is inside on_subscribed (after the SUBSCRIBE confirmation): the
+    L1 must stay closed. (It came up again: "up", enabled, with no subscriber left, filling and serving copies
+    that no invalidation reaches.)"""
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        l1, core = c.l1, c.l1.core
+        entered, release = threading.Event(), threading.Event()
+        sub: list[threading.Thread] = []
+
+        def listener(keys: Any) -> None:  # on_subscribed flushes first: hold the subscriber there
+            if keys is None and core.state == "down" and not entered.is_set():
+                sub.append(threading.current_thread())
+                entered.set()
+                assert release.wait(10)
+
+        core.add_listener(listener)
+        killed = [cl for cl in r.client_list() if cl.get("name") == f"cachesync-l1:{namespace}"]
+        assert len(killed) == 1
+        r.execute_command("CLIENT", "KILL", "ID", killed[0]["id"])
+        assert entered.wait(10)  # the resubscribe is confirmed; on_subscribed has not enabled the L1 yet
+        closer = threading.Thread(target=l1.close)
+        closer.start()
+        _until(lambda: core.closed, "close() to mark the L1 closed")
+        release.set()
+        closer.join(10)
+        sub[0].join(10)
+        assert not sub[0].is_alive()
+        assert core.stats["state"] == "closed" and not core.enabled, core.stats
+        other.set("k", "v1")
+        assert c.get("k", lambda: "unused") == "v1"
+        other.set("k", "v2")
+        assert c.get_entry("k", lambda: "unused").value == "v2"  # nothing kept by a deaf L1
+    finally:
+        other.close()
+        c.close()
+
+
+def test_a_url_asking_for_resp3_still_subscribes_the_l1_over_resp2(redis_url: str, namespace: str) -> None:
+    """``?protocol=3`` (or ``health_check_interval``) in the cache's URL must not reach the
+    L1's subscription, which reads RESP2 pub/sub replies. (URL query options override from_url's keywords: the
+    subscription spoke RESP3, never saw its SUBSCRIBE confirmed, and the L1 stayed "connecting", bypassed, with
+    no log line.)"""
+    sep = "&" if "?" in redis_url else "?"
+    url = f"{redis_url}{sep}protocol=3&health_check_interval=1"
+    c = cachesync.Cache(url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(10), c.l1.stats
+        assert c.get("k", lambda: "v1") == "v1"
+        assert c.get_entry("k", lambda: "unused").source == "l1"
+        other.set("k", "v2")
+        _until(lambda: "k" not in c.l1.core, "the invalidation to reach the L1")  # type: ignore[union-attr]
+        assert c.get("k", lambda: "unused") == "v2"
+    finally:
+        other.close()
+        c.close()
+
+
+class _GatedSocketBuffer(SocketBuffer):
+    """redis-py's buffer of the pure-Python parser, stopped (as a GIL-starved thread would be) right after a read
+    of the L1's subscriber thread took bytes off the socket, while armed."""
+
+    armed = False
+    consumed = threading.Event()
+    release = threading.Event()
+
+    def _read_from_socket(self, *args: Any, **kwargs: Any) -> bool:
+        got = super()._read_from_socket(*args, **kwargs)
+        cls = _GatedSocketBuffer
+        if got and cls.armed and threading.current_thread().name.startswith("cachesync-l1-"):
+            cls.armed = False
+            cls.consumed.set()
+            assert cls.release.wait(10)
+        return bool(got)
+
+
+class _GatedParser(_RESP2Parser):
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)
+        self._buffer.__class__ = _GatedSocketBuffer
+
+
+def test_an_invalidation_read_off_the_socket_but_not_applied_is_not_served(redis_url: str, namespace: str) -> None:
+    """Rule 5 when the subscriber's read moved the invalidation from the socket into redis-py's buffer and the
+    thread then stalls (the pure-Python parser, and hiredis before redis-py 8, read the socket in can_read): the
+    lookups' probe sees an empty socket, so the subscriber must already count as behind. (It marked itself behind
+    only after can_read returned: a stall there served the old copy.)"""
+    pool = redis.ConnectionPool.from_url(redis_url, parser_class=_GatedParser, protocol=2)
+    client = redis.Redis(connection_pool=pool)
+    c = cachesync.Cache(client=client, namespace=namespace, ttl_jitter=0.0,
+                        l1=L1Options(ping_interval=60.0, lag_check_interval=1e-9))
+    other = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        core = c.l1.core
+        heard = threading.Event()
+        core.add_listener(lambda keys: heard.set() if keys and "k" in keys else None)
+        other.set("k", "old")
+        assert heard.wait(10)
+        assert c.get("k", lambda: "unused") == "old"
+        _until(lambda: c.get_entry("k", lambda: "unused").source == "l1", "the subscriber to catch up")
+        _GatedSocketBuffer.armed = True
+        other.set("k", "new")
+        assert _GatedSocketBuffer.consumed.wait(10)  # the subscriber holds the message, not applied yet
+        e = c.get_entry("k", lambda: "unused")
+        _GatedSocketBuffer.release.set()
+        assert e.value == "new" and e.source != "l1", e
+    finally:
+        _GatedSocketBuffer.armed = False
+        _GatedSocketBuffer.release.set()
+        other.close()
+        c.close()
+        client.close()
+
+
+def test_a_subscription_socket_above_fd_1024_still_serves_hits(redis_url: str, namespace: str) -> None:
+    """A busy process holds more than 1024 descriptors, so the subscription's socket lands above FD_SETSIZE: the
+    lookups' lag check must still work there. (It used select.select, which raises ValueError for such a
+    descriptor; the lookup counted that as "behind", so the L1 bypassed every read, only lag_bypasses told.)"""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip("needs RLIMIT_NOFILE >= 1200")
+    fds = []
+    try:
+        while not fds or fds[-1] < 1030:
+            fds.append(os.dup(0))
+        c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=L1Options(lag_check_interval=1e-9))
+        try:
+            assert c.l1 is not None and c.l1.wait_ready(5)
+            assert c.l1._conn is not None and c.l1._conn._sock.fileno() > 1024
+            assert c.get("k", lambda: "v1") == "v1"
+            _until(lambda: c.get_entry("k", lambda: "unused").source == "l1", "an L1 hit")
+        finally:
+            c.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 async def test_async_a_cancelled_subscriber_task_is_not_up_and_restarts(redis_url: str, namespace: str) -> None:

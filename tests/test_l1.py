@@ -319,16 +319,16 @@ def test_paused_subscriber_makes_lookups_bypass_the_l1(l1cache: cachesync.Cache,
     core = l1cache.l1.core
     assert l1cache.get("k", lambda: "old") == "old"
     assert l1cache.get_entry("k", lambda: "old").source == "l1"
-    conn = l1cache.l1._conn
+    sub = l1cache.l1
     gate, held = threading.Event(), threading.Event()
-    real_can_read = conn.can_read
+    real_wait = sub._wait_readable  # the subscriber's wait for bytes on its socket (it takes none off)
 
-    def paused_can_read(timeout: float = 0) -> bool:
+    def paused_wait(sock: object, timeout: float) -> bool:
         held.set()
         gate.wait(POLL_LIMIT)
-        return bool(real_can_read(timeout=timeout))
+        return bool(real_wait(sock, timeout))
 
-    conn.can_read = paused_can_read
+    sub._wait_readable = paused_wait  # type: ignore[method-assign]
     try:
         wait_for(held.is_set, "the subscriber to reach its next read")
         writer = cachesync.Cache(redis_url, namespace=namespace)
@@ -342,7 +342,7 @@ def test_paused_subscriber_makes_lookups_bypass_the_l1(l1cache: cachesync.Cache,
         assert core.stats["lag_bypasses"] >= 1
         assert core.stats["messages"] == 0  # the subscriber has not read the invalidation
     finally:
-        conn.can_read = real_can_read
+        del sub._wait_readable  # the class's again
         gate.set()
     wait_for(lambda: not core._behind, "the subscriber to catch up")
     assert l1cache.get("k", lambda: "loader") == "new"

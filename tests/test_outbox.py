@@ -422,6 +422,8 @@ def test_fast_path_defers_the_claim_while_notifications_keep_coming(pg_url, pg_o
         pg_outbox.record(conn, "later:1", delay=3600)  # a wake-up without rows: the relay claims now
         conn.commit()
         wait_for(lambda: pg_outbox.pending(conn) == 1, 10, "the claim of the applied rows")
+        # (the relay counts a claim after its COMMIT: the stats may lag the table by that much)
+        wait_for(lambda: relay.stats["rows"] == 3, 10, "the claim to be counted")
         st = relay.stats
         assert (st["fast"], st["skipped"], st["applied"], st["rows"]) == (3, 3, 0, 3)
     finally:
@@ -726,3 +728,28 @@ def test_relay_row_checks_accept_and_park_exactly_what_the_full_checks_do(tmp_pa
             r = good[0]
             assert (r.keys, r.version, r.prefixes) == want
             assert (r.id, r.attempts, r.raw) == (7, 0, (7, keys, version, 0))
+
+
+def test_a_row_redis_cannot_take_is_parked_not_retried_forever(db_url, outbox, cache):
+    """A prefixes row (a TRUNCATE's) whose prefix no Redis command can carry (a lone surrogate, which JSON can
+    spell): parked with its error, and the good row of the same batch applied. (It raised UnicodeEncodeError out
+    of the delivery: the relay took it for a database error and retried the whole batch forever.)"""
+    conn = connect(db_url)
+    cur = conn.cursor()
+    d = outbox._dialect(conn)
+    cur.execute(d.sql(f"INSERT INTO {outbox.table} (cache_keys) VALUES (?)"), ('{"prefixes": ["\\ud800"]}',))
+    outbox.record(conn, "user:5")
+    conn.commit()
+    fill(cache, "user:5")
+    relay = Relay(db_url, cache, table=outbox.table)
+    try:
+        assert relay.drain() == 2  # the good row and the parked one
+    finally:
+        relay.close()
+    assert invalidated(cache, "user:5")
+    st = outbox.status(conn)
+    assert (st["pending"], st["parked"]) == (0, 1), st
+    cur.execute(f"SELECT last_error FROM {outbox.table} WHERE run_at >= {1 << 62}")
+    assert "UnicodeEncodeError" in cur.fetchone()[0]
+    conn.commit()
+    conn.close()

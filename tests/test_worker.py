@@ -17,7 +17,7 @@ from cachesync.db import connect
 from cachesync.outbox import Outbox
 from cachesync.outbox.relay import Relay
 from cachesync.rules import Rules
-from test_outbox import free_port, invalidated, wait_for
+from test_outbox import PrivateRedis, free_port, invalidated, wait_for
 
 RULES = Rules({"users": ["user:{id}", "user_by_email:{email}", "users:count"]})
 
@@ -125,3 +125,119 @@ def test_worker_run_stops(bus, cache):
     wait_for(lambda: w.stats["messages"] == 1, 30, "the worker")
     stop.set()
     t.join()
+
+
+def test_redis_streams_group_lost_with_the_stream_is_recreated(redis_url, cache):
+    """The bus Redis lost the stream and its group (a restart without AOF, a DEL): the worker's next consume
+    recreates the group and applies what was published since. (XREADGROUP answered NOGROUP, a ResponseError the
+    worker does not retry: Worker.run died, and no invalidation was applied any more.)"""
+    import redis as redis_lib
+
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    name = "csw" + uuid.uuid4().hex[:10]
+    b = RedisStreamsBus(redis_url, name, claim_idle=0.3)
+    r = redis_lib.Redis.from_url(redis_url)
+    try:
+        w = Worker(b, cache, group="g")
+        assert w.run_once(0.01) == 0  # the group exists now
+        r.delete(name)  # the stream and its group are gone
+        cache.set("k", "v")
+        b.publish([Invalidation(("k",), None)])
+        drain(w, lambda: w.stats["messages"] == 1)
+        assert invalidated(cache, "k")
+    finally:
+        b.destroy()
+        b.close()
+        r.close()
+
+
+@pytest.fixture
+def bus_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of our own for the bus (its maxmemory is changed: never the shared one)."""
+    pr = PrivateRedis()
+    pr.start()
+    yield pr
+    pr.close()
+
+
+def test_redis_streams_bus_out_of_memory_is_an_outage_the_worker_waits_out(bus_redis, cache):
+    """The bus Redis is full (maxmemory, noeviction) or read-only (a failover to a replica): its errors are
+    BusUnavailableError, which Worker.run backs off and retries. (They were plain ResponseErrors: Worker.run,
+    which retries only BusUnavailableError, died, and a full bus Redis stopped every worker.)"""
+    import redis as redis_lib
+
+    from cachesync.bus import BusUnavailableError
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    admin = redis_lib.Redis.from_url(bus_redis.url)
+    b = RedisStreamsBus(bus_redis.url, "csw" + uuid.uuid4().hex[:10], claim_idle=0.3)
+    try:
+        w = Worker(b, cache, group="g")
+        assert w.run_once(0.01) == 0
+        cache.set("k", "v")
+        b.publish([Invalidation(("k",), None)])
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with pytest.raises(BusUnavailableError, match="OutOfMemoryError"):
+            w.run_once(0.01)
+        with pytest.raises(BusUnavailableError, match="OutOfMemoryError"):
+            b.publish([Invalidation(("k",), None)])
+        admin.config_set("maxmemory", "0")
+        drain(w, lambda: w.stats["messages"] == 1)
+        assert invalidated(cache, "k")
+    finally:
+        admin.config_set("maxmemory", "0")
+        b.destroy()
+        b.close()
+        admin.close()
+
+
+def test_a_row_with_more_keys_than_one_bus_message_holds_is_published_in_parts(bus, tmp_path, cache):
+    """A row naming 20 000 long keys (a TRUNCATE's prefixes resolve to every key present; 1.4 MB of JSON): more
+    than one NATS message may carry (max_payload, 1 MiB by default). The relay publishes the keys in several
+    messages, and the worker applies them all. (One message per row: the publish failed with MaxPayloadError, a
+    BusUnavailableError, so the relay retried the batch forever and no row behind it was delivered.)"""
+    url = f"sqlite:///{tmp_path}/big.db"
+    table = "cachesync_outbox_" + uuid.uuid4().hex[:10]
+    ob = Outbox(table)
+    conn = connect(url)
+    ob.init(conn)
+    keys = [f"big:{i:064d}" for i in range(20_000)]
+    cache.set(keys[0], "v")
+    cache.set(keys[-1], "v")
+    cache.set("after", "v")
+    ob.record(conn, *keys)
+    ob.record(conn, "after")
+    conn.commit()
+    relay = Relay(url, bus=bus, table=table)
+    try:
+        assert relay.drain() == 2
+    finally:
+        relay.close()
+    w = Worker(bus, cache, group="g", batch_size=100)
+    drain(w, lambda: invalidated(cache, keys[0]) and invalidated(cache, keys[-1]) and invalidated(cache, "after"))
+    assert w.stats["keys"] >= len(keys) + 1
+    ob.drop(conn)
+    conn.close()
+
+
+def test_redis_streams_bus_url_query_options_do_not_change_its_protocol(redis_url, cache):
+    """``?decode_responses=true`` / ``?protocol=3`` in the bus URL (copied from an application's Redis URL): the
+    bus still reads RESP2 bytes. (decode_responses made every message look as if it had no 'm' field: each was
+    dead-lettered with an empty body, its invalidation lost; protocol=3 made consume raise ValueError.)"""
+    from cachesync.bus.redis_streams import RedisStreamsBus
+
+    sep = "&" if "?" in redis_url else "?"
+    b = RedisStreamsBus(f"{redis_url}{sep}decode_responses=true&protocol=3", "csw" + uuid.uuid4().hex[:10],
+                        claim_idle=0.3)
+    try:
+        cache.set("k", "v")
+        b.publish([Invalidation(("k",), "7")])
+        w = Worker(b, cache, group="g")
+        drain(w, lambda: w.stats["messages"] == 1)
+        assert invalidated(cache, "k")
+        assert w.stats["dead"] == 0 and b.malformed == 0 and b.dead_letters() == []
+    finally:
+        b.destroy()
+        b.close()

@@ -239,8 +239,11 @@ def subscription_pool(pool_cls: Any, url: str | None, client: Any, connect_timeo
     named ``cachesync-l1:<namespace>`` in ``CLIENT LIST``."""
     name = f"cachesync-l1:{ns}"
     if url is not None:
-        return pool_cls.from_url(url, protocol=2, decode_responses=False, health_check_interval=0,
-                                 socket_connect_timeout=connect_timeout, socket_keepalive=True, client_name=name)
+        pool = pool_cls.from_url(url, socket_connect_timeout=connect_timeout, socket_keepalive=True)
+        # set after from_url: the URL's query options (?protocol=3, ?decode_responses=...) override its keywords,
+        # and a RESP3 subscription never saw its SUBSCRIBE confirmed (the L1 stayed bypassed, silently)
+        pool.connection_kwargs.update(protocol=2, decode_responses=False, health_check_interval=0, client_name=name)
+        return pool
     if type(client).__name__ == "RedisCluster":
         return ClusterSubscriptionPool(pool_cls, client, name)
     cp = getattr(client, "connection_pool", None)
@@ -312,11 +315,21 @@ def socket_probe(sock: Any, stream: Any = None) -> Callable[[], bool] | None:
     if sock is None:
         return None
     fd = sock.fileno()
-    sel = select.select
-    rd = (fd,)
+    if hasattr(select, "poll"):  # select.select raises ValueError for a descriptor >= 1024 (a busy process)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        pl = poller.poll
+
+        def poll() -> bool:
+            return bool(pl(0))
+    else:  # pragma: no cover - Windows
+        sel, rd = select.select, (fd,)
+
+        def poll() -> bool:
+            return bool(sel(rd, (), (), 0)[0])
     if stream is None or not isinstance(getattr(stream, "_buffer", None), bytearray):
-        return lambda: bool(sel(rd, (), (), 0)[0])
-    return lambda: bool(stream._buffer) or bool(sel(rd, (), (), 0)[0])
+        return poll
+    return lambda: bool(stream._buffer) or poll()
 
 
 def make_core(cache: Any, options: L1Options, clock: Callable[[], float] | None) -> L1:

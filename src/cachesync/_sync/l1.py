@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,20 @@ from ..core.l1 import Close, Connect, L1Options, Read, Send, Sleep, Subscription
 _POLL = 0.05  # how often a blocked read looks at the closed flag
 
 
+def _parser_has_data(conn: Any) -> bool | None:
+    """Whether redis-py's parser of ``conn`` holds bytes it has not returned yet, looked at without reading the
+    socket (hiredis: its reader's buffer, and the reply redis-py before 8 parsed ahead in ``can_read``; the
+    pure-Python parser: its socket buffer); None for a parser it cannot look into."""
+    p = getattr(conn, "_parser", None)
+    reader = getattr(p, "_reader", None)
+    if reader is not None and callable(getattr(reader, "has_data", None)):
+        return bool(reader.has_data()) or getattr(p, "_next_response", False) is not False
+    buf = getattr(p, "_buffer", None)
+    if buf is not None and callable(getattr(buf, "unread_bytes", None)):
+        return bool(buf.unread_bytes())
+    return None
+
+
 class L1Sync:
     """The L1 of a :class:`cachesync.Cache` (``cache.l1``): the store (``core``) plus its subscriber thread."""
 
@@ -25,6 +40,7 @@ class L1Sync:
         self._pool = subscription_pool(redis.ConnectionPool, url, None if url else cache.redis,
                                        cache.options.connect_timeout, cache.options.namespace)
         self._conn: Any = None
+        self._buffered = True  # the subscription connection's parser may hold bytes (see _read)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.core.add_state_listener(lambda up: self._ready.set() if up else self._ready.clear())
@@ -91,21 +107,49 @@ class L1Sync:
     # ---------------------------------------------------------------- the subscriber thread
 
     def _read(self, timeout: float) -> Any:
+        # Behind (rule 5 of cachesync.l1) is set BEFORE any call that may take bytes off the socket: redis-py's
+        # can_read reads the socket into the parser's buffer (the pure-Python parser; hiredis before redis-py 8),
+        # where the lookups' probe cannot see them. (Set after can_read returned, a subscriber stalled in between
+        # served the old copy.) The wait itself polls the socket, which takes nothing off it.
         core = self.core
         conn = self._conn
-        if conn.can_read(timeout=0):  # more is buffered or has arrived: the L1 is still behind
-            core.behind()
-            return conn.read_response()
+        if self._buffered:  # the last read may have brought more than one reply
+            has = _parser_has_data(conn)
+            if has is None:  # a parser we cannot look into: ask it, as behind (it may read the socket)
+                core.behind()
+                if conn.can_read(timeout=0):
+                    return conn.read_response()
+            elif has:
+                core.behind()
+                return conn.read_response()
+            self._buffered = False
         core.caught_up()  # everything that reached the connection is applied
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            raise OSError("the subscription connection has no socket")
         deadline = time.monotonic() + timeout
         while not core.closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if conn.can_read(timeout=min(left, _POLL)):
-                core.behind()  # lookups bypass until this is applied (rule 5 of cachesync.l1)
+            if self._wait_readable(sock, min(left, _POLL)):
+                core.behind()  # lookups bypass until this is applied
+                self._buffered = True
                 return conn.read_response()
         return None
+
+    @staticmethod
+    def _wait_readable(sock: Any, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for bytes on the subscription's socket, taking none off it (``poll``:
+        ``select.select`` refuses descriptors >= 1024; TLS: bytes already decrypted count)."""
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        if hasattr(select, "poll"):
+            p = select.poll()
+            p.register(sock.fileno(), select.POLLIN)
+            return bool(p.poll(timeout * 1000))
+        return bool(select.select((sock.fileno(),), (), (), timeout)[0])  # pragma: no cover - Windows
 
     def _run(self) -> None:
         """The subscriber thread: restarted (after bypassing the L1) whenever it fails unexpectedly."""
@@ -144,6 +188,7 @@ class L1Sync:
                     self._conn.send_command(*eff.args)
                 elif t is Connect:
                     self._conn = self._pool.make_connection()
+                    self._buffered = True
                     self._conn.connect()
                     self.core.set_probe(socket_probe(getattr(self._conn, "_sock", None)))
                 elif t is Close:

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._driver import check_redis_url, redact_url, scrub
@@ -28,7 +28,10 @@ from . import Bus, BusError, BusUnavailableError, DeadLetter, Delivery, Invalida
 
 log = logging.getLogger("cachesync.bus")
 
-_DOWN = (RedisConnectionError, RedisTimeoutError)
+_DOWN = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError)
+"""Errors of an unusable bus Redis (BusUnavailableError: retried with backoff): unreachable, full (maxmemory with
+noeviction) or a read-only replica after a failover. (The last two were plain ResponseErrors, which stopped
+Worker.run.)"""
 
 _NACK = """
 local t = redis.call('TIME')
@@ -82,10 +85,15 @@ class RedisStreamsBus(Bus):
         self.maxlen = maxlen
         self.socket_timeout = socket_timeout
         try:
-            self.r: Any = redis.Redis.from_url(url, protocol=2, socket_timeout=socket_timeout,
-                                          socket_connect_timeout=socket_timeout)
+            pool = redis.ConnectionPool.from_url(url, socket_timeout=socket_timeout,
+                                                 socket_connect_timeout=socket_timeout)
         except (ValueError, TypeError) as e:  # redis-py echoes tokens of the URL (e.g. a bad port)
             raise BusError(f"bus URL {self.url!r}: {scrub(e, url)}") from None
+        # set after from_url, whose keywords the URL's query options override: the bus reads RESP2 replies of
+        # bytes whatever the URL says (?decode_responses=true dead-lettered every message with an empty body,
+        # ?protocol=3 broke consume)
+        pool.connection_kwargs.update(protocol=2, decode_responses=False)
+        self.r: Any = redis.Redis(connection_pool=pool)
         self._nack = self.r.register_script(_NACK)
         self._promote = self.r.register_script(_PROMOTE)
         self._groups: set[str] = set()
@@ -153,7 +161,20 @@ class RedisStreamsBus(Bus):
         try:
             self._ensure_group(group)
             while True:
-                out = self._consume_once(group, consumer, max_messages, deadline)
+                try:
+                    out = self._consume_once(group, consumer, max_messages, deadline)
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    # the stream went with its group (a bus Redis restarted without AOF, a DEL): create it again,
+                    # from the start of what the stream holds now (a ResponseError here stopped Worker.run)
+                    log.warning("Redis Streams bus %r: consumer group %r is gone (%s); creating it again",
+                                self.name, group, e)
+                    self._groups.discard(group)
+                    self._cursor.pop(group, None)
+                    self._next_claim.pop(group, None)
+                    self._ensure_group(group)
+                    out = []
                 if out or time.monotonic() >= deadline:
                     return out
         except _DOWN as e:

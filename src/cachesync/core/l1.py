@@ -258,6 +258,16 @@ class L1:
         if token is None:
             return False
         seq0, t0 = token
+        # Sized before the lock, then one locked section for the checks and the insert: the key stays in flight
+        # until then, so an invalidation applied at any point before the insert marks it and drops the fill.
+        # (The key used to leave the in-flight set before the sizing and be inserted after it: an invalidation
+        # applied in between left no mark and the old value was filled after it.)
+        size = -1
+        if entry is not None and _cacheable(entry) and (entry.found or self.options.cache_negative):
+            try:
+                size = self._size_of(key, entry.value)
+            except Exception:  # a value the serializer cannot size: do not keep it
+                size = -1
         with self._lock:
             n = self._inflight.get(key, 1) - 1
             if n > 0:
@@ -271,26 +281,15 @@ class L1:
             if inv > seq0 or self._flush_seq > seq0 or not self.enabled:
                 self.fills_dropped += 1
                 return False
-        negative = not entry.found
-        if negative and not self.options.cache_negative:
-            return False
-        life = min(self.options.ttl, self.options.max_staleness)
-        if ttl is not None:
-            life = min(life, ttl)
-        if negative:
-            life = min(life, self._negative_ttl)
-        try:
-            size = self._size_of(key, entry.value)
-        except Exception:  # a value the serializer cannot size: do not keep it
-            return False
-        if size > self.options.max_bytes:
-            return False
-        slot = _Slot(dataclasses.replace(entry, source="l1", filled=False), t0 + life, size)
-        with self._lock:
-            # re-check: an invalidation may have arrived while we sized the value
-            if self._inv_seq.get(key, 0) > seq0 or self._flush_seq > seq0 or not self.enabled:
-                self.fills_dropped += 1
+            if size < 0 or size > self.options.max_bytes:
                 return False
+            negative = not entry.found
+            life = min(self.options.ttl, self.options.max_staleness)
+            if ttl is not None:
+                life = min(life, ttl)
+            if negative:
+                life = min(life, self._negative_ttl)
+            slot = _Slot(dataclasses.replace(entry, source="l1", filled=False), t0 + life, size)
             old = self._data.pop(key, None)
             if old is not None:
                 self.bytes -= old.size
@@ -403,9 +402,13 @@ class L1:
         """The SUBSCRIBE is confirmed: from now on every invalidation reaches :meth:`on_message`."""
         self.clear("subscribed")
         self.caught_up()  # the L1 is empty: nothing it holds can be behind (the probe still sees new data)
+        if self.closed:  # close() came first (the flow ends next): never "up" with no subscriber left
+            return
         if self.subscribes > 0:
             log.warning("cachesync L1 (namespace %s): invalidation subscription is back; L1 enabled again", self.ns)
         with self._lock:
+            if self.closed:
+                return
             self.enabled = True
             self.state = "up"
             self.subscribes += 1

@@ -269,6 +269,8 @@ class Relay:
                             break
                 elif isinstance(ks, dict) and isinstance(ks.get("prefixes"), list) and all(
                         isinstance(p, str) for p in ks["prefixes"]):
+                    for p in ks["prefixes"]:
+                        p.encode()  # UnicodeEncodeError (a lone surrogate JSON spelt): no SCAN can carry it
                     if self.cache is None:
                         raise ValueError(f"the row asks to invalidate every key with the prefixes {ks['prefixes']} "
                                          "(a TRUNCATE): a relay needs a cache (--redis-url; with --bus also --apply) "
@@ -324,7 +326,7 @@ class Relay:
             self.stats["applied"] += len(todo) - len(bad)
         if self.bus is not None:
             tp = tracing.current_traceparent()
-            self.bus.publish([Invalidation(tuple(r.keys), r.version, traceparent=tp) for r in rows])
+            self.bus.publish([Invalidation(ks, r.version, traceparent=tp) for r in rows for ks in _parts(r.keys)])
         if self.latency is not None:
             extra = time.monotonic() - t0
             for r in rows:
@@ -678,6 +680,31 @@ class Relay:
                 self._reset()
                 stop.wait(backoff)
         self.close()
+
+
+_PART_BYTES = 256 * 1024
+"""Most bytes of JSON keys one bus message carries: a row with more keys (a TRUNCATE's prefixes resolve to every key
+present) is published as several messages, well under NATS's ``max_payload`` (1 MiB by default). (One message per
+row failed to publish, for ever: the relay retried the batch and no row behind it was delivered.)"""
+
+
+def _parts(keys: list[str]) -> list[tuple[str, ...]]:
+    """``keys`` as the key tuples of the bus messages of one row (one tuple, unless they exceed _PART_BYTES)."""
+    if 6 * sum(map(len, keys)) + 3 * len(keys) <= _PART_BYTES:  # JSON spends at most 6 bytes a character
+        return [tuple(keys)]
+    out: list[tuple[str, ...]] = []
+    part: list[str] = []
+    size = 0
+    for k in keys:
+        n = len(json.dumps(k)) + 1
+        if part and size + n > _PART_BYTES:
+            out.append(tuple(part))
+            part, size = [], 0
+        part.append(k)
+        size += n
+    if part:
+        out.append(tuple(part))
+    return out
 
 
 def _trim(d: dict[int, Any]) -> None:
