@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import redis
 
 import cachesync
 from cachesync._driver import redact_url, scrub, url_secrets
@@ -263,3 +264,22 @@ def test_rabbitmq_wrong_password_with_unencoded_delimiters(amqp_url):
     text = str(ei.value) + repr(ei.value)
     assert SECRET not in text and "ab/" not in text
     assert "ACCESS_REFUSED" in text or "uthentication" in text  # got as far as the login
+
+
+def test_a_url_or_client_decoding_replies_to_str_is_refused(redis_url: str) -> None:
+    # with decode_responses every entry would read as corrupt and be deleted (writers' values too): refused
+    # up front, naming the option, the password never shown
+    u = redis_url.replace("redis://", "redis://:s3cret-pw@") + "?decode_responses=true"
+    with pytest.raises(cachesync.UsageError, match="decode_responses") as ei:
+        cachesync.Cache(u)
+    assert "s3cret-pw" not in str(ei.value)
+    with pytest.raises(cachesync.UsageError, match="decode_responses"):
+        cachesync.AsyncCache(u)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(cachesync.UsageError, match="decode_responses"):
+            cachesync.Cache(client=client)
+    finally:
+        client.close()
+    with pytest.raises(cachesync.UsageError, match="decode_responses"):  # redis-py 8 keeps the string "false",
+        cachesync.Cache(redis_url + "?decode_responses=false")  # which is true: it decodes too

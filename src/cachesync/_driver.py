@@ -212,6 +212,7 @@ def connect(redis_url: str, client: Any, options: Any, lib: Any,
     which is cheaper than redis.asyncio's ``wait_for`` per read).
     """
     if client is not None:
+        _check_bytes(getattr(client, "connection_pool", None), "client", client_url(client))
         return client, client_url(client), None
     url = check_redis_url(redis_url)
     kw: dict[str, Any] = dict(socket_timeout=options.socket_timeout if socket_timeout else None,
@@ -224,7 +225,18 @@ def connect(redis_url: str, client: Any, options: Any, lib: Any,
                                                        timeout=options.socket_timeout, **kw)
     except (ValueError, TypeError) as e:  # a bad port, db number or option: redis-py echoes tokens of the URL
         raise UsageError(f"redis_url {redact_url(redis_url)!r}: {scrub(e, redis_url, url)}") from None
+    _check_bytes(pool, "redis_url", redact_url(url))
     return lib.Redis.from_pool(pool), redact_url(url), url
+
+
+def _check_bytes(pool: Any, what: str, shown: str) -> None:
+    """Refuse a client or URL whose replies are decoded to str (``decode_responses``): cachesync reads its entries
+    as bytes, and every entry would read as corrupt and be deleted (writers' values too)."""
+    kw = getattr(pool, "connection_kwargs", None)
+    if isinstance(kw, dict) and kw.get("decode_responses"):
+        raise UsageError(f"{what} {shown!r}: decode_responses must be off (cachesync reads its entries as bytes and "
+                         "decodes values itself); remove decode_responses from the URL (redis-py reads any value given there, "
+                         "'false' too, as on) or pass a client made without it")
 
 
 def is_cluster(client: Any) -> bool:
