@@ -53,7 +53,8 @@ def cmd_cdc(args: argparse.Namespace) -> int:
     from .._sync.cache import Cache
 
     options = CdcOptions(batch_max_keys=args.batch_max_keys, queue_size=args.queue_size,
-                         stats_interval=args.stats_interval, on_missing_old_image=args.on_missing_old_image)
+                         stats_interval=args.stats_interval, on_missing_old_image=args.on_missing_old_image,
+                         checkpoint_interval=args.checkpoint_interval)
     rules = Rules.load(args.rules)
     source = build_source(args, rules)
     path = args.checkpoint or f"cachesync-cdc.{args.namespace}.{source.kind}.json"
@@ -150,6 +151,9 @@ The rules-file format (--rules) is described in docs/rules.md.""",
                         "invalidated (default: cachesync)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file (default: ./cachesync-cdc.<namespace>.<mysql|postgresql>.json)")
+    p.add_argument("--checkpoint-interval", type=float, default=0.2,
+                   help="seconds between two checkpoint saves at most; a crash re-applies what was applied since the "
+                        "last save; 0 = after every batch (default 0.2)")
     p.add_argument("--batch-max-keys", type=int, default=500, help="keys per applied batch (default 500)")
     p.add_argument("--queue-size", type=int, default=1000,
                    help="transactions read ahead of Redis at most (default 1000)")
