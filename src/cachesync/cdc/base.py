@@ -308,9 +308,18 @@ class CdcRunner:
                 time.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max_delay)
 
+    def _release_direct(self) -> None:
+        """Give the runner's own connection back to the cache's pool (a bounded pool may have no other) before the
+        runner uses the cache's client itself; the next batch takes one again. Not while a batch sent ahead is
+        unread (its connection holds its replies)."""
+        d = self._direct
+        if d is not None and d._pending is None:
+            d.close()
+
     def flush_prefixes(self, prefixes: list[str]) -> int:
         """Invalidate every key in the namespace that starts with one of ``prefixes`` (SCAN); returns how many."""
         cache = self.cache
+        self._release_direct()  # the SCAN takes a connection of the same pool (bounded: maybe the only one)
         keys = self._retry("SCAN", lambda: list(cache.keys_with_prefix(*prefixes)))
         self._invalidate(dict.fromkeys(keys))
         self.stats["flushed_keys"] += len(keys)
@@ -508,6 +517,7 @@ class CdcRunner:
         log.info("CDC %s: %d txns, %d changes, %d keys applied, lag %s ms (max %s), reconnects %d, position %s",
                  self.source.ident, st["transactions"], st["changes"], st["keys"], st["lag_ms"], st["lag_ms_max"],
                  st["reconnects"], st["position"])
+        self._release_direct()  # the hset takes a connection of the same pool
         try:
             self.cache.redis.hset(f"cs:{self.cache.ctx.ns}:cdc:{self.source.ident}",
                                   mapping={k: str(v) for k, v in st.items()} | {"updated_at": str(time.time())})
