@@ -107,7 +107,7 @@ def test_direct_with_redis_unreachable_raises_invalidation_error() -> None:
 
 
 def test_a_frozen_redis_times_out_a_started_batch_and_it_is_sent_again_after_the_thaw(
-        frozen_redis: tuple[str, subprocess.Popen[bytes]]) -> None:
+        frozen_redis: tuple[str, subprocess.Popen[bytes]]) -> None:  # noqa: F811
     """Redis freezes after a batch was sent ahead (SIGSTOP: the connection stays open, nothing answers): reading its
     reply gives up after socket_timeout (InvalidationError, the connection dropped: no reply of it can be read as
     another batch's) instead of hanging the runner; after the thaw the batch sent again is applied."""
@@ -132,7 +132,7 @@ def test_a_frozen_redis_times_out_a_started_batch_and_it_is_sent_again_after_the
 
 @pytest.mark.parametrize("n", [3, 1201])
 def test_a_batch_started_after_a_script_flush_reloads_and_applies(
-        frozen_redis: tuple[str, subprocess.Popen[bytes]], n: int) -> None:
+        frozen_redis: tuple[str, subprocess.Popen[bytes]], n: int) -> None:  # noqa: F811
     """The scripts were flushed (a Redis restart, SCRIPT FLUSH) before a batch is sent ahead: its replies, read by
     finish(), are NOSCRIPT; the flow loads the script on the same connection and runs the calls again (one call,
     and several pipelined); every key invalidated, the connection still in use."""
