@@ -59,10 +59,7 @@ def test_direct_keeps_one_connection_and_replaces_a_lost_one(redis_url: str, nam
         d.invalidate({"b": "2"})
         assert d.conn is conn  # reused
         conn._sock.shutdown(socket.SHUT_RDWR)  # lost (the server closed it, say)
-        with pytest.raises(InvalidationError):
-            d.invalidate({"c": "3"})
-        assert d.conn is None
-        d.invalidate({"c": "3"})  # a new connection
+        d.invalidate({"c": "3"})  # sent again at once, on a new connection
         assert d.conn is not None  # (the pool may hand back the same Connection object, reconnected)
         assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
         d.close()
@@ -148,6 +145,31 @@ def test_a_batch_started_after_a_script_flush_reloads_and_applies(
         assert d.finish(p) == 0
         assert d.conn is conn
         assert {(cache.peek(k) or {}).get("fl") for k in keys} == {b"7"}
+        d.close()
+    finally:
+        cache.close()
+
+
+def _kill(cache: cachesync.Cache, conn: Any) -> None:
+    """Close ``conn`` from the server side (CLIENT KILL by its address), as Redis's idle ``timeout`` does."""
+    host, port = conn._sock.getsockname()[:2]
+    assert cache.redis.client_kill_filter(addr=f"{host}:{port}") == 1
+
+
+def test_a_kept_connection_the_server_closed_while_idle_is_replaced_at_once(redis_url: str, namespace: str) -> None:
+    """The runner keeps its connection between batches; when the server closed it meanwhile (its idle ``timeout``, a
+    proxy's idle limit), the next batch -- sent directly, or sent ahead -- goes out again at once on a new
+    connection, as the pool's own callers get a fresh one: no InvalidationError, so no retry after a backoff."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        d = DirectInvalidator(cache)
+        d.invalidate({"a": "1"})
+        _kill(cache, d.conn)
+        assert d.invalidate({"b": "2"}) == 0
+        _kill(cache, d.conn)
+        p = d.start({"c": "3"})
+        assert d.finish(p) == 0
+        assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
         d.close()
     finally:
         cache.close()
