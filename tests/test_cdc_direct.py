@@ -6,7 +6,10 @@ Redis (and a port nothing listens on)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import uuid
 from typing import Any
 
@@ -15,6 +18,8 @@ import pytest
 import cachesync
 from cachesync.cdc.direct import DirectInvalidator
 from cachesync.errors import InvalidationError
+
+from test_hostile_l1 import frozen_redis  # noqa: F401 - a fixture
 
 
 def _state(cache: cachesync.Cache, keys: list[str]) -> list[Any]:
@@ -54,10 +59,7 @@ def test_direct_keeps_one_connection_and_replaces_a_lost_one(redis_url: str, nam
         d.invalidate({"b": "2"})
         assert d.conn is conn  # reused
         conn._sock.shutdown(socket.SHUT_RDWR)  # lost (the server closed it, say)
-        with pytest.raises(InvalidationError):
-            d.invalidate({"c": "3"})
-        assert d.conn is None
-        d.invalidate({"c": "3"})  # a new connection
+        d.invalidate({"c": "3"})  # sent again at once, on a new connection
         assert d.conn is not None  # (the pool may hand back the same Connection object, reconnected)
         assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
         d.close()
@@ -97,5 +99,77 @@ def test_direct_with_redis_unreachable_raises_invalidation_error() -> None:
         p = d.start({"c": "1"})
         with pytest.raises(InvalidationError):
             d.finish(p)
+    finally:
+        cache.close()
+
+
+def test_a_frozen_redis_times_out_a_started_batch_and_it_is_sent_again_after_the_thaw(
+        frozen_redis: tuple[str, subprocess.Popen[bytes]]) -> None:  # noqa: F811
+    """Redis freezes after a batch was sent ahead (SIGSTOP: the connection stays open, nothing answers): reading its
+    reply gives up after socket_timeout (InvalidationError, the connection dropped: no reply of it can be read as
+    another batch's) instead of hanging the runner; after the thaw the batch sent again is applied."""
+    url, proc = frozen_redis
+    cache = cachesync.Cache(url, namespace="t" + uuid.uuid4().hex[:12], tombstone_ttl=120, socket_timeout=0.3)
+    try:
+        d = DirectInvalidator(cache)
+        assert d.invalidate({"a": "1"}) == 0  # connected, the script loaded
+        os.kill(proc.pid, signal.SIGSTOP)
+        p = d.start({"b": "2"})
+        with pytest.raises(InvalidationError):
+            d.finish(p)
+        assert d.conn is None and d._pending is None
+        os.kill(proc.pid, signal.SIGCONT)
+        assert d.invalidate({"b": "2", "c": "3"}) == 0
+        assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
+        d.close()
+    finally:
+        cache.close()
+
+
+
+@pytest.mark.parametrize("n", [3, 1201])
+def test_a_batch_started_after_a_script_flush_reloads_and_applies(
+        frozen_redis: tuple[str, subprocess.Popen[bytes]], n: int) -> None:  # noqa: F811
+    """The scripts were flushed (a Redis restart, SCRIPT FLUSH) before a batch is sent ahead: its replies, read by
+    finish(), are NOSCRIPT; the flow loads the script on the same connection and runs the calls again (one call,
+    and several pipelined); every key invalidated, the connection still in use."""
+    url, _ = frozen_redis
+    cache = cachesync.Cache(url, namespace="t" + uuid.uuid4().hex[:12], tombstone_ttl=120)
+    try:
+        d = DirectInvalidator(cache)
+        d.invalidate({"x": "1"})
+        conn = d.conn
+        cache.redis.script_flush()
+        keys = [f"k:{i}" for i in range(n)]
+        p = d.start({k: "7" for k in keys})
+        assert d.finish(p) == 0
+        assert d.conn is conn
+        assert {(cache.peek(k) or {}).get("fl") for k in keys} == {b"7"}
+        d.close()
+    finally:
+        cache.close()
+
+
+def _kill(cache: cachesync.Cache, conn: Any) -> None:
+    """Close ``conn`` from the server side (CLIENT KILL by its address), as Redis's idle ``timeout`` does."""
+    host, port = conn._sock.getsockname()[:2]
+    assert cache.redis.client_kill_filter(addr=f"{host}:{port}") == 1
+
+
+def test_a_kept_connection_the_server_closed_while_idle_is_replaced_at_once(redis_url: str, namespace: str) -> None:
+    """The runner keeps its connection between batches; when the server closed it meanwhile (its idle ``timeout``, a
+    proxy's idle limit), the next batch -- sent directly, or sent ahead -- goes out again at once on a new
+    connection, as the pool's own callers get a fresh one: no InvalidationError, so no retry after a backoff."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        d = DirectInvalidator(cache)
+        d.invalidate({"a": "1"})
+        _kill(cache, d.conn)
+        assert d.invalidate({"b": "2"}) == 0
+        _kill(cache, d.conn)
+        p = d.start({"c": "3"})
+        assert d.finish(p) == 0
+        assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
+        d.close()
     finally:
         cache.close()

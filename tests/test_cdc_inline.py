@@ -288,3 +288,28 @@ def test_a_batch_sent_ahead_is_checkpointed_after_its_reply_and_resent_when_the_
         assert all((cache.peek(f"user_by_email:u{i}@x") or {}).get("fl") == str(i).encode() for i in range(1, 11))
     finally:
         cache.close()
+
+
+def test_a_bounded_pool_of_one_connection_is_shared_with_the_scan_and_the_stats(
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """The runner keeps a connection of the cache's pool for its batches; with a bounded pool
+    (``max_connections=1``) it gives that connection back before the prefix SCAN of a TRUNCATE and before storing
+    its stats, which take theirs from the same pool: the TRUNCATE is applied and checkpointed (the runner does not
+    retry the SCAN forever against its own connection) and the stats hash is written."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120, max_connections=1, socket_timeout=0.5)
+    try:
+        cache.set("user:7", "x", version=1)
+        items: list[Transaction | None | Exception] = [
+            txn(1, {"id": 1, "email": "a@x", "version": 1}), None,
+            Transaction({"n": 2}, None, [Change("public", "users", None, None, truncate=True)]), None]
+        src = Script(items, True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0, reconnect_delay=0.01, reconnect_max_delay=0.05)
+        assert runner._direct is not None
+        run_until(runner, src, cp, 2)
+        assert runner.stats["redis_retries"] == 0
+        assert runner.stats["flushed_keys"] >= 1 and (cache.peek("user:7") or {}).get("ti")
+        assert cache.redis.hget(f"cs:{namespace}:cdc:{src.ident}", "checkpoints")
+    finally:
+        cache.close()

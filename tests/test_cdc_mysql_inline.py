@@ -162,3 +162,52 @@ def test_inline_kill_applies_what_was_read_and_resumes(mysql_url: str, redis_url
         assert not th.is_alive()
     finally:
         cache.close()
+
+
+def test_stream_marks_across_a_binlog_rotation(mysql_url: str, table: str) -> None:
+    """A binlog rotation (FLUSH BINARY LOGS: a rotate and a format description event between two commits) while
+    read inline: no commit skipped or repeated, marks before and after it, the position in the new file."""
+    src = MySQLSource(mysql_url, next(_ids), [table])
+    src.check()
+    pos = src.current_position()
+    c = _Collect(src, pos)
+    c.start()
+    try:
+        wait_for(lambda: c.items.count(None) >= 1 or c.error is not None, what="a mark while idle")
+        _write(mysql_url, f"INSERT INTO {table} VALUES (1, 'a@x', 1)")
+        wait_for(lambda: c.marks_after(1) >= 1 or c.error is not None, what="a mark after the first commit")
+        _write(mysql_url, "FLUSH BINARY LOGS")
+        _write(mysql_url, f"INSERT INTO {table} VALUES (2, 'b@x', 1)")
+        wait_for(lambda: c.marks_after(2) >= 1 or c.error is not None, what="a mark after the second commit")
+        assert c.error is None
+        assert [x for x in c.items if x is not None] == [[1], [2]]
+    finally:
+        src.close()
+        c.join(10)
+    assert not c.is_alive()
+
+
+def test_stream_marks_with_a_socket_descriptor_above_1024(mysql_url: str, table: str) -> None:
+    """In a busy process (more than 1024 descriptors open) the binlog socket's descriptor is above select()'s
+    FD_SETSIZE: the idle wait still works (poll), instead of every wait failing as a lost connection (the runner
+    reconnecting forever and applying nothing)."""
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        src = MySQLSource(mysql_url, next(_ids), [table])
+        src.check()
+        pos = src.current_position()
+        c = _Collect(src, pos)
+        c.start()
+        try:
+            wait_for(lambda: c.items.count(None) >= 2 or c.error is not None, what="marks while idle")
+            _write(mysql_url, f"INSERT INTO {table} VALUES (1, 'a@x', 1)")
+            wait_for(lambda: c.marks_after(1) >= 1 or c.error is not None, what="a mark after the commit")
+            assert c.error is None
+            assert [x for x in c.items if x is not None] == [[1]]
+        finally:
+            src.close()
+            c.join(10)
+        assert not c.is_alive()
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,3 +228,28 @@ def test_ddl_trigger_rolled_back_sends_nothing(menv: Env) -> None:
         assert (menv.cache.peek("u:5") or {}).get("v") and r.stats["flushed_keys"] == 0
     finally:
         drop_ddl_triggers(menv.db_url, prefix)
+
+
+def test_a_replication_socket_descriptor_above_1024_waits_idle_without_reconnecting(
+        pg_url: str, redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """In a busy process (more than 1024 descriptors open) the replication connection's descriptor is above
+    select()'s FD_SETSIZE: the idle wait still works (poll), instead of each wait failing as a lost connection (a
+    reconnect, with its backoff, after every idle moment)."""
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        env = Env(TestPostgresConformance(), pg_url, cache, tmp_path)
+        try:
+            runner = env.start()
+            wait_for(lambda: getattr(env.source, "_acked", 0) > 0 or env.error, what="the stream started")
+            env.write(f"INSERT INTO {env.table} VALUES (1, 'a@x', 'A')")
+            env.wait_keys("u:1", "e:a@x")
+            env.write(f"INSERT INTO {env.table} VALUES (2, 'b@x', 'B')")
+            env.wait_keys("u:2", "e:b@x")
+            assert runner.stats["reconnects"] == 0 and env.error is None
+        finally:
+            env.close()
+    finally:
+        cache.close()
+        for fd in fds:
+            os.close(fd)

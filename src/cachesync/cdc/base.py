@@ -40,6 +40,7 @@ from __future__ import annotations
 import abc
 import logging
 import queue
+import select
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -151,6 +152,16 @@ class Source(abc.ABC):
 
 
 _END = object()
+
+
+def wait_readable(fd: Any, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until ``fd`` (a descriptor, or an object with ``fileno()``) is readable (or
+    closed). ``poll``: ``select.select`` raises ValueError for a descriptor >= 1024 (a busy process)."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(timeout * 1000))
+    return bool(select.select([fd], [], [], timeout)[0])  # pragma: no cover - Windows
 
 
 class CdcRunner:
@@ -308,9 +319,18 @@ class CdcRunner:
                 time.sleep(delay)
                 delay = min(delay * 2, self.reconnect_max_delay)
 
+    def _release_direct(self) -> None:
+        """Give the runner's own connection back to the cache's pool (a bounded pool may have no other) before the
+        runner uses the cache's client itself; the next batch takes one again. Not while a batch sent ahead is
+        unread (its connection holds its replies)."""
+        d = self._direct
+        if d is not None and d._pending is None:
+            d.close()
+
     def flush_prefixes(self, prefixes: list[str]) -> int:
         """Invalidate every key in the namespace that starts with one of ``prefixes`` (SCAN); returns how many."""
         cache = self.cache
+        self._release_direct()  # the SCAN takes a connection of the same pool (bounded: maybe the only one)
         keys = self._retry("SCAN", lambda: list(cache.keys_with_prefix(*prefixes)))
         self._invalidate(dict.fromkeys(keys))
         self.stats["flushed_keys"] += len(keys)
@@ -508,6 +528,7 @@ class CdcRunner:
         log.info("CDC %s: %d txns, %d changes, %d keys applied, lag %s ms (max %s), reconnects %d, position %s",
                  self.source.ident, st["transactions"], st["changes"], st["keys"], st["lag_ms"], st["lag_ms_max"],
                  st["reconnects"], st["position"])
+        self._release_direct()  # the hset takes a connection of the same pool
         try:
             self.cache.redis.hset(f"cs:{self.cache.ctx.ns}:cdc:{self.source.ident}",
                                   mapping={k: str(v) for k, v in st.items()} | {"updated_at": str(time.time())})

@@ -7,7 +7,8 @@ and send the flow's commands on it directly: the same flow (the same ``invalidat
 and stats), a third less time per call on the commit -> invalidated path. Used for a single Redis server (not a
 cluster: there the cache's own driver routes each call); anything unusual (a connection error, a reply that is
 not what the flow expects) is handed to the flow exactly as the cache's driver hands it, and the connection is
-dropped after any connection error (the next call opens a new one).
+dropped after any connection error (the next call opens a new one; a batch that went out on a connection kept
+since an earlier batch and found it closed by the server is sent again at once on a new one).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import core as P
 from .. import tracing as _tr
 from .._sync.cache import Cache
-from ..errors import CacheUnavailableError, RedisCommandError
+from ..errors import CacheUnavailableError, InvalidationError, RedisCommandError
 
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _HIREDIS: Any = getattr(redis.connection, "HiredisRespSerializer", None)
@@ -37,10 +38,10 @@ except ImportError:  # pragma: no cover - hiredis is optional
 class Pending:
     """A batch :meth:`DirectInvalidator.start` sent: its flow, the effect whose replies are to read."""
 
-    __slots__ = ("flow", "versions", "eff", "unread", "error", "result")
+    __slots__ = ("flow", "versions", "eff", "unread", "error", "result", "kept")
 
-    def __init__(self, flow: Any, versions: Mapping[str, str]) -> None:
-        self.flow, self.versions = flow, versions
+    def __init__(self, flow: Any, versions: Mapping[str, str], kept: bool) -> None:
+        self.flow, self.versions, self.kept = flow, versions, kept
         self.eff: Any = None
         self.unread = 0
         self.error: BaseException | None = None
@@ -76,6 +77,12 @@ class DirectInvalidator:
         unknown): raises :class:`~cachesync.errors.InvalidationError` when Redis cannot be reached."""
         return self.finish(self.start(versions))
 
+    def _again(self, p: Pending) -> bool:
+        """Whether a batch that failed is sent again at once, on a new connection: it went out on the connection
+        kept since an earlier batch, and that connection was lost, not timed out (the server closed it while idle --
+        its ``timeout``, a proxy's idle limit, a restart: the pool's own callers would have been handed a fresh one)."""
+        return p.kept and self.conn is None
+
     def start(self, versions: Mapping[str, str]) -> Pending:
         """Send the first command(s) of the batch's flow without waiting for the replies: :meth:`finish` reads
         them and runs the rest of the flow. Until then nothing else may use this connection -- if something does,
@@ -83,7 +90,7 @@ class DirectInvalidator:
         runner then sends it again: nothing counts as invalidated until its replies were read)."""
         ctx = self.cache.ctx
         tp = (_tr.current_traceparent() or "") if ctx.channel else ""
-        p = Pending(P.invalidate_many_flow(ctx, versions, tp), versions)
+        p = Pending(P.invalidate_many_flow(ctx, versions, tp), versions, self.conn is not None)
         try:
             p.eff = p.flow.send(None)
         except StopIteration as stop:  # nothing to send (no keys)
@@ -114,10 +121,16 @@ class DirectInvalidator:
             else:
                 self._pending = None
                 send, throw = self._answer(p.eff, p.unread)
-            return int(self._run(p.flow, send, throw))
+            try:
+                return int(self._run(p.flow, send, throw))
+            except InvalidationError as e:
+                cause = e.__cause__
+                if not (self._again(p) and isinstance(cause, _DOWN) and not isinstance(cause, RedisTimeoutError)):
+                    raise
         finally:
             p.flow.close()
             cache._written(list(p.versions))  # as Cache.invalidate_many: the L1 copies, the keys' flights
+        return self.invalidate(p.versions)  # once (the connection is new now)
 
     def _run(self, flow: Any, send: Any, throw: BaseException | None) -> Any:
         while True:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import re
-import select
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from .._driver import encode_userinfo, redact_url, scrub
 from ..db import MYSQL, dialect_of
-from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
+from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction, wait_readable
 
 log = logging.getLogger("cachesync.cdc.mysql")
 
@@ -351,7 +350,7 @@ class MySQLSource(Source):
                         return
                     sock = getattr(reader._stream_connection, "_sock", None)
                     try:
-                        if sock is None or select.select([sock], [], [], 0.2)[0]:
+                        if sock is None or wait_readable(sock, 0.2):
                             gate[1] = True  # readable (or closed): read the next packet without checking
                     except (OSError, ValueError) as e:
                         if self._closed:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import logging
-import select
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from ..errors import CachesyncError
 from ..core.keys import check_key
 from ..core.options import CacheOptions
 from ..core.rules import Rules
-from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
+from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction, wait_readable
 from .pgoutput import DecodeError, Decoder, DecodedTransaction, LogicalMessage, RowChange
 
 log = logging.getLogger("cachesync.cdc.postgres")
@@ -447,7 +446,7 @@ class PostgresSource(Source):
                             self._raise(e, position)
                         last_fb = now
                     try:
-                        select.select([conn], [], [], 0.2)
+                        wait_readable(conn, 0.2)
                     except (OSError, ValueError) as e:
                         if self._closed.is_set():
                             return
