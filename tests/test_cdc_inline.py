@@ -313,3 +313,70 @@ def test_a_bounded_pool_of_one_connection_is_shared_with_the_scan_and_the_stats(
         assert cache.redis.hget(f"cs:{namespace}:cdc:{src.ident}", "checkpoints")
     finally:
         cache.close()
+
+
+class _Waits(threading.Event):
+    """The runner's stop event, recording what each wait asked for (the reconnect backoff)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked.append(timeout)
+        return super().wait(timeout)
+
+
+def test_the_reconnect_backoff_starts_again_after_a_stream_that_made_progress(
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """Three disconnects, each after the stream applied a transaction: each is a new outage, waited
+    reconnect_delay, not twice the last one (it doubled for the daemon's whole life: after a few reconnects
+    every later one waited reconnect_max_delay). Two disconnects in a row with no progress still back off."""
+    cache = cachesync.Cache(redis_url, namespace=namespace, tombstone_ttl=120)
+    try:
+        ts = [txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 5)]
+        src = Script([ts[0], None, Disconnected("a"), ts[1], None, Disconnected("b"), ts[2], None,
+                      Disconnected("c"), Disconnected("d"), ts[3], None], True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0, reconnect_delay=0.01, reconnect_max_delay=1.0)
+        runner._stop = waits = _Waits()
+        run_until(runner, src, cp, 4)
+        assert runner.stats["reconnects"] == 4
+        assert [w for w in waits.asked if w is not None and w >= 0.01][:4] == [0.01, 0.01, 0.01, 0.02]
+    finally:
+        cache.close()
+
+
+def test_an_error_reply_while_the_runners_connection_connects_is_retried_not_fatal(
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """A backlog sent ahead on the runner's own connection, whose connect step gets an error reply (here SELECT of
+    a database index the server does not have): the batch is retried (counted in redis_retries) and nothing is
+    checkpointed, the runner keeps running until stopped. (The ResponseError escaped the send-ahead and stopped
+    the runner.)"""
+    bad = redis_url.rsplit("/", 1)[0] + "/999"
+    cache = cachesync.Cache(bad, namespace=namespace, record_namespace=False)
+    try:
+        ts = [txn(i, {"id": i, "email": f"u{i}@x", "version": i}) for i in range(1, 7)]
+        src = Script([*ts, None], True)
+        cp = FileCheckpoint(tmp_path / "cp.json")
+        cp.save(src.kind, src.ident, {"n": 0})
+        runner = Recording(src, cache, RULES, cp, stats_interval=0, batch_max_keys=2, reconnect_delay=0.01,
+                           reconnect_max_delay=0.05)
+        assert runner._direct is not None  # the send-ahead path is the one under test
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                runner.run()
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                errors.append(e)
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        wait_for(lambda: runner.stats["redis_retries"] >= 3 or not th.is_alive(), what="retries or an exit")
+        assert th.is_alive() and not errors, errors
+        assert cp.load(src.kind, src.ident) == {"n": 0}  # nothing checkpointed
+        runner.stop()
+        th.join(10)
+    finally:
+        cache.close()

@@ -559,6 +559,7 @@ class CdcRunner:
             getattr(type(self.source), "stream_marks", None))
         try:
             while not self._stop.is_set():
+                start_pos = self.position
                 self.source.reopen()
                 if inline:
                     stream = self.source.stream_marks(self.position)
@@ -606,6 +607,8 @@ class CdcRunner:
                     continue
                 if isinstance(err, Disconnected):
                     self.stats["reconnects"] += 1
+                    if self.position != start_pos:  # the stream made progress: an outage of its own, from the start
+                        delay = self.reconnect_delay
                     log.warning("CDC %s: %s; reconnecting in %.1fs from %s", self.source.ident, err, delay,
                                 self.position)
                     self._stop.wait(delay)

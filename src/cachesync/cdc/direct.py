@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import core as P
@@ -101,8 +101,8 @@ class DirectInvalidator:
             self._send(cmds)
             p.unread = len(cmds)
             self._pending = p
-        except _DOWN as e:
-            p.error = e
+        except (*_DOWN, RedisError) as e:  # also an error reply while connecting (AUTH, SELECT): finish() reports
+            p.error = e  # it as an InvalidationError, which the runner retries (it escaped and stopped the runner)
         return p
 
     def finish(self, p: Pending) -> int:
@@ -208,8 +208,11 @@ class DirectInvalidator:
         if conn is not None:
             try:
                 conn.disconnect()
-                self.pool.release(conn)
             except Exception:  # noqa: S110 - the connection is gone either way
+                pass
+            try:
+                self.pool.release(conn)  # also when disconnect() failed: its pool slot is given back
+            except Exception:  # noqa: S110 - the pool may be closed already
                 pass
 
     def close(self) -> None:
