@@ -296,3 +296,55 @@ def test_sqlalchemy_extra_brings_greenlet() -> None:
     extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
         "project"]["optional-dependencies"]
     assert any(r.replace(" ", "").startswith("greenlet>=") for r in extras["sqlalchemy"]), extras["sqlalchemy"]
+
+
+def test_key_change_of_expired_attribute_invalidates_old_key(env, cache):
+    """After a commit (expire_on_commit) the attributes are unloaded: changing a key column then has no old value
+    in the attribute history; the old key must still be invalidated (it still maps to the row in the cache)."""
+    engine, sync, ob, relay = env
+    with Session(engine) as s, s.begin():
+        s.add(User(id=1, email="old@x", version=1))
+    sync.install(Session)
+    try:
+        relay.drain()
+        fill(cache, "user:1", "user_by_email:old@x", "user_by_email:new@x")
+        with Session(engine) as s:
+            u = s.get(User, 1)
+            s.commit()  # expires u
+            u.email = "new@x"
+            s.commit()
+        relay.drain()
+        assert invalidated(cache, "user_by_email:new@x") and invalidated(cache, "user:1")
+        assert invalidated(cache, "user_by_email:old@x")
+    finally:
+        sync.uninstall(Session)
+
+
+RAW_UNSEEN = {  # raw statements on the ruled table that the SQL scan used to miss (so strict mode let them through)
+    "comment": {"*": "-- move a user\nUPDATE {t} SET email = 'z@x' WHERE id = 1"},
+    "truncate": {"postgresql": "TRUNCATE TABLE {t}", "mysql": "TRUNCATE TABLE {t}"},
+    "modifier": {"sqlite": "UPDATE OR IGNORE {t} SET email = 'z@x'", "mysql": "UPDATE IGNORE {t} SET email = 'z@x'"},
+    "qualified": {"sqlite": 'UPDATE "main"."{t}" SET email = \'z@x\'',
+                  "postgresql": 'UPDATE "public"."{t}" SET email = \'z@x\'',
+                  "mysql": "UPDATE `test`.`{t}` SET email = 'z@x'"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_UNSEEN))
+def test_raw_sql_on_ruled_table_is_refused_in_strict_mode(env, cache, case):
+    engine, sync, ob, relay = env
+    from sqlalchemy import text
+    name = {"mariadb": "mysql"}.get(engine.dialect.name, engine.dialect.name)
+    sql = RAW_UNSEEN[case].get(name, RAW_UNSEEN[case].get("*"))
+    if sql is None:
+        pytest.skip(f"no such statement on {name}")
+    with Session(engine) as s, s.begin():
+        s.add(User(id=1, email="old@x", version=1))
+    sync.install(Session)
+    try:
+        with Session(engine) as s:
+            with pytest.raises(OutboxError, match="raw SQL changes ruled table"):
+                s.execute(text(sql.format(t=USERS)))
+            s.rollback()
+    finally:
+        sync.uninstall(Session)

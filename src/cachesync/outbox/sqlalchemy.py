@@ -17,7 +17,7 @@ automatically:
 * Bulk ``insert(Model)`` (``.values(...)`` with plain values, or ``session.execute(insert(Model), [dicts])``):
   keys from the new rows; an INSERT whose key columns are not all plain values (``from_select``, SQL
   expressions, multi-row ``.values([...])``) is refused (``strict=True``) or logged, as below.
-* Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE through the session (``do_orm_execute``): the changed
+* Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE/TRUNCATE through the session (``do_orm_execute``): the changed
   table is read from the SQL. A ruled table whose keys are constants (no ``{column}`` fields) is recorded; a
   ruled table whose keys need column values cannot be turned into keys from raw SQL: with ``strict=True``
   (the default) the statement is refused with :class:`OutboxError` before it runs, with ``strict=False`` it runs
@@ -48,9 +48,15 @@ from ..writepath import ORM_RECORDED
 from . import Outbox, OutboxError
 
 log = logging.getLogger("cachesync.outbox")
-_DML_START = re.compile(r"\s*(?:/\*.*?\*/\s*)*(UPDATE|DELETE|INSERT|REPLACE|MERGE|WITH)\b", re.I | re.S)
-_DML_TABLE = re.compile(r"\b(?:UPDATE|DELETE\s+FROM|INSERT\s+(?:IGNORE\s+)?INTO|REPLACE\s+INTO|MERGE\s+INTO)\s+"
-                        r"(?:ONLY\s+)?([`\"]?[A-Za-z_][\w.]*[`\"]?)", re.I)
+_DML_START = re.compile(r"\s*(?:(?:/\*.*?\*/|--[^\n]*(?:\n|$))\s*)*(UPDATE|DELETE|INSERT|REPLACE|MERGE|WITH|TRUNCATE)\b",
+                        re.I | re.S)
+# the changed table after the verb and its modifiers (MySQL LOW_PRIORITY/IGNORE/..., SQLite OR <conflict>,
+# PostgreSQL ONLY), possibly schema-qualified and quoted
+_DML_TABLE = re.compile(r"\b(?:UPDATE(?:\s+OR\s+\w+)?|DELETE(?:\s+(?:LOW_PRIORITY|QUICK|IGNORE))*\s+FROM|"
+                        r"(?:INSERT|REPLACE)(?:\s+(?:OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY|IGNORE))*\s+INTO|"
+                        r"MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)\s+(?:(?:LOW_PRIORITY|IGNORE|ONLY)\s+)*"
+                        r"((?:[`\"]?\w+[`\"]?\.)*[`\"]?[A-Za-z_]\w*[`\"]?)", re.I)
+_OLD_IMAGES = "cachesync_old_images"  # flush_context.attributes: {state: committed rule columns} (_before_flush)
 _DIALECTS = {"postgresql": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL, "sqlite": SQLITE}
 
 
@@ -123,6 +129,7 @@ class OutboxSync:
         """Listen for flushes and bulk statements on ``target`` (a Session, sessionmaker, Session class, or an
         ``async_sessionmaker`` / ``AsyncSession``); returns self."""
         t = self._target(target)
+        event.listen(t, "before_flush", self._before_flush)
         event.listen(t, "after_flush", self._after_flush)
         event.listen(t, "do_orm_execute", self._do_orm_execute)
         return self
@@ -130,6 +137,7 @@ class OutboxSync:
     def uninstall(self, target: Session | sessionmaker[Any] | type[Session] | Any) -> None:
         """Stop listening on ``target``."""
         t = self._target(target)
+        event.remove(t, "before_flush", self._before_flush)
         event.remove(t, "after_flush", self._after_flush)
         event.remove(t, "do_orm_execute", self._do_orm_execute)
 
@@ -139,8 +147,33 @@ class OutboxSync:
 
     # ------------------------------------------------------------------ ORM unit of work
 
+    def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        """Read from the database the committed rule columns of changed / deleted rows whose old value the ORM does
+        not know (an expired attribute, e.g. after ``expire_on_commit``, set again or never loaded): without it a
+        changed key column would not invalidate the old key."""
+        loaded: dict[Any, dict[str, Any]] = flush_context.attributes.setdefault(_OLD_IMAGES, {})
+        for obj in [*session.dirty, *session.deleted]:
+            state = inspect(obj)
+            mapper = state.mapper
+            table = mapper.persist_selectable
+            if state.key is None or not self.rules.covers(table.name):
+                continue
+            rule = self.rules.tables[table.name]
+            cols = rule.columns | ({rule.version} if rule.version else set())
+            props = [p for p in mapper.column_attrs if p.columns[0].name in cols]
+            unknown = [p for p in props if p.key not in state.dict
+                       or (state.attrs[p.key].history.added and not state.attrs[p.key].history.deleted)]
+            if not unknown:
+                continue
+            pk = mapper.primary_key
+            where = [c == v for c, v in zip(pk, state.key[1], strict=True)]
+            sel = select(*[p.columns[0] for p in props]).where(*where)
+            row = session.connection().execute(sel).mappings().first()
+            if row is not None:
+                loaded[state] = {p.columns[0].name: row[p.columns[0]] for p in props}
+
     @staticmethod
-    def _images(obj: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    def _images(obj: Any, loaded: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
         state = inspect(obj)
         mapper = state.mapper
         table = mapper.persist_selectable.name
@@ -151,8 +184,12 @@ class OutboxSync:
             hist = state.attrs[prop.key].history
             if prop.key in state.dict:
                 new[col] = state.dict[prop.key]
+            elif loaded and col in loaded:  # not loaded, not changed: the committed value
+                new[col] = loaded[col]
             if hist.deleted:
                 old[col] = hist.deleted[0]
+            elif loaded and col in loaded:  # the value before this flush, read by _before_flush
+                old[col] = loaded[col]
             elif prop.key in state.dict:
                 old[col] = state.dict[prop.key]
         return table, old, new
@@ -161,8 +198,9 @@ class OutboxSync:
         items: list[tuple[list[str], Any]] = []
         changes = [(o, "new") for o in session.new] + [(o, "dirty") for o in session.dirty] + \
                   [(o, "deleted") for o in session.deleted]
+        loaded = flush_context.attributes.get(_OLD_IMAGES, {})
         for obj, kind in changes:
-            table, old, new = self._images(obj)
+            table, old, new = self._images(obj, loaded.get(inspect(obj)))
             if not self.rules.covers(table):
                 continue
             if kind == "dirty" and not session.is_modified(obj, include_collections=False):
@@ -197,7 +235,7 @@ class OutboxSync:
         start = _DML_START.match(sql)
         if start is None or self._explicit(state):
             return
-        tables = [m.group(1).strip('`"').rsplit(".", 1)[-1] for m in _DML_TABLE.finditer(sql)]
+        tables = [m.group(1).rsplit(".", 1)[-1].strip('`"') for m in _DML_TABLE.finditer(sql)]
         if not tables:
             if start.group(1).upper() == "WITH":
                 return  # a WITH ... SELECT
