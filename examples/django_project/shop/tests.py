@@ -88,6 +88,14 @@ class IntegrationTests(TransactionTestCase):
         self.assertEqual(len(outbox_keys()), n)
         self.assertFalse(invalidated(f"article:{a.pk}"))
 
+    def test_save_of_an_unsaved_instance_with_an_existing_pk_invalidates_the_old_keys(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        fill(f"article:{a.pk}", "article_slug:a", "article_slug:b")
+        Article(pk=a.pk, slug="b", title="B", version=2).save()  # _state.adding, yet Django UPDATEs the row
+        self.assertEqual(Article.objects.get(pk=a.pk).slug, "b")
+        for k in (f"article:{a.pk}", "article_slug:a", "article_slug:b"):  # the old slug's key too
+            self.assertTrue(invalidated(k), k)
+
     def test_delete_and_queryset_delete(self) -> None:
         a = Article.objects.create(slug="a", title="A")
         b = Article.objects.create(slug="b", title="B")

@@ -169,7 +169,12 @@ def _groups(model: type[models.Model], old: Mapping[str, Any] | None,
 def _pre_save(sender: type[models.Model], instance: models.Model, raw: bool = False, using: str = "default",
               **kw: Any) -> None:
     rule = _rule(sender)
-    if rule is None or instance._state.adding or instance.pk is None or not rule.columns:
+    # not skipped for _state.adding: an unsaved instance with the pk of an existing row is saved as an UPDATE
+    # (Django forces an INSERT only when the pk has a default)
+    if rule is None or instance.pk is None or not rule.columns:
+        return
+    pk = sender._meta.pk
+    if instance._state.adding and pk is not None and pk.has_default():
         return
     names = _attnames(sender, rule.columns)
     row = sender._base_manager.using(using).filter(pk=instance.pk).values(*names.values()).first()
