@@ -260,7 +260,10 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             meta = self.model._meta
             set_values: dict[str, Any] = {}
             for name, v in kwargs.items():
-                col = meta.get_field(name).column
+                field = meta.get_field(name)
+                col = field.column
+                if getattr(field, "remote_field", None) is not None and hasattr(v, "prepare_database_save"):
+                    v = v.prepare_database_save(field)  # a model instance: the column gets its key (as Django does)
                 expr = hasattr(v, "resolve_expression")
                 if col in rule.columns and expr:
                     if settings_value("STRICT"):
