@@ -348,3 +348,23 @@ def test_raw_sql_on_ruled_table_is_refused_in_strict_mode(env, cache, case):
             s.rollback()
     finally:
         sync.uninstall(Session)
+
+
+def test_bulk_update_by_primary_key_invalidates_the_new_keys(env, cache):
+    """``session.execute(update(Model), [dicts])`` (ORM bulk UPDATE by primary key): no WHERE, no .values(); the
+    new values are in the parameter dicts."""
+    engine, sync, ob, relay = env
+    with Session(engine) as s, s.begin():
+        s.add_all([User(id=i, email=f"u{i}@x", version=1) for i in (1, 2, 3)])
+    sync.install(Session)
+    try:
+        relay.drain()
+        fill(cache, "user:1", "user:2", "user:3", "user_by_email:u1@x", "user_by_email:new@x")
+        with Session(engine) as s, s.begin():
+            s.execute(update(User), [{"id": 1, "email": "new@x", "version": 2}])
+        relay.drain()
+        assert invalidated(cache, "user:1") and invalidated(cache, "user_by_email:u1@x")
+        assert invalidated(cache, "user_by_email:new@x")
+        assert not invalidated(cache, "user:2") and not invalidated(cache, "user:3")  # rows it did not change
+    finally:
+        sync.uninstall(Session)

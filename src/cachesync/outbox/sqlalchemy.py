@@ -13,7 +13,9 @@ automatically:
   are read first with the statement's WHERE clause (``FOR UPDATE`` where supported) in the same transaction.
   An UPDATE that sets a key column to an SQL expression (not a plain value) cannot be turned into keys: it
   raises :class:`OutboxError` unless the statement carries ``execution_options(cachesync_keys=[...])``
-  (explicit keys, which always take precedence). Statements on tables without a rule are ignored.
+  (explicit keys, which always take precedence). Statements on tables without a rule are ignored. ORM bulk
+  UPDATE by primary key (``session.execute(update(Model), [dicts])``) reads each named row the same way and
+  takes its new values from the dicts.
 * Bulk ``insert(Model)`` (``.values(...)`` with plain values, or ``session.execute(insert(Model), [dicts])``):
   keys from the new rows; an INSERT whose key columns are not all plain values (``from_select``, SQL
   expressions, multi-row ``.values([...])``) is refused (``strict=True``) or logged, as below.
@@ -40,7 +42,7 @@ from typing import Any
 from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.elements import BindParameter, TextClause
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, TextClause
 
 from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect
 from ..core.rules import Rules
@@ -335,6 +337,10 @@ class OutboxSync:
         missing = [c for c in cols if c not in table.c]
         if missing:
             raise OutboxError(f"rule for table {name!r} names column(s) {missing} the table does not have")
+        params = state.parameters
+        if state.is_update and isinstance(params, list) and params and state.bind_mapper is not None:
+            self._bulk_by_pk(state, conn, name, table, cols, params)
+            return
         sel = select(*[table.c[c] for c in cols]).where(*stmt._where_criteria)
         if _dialect(conn).for_update:
             sel = sel.with_for_update()
@@ -344,6 +350,35 @@ class OutboxSync:
             keys = self.rules.keys_for(name, old, new)
             if keys:
                 self._rec(state.session, conn, keys, self.rules.version_for(name, new or old))
+
+    def _bulk_by_pk(self, state: Any, conn: Connection, name: str, table: Any, cols: list[str],
+                    params: list[Mapping[str, Any]]) -> None:
+        """ORM bulk UPDATE by primary key (``session.execute(update(Model), [dicts])``): each dict names one row by
+        its primary key and carries its new values; the row's rule columns are read first (``FOR UPDATE``)."""
+        mapper = state.bind_mapper
+        by_key = {prop.key: prop.columns[0].name for prop in mapper.column_attrs}
+        pk = [c.name for c in mapper.primary_key]
+        rule = self.rules.tables[name]
+        for p in params:
+            values = {by_key.get(k, k): v for k, v in p.items()}
+            for c in rule.columns:
+                if c in values and isinstance(values[c], ClauseElement):
+                    raise OutboxError(
+                        f"cannot derive cache keys for bulk UPDATE of {name!r}: it sets key column {c!r} to an SQL "
+                        "expression; set a plain value, or pass .execution_options(cachesync_keys=[...])")
+            if not all(c in values for c in pk):
+                raise OutboxError(f"bulk UPDATE of {name!r} by primary key: a parameter set lacks the primary key")
+            sel = select(*[table.c[c] for c in cols]).where(*[table.c[c] == values[c] for c in pk],
+                                                             *state.statement._where_criteria)
+            if _dialect(conn).for_update:
+                sel = sel.with_for_update()
+            for row in conn.execute(sel).mappings():
+                old = dict(row)
+                new = {**old, **{c: (None if isinstance(values[c], ClauseElement) else values[c])
+                                 for c in cols if c in values}}
+                keys = self.rules.keys_for(name, old, new)
+                if keys:
+                    self._rec(state.session, conn, keys, self.rules.version_for(name, new))
 
 
 __all__ = ["OutboxSync", "record"]
