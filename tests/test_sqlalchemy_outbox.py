@@ -368,3 +368,33 @@ def test_bulk_update_by_primary_key_invalidates_the_new_keys(env, cache):
         assert not invalidated(cache, "user:2") and not invalidated(cache, "user:3")  # rows it did not change
     finally:
         sync.uninstall(Session)
+
+
+def test_outbox_row_goes_to_the_database_of_the_changed_table(tmp_path):
+    """``Session(bind=a, binds={User: b})``: User's outbox rows must be in b's transaction (atomic with the
+    change), and a bulk statement's rows are read from b."""
+    import sqlite3
+
+    ea, eb = create_engine(f"sqlite:///{tmp_path}/a.db"), create_engine(f"sqlite:///{tmp_path}/b.db")
+    ob = Outbox("cachesync_outbox_binds")
+    for e in (ea, eb):
+        with e.connect() as c:
+            ob.init(c.connection.dbapi_connection)
+    Base.metadata.create_all(eb)
+    sync = OutboxSync(Rules({USERS: {"keys": ["user:{id}", "user_by_email:{email}"]}}), ob)
+    try:
+        with Session(bind=ea, binds={User: eb}) as s:
+            sync.install(s)
+            s.add(User(id=1, email="a@x", version=1))
+            s.commit()
+            s.execute(update(User).where(User.id == 1).values(email="b@x"))
+            s.commit()
+
+        def rows(name: str) -> list[str]:
+            with sqlite3.connect(tmp_path / f"{name}.db") as c:
+                return [r[0] for r in c.execute(f"SELECT cache_keys FROM {ob.table} ORDER BY id")]
+        assert rows("a") == []
+        assert rows("b") == ['["user:1","user_by_email:a@x"]', '["user:1","user_by_email:a@x","user_by_email:b@x"]']
+    finally:
+        ea.dispose()
+        eb.dispose()

@@ -88,6 +88,11 @@ def _execute(conn: Connection, ob: Outbox, keys: Sequence[str], version: Any, de
     conn.execute(text(named), {f"p{i}": v for i, v in enumerate(params)})
 
 
+def _state_connection(state: Any) -> Connection:
+    """The session's connection for an ORM statement: that of the statement's own bind (``Session(binds=...)``)."""
+    return state.session.connection(bind_arguments=dict(state.bind_arguments))  # type: ignore[no-any-return]
+
+
 def record(bind: Connection | Session, *keys: str, version: Any = None, delay: float = 0.0,
            again_after: float | None = None, outbox: Outbox | None = None) -> None:
     """Record that ``keys`` must be invalidated when ``bind``'s transaction commits (see
@@ -170,7 +175,7 @@ class OutboxSync:
             pk = mapper.primary_key
             where = [c == v for c, v in zip(pk, state.key[1], strict=True)]
             sel = select(*[p.columns[0] for p in props]).where(*where)
-            row = session.connection().execute(sel).mappings().first()
+            row = session.connection(bind_arguments={"mapper": mapper}).execute(sel).mappings().first()
             if row is not None:
                 loaded[state] = {p.columns[0].name: row[p.columns[0]] for p in props}
 
@@ -197,7 +202,7 @@ class OutboxSync:
         return table, old, new
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
-        items: list[tuple[list[str], Any]] = []
+        items: list[tuple[list[str], Any, Any]] = []  # (keys, version, mapper: its bind gets the row)
         changes = [(o, "new") for o in session.new] + [(o, "dirty") for o in session.dirty] + \
                   [(o, "deleted") for o in session.deleted]
         loaded = flush_context.attributes.get(_OLD_IMAGES, {})
@@ -211,13 +216,11 @@ class OutboxSync:
             n = None if kind == "deleted" else new
             keys = self.rules.keys_for(table, o, n)
             if keys:
-                items.append((keys, self.rules.version_for(table, n if n is not None else o)))
-        if not items:
-            return
-        conn = session.connection()
-        for keys, version in items:
-            _execute(conn, self.outbox, keys, version, 0.0, None)
-        session.info.setdefault(ORM_RECORDED, []).extend(items)
+                items.append((keys, self.rules.version_for(table, n if n is not None else o), inspect(obj).mapper))
+        for keys, version, mapper in items:  # in the transaction of the row's own database (Session(binds=...))
+            _execute(session.connection(bind_arguments={"mapper": mapper}), self.outbox, keys, version, 0.0, None)
+        if items:
+            session.info.setdefault(ORM_RECORDED, []).extend((k, v) for k, v, _ in items)
 
     # ------------------------------------------------------------------ bulk statements
 
@@ -228,7 +231,7 @@ class OutboxSync:
         if isinstance(explicit, str):
             raise OutboxError("execution_options(cachesync_keys=...) takes a list of keys, not a string")
         if explicit:
-            self._rec(state.session, state.session.connection(), list(explicit), None)
+            self._rec(state.session, _state_connection(state), list(explicit), None)
         return True
 
     def _text(self, state: Any) -> None:
@@ -251,7 +254,7 @@ class OutboxSync:
                 self._unrecorded(f"raw SQL changes ruled table {name!r} whose keys need column values "
                                  f"({', '.join(sorted(rule.columns))}) that a text() statement does not reveal")
             else:
-                self._rec(state.session, state.session.connection(), list(rule.keys), None)
+                self._rec(state.session, _state_connection(state), list(rule.keys), None)
 
     def _unrecorded(self, problem: str) -> None:
         msg = (f"cachesync OutboxSync: {problem}; pass .execution_options(cachesync_keys=[...]) (the keys it "
@@ -269,7 +272,7 @@ class OutboxSync:
             return
         rule = self.rules.tables[name]
         if not rule.columns:
-            self._rec(state.session, state.session.connection(), list(rule.keys), None)
+            self._rec(state.session, _state_connection(state), list(rule.keys), None)
             return
         by_key = {}
         mapper = getattr(state.bind_mapper, "column_attrs", None) and state.bind_mapper
@@ -293,7 +296,7 @@ class OutboxSync:
             self._unrecorded(f"bulk INSERT into ruled table {name!r}: the new rows' key columns "
                              f"({', '.join(sorted(rule.columns))}) are not all plain values")
             return
-        conn = state.session.connection()
+        conn = _state_connection(state)
         for r in rows:
             keys = self.rules.keys_for(name, None, r)
             if keys:
@@ -313,7 +316,7 @@ class OutboxSync:
         name = getattr(table, "name", None)
         if self._explicit(state):
             return
-        conn = state.session.connection()
+        conn = _state_connection(state)
         if name is None or not self.rules.covers(name):
             return
         rule = self.rules.tables[name]
