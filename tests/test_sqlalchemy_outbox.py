@@ -398,3 +398,50 @@ def test_outbox_row_goes_to_the_database_of_the_changed_table(tmp_path):
     finally:
         ea.dispose()
         eb.dispose()
+
+
+def test_joined_table_inheritance_records_each_ruled_table(tmp_path):
+    """A joined-inheritance object writes two tables: a flush used to fail (the mapper's selectable is a join,
+    without a name); each table with a rule is recorded from its own columns."""
+    import sqlite3
+
+    from sqlalchemy import ForeignKey
+
+    class B(DeclarativeBase):
+        pass
+
+    class Person(B):
+        __tablename__ = "people"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(10))
+        name: Mapped[str] = mapped_column(String(50))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "person"}
+
+    class Manager(Person):
+        __tablename__ = "managers"
+        id: Mapped[int] = mapped_column(ForeignKey("people.id"), primary_key=True)
+        dept: Mapped[str] = mapped_column(String(50))
+        __mapper_args__ = {"polymorphic_identity": "manager"}
+
+    engine = create_engine(f"sqlite:///{tmp_path}/j.db")
+    ob = Outbox("cachesync_outbox_joined")
+    with engine.connect() as c:
+        ob.init(c.connection.dbapi_connection)
+    B.metadata.create_all(engine)
+    sync = OutboxSync(Rules({"people": {"keys": ["person:{id}", "person_by_name:{name}"]},
+                             "managers": {"keys": ["managers_of:{dept}"]}}), ob)
+    try:
+        with Session(engine) as s:
+            sync.install(s)
+            s.add(Manager(id=1, name="ann", dept="ops"))
+            s.commit()
+            m = s.get(Manager, 1)
+            s.commit()  # expires m: the old dept is read before the flush
+            m.dept = "dev"
+            s.commit()
+        with sqlite3.connect(tmp_path / "j.db") as c:
+            rows = [r[0] for r in c.execute(f"SELECT cache_keys FROM {ob.table} ORDER BY id")]
+        assert '["managers_of:ops"]' in rows and '["managers_of:ops","managers_of:dev"]' in rows, rows
+        assert '["person:1","person_by_name:ann"]' in rows, rows
+    finally:
+        engine.dispose()

@@ -58,7 +58,7 @@ _DML_TABLE = re.compile(r"\b(?:UPDATE(?:\s+OR\s+\w+)?|DELETE(?:\s+(?:LOW_PRIORIT
                         r"(?:INSERT|REPLACE)(?:\s+(?:OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY|IGNORE))*\s+INTO|"
                         r"MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)\s+(?:(?:LOW_PRIORITY|IGNORE|ONLY)\s+)*"
                         r"((?:[`\"]?\w+[`\"]?\.)*[`\"]?[A-Za-z_]\w*[`\"]?)", re.I)
-_OLD_IMAGES = "cachesync_old_images"  # flush_context.attributes: {state: committed rule columns} (_before_flush)
+_OLD_IMAGES = "cachesync_old_images"  # flush_context.attributes: {(state, table): committed rule columns}
 _DIALECTS = {"postgresql": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL, "sqlite": SQLITE}
 
 
@@ -154,6 +154,16 @@ class OutboxSync:
 
     # ------------------------------------------------------------------ ORM unit of work
 
+    def _ruled(self, mapper: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
+        """The ruled tables ``mapper`` writes (several with joined-table inheritance), each with its
+        ``(attribute, column)`` pairs."""
+        out = []
+        for t in mapper.tables:
+            name = getattr(t, "name", None)
+            if isinstance(name, str) and self.rules.covers(name):
+                out.append((name, [(p, c) for p in mapper.column_attrs for c in p.columns if c.table is t]))
+        return out
+
     def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
         """Read from the database the committed rule columns of changed / deleted rows whose old value the ORM does
         not know (an expired attribute, e.g. after ``expire_on_commit``, set again or never loaded): without it a
@@ -161,33 +171,30 @@ class OutboxSync:
         loaded: dict[Any, dict[str, Any]] = flush_context.attributes.setdefault(_OLD_IMAGES, {})
         for obj in [*session.dirty, *session.deleted]:
             state = inspect(obj)
+            if state.key is None:
+                continue
             mapper = state.mapper
-            table = mapper.persist_selectable
-            if state.key is None or not self.rules.covers(table.name):
-                continue
-            rule = self.rules.tables[table.name]
-            cols = rule.columns | ({rule.version} if rule.version else set())
-            props = [p for p in mapper.column_attrs if p.columns[0].name in cols]
-            unknown = [p for p in props if p.key not in state.dict
-                       or (state.attrs[p.key].history.added and not state.attrs[p.key].history.deleted)]
-            if not unknown:
-                continue
-            pk = mapper.primary_key
-            where = [c == v for c, v in zip(pk, state.key[1], strict=True)]
-            sel = select(*[p.columns[0] for p in props]).where(*where)
-            row = session.connection(bind_arguments={"mapper": mapper}).execute(sel).mappings().first()
-            if row is not None:
-                loaded[state] = {p.columns[0].name: row[p.columns[0]] for p in props}
+            for name, pairs in self._ruled(mapper):
+                rule = self.rules.tables[name]
+                cols = rule.columns | ({rule.version} if rule.version else set())
+                wanted = [(p, c) for p, c in pairs if c.name in cols]
+                if not any(p.key not in state.dict or (state.attrs[p.key].history.added
+                                                        and not state.attrs[p.key].history.deleted)
+                           for p, _ in wanted):
+                    continue
+                where = [c == v for c, v in zip(mapper.primary_key, state.key[1], strict=True)]
+                sel = select(*[c for _, c in wanted]).select_from(mapper.persist_selectable).where(*where)
+                row = session.connection(bind_arguments={"mapper": mapper}).execute(sel).first()
+                if row is not None:
+                    loaded[(state, name)] = {c.name: v for (_, c), v in zip(wanted, row, strict=True)}
 
     @staticmethod
-    def _images(obj: Any, loaded: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        state = inspect(obj)
-        mapper = state.mapper
-        table = mapper.persist_selectable.name
+    def _images(state: Any, pairs: list[tuple[Any, Any]],
+                loaded: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         old: dict[str, Any] = {}
         new: dict[str, Any] = {}
-        for prop in mapper.column_attrs:
-            col = prop.columns[0].name
+        for prop, column in pairs:
+            col = column.name
             hist = state.attrs[prop.key].history
             if prop.key in state.dict:
                 new[col] = state.dict[prop.key]
@@ -199,7 +206,7 @@ class OutboxSync:
                 old[col] = loaded[col]
             elif prop.key in state.dict:
                 old[col] = state.dict[prop.key]
-        return table, old, new
+        return old, new
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
         items: list[tuple[list[str], Any, Any]] = []  # (keys, version, mapper: its bind gets the row)
@@ -207,16 +214,17 @@ class OutboxSync:
                   [(o, "deleted") for o in session.deleted]
         loaded = flush_context.attributes.get(_OLD_IMAGES, {})
         for obj, kind in changes:
-            table, old, new = self._images(obj, loaded.get(inspect(obj)))
-            if not self.rules.covers(table):
+            state = inspect(obj)
+            ruled = self._ruled(state.mapper)
+            if not ruled or (kind == "dirty" and not session.is_modified(obj, include_collections=False)):
                 continue
-            if kind == "dirty" and not session.is_modified(obj, include_collections=False):
-                continue
-            o = None if kind == "new" else old
-            n = None if kind == "deleted" else new
-            keys = self.rules.keys_for(table, o, n)
-            if keys:
-                items.append((keys, self.rules.version_for(table, n if n is not None else o), inspect(obj).mapper))
+            for table, pairs in ruled:
+                old, new = self._images(state, pairs, loaded.get((state, table)))
+                o = None if kind == "new" else old
+                n = None if kind == "deleted" else new
+                keys = self.rules.keys_for(table, o, n)
+                if keys:
+                    items.append((keys, self.rules.version_for(table, n if n is not None else o), state.mapper))
         for keys, version, mapper in items:  # in the transaction of the row's own database (Session(binds=...))
             _execute(session.connection(bind_arguments={"mapper": mapper}), self.outbox, keys, version, 0.0, None)
         if items:
