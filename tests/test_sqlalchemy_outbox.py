@@ -445,3 +445,42 @@ def test_joined_table_inheritance_records_each_ruled_table(tmp_path):
         assert '["person:1","person_by_name:ann"]' in rows, rows
     finally:
         engine.dispose()
+
+
+def test_upsert_that_can_update_an_existing_row_is_refused_in_strict_mode(env, cache):
+    """INSERT ... ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE can change an existing row whose old keys the
+    statement does not reveal (only the new row's were recorded: the old email's key stayed cached)."""
+    engine, sync, ob, relay = env
+    name = engine.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif name in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert as dialect_insert  # type: ignore[assignment]
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+    with Session(engine) as s, s.begin():
+        s.add(User(id=1, email="old@x", version=1))
+    stmt = dialect_insert(User).values(id=1, email="new@x", version=2)
+    if name in ("mysql", "mariadb"):
+        upsert = stmt.on_duplicate_key_update(email=stmt.inserted.email)
+    else:
+        upsert = stmt.on_conflict_do_update(index_elements=[User.id], set_={"email": stmt.excluded.email})
+    sync.install(Session)
+    try:
+        with Session(engine) as s:
+            with pytest.raises(OutboxError, match="upsert"):
+                s.execute(upsert)
+            s.rollback()
+        with Session(engine) as s:
+            assert s.get(User, 1).email == "old@x"
+        relay.drain()
+        fill(cache, "user_by_email:old@x")
+        with Session(engine) as s, s.begin():  # explicit keys pass
+            s.execute(upsert.execution_options(cachesync_keys=["user:1", "user_by_email:old@x"]))
+        relay.drain()
+        assert invalidated(cache, "user_by_email:old@x")
+        if name not in ("mysql", "mariadb"):
+            with Session(engine) as s, s.begin():  # DO NOTHING changes no existing row: recorded from the new row
+                s.execute(stmt.on_conflict_do_nothing())
+    finally:
+        sync.uninstall(Session)

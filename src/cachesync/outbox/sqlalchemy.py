@@ -17,7 +17,9 @@ automatically:
   UPDATE by primary key (``session.execute(update(Model), [dicts])``) reads each named row the same way and
   takes its new values from the dicts.
 * Bulk ``insert(Model)`` (``.values(...)`` with plain values, or ``session.execute(insert(Model), [dicts])``):
-  keys from the new rows; an INSERT whose key columns are not all plain values (``from_select``, SQL
+  keys from the new rows; an upsert that can update an existing row (``ON CONFLICT DO UPDATE``, ``ON DUPLICATE
+  KEY UPDATE``) does not reveal that row's old keys: refused (``strict=True``) or logged and recorded from the
+  new rows only, as below; an INSERT whose key columns are not all plain values (``from_select``, SQL
   expressions, multi-row ``.values([...])``) is refused (``strict=True``) or logged, as below.
 * Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE/TRUNCATE through the session (``do_orm_execute``): the changed
   table is read from the SQL. A ruled table whose keys are constants (no ``{column}`` fields) is recorded; a
@@ -282,6 +284,11 @@ class OutboxSync:
         if not rule.columns:
             self._rec(state.session, _state_connection(state), list(rule.keys), None)
             return
+        post = getattr(stmt, "_post_values_clause", None)
+        if type(post).__name__ in ("OnConflictDoUpdate", "OnDuplicateClause"):  # strict: raises; lax: new keys only
+            self._unrecorded(f"upsert (ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE) into ruled table {name!r}: "
+                             "it can change an existing row whose old key columns "
+                             f"({', '.join(sorted(rule.columns))}) the statement does not reveal")
         by_key = {}
         mapper = getattr(state.bind_mapper, "column_attrs", None) and state.bind_mapper
         if mapper is not None:
