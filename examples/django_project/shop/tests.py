@@ -105,6 +105,13 @@ class IntegrationTests(TransactionTestCase):
         self.assertTrue(invalidated(f"comments:{a.pk}"))
         self.assertTrue(invalidated(f"comments:{b.pk}"), outbox_keys())
 
+    def test_delete_of_a_stale_instance_invalidates_the_rows_current_keys(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        Article.objects.filter(pk=a.pk).update(slug="b")  # another writer; `a` still says slug "a"
+        fill("article_slug:b")  # a reader cached the row under its current slug
+        a.delete()
+        self.assertTrue(invalidated("article_slug:b"))
+
     def test_delete_and_queryset_delete(self) -> None:
         a = Article.objects.create(slug="a", title="A")
         b = Article.objects.create(slug="b", title="B")
