@@ -39,6 +39,7 @@ CACHESYNC = {
         "shop_article": {"keys": ["article:{id}", "article_slug:{slug}", "articles:all"], "version": "version"},
         "shop_article_tags": {"keys": ["article_tags:{article_id}"]},
         "shop_tag": {"keys": ["tag:{id}"]},
+        "shop_comment": {"keys": ["comment:{id}", "comments:{article_id}"]},
     },
     "OPTIONS": {"ttl_jitter": 0.0},
 }

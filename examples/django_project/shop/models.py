@@ -16,3 +16,10 @@ class Article(models.Model):
     tags = models.ManyToManyField(Tag, related_name="articles")
 
     objects = CachesyncManager()  # bulk QuerySet.update() records its rows' keys too
+
+
+class Comment(models.Model):
+    article = models.ForeignKey(Article, on_delete=models.CASCADE, related_name="comments")
+    body = models.CharField(max_length=200)
+
+    objects = CachesyncManager()  # its rule's key is the foreign key column (comments:{article_id})

@@ -14,7 +14,7 @@ from cachesync.contrib.django.management.commands._base import database_url
 from cachesync.contrib.django.management.commands.cachesync_relay import Command as RelayCommand
 from cachesync.outbox import OutboxError
 
-from .models import Article, Tag
+from .models import Article, Comment, Tag
 
 
 def invalidated(key: str) -> bool:
@@ -87,6 +87,30 @@ class IntegrationTests(TransactionTestCase):
             raise RuntimeError
         self.assertEqual(len(outbox_keys()), n)
         self.assertFalse(invalidated(f"article:{a.pk}"))
+
+    def test_save_of_an_unsaved_instance_with_an_existing_pk_invalidates_the_old_keys(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        fill(f"article:{a.pk}", "article_slug:a", "article_slug:b")
+        Article(pk=a.pk, slug="b", title="B", version=2).save()  # _state.adding, yet Django UPDATEs the row
+        self.assertEqual(Article.objects.get(pk=a.pk).slug, "b")
+        for k in (f"article:{a.pk}", "article_slug:a", "article_slug:b"):  # the old slug's key too
+            self.assertTrue(invalidated(k), k)
+
+    def test_bulk_update_of_a_foreign_key_key_column_to_an_instance(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        b = Article.objects.create(slug="b", title="B")
+        c = Comment.objects.create(article=a, body="x")
+        fill(f"comments:{a.pk}", f"comments:{b.pk}")
+        Comment.objects.filter(pk=c.pk).update(article=b)  # a model instance: its pk is the new column value
+        self.assertTrue(invalidated(f"comments:{a.pk}"))
+        self.assertTrue(invalidated(f"comments:{b.pk}"), outbox_keys())
+
+    def test_delete_of_a_stale_instance_invalidates_the_rows_current_keys(self) -> None:
+        a = Article.objects.create(slug="a", title="A")
+        Article.objects.filter(pk=a.pk).update(slug="b")  # another writer; `a` still says slug "a"
+        fill("article_slug:b")  # a reader cached the row under its current slug
+        a.delete()
+        self.assertTrue(invalidated("article_slug:b"))
 
     def test_delete_and_queryset_delete(self) -> None:
         a = Article.objects.create(slug="a", title="A")

@@ -13,11 +13,15 @@ automatically:
   are read first with the statement's WHERE clause (``FOR UPDATE`` where supported) in the same transaction.
   An UPDATE that sets a key column to an SQL expression (not a plain value) cannot be turned into keys: it
   raises :class:`OutboxError` unless the statement carries ``execution_options(cachesync_keys=[...])``
-  (explicit keys, which always take precedence). Statements on tables without a rule are ignored.
+  (explicit keys, which always take precedence). Statements on tables without a rule are ignored. ORM bulk
+  UPDATE by primary key (``session.execute(update(Model), [dicts])``) reads each named row the same way and
+  takes its new values from the dicts.
 * Bulk ``insert(Model)`` (``.values(...)`` with plain values, or ``session.execute(insert(Model), [dicts])``):
-  keys from the new rows; an INSERT whose key columns are not all plain values (``from_select``, SQL
+  keys from the new rows; an upsert that can update an existing row (``ON CONFLICT DO UPDATE``, ``ON DUPLICATE
+  KEY UPDATE``) does not reveal that row's old keys: refused (``strict=True``) or logged and recorded from the
+  new rows only, as below; an INSERT whose key columns are not all plain values (``from_select``, SQL
   expressions, multi-row ``.values([...])``) is refused (``strict=True``) or logged, as below.
-* Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE through the session (``do_orm_execute``): the changed
+* Raw ``text()`` INSERT/UPDATE/DELETE/REPLACE/MERGE/TRUNCATE through the session (``do_orm_execute``): the changed
   table is read from the SQL. A ruled table whose keys are constants (no ``{column}`` fields) is recorded; a
   ruled table whose keys need column values cannot be turned into keys from raw SQL: with ``strict=True``
   (the default) the statement is refused with :class:`OutboxError` before it runs, with ``strict=False`` it runs
@@ -40,7 +44,7 @@ from typing import Any
 from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.elements import BindParameter, TextClause
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, TextClause
 
 from ..db import MYSQL, POSTGRESQL, SQLITE, Dialect
 from ..core.rules import Rules
@@ -48,9 +52,15 @@ from ..writepath import ORM_RECORDED
 from . import Outbox, OutboxError
 
 log = logging.getLogger("cachesync.outbox")
-_DML_START = re.compile(r"\s*(?:/\*.*?\*/\s*)*(UPDATE|DELETE|INSERT|REPLACE|MERGE|WITH)\b", re.I | re.S)
-_DML_TABLE = re.compile(r"\b(?:UPDATE|DELETE\s+FROM|INSERT\s+(?:IGNORE\s+)?INTO|REPLACE\s+INTO|MERGE\s+INTO)\s+"
-                        r"(?:ONLY\s+)?([`\"]?[A-Za-z_][\w.]*[`\"]?)", re.I)
+_DML_START = re.compile(r"\s*(?:(?:/\*.*?\*/|--[^\n]*(?:\n|$))\s*)*(UPDATE|DELETE|INSERT|REPLACE|MERGE|WITH|TRUNCATE)\b",
+                        re.I | re.S)
+# the changed table after the verb and its modifiers (MySQL LOW_PRIORITY/IGNORE/..., SQLite OR <conflict>,
+# PostgreSQL ONLY), possibly schema-qualified and quoted
+_DML_TABLE = re.compile(r"\b(?:UPDATE(?:\s+OR\s+\w+)?|DELETE(?:\s+(?:LOW_PRIORITY|QUICK|IGNORE))*\s+FROM|"
+                        r"(?:INSERT|REPLACE)(?:\s+(?:OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY|IGNORE))*\s+INTO|"
+                        r"MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)\s+(?:(?:LOW_PRIORITY|IGNORE|ONLY)\s+)*"
+                        r"((?:[`\"]?\w+[`\"]?\.)*[`\"]?[A-Za-z_]\w*[`\"]?)", re.I)
+_OLD_IMAGES = "cachesync_old_images"  # flush_context.attributes: {(state, table): committed rule columns}
 _DIALECTS = {"postgresql": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL, "sqlite": SQLITE}
 
 
@@ -78,6 +88,11 @@ def _execute(conn: Connection, ob: Outbox, keys: Sequence[str], version: Any, de
     parts = sql.split("?")
     named = "".join(p + (f":p{i}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))
     conn.execute(text(named), {f"p{i}": v for i, v in enumerate(params)})
+
+
+def _state_connection(state: Any) -> Connection:
+    """The session's connection for an ORM statement: that of the statement's own bind (``Session(binds=...)``)."""
+    return state.session.connection(bind_arguments=dict(state.bind_arguments))  # type: ignore[no-any-return]
 
 
 def record(bind: Connection | Session, *keys: str, version: Any = None, delay: float = 0.0,
@@ -123,6 +138,7 @@ class OutboxSync:
         """Listen for flushes and bulk statements on ``target`` (a Session, sessionmaker, Session class, or an
         ``async_sessionmaker`` / ``AsyncSession``); returns self."""
         t = self._target(target)
+        event.listen(t, "before_flush", self._before_flush)
         event.listen(t, "after_flush", self._after_flush)
         event.listen(t, "do_orm_execute", self._do_orm_execute)
         return self
@@ -130,6 +146,7 @@ class OutboxSync:
     def uninstall(self, target: Session | sessionmaker[Any] | type[Session] | Any) -> None:
         """Stop listening on ``target``."""
         t = self._target(target)
+        event.remove(t, "before_flush", self._before_flush)
         event.remove(t, "after_flush", self._after_flush)
         event.remove(t, "do_orm_execute", self._do_orm_execute)
 
@@ -139,45 +156,81 @@ class OutboxSync:
 
     # ------------------------------------------------------------------ ORM unit of work
 
+    def _ruled(self, mapper: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
+        """The ruled tables ``mapper`` writes (several with joined-table inheritance), each with its
+        ``(attribute, column)`` pairs."""
+        out = []
+        for t in mapper.tables:
+            name = getattr(t, "name", None)
+            if isinstance(name, str) and self.rules.covers(name):
+                out.append((name, [(p, c) for p in mapper.column_attrs for c in p.columns if c.table is t]))
+        return out
+
+    def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        """Read from the database the committed rule columns of changed / deleted rows whose old value the ORM does
+        not know (an expired attribute, e.g. after ``expire_on_commit``, set again or never loaded): without it a
+        changed key column would not invalidate the old key."""
+        loaded: dict[Any, dict[str, Any]] = flush_context.attributes.setdefault(_OLD_IMAGES, {})
+        for obj in [*session.dirty, *session.deleted]:
+            state = inspect(obj)
+            if state.key is None:
+                continue
+            mapper = state.mapper
+            for name, pairs in self._ruled(mapper):
+                rule = self.rules.tables[name]
+                cols = rule.columns | ({rule.version} if rule.version else set())
+                wanted = [(p, c) for p, c in pairs if c.name in cols]
+                if not any(p.key not in state.dict or (state.attrs[p.key].history.added
+                                                        and not state.attrs[p.key].history.deleted)
+                           for p, _ in wanted):
+                    continue
+                where = [c == v for c, v in zip(mapper.primary_key, state.key[1], strict=True)]
+                sel = select(*[c for _, c in wanted]).select_from(mapper.persist_selectable).where(*where)
+                row = session.connection(bind_arguments={"mapper": mapper}).execute(sel).first()
+                if row is not None:
+                    loaded[(state, name)] = {c.name: v for (_, c), v in zip(wanted, row, strict=True)}
+
     @staticmethod
-    def _images(obj: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        state = inspect(obj)
-        mapper = state.mapper
-        table = mapper.persist_selectable.name
+    def _images(state: Any, pairs: list[tuple[Any, Any]],
+                loaded: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         old: dict[str, Any] = {}
         new: dict[str, Any] = {}
-        for prop in mapper.column_attrs:
-            col = prop.columns[0].name
+        for prop, column in pairs:
+            col = column.name
             hist = state.attrs[prop.key].history
             if prop.key in state.dict:
                 new[col] = state.dict[prop.key]
+            elif loaded and col in loaded:  # not loaded, not changed: the committed value
+                new[col] = loaded[col]
             if hist.deleted:
                 old[col] = hist.deleted[0]
+            elif loaded and col in loaded:  # the value before this flush, read by _before_flush
+                old[col] = loaded[col]
             elif prop.key in state.dict:
                 old[col] = state.dict[prop.key]
-        return table, old, new
+        return old, new
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
-        items: list[tuple[list[str], Any]] = []
+        items: list[tuple[list[str], Any, Any]] = []  # (keys, version, mapper: its bind gets the row)
         changes = [(o, "new") for o in session.new] + [(o, "dirty") for o in session.dirty] + \
                   [(o, "deleted") for o in session.deleted]
+        loaded = flush_context.attributes.get(_OLD_IMAGES, {})
         for obj, kind in changes:
-            table, old, new = self._images(obj)
-            if not self.rules.covers(table):
+            state = inspect(obj)
+            ruled = self._ruled(state.mapper)
+            if not ruled or (kind == "dirty" and not session.is_modified(obj, include_collections=False)):
                 continue
-            if kind == "dirty" and not session.is_modified(obj, include_collections=False):
-                continue
-            o = None if kind == "new" else old
-            n = None if kind == "deleted" else new
-            keys = self.rules.keys_for(table, o, n)
-            if keys:
-                items.append((keys, self.rules.version_for(table, n if n is not None else o)))
-        if not items:
-            return
-        conn = session.connection()
-        for keys, version in items:
-            _execute(conn, self.outbox, keys, version, 0.0, None)
-        session.info.setdefault(ORM_RECORDED, []).extend(items)
+            for table, pairs in ruled:
+                old, new = self._images(state, pairs, loaded.get((state, table)))
+                o = None if kind == "new" else old
+                n = None if kind == "deleted" else new
+                keys = self.rules.keys_for(table, o, n)
+                if keys:
+                    items.append((keys, self.rules.version_for(table, n if n is not None else o), state.mapper))
+        for keys, version, mapper in items:  # in the transaction of the row's own database (Session(binds=...))
+            _execute(session.connection(bind_arguments={"mapper": mapper}), self.outbox, keys, version, 0.0, None)
+        if items:
+            session.info.setdefault(ORM_RECORDED, []).extend((k, v) for k, v, _ in items)
 
     # ------------------------------------------------------------------ bulk statements
 
@@ -188,7 +241,7 @@ class OutboxSync:
         if isinstance(explicit, str):
             raise OutboxError("execution_options(cachesync_keys=...) takes a list of keys, not a string")
         if explicit:
-            self._rec(state.session, state.session.connection(), list(explicit), None)
+            self._rec(state.session, _state_connection(state), list(explicit), None)
         return True
 
     def _text(self, state: Any) -> None:
@@ -197,7 +250,7 @@ class OutboxSync:
         start = _DML_START.match(sql)
         if start is None or self._explicit(state):
             return
-        tables = [m.group(1).strip('`"').rsplit(".", 1)[-1] for m in _DML_TABLE.finditer(sql)]
+        tables = [m.group(1).rsplit(".", 1)[-1].strip('`"') for m in _DML_TABLE.finditer(sql)]
         if not tables:
             if start.group(1).upper() == "WITH":
                 return  # a WITH ... SELECT
@@ -211,7 +264,7 @@ class OutboxSync:
                 self._unrecorded(f"raw SQL changes ruled table {name!r} whose keys need column values "
                                  f"({', '.join(sorted(rule.columns))}) that a text() statement does not reveal")
             else:
-                self._rec(state.session, state.session.connection(), list(rule.keys), None)
+                self._rec(state.session, _state_connection(state), list(rule.keys), None)
 
     def _unrecorded(self, problem: str) -> None:
         msg = (f"cachesync OutboxSync: {problem}; pass .execution_options(cachesync_keys=[...]) (the keys it "
@@ -229,8 +282,13 @@ class OutboxSync:
             return
         rule = self.rules.tables[name]
         if not rule.columns:
-            self._rec(state.session, state.session.connection(), list(rule.keys), None)
+            self._rec(state.session, _state_connection(state), list(rule.keys), None)
             return
+        post = getattr(stmt, "_post_values_clause", None)
+        if type(post).__name__ in ("OnConflictDoUpdate", "OnDuplicateClause"):  # strict: raises; lax: new keys only
+            self._unrecorded(f"upsert (ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE) into ruled table {name!r}: "
+                             "it can change an existing row whose old key columns "
+                             f"({', '.join(sorted(rule.columns))}) the statement does not reveal")
         by_key = {}
         mapper = getattr(state.bind_mapper, "column_attrs", None) and state.bind_mapper
         if mapper is not None:
@@ -253,7 +311,7 @@ class OutboxSync:
             self._unrecorded(f"bulk INSERT into ruled table {name!r}: the new rows' key columns "
                              f"({', '.join(sorted(rule.columns))}) are not all plain values")
             return
-        conn = state.session.connection()
+        conn = _state_connection(state)
         for r in rows:
             keys = self.rules.keys_for(name, None, r)
             if keys:
@@ -273,7 +331,7 @@ class OutboxSync:
         name = getattr(table, "name", None)
         if self._explicit(state):
             return
-        conn = state.session.connection()
+        conn = _state_connection(state)
         if name is None or not self.rules.covers(name):
             return
         rule = self.rules.tables[name]
@@ -297,6 +355,10 @@ class OutboxSync:
         missing = [c for c in cols if c not in table.c]
         if missing:
             raise OutboxError(f"rule for table {name!r} names column(s) {missing} the table does not have")
+        params = state.parameters
+        if state.is_update and isinstance(params, list) and params and state.bind_mapper is not None:
+            self._bulk_by_pk(state, conn, name, table, cols, params)
+            return
         sel = select(*[table.c[c] for c in cols]).where(*stmt._where_criteria)
         if _dialect(conn).for_update:
             sel = sel.with_for_update()
@@ -306,6 +368,35 @@ class OutboxSync:
             keys = self.rules.keys_for(name, old, new)
             if keys:
                 self._rec(state.session, conn, keys, self.rules.version_for(name, new or old))
+
+    def _bulk_by_pk(self, state: Any, conn: Connection, name: str, table: Any, cols: list[str],
+                    params: list[Mapping[str, Any]]) -> None:
+        """ORM bulk UPDATE by primary key (``session.execute(update(Model), [dicts])``): each dict names one row by
+        its primary key and carries its new values; the row's rule columns are read first (``FOR UPDATE``)."""
+        mapper = state.bind_mapper
+        by_key = {prop.key: prop.columns[0].name for prop in mapper.column_attrs}
+        pk = [c.name for c in mapper.primary_key]
+        rule = self.rules.tables[name]
+        for p in params:
+            values = {by_key.get(k, k): v for k, v in p.items()}
+            for c in rule.columns:
+                if c in values and isinstance(values[c], ClauseElement):
+                    raise OutboxError(
+                        f"cannot derive cache keys for bulk UPDATE of {name!r}: it sets key column {c!r} to an SQL "
+                        "expression; set a plain value, or pass .execution_options(cachesync_keys=[...])")
+            if not all(c in values for c in pk):
+                raise OutboxError(f"bulk UPDATE of {name!r} by primary key: a parameter set lacks the primary key")
+            sel = select(*[table.c[c] for c in cols]).where(*[table.c[c] == values[c] for c in pk],
+                                                             *state.statement._where_criteria)
+            if _dialect(conn).for_update:
+                sel = sel.with_for_update()
+            for row in conn.execute(sel).mappings():
+                old = dict(row)
+                new = {**old, **{c: (None if isinstance(values[c], ClauseElement) else values[c])
+                                 for c in cols if c in values}}
+                keys = self.rules.keys_for(name, old, new)
+                if keys:
+                    self._rec(state.session, conn, keys, self.rules.version_for(name, new))
 
 
 __all__ = ["OutboxSync", "record"]

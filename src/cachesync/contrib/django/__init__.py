@@ -5,7 +5,9 @@ What is recorded in the outbox **inside the writer's transaction** and invalidat
 ``transaction.on_commit`` (the production write path: at once after the commit, and durably by the relay):
 
 * ``Model.save()`` / ``Model.delete()`` and ``QuerySet.delete()`` of a model whose table has a rule (signals
-  ``pre_save``/``post_save``, ``post_delete``; ``QuerySet.delete()`` sends them per row while cachesync listens);
+  ``pre_save``/``post_save``, ``pre_delete``/``post_delete``; ``QuerySet.delete()`` sends them per row while cachesync
+  listens; the deleted row's key columns are read before the DELETE, so a stale instance still invalidates the row's
+  current keys);
   the old image's key columns are read before an UPDATE, so a changed key column invalidates old and new keys;
 * ``m2m_changed`` (add/remove/clear): the keys of the instance, and of the through table when it has a rule;
 * ``QuerySet.update()``, ``bulk_create()`` and ``bulk_update()`` (no signals): through :class:`CachesyncQuerySet`

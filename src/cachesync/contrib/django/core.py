@@ -169,7 +169,12 @@ def _groups(model: type[models.Model], old: Mapping[str, Any] | None,
 def _pre_save(sender: type[models.Model], instance: models.Model, raw: bool = False, using: str = "default",
               **kw: Any) -> None:
     rule = _rule(sender)
-    if rule is None or instance._state.adding or instance.pk is None or not rule.columns:
+    # not skipped for _state.adding: an unsaved instance with the pk of an existing row is saved as an UPDATE
+    # (Django forces an INSERT only when the pk has a default)
+    if rule is None or instance.pk is None or not rule.columns:
+        return
+    pk = sender._meta.pk
+    if instance._state.adding and pk is not None and pk.has_default():
         return
     names = _attnames(sender, rule.columns)
     row = sender._base_manager.using(using).filter(pk=instance.pk).values(*names.values()).first()
@@ -185,10 +190,29 @@ def _post_save(sender: type[models.Model], instance: models.Model, created: bool
     _record(_groups(sender, old, _image(instance)), using)
 
 
+def _pre_delete(sender: type[models.Model], instance: models.Model, using: str = "default", **kw: Any) -> None:
+    """Read the row's rule columns as the database has them (``FOR UPDATE``, inside the delete's transaction): the
+    instance may be stale (another writer changed a key column since it was loaded), and the keys the cache
+    holds the row under are the current ones."""
+    rule = _rule(sender)
+    if rule is None or instance.pk is None or not rule.columns:
+        return
+    names = _attnames(sender, _rule_cols(rule))
+    qs = sender._base_manager.using(using).filter(pk=instance.pk)
+    if dialect_for(connections[using]).for_update and connections[using].in_atomic_block:
+        qs = qs.select_for_update()
+    row = qs.values(*names.values()).first()
+    instance.__dict__["_cachesync_deleted"] = None if row is None else {c: row[a] for c, a in names.items()}
+
+
 def _post_delete(sender: type[models.Model], instance: models.Model, using: str = "default", **kw: Any) -> None:
     if _rule(sender) is None:
         return
-    _record(_groups(sender, _image(instance), None), using)
+    image, current = _image(instance), instance.__dict__.pop("_cachesync_deleted", None)
+    groups = _groups(sender, image, None)
+    if current is not None and any(image.get(c) != v for c, v in current.items()):
+        groups += _groups(sender, {**image, **current}, None)  # and the row's current keys
+    _record(groups, using)
 
 
 def _m2m_changed(sender: type[models.Model], instance: models.Model, action: str, reverse: bool,
@@ -229,6 +253,7 @@ def connect_signals() -> None:
     """Listen for saves, deletes and m2m changes of every model (a model without a rule is ignored)."""
     signals.pre_save.connect(_pre_save, dispatch_uid="cachesync_pre_save")
     signals.post_save.connect(_post_save, dispatch_uid="cachesync_post_save")
+    signals.pre_delete.connect(_pre_delete, dispatch_uid="cachesync_pre_delete")
     signals.post_delete.connect(_post_delete, dispatch_uid="cachesync_post_delete")
     signals.m2m_changed.connect(_m2m_changed, dispatch_uid="cachesync_m2m_changed")
 
@@ -255,7 +280,10 @@ class CachesyncQuerySet(models.QuerySet[Any]):
             meta = self.model._meta
             set_values: dict[str, Any] = {}
             for name, v in kwargs.items():
-                col = meta.get_field(name).column
+                field = meta.get_field(name)
+                col = field.column
+                if getattr(field, "remote_field", None) is not None and hasattr(v, "prepare_database_save"):
+                    v = v.prepare_database_save(field)  # a model instance: the column gets its key (as Django does)
                 expr = hasattr(v, "resolve_expression")
                 if col in rule.columns and expr:
                     if settings_value("STRICT"):
