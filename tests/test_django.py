@@ -25,4 +25,4 @@ def test_django_project_tests_pass(db, request, redis_url, namespace, tmp_path):
     p = subprocess.run([sys.executable, "manage.py", "test", "shop", "--noinput", "-v", "2"], cwd=PROJECT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
-    assert "Ran 17 tests" in p.stderr and "OK" in p.stderr
+    assert "Ran 18 tests" in p.stderr and "OK" in p.stderr

@@ -43,6 +43,17 @@ def outbox_keys() -> list[str]:
         return [k for (row,) in cur.fetchall() for k in json.loads(row)]
 
 
+def _waiting_for_a_lock() -> bool:
+    """Whether another backend of this database waits on a row lock (PostgreSQL: pg_stat_activity; MariaDB:
+    information_schema.innodb_trx)."""
+    with connection.cursor() as cur:
+        if connection.vendor == "postgresql":
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = "
+                        "current_database()")
+        else:
+            cur.execute("SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")
+        return bool(cur.fetchone()[0])
+
 class IntegrationTests(TransactionTestCase):
     def tearDown(self) -> None:
         reset()
@@ -104,6 +115,65 @@ class IntegrationTests(TransactionTestCase):
         Comment.objects.filter(pk=c.pk).update(article=b)  # a model instance: its pk is the new column value
         self.assertTrue(invalidated(f"comments:{a.pk}"))
         self.assertTrue(invalidated(f"comments:{b.pk}"), outbox_keys())
+
+    def test_concurrent_saves_changing_a_key_column_record_the_key_the_row_had(self) -> None:
+        """Two transactions change the same row's key column: the second one's save reads the old key columns
+        FOR UPDATE, so it waits for the first and records the key the row has then (b), not the one it had
+        before the first committed (a). (Without the lock it recorded a and c: article_slug:b, cached by a
+        reader between the two commits, stayed stale.)"""
+        import threading
+
+        if connection.vendor not in ("postgresql", "mysql"):
+            self.skipTest("row locks: PostgreSQL and MariaDB")
+        n0 = len(outbox_keys())  # the outbox table keeps earlier tests' rows
+        a = Article.objects.create(slug="a", title="A")
+        first_saved, release = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                with transaction.atomic():
+                    x = Article.objects.get(pk=a.pk)
+                    x.slug = "b"
+                    x.save()  # holds the row lock until the commit
+                    first_saved.set()
+                    release.wait(30)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                first_saved.set()
+                connection.close()
+
+        t = threading.Thread(target=first)
+        t.start()
+        self.assertTrue(first_saved.wait(30))
+        y = Article.objects.get(pk=a.pk)  # still slug "a": the first has not committed
+        self.assertEqual(y.slug, "a")
+
+        def second() -> None:
+            try:
+                with transaction.atomic():
+                    y.slug = "c"
+                    y.save()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                connection.close()
+
+        t2 = threading.Thread(target=second)
+        t2.start()
+        # the second save waits for the first's row lock (in its pre_save read, with the fix; in its UPDATE, without)
+        import time
+
+        deadline = time.monotonic() + 30
+        while not _waiting_for_a_lock() and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling an observable condition (a backend waiting on a lock), not a timed wait
+        release.set()
+        t.join(30)
+        t2.join(30)
+        self.assertEqual(errors, [])
+        keys = outbox_keys()[n0:]
+        self.assertEqual(keys.count("article_slug:b"), 2, keys)  # the first's new key, and the second's old key
 
     def test_delete_of_a_stale_instance_invalidates_the_rows_current_keys(self) -> None:
         a = Article.objects.create(slug="a", title="A")

@@ -177,7 +177,13 @@ def _pre_save(sender: type[models.Model], instance: models.Model, raw: bool = Fa
     if instance._state.adding and pk is not None and pk.has_default():
         return
     names = _attnames(sender, rule.columns)
-    row = sender._base_manager.using(using).filter(pk=instance.pk).values(*names.values()).first()
+    qs = sender._base_manager.using(using).filter(pk=instance.pk)
+    if dialect_for(connections[using]).for_update and connections[using].in_atomic_block:
+        # FOR UPDATE, in the save's transaction: a concurrent save of the row waits for it and reads the key
+        # columns as that one left them (without the lock it recorded the keys the row had before the other
+        # committed, and the other's new key, cached in between by a reader, stayed stale)
+        qs = qs.select_for_update()
+    row = qs.values(*names.values()).first()
     instance.__dict__["_cachesync_old"] = None if row is None else {c: row[a] for c, a in names.items()}
 
 
