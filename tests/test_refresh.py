@@ -273,3 +273,36 @@ async def test_background_refresher_task(redis_url: str, namespace: str) -> None
         assert r._task.done()
     finally:
         await c.aclose()
+
+
+def test_background_refresher_backs_off_when_a_refresh_serves_the_last_good_value(redis_url: str,
+                                                                                  namespace: str) -> None:
+    """A failing loader while a young last good value is held: ``handle.refresh()`` returns that value (no
+    exception), and the refresher must still count a failure and wait ``retry_interval`` -- not call the loader
+    again in a hot loop until ``max_age`` (the refresher's clock is frozen, so only a hot loop retries)."""
+    calls: list[int] = []
+    failed = threading.Event()
+
+    def load() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            return "v1"
+        failed.set()
+        raise RuntimeError("db down")
+
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        plan = RefreshAhead(c, "plan", load, ttl=600.0, max_age=3600.0)
+        assert plan.get() == "v1"
+        c.invalidate("plan")
+        plan.state.on_invalidate(["plan"])  # as the L1 listener does: refresh at once
+        frozen = FakeClock()
+        with cachesync.Refresher(c, max_interval=100.0, retry_interval=100.0, clock=frozen) as r:
+            r.add(plan)
+            assert failed.wait(10)
+            wait_for(lambda: r.stats["failures"] == 1 or len(calls) > 20, "the failed refresh")
+            assert r.stats == {"refreshes": 0, "failures": 1}
+            assert len(calls) == 2  # one failed background refresh, then a wait of retry_interval
+            assert plan.get() == "v1"  # the reader still gets the last good value
+    finally:
+        c.close()

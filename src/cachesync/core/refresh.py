@@ -273,8 +273,10 @@ def background_flow(core: BackgroundCore) -> Generator[Any, Any, None]:
             if core.closed:
                 return
             if core.due_at(h) <= now:
+                failures = h.state.failures
                 ok = yield RefreshNow(h)
-                core.done(h, bool(ok))
+                # a failed refresh that served the last good value returns normally: still a failure (retry later)
+                core.done(h, bool(ok) and h.state.failures == failures)
         now = core.clock()
         nxt = min((core.due_at(h) for h in core.handles), default=math.inf)
         yield WaitFor(max(0.0, min(core.max_interval, nxt - now)))
