@@ -68,3 +68,19 @@ async def test_async_bloom(acache: cachesync.AsyncCache) -> None:
     assert await bf.rebuild(["a", "b"])
     assert await bf.might_contain("a") and await bf.add("c") and await bf.might_contain("c")
     assert await bf.get("zzz-not-there", "k", lambda: 1) is NOT_FOUND or await bf.might_contain("zzz-not-there")
+
+
+@pytest.mark.parametrize("first_build", [True, False])
+def test_rebuild_keeps_an_id_added_between_reading_the_table_and_the_rebuild(cache: cachesync.Cache,
+                                                                              first_build: bool) -> None:
+    """``users.rebuild(all_user_ids())`` reads the table *before* the rebuild starts: a row committed after that
+    read and added (``add``) before ``rebuild`` begins must not be dropped by the swap -- that would be a false
+    negative, a "certainly absent" for a row that exists, until the next rebuild."""
+    bf = BloomFilter(cache, "late", expected_items=1000, fp_rate=0.001)
+    if not first_build:
+        assert bf.rebuild(range(10))
+    table = list(range(100))  # the ids read from the database
+    assert bf.add("committed-after-the-read") is not first_build  # a writer, after its commit
+    assert bf.rebuild(table)
+    assert bf.might_contain("committed-after-the-read")
+    assert all(bf.might_contain_many(table))

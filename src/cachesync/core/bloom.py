@@ -13,7 +13,9 @@ one Redis string shared by every process, set and tested by ``bloom_add.lua`` / 
 
 The filter exists only once :meth:`BloomFilter.rebuild` has built it from the database (so it is never
 partial); until then every id is "maybe". Writers call :meth:`BloomFilter.add` after committing a new row.
-A rebuild builds a new bit string and swaps it in with ``RENAME``; ids added while it runs are set in both.
+A rebuild builds a new bit string and swaps it in with ``RENAME``; every id added since the previous swap is
+ORed into it (also kept in ``<filter>:adds``), so ids read from the table before the rebuild started, and rows
+committed after that read, are all in the new filter.
 :class:`BloomFilter` (sync) and :class:`AsyncBloomFilter` drive the same flows. Redis Cluster: all keys of one
 filter share a hash tag.
 """
@@ -61,6 +63,7 @@ class BloomCore:
         base = f"cs:{namespace}:{{bloom:{name}}}"
         self.key = f"{base}:m{self.m}k{self.k}"  # a process sized differently uses a different filter
         self.marker = self.key + ":rebuilding"
+        self.adds = self.key + ":adds"  # every id added since the last swap (kept by the next rebuild)
 
     def offsets(self, item: object) -> list[int]:
         d = hashlib.blake2b(_id_bytes(item), digest_size=16).digest()
@@ -86,7 +89,7 @@ def add_flow(core: BloomCore, items: Iterable[object]) -> P.Flow[bool]:
     if not offs:
         return False
     try:
-        return bool(int((yield from P.script("bloom_add", [core.key, core.marker], offs))))
+        return bool(int((yield from P.script("bloom_add", [core.key, core.marker, core.adds], offs))))
     except P.RedisDown as e:
         raise e.cause from None
 
@@ -108,7 +111,7 @@ def check_flow(core: BloomCore, items: list[object]) -> P.Flow[list[bool]]:
 def rebuild_flow(core: BloomCore, items: Iterable[object]) -> P.Flow[bool]:
     token = P.new_token()
     building, scratch = f"{core.key}:b:{token}", f"{core.key}:s:{token}"
-    keys = [core.key, building, core.marker, scratch]
+    keys = [core.key, building, core.marker, scratch, core.adds]
     try:
         yield from P.script("bloom_rebuild", keys, ["begin", core.rebuild_ms])
         bits = core.bits(items)
