@@ -306,3 +306,35 @@ def test_background_refresher_backs_off_when_a_refresh_serves_the_last_good_valu
             assert plan.get() == "v1"  # the reader still gets the last good value
     finally:
         c.close()
+
+
+def test_a_hung_refresh_does_not_make_readers_serve_the_held_value_past_max_age(redis_url: str,
+                                                                                namespace: str) -> None:
+    """While one refresh runs, other readers serve the held value; but a refresh that hangs (a loader stuck on a
+    lock) must not make them serve it past ``max_age`` -- the bound a failing refresh has. Past it a reader
+    refreshes itself."""
+    clock = FakeClock()
+    db = {"plan": "v1"}
+    hang, entered = threading.Event(), threading.Event()
+
+    def load() -> str:
+        if threading.current_thread().name == "stuck":
+            entered.set()
+            hang.wait(30)
+        return db["plan"]
+
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0, max_wait=0.05)
+    try:
+        plan = RefreshAhead(c, "plan", load, ttl=60.0, max_age=600.0, clock=clock, rand=lambda: 0.999)
+        assert plan.get() == "v1"
+        db["plan"] = "v2"
+        c.invalidate("plan")
+        stuck = threading.Thread(target=plan.refresh, name="stuck", daemon=True)
+        stuck.start()
+        assert entered.wait(10)  # a refresh is running (and hangs)
+        assert plan.get() == "v1"  # within max_age: the held value, no second load
+        clock.t = 601.0  # past max_age
+        assert plan.get() == "v2"  # not the 601 s old value
+    finally:
+        hang.set()
+        c.close()

@@ -109,7 +109,9 @@ class RefreshState:
         with self._lock:
             now = self.clock()
             if self.entry is not None:
-                if self.refreshing:  # someone else in this process is refreshing: serve what we hold
+                if self.refreshing and now - self.fetched_at <= self.o.max_age:
+                    # someone else in this process is refreshing: serve what we hold -- but no longer than a
+                    # failing refresh would (a hung refresh must not serve a value forever)
                     return None
                 if not (force or self.due or self.always or now >= self.expiry):
                     if not xfetch_due(now, self.expiry, self.delta, self.o.beta, 1.0 - self.rand()):
