@@ -338,3 +338,51 @@ def test_a_hung_refresh_does_not_make_readers_serve_the_held_value_past_max_age(
     finally:
         hang.set()
         c.close()
+
+
+def test_background_refresher_waits_while_a_reader_refresh_runs(redis_url: str, namespace: str) -> None:
+    """A key is due (invalidated) while a reader's refresh of it runs (here: hangs): the refresher's
+    ``refresh()`` only serves the held value; it must wait ``retry_interval``, not spin calling it."""
+    db = {"plan": "v1"}
+    hang, entered = threading.Event(), threading.Event()
+
+    def load() -> str:
+        if threading.current_thread().name == "stuck":
+            entered.set()
+            hang.wait(30)
+        return db["plan"]
+
+    calls: list[int] = []
+
+    class Counted(RefreshAhead):
+        def refresh(self):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return super().refresh()
+
+    waits: list[float | None] = []
+
+    class SpyEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    c = cachesync.Cache(redis_url, namespace=namespace, ttl_jitter=0.0)
+    try:
+        plan = Counted(c, "plan", load, ttl=600.0)
+        assert plan.get() == "v1"
+        c.invalidate("plan")
+        stuck = threading.Thread(target=plan.get_entry, name="stuck", daemon=True)
+        plan.state.on_invalidate(["plan"])  # due: the reader "stuck" refreshes (and hangs)
+        stuck.start()
+        assert entered.wait(10)
+        with cachesync.Refresher(c, max_interval=100.0, retry_interval=100.0, clock=FakeClock()) as r:
+            orig, spy = r._wake, SpyEvent()
+            r._wake, r.core.wake = spy, spy.set
+            r.add(plan)
+            orig.set()
+            wait_for(lambda: bool(waits) or len(calls) > 20, "the refresher's wait")
+            assert len(calls) == 1 and waits == [pytest.approx(100.0)]
+            hang.set()
+    finally:
+        hang.set()
+        c.close()

@@ -262,6 +262,11 @@ class BackgroundCore:
             self.failures += 1
             self._retry_at[id(handle)] = self.clock() + self.retry_interval
 
+    def skipped(self, handle: Any) -> None:
+        """``handle`` was not refreshed (a reader's refresh of it is running): look again after
+        ``retry_interval`` rather than at once (a hot loop while that refresh runs)."""
+        self._retry_at[id(handle)] = self.clock() + self.retry_interval
+
     def close(self) -> None:
         self.closed = True
         self.wake()
@@ -275,10 +280,14 @@ def background_flow(core: BackgroundCore) -> Generator[Any, Any, None]:
             if core.closed:
                 return
             if core.due_at(h) <= now:
-                failures = h.state.failures
+                st: RefreshState = h.state
+                failures, refreshes = st.failures, st.refreshes
                 ok = yield RefreshNow(h)
-                # a failed refresh that served the last good value returns normally: still a failure (retry later)
-                core.done(h, bool(ok) and h.state.failures == failures)
+                if ok and st.failures == failures and st.refreshes == refreshes:
+                    core.skipped(h)  # another refresh of the key is running: it served the held value
+                else:
+                    # a failed refresh that served the last good value returns normally: still a failure
+                    core.done(h, bool(ok) and st.failures == failures)
         now = core.clock()
         nxt = min((core.due_at(h) for h in core.handles), default=math.inf)
         yield WaitFor(max(0.0, min(core.max_interval, nxt - now)))
