@@ -25,7 +25,7 @@ class BloomFilter:
         self.core = BloomCore(cache.options.namespace, name, expected_items, fp_rate, rebuild_timeout)
 
     def add(self, *items: object) -> bool:
-        """Set the bits of ``items`` (call after committing new rows). False if the filter is not built yet."""
+        """Set the bits of ``items`` (call before committing new rows: a rolled-back id is only a false positive). False if the filter is not built yet."""
         return self.cache.run(add_flow(self.core, items))
 
     def might_contain_many(self, items: Iterable[object]) -> list[bool]:

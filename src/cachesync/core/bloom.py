@@ -12,7 +12,8 @@ from double hashing (Kirsch & Mitzenmacher 2006) of a BLAKE2b digest, computed i
 one Redis string shared by every process, set and tested by ``bloom_add.lua`` / ``bloom_check.lua``.
 
 The filter exists only once :meth:`BloomFilter.rebuild` has built it from the database (so it is never
-partial); until then every id is "maybe". Writers call :meth:`BloomFilter.add` after committing a new row.
+partial); until then every id is "maybe". Writers call :meth:`BloomFilter.add` before committing a new row
+(after the commit, a guarded read between the row's invalidation and the add caches a negative entry).
 A rebuild builds a new bit string and swaps it in with ``RENAME``; every id added since the previous swap is
 ORed into it (also kept in ``<filter>:adds``), so ids read from the table before the rebuild started, and rows
 committed after that read, are all in the new filter.
