@@ -335,6 +335,8 @@ def test_a_hung_refresh_does_not_make_readers_serve_the_held_value_past_max_age(
         assert plan.get() == "v1"  # within max_age: the held value, no second load
         clock.t = 601.0  # past max_age
         assert plan.get() == "v2"  # not the 601 s old value
+        hang.set()
+        stuck.join(10)  # no stray I/O after the test
     finally:
         hang.set()
         c.close()
@@ -383,6 +385,7 @@ def test_background_refresher_waits_while_a_reader_refresh_runs(redis_url: str, 
             wait_for(lambda: bool(waits) or len(calls) > 20, "the refresher's wait")
             assert len(calls) == 1 and waits == [pytest.approx(100.0)]
             hang.set()
+            stuck.join(10)  # no stray I/O after the test
     finally:
         hang.set()
         c.close()
