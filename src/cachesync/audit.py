@@ -194,6 +194,9 @@ class Auditor:
                 c = _compile(rule, t)
                 if c is not None:
                     self.templates.append(c)
+        # the most specific template first: "u:{id}" also matches "u:1:p" (id "1:p"), whose own template is
+        # "u:{id}:p"; judged against the wrong table, a stale entry can pass (MariaDB casts '1:p' to 1)
+        self.templates.sort(key=lambda t: -len(re.sub(r"\{[^{}]*\}", "", t.template)))
         if rules is not None and not self.templates:
             raise AuditError("no rule has a version column and a key template with fields: nothing to audit "
                              "(add version = \"<column>\" to the tables' rules)")
