@@ -250,3 +250,15 @@ def test_overlapping_templates_judge_a_key_by_its_most_specific_template(world: 
         assert [(f.key, f.kind, f.table, f.db_version) for f in r.stale] == [("u:1:p", "stale", child, 2)]
     finally:
         world.sql(f"DROP TABLE IF EXISTS {child}")
+
+
+def test_a_key_whose_field_the_column_type_refuses_does_not_stop_the_audit(world: World) -> None:
+    """``u:abc`` matches ``u:{id}`` but 'abc' is no INTEGER: PostgreSQL refuses the SELECT (the whole audit
+    failed). No row can have that id: a value cached there is ``deleted``, as SQLite and MariaDB answer; the audit
+    of the others goes on and still finds the stale ``u:1``."""
+    world.sql(f"INSERT INTO {world.table} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    world.sql(f"UPDATE {world.table} SET version = 2 WHERE id = 1")  # a lost invalidation: u:1 is stale
+    world.cache.set("u:abc", "not a row's entry")
+    r = world.auditor().run()
+    assert sorted((f.key, f.kind) for f in r.stale) == [("u:1", "stale"), ("u:abc", "deleted")]
