@@ -232,3 +232,33 @@ def test_cli_loader(world: World, tmp_path, redis_url: str) -> None:
     assert [f["key"] for f in doc["stale"]] == ["ld:2"] and doc["consistent"] == 1
     p = subprocess.run(cmd[:-7] + ["--loader", "nope:load"], capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2 and "cannot be imported" in p.stderr
+
+
+def test_overlapping_templates_judge_a_key_by_its_most_specific_template(world: World) -> None:
+    """``u:{id}`` also matches ``u:1:p`` (id = "1:p"): the key of a child table's template ``u:{id}:p`` must be
+    judged against that table's row, not the parent's (MariaDB casts '1:p' to 1 and finds the parent's row 1,
+    whose version can equal the stale cached one: a stale entry reported consistent)."""
+    child = world.table + "_p"
+    world.sql(f"CREATE TABLE {child} (id INTEGER PRIMARY KEY, version INTEGER)")
+    try:
+        world.sql(f"INSERT INTO {world.table} VALUES (1, 'a@x', 1)")
+        world.sql(f"INSERT INTO {child} VALUES (1, 2)")  # the child row is at version 2
+        world.cache.get("u:1:p", lambda: Versioned("old profile", 1))  # cached at version 1: stale
+        rules = Rules({world.table: {"keys": ["u:{id}"], "version": "version"},
+                       child: {"keys": ["u:{id}:p"], "version": "version"}})
+        r = Auditor(world.cache, world.url, rules, grace=0).run()
+        assert [(f.key, f.kind, f.table, f.db_version) for f in r.stale] == [("u:1:p", "stale", child, 2)]
+    finally:
+        world.sql(f"DROP TABLE IF EXISTS {child}")
+
+
+def test_a_key_whose_field_the_column_type_refuses_does_not_stop_the_audit(world: World) -> None:
+    """``u:abc`` matches ``u:{id}`` but 'abc' is no INTEGER: PostgreSQL refuses the SELECT (the whole audit
+    failed). No row can have that id: a value cached there is ``deleted``, as SQLite and MariaDB answer; the audit
+    of the others goes on and still finds the stale ``u:1``."""
+    world.sql(f"INSERT INTO {world.table} VALUES (1, 'a@x', 1)")
+    world.load(1)
+    world.sql(f"UPDATE {world.table} SET version = 2 WHERE id = 1")  # a lost invalidation: u:1 is stale
+    world.cache.set("u:abc", "not a row's entry")
+    r = world.auditor().run()
+    assert sorted((f.key, f.kind) for f in r.stale) == [("u:1", "stale"), ("u:abc", "deleted")]

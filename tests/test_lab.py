@@ -436,3 +436,21 @@ def test_html_to_an_unwritable_path_is_an_error(runtime_dir: Path, tmp_path: Pat
     assert "[1a]" not in out  # refused before the lab ran
     assert main(["lab", "stress", "--plot", str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_negative_entry_left_over_a_row_is_judged_stale(redis_url: str, tmp_path: Path) -> None:
+    """The verdict must be able to fail on a negative ("not found") entry kept while the row exists: the cache
+    then answers "no such row" for a row that is there, exactly as stale as an old value."""
+    from cachesync.lab.scenarios import Lab, Reader, Variant, run_variant
+
+    def lost_insert(tl: object) -> None:
+        from cachesync.lab.scenarios import Timeline
+        assert isinstance(tl, Timeline)
+        Reader(tl, "reader C").read()  # a miss: NOT_FOUND cached (negative entry)
+        tl.session("writer A").insert(tl.key, "100")  # committed, and no invalidation reaches the cache
+        tl.history.append("100")
+
+    v = Variant("9z", 1, "insert without invalidation", "db_then_invalidate", True, "unsafe", lost_insert)
+    with Lab(redis_url, f"sqlite:///{tmp_path / 'lab.db'}") as lab:
+        r = run_variant(lab, v)
+    assert r.verdict == "stale", "\n".join(map(str, r.steps))

@@ -43,6 +43,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import string
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -194,6 +195,9 @@ class Auditor:
                 c = _compile(rule, t)
                 if c is not None:
                     self.templates.append(c)
+        # the most specific template first: "u:{id}" also matches "u:1:p" (id "1:p"), whose own template is
+        # "u:{id}:p"; judged against the wrong table, a stale entry can pass (MariaDB casts '1:p' to 1)
+        self.templates.sort(key=lambda t: -len(re.sub(r"\{[^{}]*\}", "", t.template)))
         if rules is not None and not self.templates:
             raise AuditError("no rule has a version column and a key template with fields: nothing to audit "
                              "(add version = \"<column>\" to the tables' rules)")
@@ -248,12 +252,19 @@ class Auditor:
         assert self.dialect is not None and conn is not None  # templates come from rules, which need a database
         ph = self.dialect.placeholder
         out: list[tuple[bool, Any]] = []
+        # the driver's DB-API DataError (psycopg, pymysql, sqlite3): the column's type refuses the key's text
+        data_error = getattr(sys.modules.get(type(conn).__module__.split(".")[0]), "DataError", ())
         cur = conn.cursor()
         try:
             for t, vals in items:
                 where = " AND ".join(f"{f} = {ph}" for f in t.fields)
-                cur.execute(f"SELECT {t.rule.version} FROM {t.rule.table} WHERE {where}",
-                            [vals[f] for f in t.fields])
+                try:
+                    cur.execute(f"SELECT {t.rule.version} FROM {t.rule.table} WHERE {where}",
+                                [vals[f] for f in t.fields])
+                except data_error:  # 'abc' for an INTEGER id (PostgreSQL): no such row, as SQLite and MariaDB say
+                    conn.rollback()
+                    out.append((False, None))
+                    continue
                 row = cur.fetchone()
                 out.append((False, None) if row is None else (True, row[0]))
             conn.commit()

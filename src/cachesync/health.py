@@ -14,6 +14,7 @@ every ``interval`` seconds.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -134,7 +135,11 @@ def _stats(metrics: Metrics, prefix: str, stats: dict[str, int], names: dict[str
 def _redis_check(cache: Any) -> Check:
     def check() -> str | None:
         try:
-            cache.redis.ping()
+            ping = getattr(cache, "ping", None)  # Cache.ping: every primary of a cluster (a plain PING: one node)
+            if callable(ping) and not inspect.iscoroutinefunction(ping):
+                ping()
+            else:
+                cache.redis.ping()
         except Exception as e:
             return f"Redis {redact_url(str(getattr(cache, 'url', '')))} unreachable: {type(e).__name__}"
         return None

@@ -193,6 +193,11 @@ class Timeline:
         v = d["value"]
         return None if v is P.NOT_FOUND else str(v)
 
+    def cache_negative(self) -> bool:
+        """Whether the cache holds a "not found" entry (negative caching): stale while the row exists."""
+        d = self.observer.peek(self.key)
+        return d is not None and d.get("value") is P.NOT_FOUND
+
     def step(self, actor: str, action: str, result: str = "") -> None:
         db, _ = self.obs_db.select(self.key)
         cv = self.cache_value()
@@ -230,7 +235,7 @@ class Timeline:
         db, _ = self.obs_db.select(self.key)
         cv = self.cache_value()
         never_committed = [v for v in self.dirty if v not in self.history]
-        if cv is not None and cv != db:
+        if (cv is not None and cv != db) or (db is not None and self.cache_negative()):
             verdict = "stale"
         elif self.stale_reads or never_committed:
             verdict = "transient"
