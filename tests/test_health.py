@@ -385,3 +385,30 @@ def test_cdc_exports_binlog_lag_bytes_on_mariadb(mysql_url, namespace):
     fams = {(s.name, tuple(s.labels.items())): s.value
             for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
     assert fams[("cachesync_cdc_lag_bytes", (("namespace", namespace),))] > 0
+
+
+def test_readyz_reasons_mask_the_secrets_of_the_daemons_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed check's reason may carry a driver's message, which may echo a URL or its password: /readyz masks
+    the secrets of every URL the daemon was given (options, CACHESYNC_*_URL) before it answers."""
+    import argparse
+    import logging
+
+    from cachesync.health import Daemon
+
+    monkeypatch.setenv("CACHESYNC_BUS_URL", "redis://:envSecret9@127.0.0.1:1/0")
+    args = argparse.Namespace(metrics_port=0, metrics_addr="127.0.0.1", ready_max_lag=5.0, summary_interval=0.0,
+                              db_url="postgresql://app:dbSecret7@127.0.0.1:5432/test",
+                              redis_url="redis://:rdSecret8@127.0.0.1:6379/0")
+    d = Daemon(args)
+    d.start(logging.getLogger("test"), {"database": lambda: "FATAL: bad login app:dbSecret7 and rdSecret8",
+                                        "bus": lambda: "refused envSecret9"}, lambda: "")
+    try:
+        assert d.server is not None
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(f"http://127.0.0.1:{d.server.port}/readyz", timeout=5)
+        body = ei.value.read().decode()
+        assert ei.value.code == 503 and "database:" in body and "bus:" in body
+        for secret in ("dbSecret7", "rdSecret8", "envSecret9"):
+            assert secret not in body, body
+    finally:
+        d.stop()

@@ -15,14 +15,15 @@ every ``interval`` seconds.
 from __future__ import annotations
 
 import inspect
+import os
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ._driver import redact_url
+from ._driver import redact_url, scrub
 from .metrics import Metrics, Sample
 
 log = logging.getLogger("cachesync.health")
@@ -39,9 +40,10 @@ class HealthServer:
     see ``.port``) and serves on a daemon thread; :meth:`stop` shuts it down."""
 
     def __init__(self, metrics: Metrics, checks: dict[str, Check] | None = None, addr: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, secret_urls: Sequence[str] = ()) -> None:
         self.metrics, self.checks = metrics, dict(checks or {})
         self.addr, self.port = addr, port
+        self.secret_urls = list(secret_urls)  # their secrets are masked in the /readyz reasons
         self._srv: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -53,8 +55,8 @@ class HealthServer:
                 why = check()
             except Exception as e:  # a check that raises is a failed check
                 why = f"{type(e).__name__}: {e}"
-            if why is not None:
-                bad.append(f"{name}: {why}")
+            if why is not None:  # a driver's message may echo a URL or a token of its password: masked
+                bad.append(scrub(f"{name}: {why}", *self.secret_urls))
         return bad
 
     def start(self) -> HealthServer:
@@ -663,10 +665,13 @@ class Daemon:
         self.metrics: Metrics = PrometheusMetrics() if self.port is not None else NOOP
         self.server: HealthServer | None = None
         self.summary: Summary | None = None
+        # every URL the daemon was given (options ending in _url, --bus, CACHESYNC_*_URL): masked in /readyz
+        self.secret_urls = [v for k, v in vars(args).items() if isinstance(v, str) and (k.endswith("url") or k == "bus")]
+        self.secret_urls += [v for k, v in os.environ.items() if k.startswith("CACHESYNC_") and k.endswith("_URL")]
 
     def start(self, logger: logging.Logger, checks: dict[str, Check], summary: Callable[[], str]) -> None:
         if self.port is not None:
-            self.server = HealthServer(self.metrics, checks, self.addr, self.port).start()
+            self.server = HealthServer(self.metrics, checks, self.addr, self.port, self.secret_urls).start()
         self.summary = Summary(logger, self.summary_interval, summary).start()
 
     def stop(self) -> None:
