@@ -320,6 +320,21 @@ class ClusterSubscriptionPool:
         return None
 
 
+def wait_readable(sock: Any, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until ``sock`` (a socket, a descriptor, or an object with ``fileno()``) has
+    bytes to read (or is closed), taking none off it: the one wait of the L1 subscriber and the CDC sources.
+    ``poll``: ``select.select`` raises ValueError for a descriptor >= 1024 (a busy process). A TLS socket's
+    already decrypted bytes (``pending()``) count."""
+    pending = getattr(sock, "pending", None)
+    if callable(pending) and pending():
+        return True
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(timeout * 1000))
+    return bool(select.select([sock], [], [], timeout)[0])  # pragma: no cover - Windows
+
+
 def socket_probe(sock: Any, stream: Any = None) -> Callable[[], bool] | None:
     """"Has data arrived on ``sock``?" as one non-blocking ``select`` (None when there is no socket). ``stream``:
     the connection's ``asyncio.StreamReader``, where the event loop moves arrived data before the subscriber task

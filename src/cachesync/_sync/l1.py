@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from .._driver import make_core, socket_probe, subscription_pool
+from .._driver import make_core, socket_probe, subscription_pool, wait_readable
 from ..core.l1 import Close, Connect, L1Options, Read, Send, Sleep, SubscriptionLost, subscription_flow
 
 _POLL = 0.05  # how often a blocked read looks at the closed flag
@@ -140,16 +139,9 @@ class L1Sync:
 
     @staticmethod
     def _wait_readable(sock: Any, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for bytes on the subscription's socket, taking none off it (``poll``:
-        ``select.select`` refuses descriptors >= 1024; TLS: bytes already decrypted count)."""
-        pending = getattr(sock, "pending", None)
-        if pending is not None and pending():
-            return True
-        if hasattr(select, "poll"):
-            p = select.poll()
-            p.register(sock.fileno(), select.POLLIN)
-            return bool(p.poll(timeout * 1000))
-        return bool(select.select((sock.fileno(),), (), (), timeout)[0])  # pragma: no cover - Windows
+        """Wait for bytes on the subscription's socket, taking none off it (:func:`cachesync._driver.wait_readable`;
+        a method so that tests can hold the subscriber here)."""
+        return wait_readable(sock, timeout)
 
     def _run(self) -> None:
         """The subscriber thread: restarted (after bypassing the L1) whenever it fails unexpectedly."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 import abc
 import logging
 import queue
-import select
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -152,16 +151,6 @@ class Source(abc.ABC):
 
 
 _END = object()
-
-
-def wait_readable(fd: Any, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds until ``fd`` (a descriptor, or an object with ``fileno()``) is readable (or
-    closed). ``poll``: ``select.select`` raises ValueError for a descriptor >= 1024 (a busy process)."""
-    if hasattr(select, "poll"):
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        return bool(p.poll(timeout * 1000))
-    return bool(select.select([fd], [], [], timeout)[0])  # pragma: no cover - Windows
 
 
 class CdcRunner:

@@ -29,7 +29,8 @@ from urllib.parse import unquote, urlsplit
 
 from .._driver import encode_userinfo, redact_url, scrub
 from ..db import MYSQL, dialect_of
-from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction, wait_readable
+from .._driver import wait_readable
+from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
 
 log = logging.getLogger("cachesync.cdc.mysql")
 

@@ -38,7 +38,8 @@ from ..errors import CachesyncError
 from ..core.keys import check_key
 from ..core.options import CacheOptions
 from ..core.rules import Rules
-from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction, wait_readable
+from .._driver import wait_readable
+from .base import CdcConfigError, Change, Disconnected, PositionLost, Source, Transaction
 from .pgoutput import DecodeError, Decoder, DecodedTransaction, LogicalMessage, RowChange
 
 log = logging.getLogger("cachesync.cdc.postgres")
