@@ -162,11 +162,28 @@ def run_sync(url: str, a: argparse.Namespace, goals: Goals) -> None:
         rep = raw.execute_command("EVALSHA", sha, len(il), *il, "t", 5000, "L", 10000)
         return {k: loads(rep[4 * j + 1]) for j, k in enumerate(KEYS)}
 
+    # Extra lines (no goal): what the kept connections bring and what is left of our own cost. ``old`` is the cache
+    # with kept_connections=False (redis-py's execute_command: a pool checkout and check-in per command); ``held``
+    # is the floor of the kept path: one connection held, send_command + read_response + json.loads, no cachesync.
+    old = cachesync.Cache(url, namespace=NS, kept_connections=False)
+    held_conn = raw.connection_pool.get_connection()
+
+    def old_get() -> object:
+        return old.get("item:0", ld)
+
+    def held_get() -> object:
+        held_conn.send_command("GET", "raw:item:0")
+        return loads(held_conn.read_response())
+
     n = a.n
     print("\n## sync (redis-py)")
     if a.only in (None, "sync1"):
         goals.add("sync Cache.get hit, 1 thread", "GET+json.loads", 1.10,
                   *pair(lambda m: timed(cs_get, m), lambda m: timed(raw_get, m), n, a.rounds))
+        goals.add("sync, kept_connections=False", "GET+json.loads", None,
+                  *pair(lambda m: timed(old_get, m), lambda m: timed(raw_get, m), n, a.rounds))
+        goals.add("sync Cache.get vs a held connection", "held conn GET+json.loads", None,
+                  *pair(lambda m: timed(cs_get, m), lambda m: timed(held_get, m), n, a.rounds))
     if a.only in (None, "sync8"):
         goals.add("sync Cache.get hit, 8 threads", "GET+json.loads, 8 thr", 1.15,
                   *pair(lambda m: threaded(cs_get_k, m, 8), lambda m: threaded(raw_get_k, m, 8), n // 2, a.rounds))
@@ -188,6 +205,8 @@ def run_sync(url: str, a: argparse.Namespace, goals: Goals) -> None:
                   f"[x{ratios[0]:.3f}-x{ratios[-1]:.3f}] of the default pool")
             c.close()
             b.close()
+    raw.connection_pool.release(held_conn)
+    old.close()
     cache.close()
     raw.close()
 
@@ -199,6 +218,7 @@ async def run_async(url: str, a: argparse.Namespace, goals: Goals) -> None:
     raw = aredis.Redis.from_url(url)
     unbounded = aredis.Redis.from_url(url, socket_timeout=None)
     cache = cachesync.AsyncCache(url, namespace=NS)
+    old = cachesync.AsyncCache(url, namespace=NS, kept_connections=False)  # an extra line: no kept connections
     await cache.get_many(KEYS, lambda ks: dict.fromkeys(ks, PAYLOAD))
     ld = lambda: PAYLOAD  # noqa: E731
     rk = [f"raw:{k}" for k in KEYS]
@@ -216,6 +236,9 @@ async def run_async(url: str, a: argparse.Namespace, goals: Goals) -> None:
         elif which == "ours":
             for _ in range(count):
                 await cache.get(k, ld)
+        elif which == "old":
+            for _ in range(count):
+                await old.get(k, ld)
         elif which == "raw_many":
             for _ in range(count):
                 {k: loads(v) for k, v in zip(KEYS, await raw.mget(rk), strict=True)}
@@ -253,6 +276,8 @@ async def run_async(url: str, a: argparse.Namespace, goals: Goals) -> None:
     if a.only in (None, "async1"):
         goals.add("async AsyncCache.get hit, sequential", "GET+json.loads", 1.05,
                   *(await apair(lambda m: seq("ours", m), lambda m: seq("raw", m), n)))
+        goals.add("async, kept_connections=False", "GET+json.loads", None,
+                  *(await apair(lambda m: seq("old", m), lambda m: seq("raw", m), n)))
     if a.only in (None, "async100"):
         goals.add("async AsyncCache.get hit, 100 tasks", "GET+json.loads, 100 tasks", 1.05,
                   *(await apair(lambda m: conc("ours", 100, m), lambda m: conc("raw", 100, m), max(CHUNKS, n // 20))))
@@ -263,6 +288,7 @@ async def run_async(url: str, a: argparse.Namespace, goals: Goals) -> None:
         goals.add("async get_many(100) hits", "MGET(100)+json.loads", 1.30,
                   *(await apair(lambda m: seq("ours_many", m), lambda m: seq("raw_many", m), n // 10)))
     await cache.aclose()
+    await old.aclose()
     await raw.aclose()
     await unbounded.aclose()
 

@@ -574,13 +574,14 @@ def test_sync_fast_path_redis_down_falls_back_after_one_attempt(namespace):
     the fallback load (no second attempt at the unreachable server)."""
     c = cachesync.Cache("redis://127.0.0.1:1/0", namespace=namespace, connect_timeout=0.2, socket_timeout=0.2)
     attempts = [0]
-    real = c.redis.execute_command
+    pool = c.redis.connection_pool
+    real = pool.get_connection
 
-    def counting(*args, **kw):
+    def counting(*args, **kw):  # every attempt takes a connection (kept connections too: none is kept yet)
         attempts[0] += 1
         return real(*args, **kw)
 
-    c.redis.execute_command = counting  # type: ignore[method-assign]
+    pool.get_connection = counting  # type: ignore[method-assign]
     try:
         e = c.get_entry("k", lambda: "from db")
         assert (e.value, e.source) == ("from db", "fallback")

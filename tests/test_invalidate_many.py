@@ -25,18 +25,18 @@ def test_each_key_gets_its_own_version_in_one_script_call(cache: cachesync.Cache
         cache.set(k, "v")
     cache.invalidate("warm-up")  # the script is loaded (a first EVALSHA may meet NOSCRIPT)
     calls: list[int] = []
-    real = cache.redis.execute_command
+    real = cache._command  # the driver's one seam for a flow's single commands
 
-    def counting(*args: object, **kw: object) -> object:
-        if args and args[0] == "EVALSHA":
+    def counting(eff: P.Cmd) -> object:
+        if eff.args and eff.args[0] == "EVALSHA":
             calls.append(1)
-        return real(*args, **kw)
+        return real(eff)
 
-    cache.redis.execute_command = counting  # type: ignore[method-assign]
+    cache._command = counting  # type: ignore[method-assign]
     try:
         assert cache.invalidate_many([(["a", "b"], 5), (["c"], None), (["a"], 9)]) == 3
     finally:
-        cache.redis.execute_command = real  # type: ignore[method-assign]
+        del cache._command
     assert len(calls) == 1  # one batch, one script call
     assert floor(cache, "a") == b"9"  # a key named twice keeps its highest version
     assert floor(cache, "b") == b"5" and floor(cache, "c") is None
@@ -224,23 +224,23 @@ def test_big_batches_send_their_chunks_in_one_round_trip(cache: cachesync.Cache,
     cache.invalidate("warm-up")  # the script is loaded
     single: list[int] = []
     piped: list[list[object]] = []
-    real = cache.redis.execute_command
+    real = cache._command  # the driver's one seam for a flow's single commands
 
-    def counting(*args: object, **kw: object) -> object:
-        if args and args[0] == "EVALSHA":
+    def counting(eff: P.Cmd) -> object:
+        if eff.args and eff.args[0] == "EVALSHA":
             single.append(1)
-        return real(*args, **kw)
+        return real(eff)
 
     def execute(p: redis.client.Pipeline, ex: Callable[[], list[object]]) -> list[object]:
         piped.append([c[0][0] for c in p.command_stack])
         return ex()
 
-    cache.redis.execute_command = counting  # type: ignore[method-assign]
+    cache._command = counting  # type: ignore[method-assign]
     try:
         with pipelines_executed_by(cache.redis, execute):
             assert cache.invalidate_many([(keys, 7)]) == 0
     finally:
-        cache.redis.execute_command = real  # type: ignore[method-assign]
+        del cache._command
     assert single == [] and piped == [["EVALSHA"] * 3]
     assert all(floor(cache, k) == b"7" for k in keys)
 
@@ -279,22 +279,22 @@ def test_unreachable_redis_while_reloading_names_only_the_unanswered_chunks(redi
     c = cachesync.Cache(redis_url, namespace=namespace)
     keys = [f"k{i}" for i in range(2 * P.INVALIDATE_CHUNK + 3)]
     c.invalidate("warm-up")
-    real, resent = c.redis.execute_command, []
+    real, resent = c._command, []  # the driver's one seam for a flow's single commands
 
-    def second_resend_fails(*args: object, **kw: object) -> object:
-        if args and args[0] == "EVALSHA":  # a call sent again after NOSCRIPT (the pipeline does not come here)
+    def second_resend_fails(eff: P.Cmd) -> object:
+        if eff.args and eff.args[0] == "EVALSHA":  # a call sent again after NOSCRIPT (the pipeline does not come here)
             resent.append(1)
             if len(resent) == 3:  # chunk 1: NOSCRIPT again, SCRIPT LOAD, applied; chunk 2: cut
                 raise redis.ConnectionError("gone")
-        return real(*args, **kw)
+        return real(eff)
 
     r.script_flush()  # all three pipelined calls meet NOSCRIPT
-    c.redis.execute_command = second_resend_fails  # type: ignore[method-assign]
+    c._command = second_resend_fails  # type: ignore[method-assign]
     try:
         with pytest.raises(InvalidationError) as ei:
             c.invalidate_many([(keys, 1)])
     finally:
-        c.redis.execute_command = real  # type: ignore[method-assign]
+        del c._command
     # chunk 1 was reloaded and applied; chunks 2 and 3 were never answered
     assert list(ei.value.keys) == keys[P.INVALIDATE_CHUNK:]
     assert c.stats["invalidations_failed"] == len(keys) - P.INVALIDATE_CHUNK

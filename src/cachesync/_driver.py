@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 import select
 import string
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
@@ -318,6 +320,56 @@ class ClusterSubscriptionPool:
         for p in pools:
             p.disconnect()
         return None
+
+
+KEPT_COMMANDS = frozenset({"GET", "MGET", "EVALSHA"})
+"""The commands the caches send on kept connections (``cachesync._sync.conns`` / ``cachesync._async.conns``): none
+has a redis-py response callback, so the reply is the same as ``execute_command``'s."""
+
+_NO_LIMIT = 2**31
+
+_KEPT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _forget_kept_after_fork() -> None:
+    for k in list(_KEPT):
+        k.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_kept_after_fork)
+
+
+def keep(kept: Any) -> Any:
+    """Register a kept-connection holder: in a forked child its ``forked()`` forgets the parent's connections."""
+    _KEPT.add(kept)
+    return kept
+
+
+def keepable(client: Any, pool_cls: type, blocking_cls: type) -> bool:
+    """Whether ``client``'s pool hands out interchangeable connections that need not come back (a plain
+    ``pool_cls`` of no practical size limit, not a ``blocking_cls``; RESP2: no push messages or maintenance
+    notifications; no client-side cache; not a single-connection client; not a cluster)."""
+    pool = getattr(client, "connection_pool", None)
+    if is_cluster(client) or getattr(client, "connection", None) is not None:
+        return False
+    if not isinstance(pool, pool_cls) or isinstance(pool, blocking_cls):
+        return False
+    if getattr(pool, "max_connections", 0) < _NO_LIMIT or getattr(pool, "cache", None) is not None:
+        return False
+    kw = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kw, dict) or kw.get("protocol") not in (None, 2, "2"):
+        return False
+    return callable(getattr(pool, "get_connection", None)) and callable(getattr(pool, "release", None))
+
+
+def client_retries(conn: Any, e: BaseException) -> bool:
+    """Whether ``conn``'s client retries ``e`` (a client given with ``Retry(..., retries > 0)``; the pool cachesync
+    builds has none)."""
+    retry = getattr(conn, "retry", None)
+    if retry is None or retry.get_retries() <= 0:
+        return False
+    return isinstance(e, tuple(getattr(retry, "_supported_errors", ())))
 
 
 def wait_readable(sock: Any, timeout: float) -> bool:

@@ -18,10 +18,11 @@ from .. import cache_metrics as _cm
 from .. import core as P
 from .. import tracing as _tr
 from .._types import AsyncCachedDecorator
-from .._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
+from .._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KEPT_COMMANDS, KeyTemplate, connect, is_cluster, log, wraps
 from ..errors import CacheUnavailableError, InvalidationError, RedisCommandError, UsageError
 from ..core.keys import prefix_scan
 from ..core.l1 import L1Options
+from .conns import kept
 from .l1 import L1Async
 from ..core.options import CacheOptions, CacheOptionsKwargs, check_non_negative
 
@@ -115,6 +116,9 @@ class AsyncCache:
         self._watchdog = _Watchdog(self.options.socket_timeout)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
+        # GET/MGET/EVALSHA on connections kept checked out of the pool, where that is safe (cachesync._async.conns)
+        self._kept = kept(self.redis) if self.options.kept_connections else None
+        self._send: Callable[..., Awaitable[Any]] = self._kept if self._kept is not None else self.redis.execute_command
         self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._unrecorded = record_namespace  # recorded in Redis by the first read (needs a running loop)
         self._flights: dict[str, list[asyncio.Future[P.Entry[Any]]]] = {}
@@ -134,6 +138,8 @@ class AsyncCache:
             r = self.redis
             nodes = r.get_primaries() if eff.route == "*" else r.get_node_from_key(eff.route)
             return await self._bounded(r.execute_command(*eff.args, target_nodes=nodes))
+        if self._kept is not None and eff.args[0] in KEPT_COMMANDS:
+            return await self._bounded(self._kept(*eff.args))
         return await self._bounded(self.redis.execute_command(*eff.args))
 
     async def _bounded(self, aw: Awaitable[T]) -> T:
@@ -441,7 +447,7 @@ class AsyncCache:
             wd = self._watchdog
             task = wd.enter()
             try:
-                f = await self.redis.execute_command(*args)
+                f = await self._send(*args)
             except asyncio.CancelledError:
                 wd.cancelled(task)
                 raise
@@ -699,6 +705,8 @@ class AsyncCache:
             log.error("cachesync: aclose() gave up after %.1fs; delayed steps NOT delivered for keys %r "
                       "(invalidate them again, or record them in the outbox)", wait, undelivered)
         self._watchdog.stop()
+        if self._kept is not None:
+            await self._kept.close()
         if self._owns_client:
             await self.redis.aclose()
         return undelivered

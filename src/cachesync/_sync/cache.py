@@ -19,10 +19,11 @@ from .. import cache_metrics as _cm
 from .. import core as P
 from .. import tracing as _tr
 from .._types import CachedDecorator
-from .._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KeyTemplate, connect, is_cluster, log, wraps
+from .._driver import CLUSTER_DOWN, DEFAULT_REDIS_URL, KEPT_COMMANDS, KeyTemplate, connect, is_cluster, log, wraps
 from ..errors import CacheUnavailableError, InvalidationError, RedisCommandError, UsageError
 from ..core.keys import prefix_scan
 from ..core.l1 import L1Options
+from .conns import kept
 from .l1 import L1Sync
 from ..core.options import CacheOptions, CacheOptionsKwargs, check_non_negative
 
@@ -102,6 +103,9 @@ class Cache:
         self.redis, self.url, owned_url = connect(redis_url, client, self.options, redis)
         self._owns_client = owned_url is not None
         self.ctx = P.Context(self.options, cluster=is_cluster(self.redis))
+        # GET/MGET/EVALSHA on connections kept checked out of the pool, where that is safe (cachesync._sync.conns)
+        self._kept = kept(self.redis) if self.options.kept_connections else None
+        self._send: Callable[..., Any] = self._kept if self._kept is not None else self.redis.execute_command
         self._metrics = _cm.instrument(self)  # None unless metrics= (stats stay a plain dict)
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()  # a flight's end and _written's detach (never the join)
@@ -123,6 +127,8 @@ class Cache:
             r = self.redis
             nodes = r.get_primaries() if eff.route == "*" else r.get_node_from_key(eff.route)
             return r.execute_command(*eff.args, target_nodes=nodes)
+        if self._kept is not None and eff.args[0] in KEPT_COMMANDS:
+            return self._kept(*eff.args)
         return self.redis.execute_command(*eff.args)
 
     def _batch(self, eff: P.Batch) -> list[Any]:
@@ -345,7 +351,7 @@ class Cache:
         args = P.hit_args(ctx, key, ttl)
         first: tuple[Any, BaseException | None]
         try:
-            f = self.redis.execute_command(*args)
+            f = self._send(*args)
         except Exception as e:  # mapped by _run exactly as if the flow had sent the command
             first = (None, e)
         else:
@@ -608,6 +614,8 @@ class Cache:
         if undelivered:
             log.error("cachesync: close() gave up after %.1fs; delayed steps NOT delivered for keys %r "
                       "(invalidate them again, or record them in the outbox)", wait, undelivered)
+        if self._kept is not None:
+            self._kept.close()
         if self._owns_client:
             self.redis.close()
         return undelivered
