@@ -153,3 +153,21 @@ def test_msgspec_struct_serializer(redis_url, namespace):
         many.dumps([u, {"id": 2}])
     with pytest.raises(cachesync.ConfigError, match="cannot decode"):
         msgspec_serializer(object())
+
+
+@pytest.mark.parametrize("data", [b"1", b" 1", b"1 ", b"\n{\"a\": [1, 2]}\t", b'"x"', b"[]", b"null", b"1 2", b"{", b"",
+                                  b" ", b"[1]]", b"nul", "\"\u00e9\"".encode()])
+def test_json_loads_reads_exactly_what_json_loads_reads(data: bytes) -> None:
+    """The decoder skips json's two whitespace scans for what dumps writes; every other input (surrounding
+    whitespace, trailing data, invalid JSON) gets json.loads's answer or its error."""
+    import json
+
+    s = JsonSerializer()
+    try:
+        want: object = json.loads(data)
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            s.loads(data)
+        assert str(got.value) == str(e)
+    else:
+        assert s.loads(data) == want

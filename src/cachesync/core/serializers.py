@@ -113,6 +113,7 @@ class JsonSerializer:
     def __init__(self) -> None:
         self._enc = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         self._dec = json.JSONDecoder()
+        self._raw = self._dec.raw_decode
         self._tagged = json.JSONDecoder(object_hook=_hook)
 
     def dumps(self, value: Any) -> bytes:
@@ -121,7 +122,14 @@ class JsonSerializer:
     def loads(self, data: bytes) -> Any:
         if b'"$cs' in data:
             return self._tagged.decode(data.decode())
-        return self._dec.decode(data.decode())
+        s = data.decode()
+        try:  # what dumps writes (no surrounding whitespace) without decode()'s two whitespace scans
+            value, end = self._raw(s)
+            if end == len(s):
+                return value
+        except ValueError:
+            pass
+        return self._dec.decode(s)  # surrounding whitespace, trailing data, or the error to raise
 
 
 class ModelSerializer:
