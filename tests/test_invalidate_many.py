@@ -198,23 +198,22 @@ def test_key_length_is_counted_in_utf8_bytes_beyond_the_cheap_bound(namespace: s
 
 
 @contextlib.contextmanager
-def pipelines_executed_by(client: redis.Redis, execute: Callable[[redis.client.Pipeline, Callable[[], list[object]]],
-                                                                  list[object]]) -> Iterator[None]:
-    """While inside, each pipeline of ``client`` runs ``execute(pipeline, real_execute)`` when executed (to watch
-    what it sends, or to lose its replies)."""
-    real_pipeline = client.pipeline
+def batches_executed_by(cache: cachesync.Cache, execute: Callable[[tuple[tuple[object, ...], ...],
+                                                                    Callable[[], list[object]]], list[object]]
+                        ) -> Iterator[None]:
+    """While inside, each batch the cache sends in one round trip (the driver's ``_batch``: a ``Batch`` effect, on
+    a kept connection or a redis-py pipeline) runs ``execute(commands, real_send)`` (to watch what it sends, or to
+    lose its replies)."""
+    real = cache._batch
 
-    def pipeline(*a: object, **kw: object) -> redis.client.Pipeline:
-        p = real_pipeline(*a, **kw)
-        ex = p.execute
-        p.execute = lambda *ea, **ekw: execute(p, lambda: ex(*ea, **ekw))  # type: ignore[method-assign]
-        return p
+    def batch(eff: P.Batch) -> list[object]:
+        return execute(eff.cmds, lambda: real(eff))
 
-    client.pipeline = pipeline  # type: ignore[method-assign]
+    cache._batch = batch  # type: ignore[method-assign]
     try:
         yield
     finally:
-        client.pipeline = real_pipeline  # type: ignore[method-assign]
+        del cache._batch
 
 
 def test_big_batches_send_their_chunks_in_one_round_trip(cache: cachesync.Cache, r: redis.Redis) -> None:
@@ -231,13 +230,13 @@ def test_big_batches_send_their_chunks_in_one_round_trip(cache: cachesync.Cache,
             single.append(1)
         return real(eff)
 
-    def execute(p: redis.client.Pipeline, ex: Callable[[], list[object]]) -> list[object]:
-        piped.append([c[0][0] for c in p.command_stack])
+    def execute(cmds: tuple[tuple[object, ...], ...], ex: Callable[[], list[object]]) -> list[object]:
+        piped.append([c[0] for c in cmds])
         return ex()
 
     cache._command = counting  # type: ignore[method-assign]
     try:
-        with pipelines_executed_by(cache.redis, execute):
+        with batches_executed_by(cache, execute):
             assert cache.invalidate_many([(keys, 7)]) == 0
     finally:
         del cache._command
@@ -262,11 +261,11 @@ def test_a_cut_round_trip_names_every_key_it_carried(redis_url: str, namespace: 
     c = cachesync.Cache(redis_url, namespace=namespace)
     c.invalidate("warm-up")
     keys = [f"k{i}" for i in range(P.INVALIDATE_CHUNK + 3)]
-    def replies_lost(p: redis.client.Pipeline, ex: Callable[[], list[object]]) -> list[object]:
+    def replies_lost(cmds: tuple[tuple[object, ...], ...], ex: Callable[[], list[object]]) -> list[object]:
         ex()  # the calls run; the replies are lost
         raise redis.ConnectionError("gone")
 
-    with pipelines_executed_by(c.redis, replies_lost), pytest.raises(InvalidationError) as ei:
+    with batches_executed_by(c, replies_lost), pytest.raises(InvalidationError) as ei:
         c.invalidate_many([(keys, 1)])
     assert list(ei.value.keys) == keys
     assert c.stats["invalidations_failed"] == len(keys) and c.stats["invalidations"] == 1  # the warm-up

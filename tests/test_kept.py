@@ -390,3 +390,86 @@ async def test_async_timed_out_read_never_hands_its_late_reply_to_the_next_comma
     finally:
         await c.aclose()
         await admin.aclose()
+
+
+# --------------------------------------------------------------------------- packing and batches
+
+
+def test_hiredis_packing_writes_the_bytes_redis_py_writes() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cachesync._driver import kept_packer
+
+    pool = redis.ConnectionPool.from_url("redis://127.0.0.1:6379/0")
+    pack = kept_packer(pool)
+    assert pack is not None
+    conn = pool.make_connection()
+    arg = st.one_of(st.text(st.characters(blacklist_categories=["Cs"])), st.binary(), st.integers(),
+                    st.floats(allow_nan=False))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(["GET", "MGET", "EVALSHA"]), st.lists(arg, max_size=8))
+    def same(cmd: str, rest: list[Any]) -> None:
+        args = (cmd, *rest)
+        assert pack(args) == b"".join(conn._command_packer.pack(*args))
+
+    same()
+    with pytest.raises(TypeError):  # a bool is refused (redis-py names it: the caller packs with redis-py then)
+        pack(("GET", True))
+
+
+def test_a_pool_with_another_encoding_is_packed_by_redis_py(redis_url: str, namespace: str,
+                                                            r: redis.Redis) -> None:
+    """encoding="latin-1": redis-py writes str arguments in latin-1, hiredis would write UTF-8 (another key)."""
+    from cachesync._driver import kept_packer
+    from cachesync.keys import entry_key
+
+    client = redis.Redis.from_url(redis_url, encoding="latin-1", max_connections=2**31)
+    assert kept_packer(client.connection_pool) is None
+    c = cachesync.Cache(client=client, namespace=namespace, record_namespace=False)
+    try:
+        assert c._kept is not None and c._kept.pack is None
+        assert c.get("caf\u00e9", lambda: "v") == "v"
+        assert r.exists(entry_key(namespace, "caf\u00e9").encode("latin-1"))
+        assert c.get("caf\u00e9", lambda: "other") == "v"
+    finally:
+        c.close()
+        client.close()
+
+
+def test_a_batch_goes_over_the_kept_connection_and_survives_a_server_closed_one(cache: cachesync.Cache,
+                                                                                r: redis.Redis) -> None:
+    """invalidate_many of three chunks is one Batch (pipelined invalidate.lua calls): on the kept connection, and
+    when the server closed that connection while idle, sent again through redis-py's pipeline (not failed)."""
+    import cachesync.protocol as P
+
+    keys = [f"k{i}" for i in range(2 * P.INVALIDATE_CHUNK + 5)]
+    for k in keys[:3]:
+        cache.set(k, "v")
+    assert cache._kept is not None
+    [conn] = cache._kept.free
+    assert cache.invalidate_many([(keys, 3)]) == 3
+    assert cache._kept.free == [conn]  # the batch went over the kept connection
+    cache.set(keys[0], "w")
+    assert cache._kept.free == [conn]
+    r.client_kill_filter(_id=_client_id(conn))
+    assert cache.invalidate_many([(keys, 4)]) == 1  # sent again through the pipeline
+    assert cache.stats["invalidations_failed"] == 0
+    assert r.get(cache.ctx.ekey(keys[-1])) is not None  # the last chunk was applied (its floor)
+
+
+async def test_async_batch_goes_over_the_kept_connection(acache: cachesync.AsyncCache, r: redis.Redis) -> None:
+    import cachesync.protocol as P
+
+    keys = [f"k{i}" for i in range(2 * P.INVALIDATE_CHUNK + 5)]
+    for k in keys[:3]:
+        await acache.set(k, "v")
+    assert acache._kept is not None
+    [conn] = acache._kept.free
+    assert await acache.invalidate_many([(keys, 3)]) == 3
+    assert acache._kept.free == [conn]
+    await acache.set(keys[0], "w")
+    r.client_kill_filter(_id=await _aclient_id(conn))
+    assert await acache.invalidate_many([(keys, 4)]) == 1  # sent again through the pipeline
+    assert acache.stats["invalidations_failed"] == 0

@@ -12,7 +12,7 @@ import string
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote, unquote_plus
 
 from redis.exceptions import ClusterError, RedisClusterException
@@ -361,6 +361,37 @@ def keepable(client: Any, pool_cls: type, blocking_cls: type) -> bool:
     if not isinstance(kw, dict) or kw.get("protocol") not in (None, 2, "2"):
         return False
     return callable(getattr(pool, "get_connection", None)) and callable(getattr(pool, "release", None))
+
+
+_hiredis_pack: Any
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    _hiredis_pack = None
+
+
+def kept_packer(pool: Any) -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis's ``pack_command`` where it writes the same bytes as redis-py's packer (a pool encoding ``str`` as
+    strict UTF-8: checked for str, bytes, int and float arguments, the types the flows send; anything else raises
+    ``TypeError`` there and is packed by redis-py, which names the problem). It skips redis-py's per-argument
+    ``encode`` calls: about 6x faster on a batch's 1,500-argument ``invalidate.lua`` call."""
+    kw = getattr(pool, "connection_kwargs", None)
+    if _hiredis_pack is None or not isinstance(kw, dict):
+        return None
+    enc = str(kw.get("encoding", "utf-8")).lower().replace("_", "-")
+    if enc not in ("utf-8", "utf8") or kw.get("encoding_errors", "strict") != "strict":
+        return None
+    return cast(Callable[[tuple[Any, ...]], bytes], _hiredis_pack)
+
+
+def kept_pack(pack: Callable[[tuple[Any, ...]], bytes] | None, args: tuple[Any, ...]) -> list[bytes] | None:
+    """``args`` packed by ``pack`` (:func:`kept_packer`), or None: the caller packs with redis-py instead."""
+    if pack is None:
+        return None
+    try:
+        return [pack(args)]
+    except TypeError:
+        return None
 
 
 def client_retries(conn: Any, e: BaseException) -> bool:

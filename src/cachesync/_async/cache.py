@@ -157,11 +157,18 @@ class AsyncCache:
         finally:
             wd.leave(task)
 
-    async def _batch(self, eff: P.Batch) -> list[Any]:
+    async def _pipeline(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
-        for args in eff.cmds:
+        for args in cmds:
             pipe.execute_command(*args)
-        res = await self._bounded(pipe.execute(raise_on_error=False))
+        return cast(list[Any], await pipe.execute(raise_on_error=False))
+
+    async def _batch(self, eff: P.Batch) -> list[Any]:
+        cmds = eff.cmds
+        if self._kept is not None and all(args[0] in KEPT_COMMANDS for args in cmds):
+            res = await self._bounded(self._kept.many(cmds, lambda: self._pipeline(cmds)))
+        else:
+            res = await self._bounded(self._pipeline(cmds))
         out: list[Any] = []
         for r in res:
             if isinstance(r, _REDIS_DOWN):

@@ -17,7 +17,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._driver import client_retries, keep, keepable
+from collections.abc import Awaitable, Callable, Sequence
+
+from .._driver import client_retries, keep, keepable, kept_pack, kept_packer
 
 
 def kept(client: Any) -> AsyncKept | None:
@@ -30,20 +32,25 @@ def kept(client: Any) -> AsyncKept | None:
 class AsyncKept:
     """Send :data:`~cachesync._driver.KEPT_COMMANDS` on connections kept checked out of ``client``'s pool."""
 
-    __slots__ = ("client", "pool", "free", "closed", "_loop", "__weakref__")
+    __slots__ = ("client", "pool", "free", "closed", "pack", "_loop", "__weakref__")
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.pool = client.connection_pool
         self.free: list[Any] = []
         self.closed = False
+        self.pack = kept_packer(self.pool)
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def __call__(self, *args: Any) -> Any:
+    def _take_free(self) -> list[Any]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # another event loop's connections are never used here
             self.free, self._loop = [], loop
-        free = self.free
+        return self.free
+
+    async def __call__(self, *args: Any) -> Any:
+        data = kept_pack(self.pack, args)
+        free = self._take_free()
         try:
             conn = free.pop()
             was_kept = True
@@ -51,7 +58,10 @@ class AsyncKept:
             conn = await self.pool.get_connection()  # the pool's checks (connected, nothing unread) for a new one
             was_kept = False
         try:
-            await conn.send_command(*args)
+            if data is None:
+                await conn.send_command(*args)
+            else:
+                await conn.send_packed_command(data)
             reply = await conn.read_response()
         except ResponseError:  # an error reply, read whole: the connection is in step
             await self._put(conn, free)
@@ -72,6 +82,47 @@ class AsyncKept:
             raise
         await self._put(conn, free)
         return reply
+
+    async def many(self, cmds: Sequence[tuple[Any, ...]], fallback: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
+        """See :meth:`cachesync._sync.conns.Kept.many`: ``cmds`` in one round trip, each error reply as its
+        exception; ``fallback()`` is the redis.asyncio pipeline."""
+        pack = self.pack
+        if pack is None:
+            return await fallback()
+        try:
+            data = b"".join([pack(args) for args in cmds])
+        except TypeError:
+            return await fallback()
+        free = self._take_free()
+        try:
+            conn = free.pop()
+            was_kept = True
+        except IndexError:
+            conn = await self.pool.get_connection()
+            was_kept = False
+        out: list[Any] = []
+        try:
+            await conn.send_packed_command([data])
+            for _ in cmds:
+                try:
+                    out.append(await conn.read_response())
+                except ResponseError as e:  # an error reply, read whole
+                    out.append(e)
+        except RedisConnectionError as e:
+            await self._drop(conn, True)
+            if was_kept or client_retries(conn, e):
+                return await fallback()  # every command of the batch is one the flows may send again
+            raise
+        except RedisTimeoutError as e:
+            await self._drop(conn, True)
+            if client_retries(conn, e):
+                return await fallback()
+            raise
+        except BaseException:
+            await self._drop(conn, True)
+            raise
+        await self._put(conn, free)
+        return out
 
     async def _put(self, conn: Any, free: list[Any]) -> None:
         if self.closed or free is not self.free:  # closed meanwhile, or the free list of a loop no longer used

@@ -131,11 +131,18 @@ class Cache:
             return self._kept(*eff.args)
         return self.redis.execute_command(*eff.args)
 
-    def _batch(self, eff: P.Batch) -> list[Any]:
+    def _pipeline(self, cmds: Sequence[tuple[Any, ...]]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
-        for args in eff.cmds:
+        for args in cmds:
             pipe.execute_command(*args)
-        res = pipe.execute(raise_on_error=False)
+        return cast(list[Any], pipe.execute(raise_on_error=False))
+
+    def _batch(self, eff: P.Batch) -> list[Any]:
+        cmds = eff.cmds
+        if self._kept is not None and all(args[0] in KEPT_COMMANDS for args in cmds):
+            res = self._kept.many(cmds, lambda: self._pipeline(cmds))
+        else:
+            res = self._pipeline(cmds)
         out: list[Any] = []
         for r in res:
             if isinstance(r, _REDIS_DOWN):

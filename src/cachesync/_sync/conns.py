@@ -40,7 +40,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._driver import client_retries, keep, keepable
+from collections.abc import Callable, Sequence
+
+from .._driver import client_retries, keep, keepable, kept_pack, kept_packer
 
 
 def kept(client: Any) -> Kept | None:
@@ -53,15 +55,17 @@ def kept(client: Any) -> Kept | None:
 class Kept:
     """Send :data:`~cachesync._driver.KEPT_COMMANDS` on connections kept checked out of ``client``'s pool."""
 
-    __slots__ = ("client", "pool", "free", "closed", "__weakref__")
+    __slots__ = ("client", "pool", "free", "closed", "pack", "__weakref__")
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.pool = client.connection_pool
         self.free: list[Any] = []
         self.closed = False
+        self.pack = kept_packer(self.pool)
 
     def __call__(self, *args: Any) -> Any:
+        data = kept_pack(self.pack, args)
         free = self.free
         try:
             conn = free.pop()
@@ -70,7 +74,10 @@ class Kept:
             conn = self.pool.get_connection()  # the pool's checks (connected, nothing unread) for a new one
             was_kept = False
         try:
-            conn.send_command(*args)
+            if data is None:
+                conn.send_command(*args)
+            else:
+                conn.send_packed_command(data)
             reply = conn.read_response()
         except ResponseError:  # an error reply, read whole: the connection is in step
             self._put(conn)
@@ -96,6 +103,53 @@ class Kept:
             raise
         self._put(conn)
         return reply
+
+    def many(self, cmds: Sequence[tuple[Any, ...]], fallback: Callable[[], list[Any]]) -> list[Any]:
+        """Send ``cmds`` in one round trip on a kept connection and read every reply: a list with each error reply
+        as its exception (``ResponseError``, ``NoScriptError``), as a non-transactional pipeline's
+        ``execute(raise_on_error=False)`` gives it. A connection error or a timeout raises (after ``fallback()``,
+        the redis-py pipeline, where :meth:`__call__` would send again); ``fallback()`` also packs what hiredis
+        cannot."""
+        pack = self.pack
+        if pack is None:
+            return fallback()
+        try:
+            data = b"".join([pack(args) for args in cmds])
+        except TypeError:
+            return fallback()
+        free = self.free
+        try:
+            conn = free.pop()
+            was_kept = True
+        except IndexError:
+            conn = self.pool.get_connection()
+            was_kept = False
+        out: list[Any] = []
+        try:
+            conn.send_packed_command([data])
+            for _ in cmds:
+                try:
+                    out.append(conn.read_response())
+                except ResponseError as e:  # an error reply, read whole
+                    out.append(e)
+        except RedisConnectionError as e:
+            conn.disconnect()
+            self._drop(conn)
+            if was_kept or client_retries(conn, e):
+                return fallback()  # every command of the batch is one the flows may send again
+            raise
+        except RedisTimeoutError as e:
+            conn.disconnect()
+            self._drop(conn)
+            if client_retries(conn, e):
+                return fallback()
+            raise
+        except BaseException:
+            conn.disconnect()
+            self._drop(conn)
+            raise
+        self._put(conn)
+        return out
 
     def _put(self, conn: Any) -> None:
         if self.closed:
