@@ -615,3 +615,21 @@ def test_cached_not_found_answer(cache) -> None:
         instance(1)
     assert called(1) == {"missing": True} and value(1) is None
     assert value(1) is None and len(calls) == 5  # the negative entry is cached: the second call loads nothing
+
+
+def test_get_many_refuses_a_loader_many_answering_keys_of_another_type(cache) -> None:
+    """{1: row} for the keys ["1"] left every asked key out: each was cached as NOT_FOUND for negative_ttl, a
+    silent wrong answer. Now a UsageError names the key, nothing is cached, and the leases are released."""
+    from cachesync.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"loader_many returned the key 1 \(int\)"):
+        cache.get_many(["1", "2"], lambda ks: {int(k): f"row {k}" for k in ks})
+    assert cache.get_many(["1", "2"], lambda ks: {k: f"row {k}" for k in ks}) == {"1": "row 1", "2": "row 2"}
+
+
+async def test_async_get_many_refuses_a_loader_many_answering_keys_of_another_type(acache) -> None:
+    from cachesync.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"loader_many returned the key 1 \(int\)"):
+        await acache.get_many(["1", "2"], lambda ks: {int(k): f"row {k}" for k in ks})
+    assert await acache.get_many(["1", "2"], lambda ks: {k: f"row {k}" for k in ks}) == {"1": "row 1", "2": "row 2"}

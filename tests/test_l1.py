@@ -573,3 +573,62 @@ async def test_async_get_many_through_l1(redis_url: str, namespace: str) -> None
         assert calls == [["p", "q"], ["r"]] and (e["p"].source, e["q"].source) == ("l1", "l1")
     finally:
         await c.aclose()
+
+
+# --------------------------------------------------------------------------- listeners that raise
+
+
+def test_a_listener_that_raises_never_stops_the_subscriber(l1cache: cachesync.Cache, redis_url: str,
+                                                           namespace: str) -> None:
+    """An invalidation listener raising on every call (invalidations and flushes): the L1 still drops the keys, the
+    subscription stays up (no death, no bypass), and later invalidations still arrive. Before, the first one ended
+    the subscription and the flush after it raised again and ended the subscriber thread: the L1 stayed off."""
+    assert l1cache.l1 is not None
+    core = l1cache.l1.core
+
+    def broken(keys: object) -> None:
+        raise RuntimeError("listener bug")
+
+    core.add_listener(broken)
+    other = cachesync.Cache(redis_url, namespace=namespace)
+    try:
+        for n in range(1, 4):
+            assert l1cache.get("k", lambda n=n: f"v{n}") == f"v{n}"
+            assert l1cache.get_entry("k", lambda: "x").source == "l1"
+            msgs = core.messages
+            other.invalidate("k")
+            wait_for(lambda: core.messages > msgs, "the invalidation message")
+            assert "k" not in core
+            assert core.state == "up" and core.stats["subscriber_deaths"] == 0
+        assert core.stats["listener_errors"] >= 3
+    finally:
+        other.close()
+
+
+async def test_async_a_listener_that_raises_never_stops_the_subscriber(redis_url: str, namespace: str) -> None:
+    import asyncio
+
+    a = cachesync.AsyncCache(redis_url, namespace=namespace, ttl_jitter=0.0, l1=True)
+    b = cachesync.AsyncCache(redis_url, namespace=namespace)
+    try:
+        assert a.l1 is not None and await a.l1.wait_ready(5)
+        core = a.l1.core
+
+        def broken(keys: object) -> None:
+            raise RuntimeError("listener bug")
+
+        core.add_listener(broken)
+        for n in range(1, 4):
+            assert await a.get("k", lambda n=n: f"v{n}") == f"v{n}"
+            msgs = core.messages
+            await b.invalidate("k")
+            for _ in range(5000):
+                if core.messages > msgs:
+                    break
+                await asyncio.sleep(0.002)
+            assert "k" not in core
+            assert core.state == "up" and core.stats["subscriber_deaths"] == 0
+        assert core.stats["listener_errors"] >= 3
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -217,6 +217,23 @@ def test_cli_json_zero_config(runtime_dir: Path, capsys: pytest.CaptureFixture[s
     assert set(runtime_dir.glob("lab-server-*.json")) == before  # its embedded server was stopped
 
 
+def test_cli_exits_1_naming_a_scenario_whose_verdict_is_not_the_expected_one(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A safe strategy that went stale (or a race the lab no longer shows) must fail the command, not pass as a
+    report: here 1a's expectation is turned around (its race really does end stale)."""
+    import dataclasses
+
+    from cachesync.lab import scenarios
+
+    monkeypatch.setitem(scenarios.BY_ID, "1a", dataclasses.replace(scenarios.BY_ID["1a"], expected="consistent"))
+    assert main(["lab", "--scenario", "1a", "--scenario", "1c", "--plain"]) == 1
+    err = capsys.readouterr().err
+    assert "scenario 1a (db_then_cache, db_then_cache, leases off) gave stale, expected consistent" in err
+    assert "1c" not in err
+    assert main(["lab", "--json", "--scenario", "1a"]) == 1  # the JSON is printed all the same
+    assert json.loads(capsys.readouterr().out)["scenarios"][0]["verdict"] == "stale"
+
+
 def test_write_path_warning_is_shown_in_the_timeline_not_on_stderr(runtime_dir: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """7f's failed invalidation is logged by WritePath; the lab shows it as the step's result, not as a log line."""

@@ -163,6 +163,7 @@ class L1:
         self.hits = self.misses = self.bypassed = self.fills = self.fills_dropped = 0
         self.invalidations = self.messages = self.evictions = self.expirations = self.flushes = 0
         self.subscription_losses = self.subscribes = self.malformed_messages = self.subscriber_deaths = 0
+        self.listener_errors = 0
         self.lag_bypasses = 0
         self.last_loss_reason = ""
         # the subscriber-lag check (rule 5): see lookup, behind, caught_up, set_probe
@@ -341,8 +342,7 @@ class L1:
                 if k in self._inflight:
                     self._inv_seq[k] = seq
             self.invalidations += len(ks)
-        for fn in self._listeners:
-            fn(ks)
+        self._notify(ks)
 
     def on_message(self, data: bytes | str) -> None:
         """A message from the namespace channel: entry keys joined by newlines.
@@ -379,11 +379,25 @@ class L1:
             self._data.clear()
             self.bytes = 0
             self.flushes += 1
+        self._notify(None)
+
+    def _notify(self, keys: list[str] | None) -> None:
+        """Tell the listeners (after the L1 already dropped the keys): one that raises is counted in
+        ``listener_errors`` and logged (the first, then every 1000th), never passed on. Raised from the subscriber,
+        it used to end the subscription (the L1 bypassed), and raised again from the flush that followed it, the
+        subscriber thread itself: the L1 stayed off for the process's life."""
         for fn in self._listeners:
-            fn(None)
+            try:
+                fn(keys)
+            except Exception as e:
+                self.listener_errors += 1
+                if self.listener_errors % 1000 == 1:
+                    log.error("cachesync L1 (namespace %s): an invalidation listener raised (%s: %s; %d so far); "
+                              "the L1 itself dropped the keys", self.ns, type(e).__name__, e, self.listener_errors)
 
     def add_listener(self, fn: Listener) -> None:
-        """Call ``fn(keys)`` after each invalidation and ``fn(None)`` after each flush (refresh-ahead uses it)."""
+        """Call ``fn(keys)`` after each invalidation and ``fn(None)`` after each flush (refresh-ahead uses it). An
+        exception ``fn`` raises is counted in ``stats["listener_errors"]`` and logged, never passed on."""
         self._listeners.append(fn)
 
     def add_state_listener(self, fn: Callable[[bool], None]) -> None:
@@ -486,12 +500,14 @@ class L1:
         ``hits``, ``misses``, ``bypassed`` (reads while the subscription was down), ``fills``, ``fills_dropped``
         (the fill race), ``invalidations``, ``messages``, ``evictions``, ``expirations``, ``flushes``,
         ``subscription_losses``, ``subscribes``, ``lag_bypasses`` (lookups that bypassed because an invalidation
-        had arrived and was not applied yet), ``last_loss_reason``, ``bypass_seconds`` (time bypassed so far)."""
+        had arrived and was not applied yet), ``last_loss_reason``, ``bypass_seconds`` (time bypassed so far),
+        ``malformed_messages``, ``subscriber_deaths``, ``listener_errors`` (listeners that raised)."""
         return {
             "state": self.state, "enabled": self.enabled, "entries": len(self._data), "bytes": self.bytes,
             "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed, "fills": self.fills,
             "fills_dropped": self.fills_dropped, "invalidations": self.invalidations, "messages": self.messages,
             "malformed_messages": self.malformed_messages, "subscriber_deaths": self.subscriber_deaths,
+            "listener_errors": self.listener_errors,
             "evictions": self.evictions, "expirations": self.expirations, "flushes": self.flushes,
             "subscription_losses": self.subscription_losses, "subscribes": self.subscribes,
             "lag_bypasses": self.lag_bypasses, "last_loss_reason": self.last_loss_reason,

@@ -340,6 +340,19 @@ def get_many_values_flow(ctx: Context, keys: Sequence[str], ttl: float | None) -
     return (yield from _get_many(ctx, keys, ttl, True))
 
 
+def _loaded_many(values: Any) -> Mapping[str, Any]:
+    """What ``loader_many`` returned, checked: a mapping whose keys are the str keys it was given. A key of another
+    type (``{1: row}`` for ``["1"]``) would leave every asked key out, each cached as ``NOT_FOUND`` for
+    ``negative_ttl``: a :class:`UsageError` naming the key instead."""
+    if not isinstance(values, Mapping):
+        raise UsageError(f"loader_many must return a mapping of key -> value, got {type(values).__name__}")
+    for k in values:
+        if not isinstance(k, str):
+            raise UsageError(f"loader_many returned the key {k!r} ({type(k).__name__}): it is given the cache's str "
+                             "keys and must map those same keys to values (a key it leaves out is NOT_FOUND)")
+    return values
+
+
 def _get_many(ctx: Context, keys: Sequence[str], ttl: float | None, bare: bool) -> Flow[dict[str, Any]]:
     ukeys = list(dict.fromkeys(keys))
     if ttl is not None:
@@ -376,7 +389,7 @@ def _get_many(ctx: Context, keys: Sequence[str], ttl: float | None, bare: bool) 
             raise e.cause from None
         down = [k for k in ukeys if k not in fast]
         ctx.stats["fallback_loads"] += 1
-        got = yield Load(down, fallback=True)
+        got = _loaded_many((yield Load(down, fallback=True)))
         for k in down:
             result[k] = Entry(ctx.unwrap(got.get(k, NOT_FOUND)), source="fallback")
         return finish()
@@ -423,7 +436,7 @@ def _get_many(ctx: Context, keys: Sequence[str], ttl: float | None, bare: bool) 
                 raise e.cause from None
             missing = [ukeys[i] for i in pending if ukeys[i] not in result]
             ctx.stats["fallback_loads"] += 1
-            values = yield Load(missing, fallback=True)
+            values = _loaded_many((yield Load(missing, fallback=True)))
             for k in missing:
                 result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="fallback")
             break
@@ -437,9 +450,7 @@ def _get_many(ctx: Context, keys: Sequence[str], ttl: float | None, bare: bool) 
             ctx.stats["misses"] += len(mine)
             ctx.stats["loads"] += 1
             try:
-                values = yield Load([ukeys[i] for i in mine])
-                if not isinstance(values, Mapping):
-                    raise UsageError(f"loader_many must return a mapping of key -> value, got {type(values).__name__}")
+                values = _loaded_many((yield Load([ukeys[i] for i in mine])))
                 enc = {i: ctx.encode(ukeys[i], values.get(ukeys[i], NOT_FOUND)) for i in mine}
                 ttls = {i: ctx.ttl_ms(ttl, enc[i][2] == "1") for i in mine}
             except GeneratorExit:
@@ -489,7 +500,7 @@ def _get_many(ctx: Context, keys: Sequence[str], ttl: float | None, bare: bool) 
         if remaining <= 0:
             rest = [ukeys[i] for i, _ in waiting]
             ctx.stats["loads"] += 1
-            values = yield Load(rest)
+            values = _loaded_many((yield Load(rest)))
             for k in rest:
                 result[k] = Entry(ctx.unwrap(values.get(k, NOT_FOUND)), source="loader")
             break

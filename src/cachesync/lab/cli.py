@@ -84,7 +84,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
         write_file(args.html, lab_html(results, head, desc))
         if not args.json:
             print(f"report written to {args.html}")
-    return 0
+    return _verdicts_as_expected(results)
+
+
+def _verdicts_as_expected(results: list[Any]) -> int:
+    """0 when every scenario gave the verdict it expects (``--list`` shows them), else 1 with one line per
+    scenario that did not, on stderr: a safe strategy that went stale, or a race the lab no longer shows."""
+    from .scenarios import BY_ID
+
+    wrong = [(r, BY_ID[r.id].expected) for r in results if BY_ID[r.id].expected and r.verdict != BY_ID[r.id].expected]
+    for r, want in wrong:
+        print(f"cachesync lab: scenario {r.id} ({r.variant}, {r.strategy}, leases {'on' if r.leases else 'off'}) "
+              f"gave {r.verdict}, expected {want}", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 def _run_lab(args: argparse.Namespace, head: dict[str, Any]) -> tuple[list[Any], str]:
