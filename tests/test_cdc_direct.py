@@ -67,6 +67,30 @@ def test_direct_keeps_one_connection_and_replaces_a_lost_one(redis_url: str, nam
         cache.close()
 
 
+def test_direct_writes_the_keys_redis_py_writes_on_a_pool_with_another_encoding(redis_url: str,
+                                                                                namespace: str) -> None:
+    """encoding="latin-1": hiredis would write the key in UTF-8 (another key, never invalidated); the invalidator
+    packs with redis-py there, as the cache does."""
+    import redis
+
+    from cachesync.keys import entry_key
+
+    client = redis.Redis.from_url(redis_url, encoding="latin-1")
+    cache = cachesync.Cache(client=client, namespace=namespace, tombstone_ttl=120, record_namespace=False)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        d = DirectInvalidator(cache)
+        assert d._pack is None
+        d.invalidate({"caf\u00e9": "7"})
+        assert raw.get(entry_key(namespace, "caf\u00e9").encode("latin-1")) is not None  # its tombstone, floor 7
+        assert raw.get(entry_key(namespace, "caf\u00e9").encode()) is None
+        d.close()
+    finally:
+        cache.close()
+        client.close()
+        raw.close()
+
+
 def test_a_started_batch_is_not_invalidated_until_its_reply_is_read(redis_url: str, namespace: str) -> None:
     """start() sends; anything else sent on the connection before finish() drops the connection, and finish() of
     the unread batch then raises InvalidationError (the caller sends it again), never a wrong reply."""

@@ -23,16 +23,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import core as P
 from .. import tracing as _tr
+from .._driver import kept_packer
 from .._sync.cache import Cache
 from ..errors import CacheUnavailableError, InvalidationError, RedisCommandError
 
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-_HIREDIS: Any = getattr(redis.connection, "HiredisRespSerializer", None)
-_pack: Any
-try:
-    from hiredis import pack_command as _pack
-except ImportError:  # pragma: no cover - hiredis is optional
-    _pack = None
 
 
 class Pending:
@@ -65,7 +60,8 @@ class DirectInvalidator:
         self.pool: Any = cache.redis.connection_pool
         self.conn: Any = None
         self._pending: Pending | None = None  # a started batch whose replies are still to read
-        self._hiredis = False  # the connection packs with hiredis: pack with it directly
+        # hiredis's packer where it writes redis-py's bytes (a strict UTF-8 pool): the kept connections' rule
+        self._pack = kept_packer(self.pool)
 
     @staticmethod
     def usable(cache: Cache) -> bool:
@@ -178,9 +174,9 @@ class DirectInvalidator:
         try:
             if conn is None:
                 conn = self.conn = self.pool.get_connection()
-                self._hiredis = _pack is not None and type(getattr(conn, "_command_packer", None)) is _HIREDIS
-            if self._hiredis:  # what its packer does with these arguments (str, int): hiredis.pack_command
-                packed: Any = [_pack(c) for c in cmds]
+            pack = self._pack
+            if pack is not None:
+                packed: Any = [pack(c) for c in cmds]
             else:
                 packed = conn.pack_commands(cmds) if len(cmds) > 1 else conn.pack_command(*cmds[0])
             conn.send_packed_command(packed, check_health=False)
