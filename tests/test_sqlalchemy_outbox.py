@@ -350,6 +350,30 @@ def test_raw_sql_on_ruled_table_is_refused_in_strict_mode(env, cache, case):
         sync.uninstall(Session)
 
 
+MULTI_TABLE = [  # the ruled table is the second one: read as changing the first (unruled) one, nothing was recorded
+    "UPDATE audit_log JOIN {t} ON audit_log.id = {t}.id SET {t}.email = 'z@x'",
+    "UPDATE audit_log, {t} SET {t}.email = 'z@x' WHERE audit_log.id = {t}.id",
+    "DELETE audit_log, {t} FROM audit_log JOIN {t} ON audit_log.id = {t}.id",
+    "DELETE FROM audit_log, {t} USING audit_log JOIN {t} ON audit_log.id = {t}.id",
+]
+
+
+@pytest.mark.parametrize("sql", MULTI_TABLE)
+def test_raw_multi_table_dml_is_refused_in_strict_mode(env, cache, sql):
+    """A multi-table UPDATE/DELETE (MySQL syntax) changes rows of every table it names: refused before it runs
+    (here on every database: the refusal comes first), unless cachesync_keys says which keys it affects."""
+    engine, sync, ob, relay = env
+    from sqlalchemy import text
+    sync.install(Session)
+    try:
+        with Session(engine) as s:
+            with pytest.raises(OutboxError, match="changes several tables at once"):
+                s.execute(text(sql.format(t=USERS)))
+            s.rollback()
+    finally:
+        sync.uninstall(Session)
+
+
 def test_bulk_update_by_primary_key_invalidates_the_new_keys(env, cache):
     """``session.execute(update(Model), [dicts])`` (ORM bulk UPDATE by primary key): no WHERE, no .values(); the
     new values are in the parameter dicts."""

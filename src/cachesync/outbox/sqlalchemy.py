@@ -60,6 +60,26 @@ _DML_TABLE = re.compile(r"\b(?:UPDATE(?:\s+OR\s+\w+)?|DELETE(?:\s+(?:LOW_PRIORIT
                         r"(?:INSERT|REPLACE)(?:\s+(?:OR\s+\w+|LOW_PRIORITY|DELAYED|HIGH_PRIORITY|IGNORE))*\s+INTO|"
                         r"MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)\s+(?:(?:LOW_PRIORITY|IGNORE|ONLY)\s+)*"
                         r"((?:[`\"]?\w+[`\"]?\.)*[`\"]?[A-Za-z_]\w*[`\"]?)", re.I)
+# a multi-table UPDATE/DELETE (MySQL ``UPDATE a JOIN b SET ...``, ``UPDATE a, b SET ...``, ``DELETE a, b FROM ...``,
+# ``DELETE FROM a, b USING ...``): its tables before SET / after DELETE, where a comma or a JOIN means several
+_UPDATE_HEAD = re.compile(r"\bUPDATE\b(.*?)\bSET\b", re.I | re.S)
+_DELETE_HEAD = re.compile(r"\bDELETE\b(.*?)(?:\bWHERE\b|\bUSING\b|\bORDER\b|\bLIMIT\b|\bRETURNING\b|;|$)", re.I | re.S)
+_SEVERAL = re.compile(r",|\bJOIN\b", re.I)
+_DELETE_FROM = re.compile(r"\s*(?:(?:LOW_PRIORITY|QUICK|IGNORE)\s+)*FROM\b", re.I)
+
+
+def _several_tables(sql: str) -> bool:
+    """Whether raw DML changes several tables at once (which of them, and which rows, the SQL does not say)."""
+    for m in _UPDATE_HEAD.finditer(sql):
+        if _SEVERAL.search(m.group(1)):
+            return True
+    for m in _DELETE_HEAD.finditer(sql):
+        head = m.group(1)
+        if _SEVERAL.search(head) or not _DELETE_FROM.match(head):  # DELETE a FROM a JOIN b
+            return True
+    return False
+
+
 _OLD_IMAGES = "cachesync_old_images"  # flush_context.attributes: {(state, table): committed rule columns}
 _DIALECTS = {"postgresql": POSTGRESQL, "mysql": MYSQL, "mariadb": MYSQL, "sqlite": SQLITE}
 
@@ -249,6 +269,10 @@ class OutboxSync:
         sql = state.statement.text
         start = _DML_START.match(sql)
         if start is None or self._explicit(state):
+            return
+        if _several_tables(sql):  # read as its first table only, the others' keys stayed cached
+            self._unrecorded(f"raw SQL {sql[:80]!r} changes several tables at once (a multi-table UPDATE/DELETE): "
+                             "cannot tell which rows of which ruled tables it changes")
             return
         tables = [m.group(1).rsplit(".", 1)[-1].strip('`"') for m in _DML_TABLE.finditer(sql)]
         if not tables:
