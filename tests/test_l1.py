@@ -632,3 +632,19 @@ async def test_async_a_listener_that_raises_never_stops_the_subscriber(redis_url
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_async_l1_aclose_passes_on_its_callers_cancellation(redis_url: str, namespace: str) -> None:
+    """A shutdown that cancels the task closing the cache (a timeout around aclose()) must see its cancellation:
+    aclose() used to swallow every CancelledError while it waited for the subscriber task to end."""
+    import asyncio
+
+    a = cachesync.AsyncCache(redis_url, namespace=namespace, l1=True)
+    assert a.l1 is not None and await a.l1.wait_ready(5)
+    closing = asyncio.create_task(a.l1.aclose())
+    await asyncio.sleep(0)  # it has cancelled the subscriber task and waits for it to end
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert a.l1.core.closed
+    await a.aclose()

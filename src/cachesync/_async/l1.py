@@ -104,14 +104,22 @@ class L1Async:
         self.core.close()
         if self._wake is not None:
             self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._conn.disconnect()
-        await self._pool.disconnect()
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling():  # the caller's own cancellation: never swallowed
+                        raise
+                except Exception:  # noqa: S110 - the subscriber's end, whatever it was
+                    pass
+        finally:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.disconnect()
+            await self._pool.disconnect()
 
     async def _run(self) -> None:
         """The subscriber task: restarted (after bypassing the L1) whenever it fails unexpectedly."""
