@@ -473,3 +473,50 @@ async def test_async_batch_goes_over_the_kept_connection(acache: cachesync.Async
     r.client_kill_filter(_id=await _aclient_id(conn))
     assert await acache.invalidate_many([(keys, 4)]) == 1  # sent again through the pipeline
     assert acache.stats["invalidations_failed"] == 0
+
+
+def test_async_cache_shared_by_threads_with_a_loop_each_keeps_a_free_list_per_loop(redis_url: str,
+                                                                                  namespace: str) -> None:
+    """Two threads, each running its own event loop, take turns on one AsyncCache (forced by a barrier). Each
+    loop reads on connections of its own, and a turn never drops the other loop's connections: the pool holds
+    two, however many turns there are. (With one free list replaced at each switch, every turn left the other
+    loop's idle connections checked out for good: one leaked socket per turn.)"""
+    import asyncio
+
+    c = cachesync.AsyncCache(redis_url, namespace=namespace, record_namespace=False)
+    turn = threading.Barrier(2)
+    got: dict[str, list[object]] = {"a": [], "b": []}
+    in_use: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(name: str, first: bool) -> None:
+        async def main() -> None:
+            for _ in range(6):  # a, b, a, b ...
+                if not first:
+                    turn.wait(10)
+                got[name].append(await c.get(name, lambda: "v" + name))
+                if first:
+                    turn.wait(10)
+            turn.wait(10)  # both done
+            if first:
+                in_use.append(len(c.redis.connection_pool._in_use_connections))
+            turn.wait(10)
+            assert c._kept is not None
+            for conn in c._kept._lists[asyncio.get_running_loop()]:  # this loop's, closed on it
+                await conn.disconnect()
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # reported by the test below
+            errors.append(e)
+
+    ta = threading.Thread(target=run, args=("a", True))
+    tb = threading.Thread(target=run, args=("b", False))
+    ta.start()
+    tb.start()
+    ta.join(30)
+    tb.join(30)
+    assert not errors, errors
+    assert got == {"a": ["va"] * 6, "b": ["vb"] * 6}
+    assert c.stats["fallback_loads"] == 0
+    assert in_use == [2]  # one per loop, kept
+    asyncio.run(c.aclose())

@@ -3,13 +3,14 @@ out of its client's pool. The same rules as :mod:`cachesync._sync.conns` (read i
 the free list only after its reply was read whole; a broken socket, a timeout, a cancellation (the watchdog's
 bound, a caller's timeout) or an interrupt disconnects it first; a kept connection the server closed while idle
 is sent again through ``execute_command``; only a plain pool of no practical size limit, RESP2, not a cluster.
-Also: connections belong to the event loop that made them, so a command on another loop starts a free list of
-its own (the old loop's connections are never used again).
+Also: connections belong to the event loop that made them, so each loop has a free list of its own (one thread with
+its own loop never sends on another's connections; a closed loop's list goes with it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 import redis.asyncio as aredis
@@ -32,7 +33,7 @@ def kept(client: Any) -> AsyncKept | None:
 class AsyncKept:
     """Send :data:`~cachesync._driver.KEPT_COMMANDS` on connections kept checked out of ``client``'s pool."""
 
-    __slots__ = ("client", "pool", "free", "closed", "pack", "_loop", "__weakref__")
+    __slots__ = ("client", "pool", "free", "closed", "pack", "_loop", "_lists", "__weakref__")
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -41,11 +42,17 @@ class AsyncKept:
         self.closed = False
         self.pack = kept_packer(self.pool)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # one free list per event loop (connections belong to the loop that made them): threads with a loop each,
+        # or asyncio.run() twice; a closed loop's list goes with the loop
+        self._lists: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Any]] = weakref.WeakKeyDictionary()
 
     def _take_free(self) -> list[Any]:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # another event loop's connections are never used here
-            self.free, self._loop = [], loop
+        if self._loop is not loop:
+            free = self._lists.get(loop)
+            if free is None:
+                free = self._lists[loop] = []
+            self.free, self._loop = free, loop
         return self.free
 
     async def __call__(self, *args: Any) -> Any:
@@ -125,10 +132,10 @@ class AsyncKept:
         return out
 
     async def _put(self, conn: Any, free: list[Any]) -> None:
-        if self.closed or free is not self.free:  # closed meanwhile, or the free list of a loop no longer used
+        if self.closed:
             await self._drop(conn, False)
         else:
-            free.append(conn)
+            free.append(conn)  # the list of the loop the command ran on
 
     async def _drop(self, conn: Any, disconnect: bool) -> None:
         try:
@@ -139,15 +146,18 @@ class AsyncKept:
             pass
 
     async def close(self) -> None:
-        """Hand the free connections back to the pool; connections in use go back when their command ends."""
+        """Hand the free connections (of every loop) back to the pool; connections in use go back when their
+        command ends."""
         self.closed = True
-        while True:
-            try:
-                conn = self.free.pop()
-            except IndexError:
-                return
-            await self._drop(conn, False)
+        for free in [self.free, *self._lists.values()]:
+            while True:
+                try:
+                    conn = free.pop()
+                except IndexError:
+                    break
+                await self._drop(conn, False)
 
     def forked(self) -> None:
         """In a forked child: forget the parent's connections (never sent on here)."""
-        self.free = []
+        self.free, self._loop = [], None
+        self._lists = weakref.WeakKeyDictionary()
