@@ -25,7 +25,7 @@ What makes that safe, and what keeps it as safe as the pool:
 - a forked child starts with an empty free list (the parent's sockets are never used by the child); ``close()``
   hands the free connections back to the pool.
 
-``cachesync._async.conns`` is the asyncio twin (same rules; its free list also starts empty on another event loop).
+``cachesync._async.conns`` is the asyncio twin (same rules; one free list per event loop).
 
 The commands sent here have no redis-py response callback (the reply is the same as ``execute_command``'s), and
 redis-py's own command metrics (``redis.observability``) do not see them; cachesync's metrics do.
