@@ -389,3 +389,27 @@ def test_background_refresher_waits_while_a_reader_refresh_runs(redis_url: str, 
     finally:
         hang.set()
         c.close()
+
+
+def test_refresh_handles_the_application_drops_leave_no_l1_listener_behind(redis_url: str, namespace: str) -> None:
+    """A RefreshAhead made per request (or per tenant, then dropped) registered two L1 listeners for good: each
+    invalidation called every dead handle's, and the list grew without bound. They are held weakly now."""
+    import gc
+
+    c = cachesync.Cache(redis_url, namespace=namespace, l1=True)
+    try:
+        assert c.l1 is not None and c.l1.wait_ready(5)
+        core = c.l1.core
+        base = (len(core._listeners), len(core._state_listeners))
+        kept = RefreshAhead(c, "kept", lambda: "k", ttl=60.0)
+        for i in range(50):
+            h = RefreshAhead(c, f"k{i}", lambda: "v", ttl=60.0)
+            assert h.get() == "v"
+        del h
+        gc.collect()
+        c.invalidate("k1")  # a notification prunes the dead ones; so does the next registration
+        other = RefreshAhead(c, "other", lambda: "o", ttl=60.0)
+        assert (len(core._listeners), len(core._state_listeners)) == (base[0] + 2, base[1] + 2)
+        assert kept.get() == "k" and other.get() == "o"
+    finally:
+        c.close()

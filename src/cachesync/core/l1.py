@@ -131,6 +131,25 @@ Listener = Callable[[list[str] | None], None]
 """Called with the invalidated keys, or ``None`` for a flush."""
 
 
+def _live(fns: list[Any]) -> list[Any]:
+    """The listeners to call: weakly held ones (``weakref.WeakMethod``) dereferenced, dead ones removed from
+    ``fns`` (in place: the registration list)."""
+    out = []
+    dead = []
+    for f in list(fns):
+        if type(f) is weakref.WeakMethod:
+            g = f()
+            if g is None:
+                dead.append(f)
+                continue
+            f = g
+        out.append(f)
+    for f in dead:  # one at a time (atomic): a listener added meanwhile is never lost
+        with contextlib.suppress(ValueError):
+            fns.remove(f)
+    return out
+
+
 class L1:
     """The L1 store and its rules (no I/O). ``clock`` is injectable for tests; ``lock_factory`` makes the lock
     that guards the store: the drivers pass ``threading.Lock`` (thread-safe), the default is no lock (one thread)."""
@@ -386,7 +405,7 @@ class L1:
         ``listener_errors`` and logged (the first, then every 1000th), never passed on. Raised from the subscriber,
         it used to end the subscription (the L1 bypassed), and raised again from the flush that followed it, the
         subscriber thread itself: the L1 stayed off for the process's life."""
-        for fn in self._listeners:
+        for fn in _live(self._listeners):
             try:
                 fn(keys)
             except Exception as e:
@@ -395,14 +414,19 @@ class L1:
                     log.error("cachesync L1 (namespace %s): an invalidation listener raised (%s: %s; %d so far); "
                               "the L1 itself dropped the keys", self.ns, type(e).__name__, e, self.listener_errors)
 
-    def add_listener(self, fn: Listener) -> None:
+    def add_listener(self, fn: Listener, *, weak: bool = False) -> None:
         """Call ``fn(keys)`` after each invalidation and ``fn(None)`` after each flush (refresh-ahead uses it). An
-        exception ``fn`` raises is counted in ``stats["listener_errors"]`` and logged, never passed on."""
-        self._listeners.append(fn)
+        exception ``fn`` raises is counted in ``stats["listener_errors"]`` and logged, never passed on. ``weak``:
+        ``fn`` is a bound method held weakly; it is dropped once its object is gone (a refresh-ahead handle the
+        application let go of)."""
+        _live(self._listeners)  # dropped handles' listeners go first (the list stays as long as the live ones)
+        self._listeners.append(weakref.WeakMethod(fn) if weak else fn)  # type: ignore[arg-type]
 
-    def add_state_listener(self, fn: Callable[[bool], None]) -> None:
-        """Call ``fn(enabled)`` whenever the subscription comes up (True) or is lost (False)."""
-        self._state_listeners.append(fn)
+    def add_state_listener(self, fn: Callable[[bool], None], *, weak: bool = False) -> None:
+        """Call ``fn(enabled)`` whenever the subscription comes up (True) or is lost (False); ``weak`` as in
+        :meth:`add_listener`."""
+        _live(self._state_listeners)
+        self._state_listeners.append(weakref.WeakMethod(fn) if weak else fn)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- subscription state
 
@@ -427,7 +451,7 @@ class L1:
             self.state = "up"
             self.subscribes += 1
             self._end_bypass()
-        for fn in self._state_listeners:
+        for fn in _live(self._state_listeners):
             fn(True)
 
     def on_subscription_lost(self, reason: str) -> None:
@@ -448,7 +472,7 @@ class L1:
                 self._bypass_since = time.monotonic()
             if was:
                 self.subscription_losses += 1
-        for fn in self._state_listeners:
+        for fn in _live(self._state_listeners):
             fn(False)
 
     def subscriber_died(self, e: BaseException) -> None:

@@ -187,8 +187,8 @@ def attach(st: RefreshState, l1: L1 | None) -> None:
     """Make ``st`` refresh at once after an invalidation of its key or a lost L1 subscription (``l1``: the
     cache's L1 state, or None without an L1)."""
     if l1 is not None:
-        l1.add_listener(st.on_invalidate)
-        l1.add_state_listener(st.on_subscription)
+        l1.add_listener(st.on_invalidate, weak=True)  # held weakly: a handle the application drops is not kept
+        l1.add_state_listener(st.on_subscription, weak=True)
         st.always = not l1.enabled
 
 
@@ -296,4 +296,4 @@ def background_flow(core: BackgroundCore) -> Generator[Any, Any, None]:
 def watch(core: BackgroundCore, l1: L1 | None) -> None:
     """Wake the background refresher when the L1 hears an invalidation."""
     if l1 is not None:
-        l1.add_listener(core.on_invalidate)
+        l1.add_listener(core.on_invalidate, weak=True)
