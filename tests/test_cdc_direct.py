@@ -62,6 +62,7 @@ def test_direct_keeps_one_connection_and_replaces_a_lost_one(redis_url: str, nam
         d.invalidate({"c": "3"})  # sent again at once, on a new connection
         assert d.conn is not None  # (the pool may hand back the same Connection object, reconnected)
         assert [(cache.peek(k) or {}).get("fl") for k in "abc"] == [b"1", b"2", b"3"]
+        assert cache.stats["invalidations_failed"] == 0  # delivered on the second try: not a failed key
         d.close()
     finally:
         cache.close()

@@ -123,6 +123,8 @@ class DirectInvalidator:
                 cause = e.__cause__
                 if not (self._again(p) and isinstance(cause, _DOWN) and not isinstance(cause, RedisTimeoutError)):
                     raise
+                # sent again at once: its keys are not failed (yet); the lost connection stays in redis_errors
+                cache.ctx.stats["invalidations_failed"] -= len(e.keys)
         finally:
             p.flow.close()
             cache._written(list(p.versions))  # as Cache.invalidate_many: the L1 copies, the keys' flights
