@@ -431,11 +431,14 @@ def test_a_subscription_socket_above_fd_1024_still_serves_hits(redis_url: str, n
     if soft < 1200:
         pytest.skip("needs RLIMIT_NOFILE >= 1200")
     import gc
+    import warnings
 
     fds: list[int] = []
     try:
         for _attempt in range(10):  # a descriptor freed meanwhile (a collected socket) is the lowest: try again
-            gc.collect()
+            with warnings.catch_warnings():  # another test's connection left to the collector is not this test's
+                warnings.simplefilter("ignore", ResourceWarning)  # failure (it made this test flaky: 1 CI run in 4)
+                gc.collect()
             while True:  # the lowest free descriptors taken, up to 1030
                 fds.append(os.dup(0))
                 if fds[-1] >= 1030:
