@@ -44,6 +44,16 @@ def test_get_second_reader_waits_and_registers(run, r, k):
     assert hget(r, k[0], "w") == b"1"
 
 
+def test_get_sent_again_by_the_lease_holder_is_granted_again(run, r, k):
+    """A get.lua call whose reply was lost with its connection is sent again (kept connections do, as redis-py's
+    retries do) with the same token: granted again, not a wait for itself until max_wait; nobody registered."""
+    assert run("get", k, "tok1", 5000, "L", 1000)[:2] == [2, b"tok1"]
+    out = run("get", k, "tok1", 5000, "L", 1000)
+    assert out[:2] == [2, b"tok1"]
+    assert hget(r, k[0], "lt") == b"tok1" and hget(r, k[0], "w") is None
+    assert run("fill", k, "tok1", 1000, b"v", "", 60000, "0") == [1]
+
+
 def test_fill_with_lease_is_a_hit_and_wakes_waiters(run, r, k):
     run("get", k, "tok1", 5000, "L", 1000)
     run("get", k, "tok2", 5000, "L", 1000)

@@ -57,7 +57,7 @@ class Model:
             return (1, e.v, e.ver, "n" if e.n else "")
         if mode == "P":
             return (1, e.v, e.ver, "s") if e.v is not None else (0, None, None, None)
-        if e.lt is not None and not e.expired:
+        if e.lt is not None and not e.expired and e.lt != token:  # the holder's own call again: granted again
             e.w += 1
             return (3, e.v, e.ver)
         e.lt, e.expired = token, False

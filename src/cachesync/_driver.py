@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote, unquote_plus
 
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .core import NOT_FOUND
 from .core.l1 import L1, L1Options
@@ -374,7 +375,8 @@ def kept_packer(pool: Any) -> Callable[[tuple[Any, ...]], bytes] | None:
     """hiredis's ``pack_command`` where it writes the same bytes as redis-py's packer (a pool encoding ``str`` as
     strict UTF-8: checked for str, bytes, int and float arguments, the types the flows send; anything else raises
     ``TypeError`` there and is packed by redis-py, which names the problem). It skips redis-py's per-argument
-    ``encode`` calls: about 6x faster on a batch's 1,500-argument ``invalidate.lua`` call."""
+    ``encode`` calls, which dominate a batch's 1,500-argument ``invalidate.lua`` call (an ad hoc timing in
+    docs/benchmarks.md, run K)."""
     kw = getattr(pool, "connection_kwargs", None)
     if _hiredis_pack is None or not isinstance(kw, dict):
         return None
@@ -392,6 +394,17 @@ def kept_pack(pack: Callable[[tuple[Any, ...]], bytes] | None, args: tuple[Any, 
         return [pack(args)]
     except TypeError:
         return None
+
+
+def kept_failed(e: BaseException, conn: Any, was_kept: bool) -> bool:
+    """A kept-connection command failed with ``e`` (the connection is disconnected and given back by then):
+    whether to send it again through redis-py (its pool and the client's own retries) rather than raise. An error
+    reply is never here (the connection stayed in step). A connection error on a connection that sat in the free
+    list is what the pool's check would have caught (the server closed it while idle): sent again. A timeout is
+    not (a hung server would double the wait), nor an interrupt or a cancellation, unless the client retries it."""
+    if isinstance(e, RedisConnectionError) and not isinstance(e, RedisTimeoutError) and was_kept:
+        return True
+    return client_retries(conn, e)
 
 
 def client_retries(conn: Any, e: BaseException) -> bool:

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from collections.abc import Awaitable, Callable, Sequence
-
-from .._driver import client_retries, keep, keepable, kept_pack, kept_packer
+from .._driver import keep, keepable, kept_failed, kept_pack, kept_packer
 
 
 def kept(client: Any) -> AsyncKept | None:
@@ -73,19 +70,10 @@ class AsyncKept:
         except ResponseError:  # an error reply, read whole: the connection is in step
             await self._put(conn, free)
             raise
-        except RedisConnectionError as e:
+        except BaseException as e:  # CancelledError (a timeout, the watchdog) too (cachesync._driver.kept_failed)
             await self._drop(conn, True)
-            if was_kept or client_retries(conn, e):
-                # a kept connection the server closed while it sat in the free list: send again through the pool
+            if kept_failed(e, conn, was_kept):
                 return await self.client.execute_command(*args)
-            raise
-        except RedisTimeoutError as e:  # not again on the same terms: a hung server would double the wait
-            await self._drop(conn, True)
-            if client_retries(conn, e):
-                return await self.client.execute_command(*args)
-            raise
-        except BaseException:  # CancelledError (a timeout, the watchdog), KeyboardInterrupt, a parser error
-            await self._drop(conn, True)
             raise
         await self._put(conn, free)
         return reply
@@ -115,18 +103,10 @@ class AsyncKept:
                     out.append(await conn.read_response())
                 except ResponseError as e:  # an error reply, read whole
                     out.append(e)
-        except RedisConnectionError as e:
+        except BaseException as e:
             await self._drop(conn, True)
-            if was_kept or client_retries(conn, e):
+            if kept_failed(e, conn, was_kept):
                 return await fallback()  # every command of the batch is one the flows may send again
-            raise
-        except RedisTimeoutError as e:
-            await self._drop(conn, True)
-            if client_retries(conn, e):
-                return await fallback()
-            raise
-        except BaseException:
-            await self._drop(conn, True)
             raise
         await self._put(conn, free)
         return out

@@ -2,7 +2,7 @@
 
 redis-py's ``execute_command`` checks a connection out of the pool and back in for every command: two pool locks,
 two ``getpid`` calls, a ``poll`` of the socket (does it hold unread data?), its own per-command metrics and a
-retry wrapper. On this machine kind that is about a third of a hit's client CPU (docs/benchmarks.md). A
+retry wrapper (docs/benchmarks.md, run K: ``bench_hit.py`` measures the hit path with and without it). A
 :class:`Kept` keeps the connections it has used checked out, in a free list of its own (``list.pop`` and
 ``list.append`` are atomic: one thread per connection at a time), and sends on them directly.
 
@@ -33,16 +33,13 @@ redis-py's own command metrics (``redis.observability``) do not see them; caches
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from collections.abc import Callable, Sequence
-
-from .._driver import client_retries, keep, keepable, kept_pack, kept_packer
+from .._driver import keep, keepable, kept_failed, kept_pack, kept_packer
 
 
 def kept(client: Any) -> Kept | None:
@@ -82,24 +79,11 @@ class Kept:
         except ResponseError:  # an error reply, read whole: the connection is in step
             self._put(conn)
             raise
-        except RedisConnectionError as e:
+        except BaseException as e:  # whatever was sent may still answer: never kept (cachesync._driver.kept_failed)
             conn.disconnect()
             self._drop(conn)
-            if was_kept or client_retries(conn, e):
-                # a kept connection the server closed while it sat in the free list (its idle timeout, a
-                # restart, CLIENT KILL) is what the pool's check would have caught: send again through the
-                # pool, as redis-py would (with the client's own retries, if it has any)
+            if kept_failed(e, conn, was_kept):
                 return self.client.execute_command(*args)
-            raise
-        except RedisTimeoutError as e:  # not again on the same terms: a hung server would double the wait
-            conn.disconnect()
-            self._drop(conn)
-            if client_retries(conn, e):
-                return self.client.execute_command(*args)
-            raise
-        except BaseException:  # KeyboardInterrupt, a parser error: whatever was sent may still answer
-            conn.disconnect()
-            self._drop(conn)
             raise
         self._put(conn)
         return reply
@@ -132,21 +116,11 @@ class Kept:
                     out.append(conn.read_response())
                 except ResponseError as e:  # an error reply, read whole
                     out.append(e)
-        except RedisConnectionError as e:
+        except BaseException as e:
             conn.disconnect()
             self._drop(conn)
-            if was_kept or client_retries(conn, e):
+            if kept_failed(e, conn, was_kept):
                 return fallback()  # every command of the batch is one the flows may send again
-            raise
-        except RedisTimeoutError as e:
-            conn.disconnect()
-            self._drop(conn)
-            if client_retries(conn, e):
-                return fallback()
-            raise
-        except BaseException:
-            conn.disconnect()
-            self._drop(conn)
             raise
         self._put(conn)
         return out

@@ -74,7 +74,8 @@ class CacheOptions:
     (no measurable cost on a single-threaded hit, see docs/benchmarks.md)."""
     kept_connections: bool = True
     """Send ``GET``, ``MGET`` and ``EVALSHA`` on connections the cache keeps checked out of its client's pool
-    instead of checking one out and back in per command (about a third less client CPU on a hit). Used only with a plain pool of no practical size limit, RESP2, no client-side cache and no cluster
+    instead of checking one out and back in per command (docs/benchmarks.md, run K: ``bench_hit.py`` with and without
+    it). Used only with a plain pool of no practical size limit, RESP2, no client-side cache and no cluster
     (the default pool qualifies); anything else uses redis-py's ``execute_command`` as before. ``False``: always
     ``execute_command`` (e.g. to keep redis-py's own per-command metrics)."""
     wake_ttl: float = 10.0

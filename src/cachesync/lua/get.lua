@@ -8,7 +8,8 @@
 --
 -- Reply: a flat array, 4 items per key:
 --   1, payload, version|false, flags   hit (flags: "" | "n" negative | "s" stale)
---   2, token, stale payload|false, version|false   the caller now holds the lease
+--   2, token, stale payload|false, version|false   the caller now holds the lease (also when it already held
+--                                                   it: a call sent again after a lost reply is granted again)
 --   3, wait ms, stale payload|false, version|false  another holder; wait for it
 --   0, false, false, false            miss in plain mode (no lease taken)
 --
@@ -45,7 +46,7 @@ for i = 1, #KEYS, 2 do
     else
       out[#out + 1] = 0; out[#out + 1] = false; out[#out + 1] = false; out[#out + 1] = false
     end
-  elseif e.lt and ld and ld > now then
+  elseif e.lt and ld and ld > now and e.lt ~= token then  -- our own token: the same read sent again
     e.w = entry_ms((tonumber(e.w) or 0) + 1)
     entry_put(k, e, nil)
     redis.call('PEXPIRE', KEYS[i + 1], wake_ms)
