@@ -123,6 +123,25 @@ def test_repair_invalidates_with_the_row_version(world: World) -> None:
     assert world.auditor().run().ok
 
 
+def test_repair_of_an_entry_ahead_of_its_row_lets_the_row_be_cached_again(world: World) -> None:
+    """A cached version newer than the row's (a write-through set whose transaction rolled back): repaired, the
+    row's own version is the floor, so the next read caches the row (the phantom version must not stay the floor,
+    refusing every fill as older until the tombstone expires)."""
+    t = world.table
+    world.sql(f"INSERT INTO {t} VALUES (1, 'a@x', 1)")
+    world.cache.set("u:1", {"email": "rolled-back@x"}, version=5)
+    r = world.auditor().run(repair=True)
+    assert [(f.key, f.kind, f.cached_version, f.db_version) for f in r.stale] == [("u:1", "ahead", 5, 1)]
+    assert r.repaired == ["u:1"]
+    refused = world.cache.stats["fills_refused_older"]
+    world.load(1)
+    assert world.cache.stats["fills_refused_older"] == refused
+    e = world.cache.peek("u:1")
+    assert e is not None and e.get("ver") == b"1" and "v" in e
+    assert world.cache.get("u:1", lambda: pytest.fail("the repaired row is cached")) == {"email": "a@x"}
+    assert world.auditor().run().ok
+
+
 def test_pattern_limit_and_email_template(world: World) -> None:
     t = world.table
     for i in range(1, 6):

@@ -31,7 +31,8 @@ A finding can be an invalidation in flight (the row committed, the relay or CDC 
 finding is checked again after ``grace`` seconds (default 2) — cache entry and row re-read — and is reported only if
 it is still wrong with the **same** cached version (``stale`` in the report); the others are counted as
 ``transient``. ``repair=True`` (``--repair``) invalidates the persistent findings with the row's version (the
-keys' version floor is raised, so an old value cannot come back).
+keys' version floor is raised, so an old value cannot come back); an ``ahead`` entry is deleted first, so that its
+newer, phantom version does not stay the floor and refuse every fill of the row until the tombstone expires.
 
 The command exits 0 when nothing persistent was found, 1 when something was (for monitoring), 2 on bad usage.
 Templates must be reversible: fields separated by literal text (``"user:{id}"``, ``"o:{a}:{b}"``; not
@@ -371,6 +372,13 @@ class Auditor:
                     else:
                         report.transient += 1
             if repair:
+                # An "ahead" entry's phantom version would stay the keys' version floor (invalidate.lua keeps the
+                # highest version it has seen), refusing every fill of the row's real, lower version until the
+                # tombstone expired. Its entry is deleted first (which also voids any lease on it), so that the
+                # invalidation below leaves the row's own version as the floor.
+                for f in report.stale:
+                    if f.kind == "ahead":
+                        self.cache.redis.delete(self.cache.ctx.ekey(f.key))
                 self.cache.invalidate_many([([f.key], f.db_version if f.kind in ("stale", "ahead") else None)
                                             for f in report.stale])
                 report.repaired.extend(f.key for f in report.stale)
